@@ -1,0 +1,447 @@
+"""ClientConnection: one application connection to pypooler.
+
+States: startup (SSLRequest/GSSENCRequest answered 'N', CancelRequest routed, StartupMessage read),
+welcome (AuthenticationOk, the pool's ParameterStatus set, our own BackendKeyData, ReadyForQuery),
+then ready. When ready, every read is fed to the `FrontendStream` tracker and either forwarded to
+the linked server in one `write` of the very bytes received, or held while the pool finds a server.
+
+Lending, by pool mode:
+- transaction: a server is linked at the first message after the client is at rest and released
+  at the ReadyForQuery 'I' that leaves nothing outstanding (see protocol/transaction.py);
+- statement: the same, but a ReadyForQuery inside a transaction block ends the client with an error;
+- session: linked at the first message, released (after `server_reset_query`) when the client leaves.
+
+Failure rules: a client that leaves mid-transaction takes its server down with it (a server is never
+returned dirty); a server that dies under a client ends that client with an error, never silence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Mapping
+from typing import Any, cast
+
+from pypooler.config import Settings
+from pypooler.errors import (
+    NoSuchDatabase,
+    PoolerError,
+    ProtocolViolation,
+    ServerConnectionLost,
+    StatementModeTransaction,
+    TooManyClients,
+)
+from pypooler.pool import Pool, PoolManager
+from pypooler.protocol import codec
+from pypooler.protocol import constants as c
+from pypooler.protocol.transaction import FrontendStream
+from pypooler.server import ServerConnection, tune_transport
+
+log = logging.getLogger("pypooler.client")
+
+# Bytes a client may send while it waits for a server before we stop reading from it.
+PENDING_LIMIT = 256 * 1024
+_TX_IDLE = c.TX_IDLE
+
+
+class ClientRegistry:
+    """What every client connection shares: settings, pools, live clients and their cancel keys."""
+
+    def __init__(self, settings: Settings, manager: PoolManager) -> None:
+        self.settings = settings
+        self.manager = manager
+        self.clients: set[ClientConnection] = set()
+        self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}
+        self.accepting = True
+
+    def new_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
+        while True:
+            key = (secrets.randbits(31), secrets.randbits(32) - (1 << 31))
+            if key not in self.cancel_keys:
+                self.cancel_keys[key] = client
+                return key
+
+    def cancel(self, process_id: int, secret_key: int) -> None:
+        """Forward a CancelRequest to the server the client is linked to right now, if any.
+
+        A client that is not linked has nothing running; sending anything would risk cancelling
+        another client's query on a server it no longer holds.
+        """
+        client = self.cancel_keys.get((process_id, secret_key))
+        server = client.server if client is not None else None
+        if server is None:
+            return
+        login = server.login
+        asyncio.get_running_loop().create_task(
+            send_cancel(login.host, login.port, server.process_id, server.secret_key)
+        )
+
+
+async def send_cancel(host: str, port: int, process_id: int, secret_key: int) -> None:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+    except (OSError, TimeoutError) as exc:
+        log.warning("cancel request to %s:%d failed: %s", host, port, exc)
+        return
+    writer.write(codec.build_cancel_request(process_id, secret_key))
+    writer.close()
+
+
+class ClientConnection(asyncio.Protocol):
+    __slots__ = (
+        "_early",
+        "_startup_reader",
+        "application_name",
+        "cancel_key",
+        "closed",
+        "connected_ns",
+        "database",
+        "frontend",
+        "lent_ns",
+        "peer",
+        "pending",
+        "pending_bytes",
+        "pool",
+        "ready",
+        "reading_paused",
+        "registry",
+        "server",
+        "transport",
+        "user",
+        "wait_started_ns",
+        "waiting",
+        "writing_paused",
+    )
+
+    def __init__(self, registry: ClientRegistry) -> None:
+        self.registry = registry
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # connection_made
+        self.frontend = FrontendStream()
+        self.server: ServerConnection | None = None
+        self.pool: Pool = None  # type: ignore[assignment]  # set before `ready`
+        self.ready = False
+        self.closed = False
+        self.waiting = False  # queued in pool.waiters
+        self.wait_started_ns = 0
+        self.lent_ns = 0
+        self.pending: list[bytes] | None = None  # bytes held while waiting for a server
+        self.pending_bytes = 0
+        self.reading_paused = False
+        self.writing_paused = False
+        self._startup_reader: codec.StartupPacketReader | None = codec.StartupPacketReader()
+        self._early = b""  # bytes that arrived before the welcome was sent
+        self.cancel_key: tuple[int, int] | None = None
+        self.peer = "?"
+        self.user = ""
+        self.database = ""
+        self.application_name = ""
+        self.connected_ns = time.monotonic_ns()
+
+    # ------------------------------------------------------------------ asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        tune_transport(self.transport, keepalive=self.registry.settings.tcp_keepalive)
+        peer: Any = transport.get_extra_info("peername")
+        if isinstance(peer, tuple):
+            self.peer = f"{peer[0]}:{peer[1]}"
+        elif peer:
+            self.peer = str(peer)
+        self.registry.clients.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.ready:
+            try:
+                terminate = self.frontend.feed(data)
+            except ProtocolViolation as exc:
+                self.fail(exc)
+                return
+            if terminate < 0:
+                server = self.server
+                if server is not None:
+                    server.transport.write(data)
+                else:
+                    self._needs_server(data)
+            else:
+                self._terminate(data, terminate)
+            return
+        self._startup_data(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.ready = False
+        registry = self.registry
+        registry.clients.discard(self)
+        if self.cancel_key is not None:
+            registry.cancel_keys.pop(self.cancel_key, None)
+        if self.waiting:
+            self.pool.cancel_wait(self)
+        server = self.server
+        if server is not None:
+            self._give_back_on_exit(server)
+        if self.pool is not None and registry.settings.log_disconnections:
+            log.info(
+                "closing: %s db=%s user=%s app=%s age=%.3fs",
+                self.peer, self.database, self.user, self.application_name,
+                (time.monotonic_ns() - self.connected_ns) / 1e9,
+            )
+
+    def pause_writing(self) -> None:
+        # The client reads slower than its server sends: stop reading the server.
+        self.writing_paused = True
+        server = self.server
+        if server is not None:
+            server.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        server = self.server
+        if server is not None:
+            server.resume_reading()
+
+    # ------------------------------------------------------------------ flow control
+
+    def pause_reading(self) -> None:
+        if not self.reading_paused and not self.closed:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
+    # ------------------------------------------------------------------ lending
+
+    def _needs_server(self, data: bytes) -> None:
+        pending = self.pending
+        if pending is not None:  # already queued for a server
+            pending.append(data)
+            self.pending_bytes += len(data)
+            if self.pending_bytes > PENDING_LIMIT:
+                self.pause_reading()
+            return
+        try:
+            server = self.pool.checkout(self)
+        except PoolerError as exc:
+            self.fail(exc)
+            return
+        if server is None:
+            self.pending = [data]
+            self.pending_bytes = len(data)
+            return
+        self._lend(server)
+        server.transport.write(data)
+
+    def link(self, server: ServerConnection) -> None:
+        """Called by the pool when a server frees up for this waiting client."""
+        pending = self.pending
+        self.pending = None
+        self.pending_bytes = 0
+        self._lend(server)
+        self.resume_reading()  # before the write, whose backpressure may pause us again
+        if pending:
+            server.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def _lend(self, server: ServerConnection) -> None:
+        self.server = server
+        server.client = self
+        self.lent_ns = time.monotonic_ns()
+        if self.writing_paused:
+            server.pause_reading()
+
+    def release_server(self) -> None:
+        server = self.server
+        assert server is not None
+        self.server = None
+        server.client = None
+        pool = self.pool
+        stats = pool.stats
+        stats.xact_count += 1
+        stats.total_hold_ns += time.monotonic_ns() - self.lent_ns
+        if server.reading_paused:
+            server.resume_reading()
+        pool.release(server)
+
+    def server_ready_for_query(self, data: bytes, end: int) -> None:
+        """The server answered the client's last outstanding request (`end` is just past it)."""
+        server = self.server
+        assert server is not None
+        mode = self.pool.mode
+        if server.backend.tx_status == _TX_IDLE or mode == "session":
+            self.transport.write(data)
+            if mode != "session" and self.frontend.at_rest:
+                self.release_server()
+            return
+        if mode == "statement":
+            # Keep the ReadyForQuery back: the client must not think its transaction is open.
+            if end > 6:
+                self.transport.write(data[: end - 6])
+            self.fail(
+                StatementModeTransaction(
+                    "transaction blocks are not allowed in statement pooling mode",
+                    hint="use transaction pool_mode for this database, or run without BEGIN",
+                )
+            )
+            return
+        self.transport.write(data)
+
+    def server_lost(self, server: ServerConnection) -> None:
+        """The linked server's connection ended under this client."""
+        self.server = None
+        server.client = None
+        self.fail(
+            ServerConnectionLost(
+                "server connection closed unexpectedly during the transaction",
+                detail="the transaction was not committed by pypooler; its outcome is unknown"
+                if not self.frontend.at_rest
+                else None,
+                hint="the server may have been restarted or the backend terminated; reconnect",
+            )
+        )
+
+    def _give_back_on_exit(self, server: ServerConnection) -> None:
+        """The client left while linked: return the server only if it is provably clean."""
+        self.server = None
+        server.client = None
+        if server.reading_paused:
+            server.resume_reading()
+        clean = (
+            self.frontend.at_rest
+            and server.backend.at_message_boundary
+            and server.backend.tx_status == _TX_IDLE
+        )
+        if not clean:
+            server.close()
+        elif self.pool.mode == "session" and self.registry.settings.server_reset_query:
+            reset_then_release(server, self.pool, self.registry.settings.server_reset_query)
+        else:
+            self.pool.release(server)
+
+    def _terminate(self, data: bytes, offset: int) -> None:
+        server = self.server
+        if server is not None and offset > 0:
+            server.transport.write(data[:offset])
+        self.transport.close()
+
+    # ------------------------------------------------------------------ startup
+
+    def _startup_data(self, data: bytes) -> None:
+        reader = self._startup_reader
+        if reader is None:  # welcome in progress; keep what the client sent for later
+            self._early += data
+            return
+        try:
+            packet = reader.feed(data)
+        except PoolerError as exc:
+            self.fail(exc)
+            return
+        if packet is None:
+            return
+        if isinstance(packet, codec.SSLRequest | codec.GSSENCRequest):
+            self.transport.write(b"N")  # no TLS / GSS encryption (yet): the client goes on in clear
+            rest = reader.take_rest()
+            if rest:
+                self._startup_data(rest)
+        elif isinstance(packet, codec.CancelRequest):
+            self.registry.cancel(packet.process_id, packet.secret_key)
+            self.transport.close()
+        else:
+            self._startup_reader = None
+            self._early = reader.take_rest()
+            self._start_session(packet)
+
+    def _start_session(self, startup: codec.StartupMessage) -> None:
+        self.user = startup.user
+        self.database = startup.database
+        self.application_name = startup.parameters.get("application_name", "")
+        registry = self.registry
+        try:
+            if not self.user:
+                raise ProtocolViolation("no PostgreSQL user name specified in startup packet")
+            if len(registry.clients) > registry.settings.max_client_conn:
+                raise TooManyClients(
+                    "no more connections allowed (max_client_conn)",
+                    detail=f"max_client_conn is {registry.settings.max_client_conn}",
+                )
+            pool = registry.manager.get_pool(self.database, self.user)
+            if pool is None:
+                raise NoSuchDatabase(f'no such database: "{self.database}"')
+        except PoolerError as exc:
+            self.fail(exc)
+            return
+        self.pool = pool
+        if pool.parameters is not None:
+            self._welcome(pool.parameters)
+        else:
+            asyncio.get_running_loop().create_task(self._welcome_when_pool_ready())
+
+    async def _welcome_when_pool_ready(self) -> None:
+        try:
+            parameters = await self.pool.ensure_parameters()
+        except PoolerError as exc:
+            self.fail(exc)
+            return
+        if not self.closed:
+            self._welcome(parameters)
+
+    def _welcome(self, parameters: Mapping[str, str]) -> None:
+        if self.application_name or "application_name" in parameters:
+            parameters = {**parameters, "application_name": self.application_name}
+        self.cancel_key = self.registry.new_cancel_key(self)
+        self.transport.write(
+            codec.AUTHENTICATION_OK
+            + codec.build_parameter_statuses(parameters)
+            + codec.build_backend_key_data(*self.cancel_key)
+            + codec.READY_FOR_QUERY_IDLE
+        )
+        self.ready = True
+        if self.registry.settings.log_connections:
+            log.info(
+                "login: %s db=%s user=%s app=%s",
+                self.peer, self.database, self.user, self.application_name,
+            )
+        early = self._early
+        if early:
+            self._early = b""
+            self.data_received(early)
+
+    # ------------------------------------------------------------------ errors
+
+    def fail(self, exc: PoolerError) -> None:
+        """Send `exc` as an ErrorResponse and close (all of pypooler's own errors are FATAL)."""
+        if self.pool is not None:
+            self.pool.stats.errors[exc.reason] += 1
+        log.log(
+            logging.INFO if exc.reason in ("no_such_database",) else logging.WARNING,
+            "client %s db=%s user=%s app=%s: %s",
+            self.peer, self.database or "-", self.user or "-", self.application_name or "-",
+            exc.message,
+        )
+        if not self.closed and not self.transport.is_closing():
+            self.transport.write(exc.to_error_response())
+            self.transport.close()
+        self.closed = True
+
+
+def reset_then_release(server: ServerConnection, pool: Pool, query: str) -> None:
+    """Run `server_reset_query` (session mode) and give the server back only if it went clean."""
+    failed = False
+
+    def on_message(msg_type: int, body: bytes) -> bool:
+        nonlocal failed
+        if msg_type == 0:
+            return True
+        if msg_type == c.B_ERROR_RESPONSE:
+            failed = True
+        elif msg_type == c.B_READY_FOR_QUERY:
+            if failed or body != b"I":
+                server.close()
+            else:
+                pool.release(server)
+            return True
+        return False
+
+    server.run_internal(query, on_message)

@@ -1,0 +1,432 @@
+"""Pooler configuration: the schema, where its values come from, and how problems are reported.
+
+`load_settings()` is the one way the pooler reads its configuration. The rules it keeps:
+
+- Sources, highest priority first: keyword overrides given to `load_settings()`, then
+  `PYPOOLER_*` environment variables, then the TOML file, then the defaults written below.
+  Tables merge key by key across sources, so `PYPOOLER_DATABASES__APP__PORT=5433` changes only
+  the port of a `[databases.app]` defined in the file and keeps its host, user and password.
+- Environment variable names are case-insensitive and `__` steps into a table. So a database
+  named from the environment is always lower-case, and database names differing only in case
+  are refused: otherwise an override meant for `[databases.App]` would quietly create a second,
+  half-configured database `app`.
+- An unknown key anywhere in the file, among the overrides or inside a table reached from the
+  environment is an error: a misspelt setting must never fall back to its default unnoticed.
+  Only an unknown top-level `PYPOOLER_*` variable is ignored (pydantic-settings reads just the
+  variables that name a setting, and the environment is shared with everything else).
+- Every problem is reported at once, one readable line each, in a `ConfigError`; pydantic's
+  `ValidationError` never escapes this module.
+- The database names `pgbouncer` and `pypooler` belong to the admin console.
+- A server password never appears in a repr, an error line or a chained traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from importlib.resources.abc import Traversable
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import ErrorDetails
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    TomlConfigSettingsSource,
+)
+
+__all__ = [
+    "ADMIN_DATABASE_NAMES",
+    "CONFIG_PATH_ENV",
+    "ConfigError",
+    "DatabaseConfig",
+    "LogLevel",
+    "PoolMode",
+    "Settings",
+    "load_settings",
+]
+
+PoolMode = Literal["session", "transaction", "statement"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+ENV_PREFIX = "PYPOOLER_"
+ENV_NESTED_DELIMITER = "__"
+# Names the config file when load_settings() is given no path.
+CONFIG_PATH_ENV = "PYPOOLER_CONFIG"
+# A client asking for one of these databases reaches the admin console, never a server.
+ADMIN_DATABASE_NAMES = frozenset({"pgbouncer", "pypooler"})
+
+MAX_PORT = 65535
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; `problems` holds one readable line per problem."""
+
+    def __init__(self, problems: list[str]) -> None:
+        # Passed on to Exception so that args round-trips through pickle.
+        super().__init__(problems)
+        self.problems: list[str] = list(problems)
+
+    def __str__(self) -> str:
+        return "\n".join(self.problems)
+
+
+def _check_database_name(name: str) -> str:
+    if not name:
+        raise ValueError("database name must not be empty")
+    if any(char.isspace() for char in name):
+        raise ValueError(f"database name {name!r} must not contain whitespace")
+    # casefold: the environment can only spell lower-case names, and "PgBouncer" next to the
+    # admin console's "pgbouncer" would only confuse.
+    if name.casefold() in ADMIN_DATABASE_NAMES:
+        raise ValueError(f"database name {name!r} is reserved for the admin console")
+    return name
+
+
+DatabaseName = Annotated[str, AfterValidator(_check_database_name)]
+
+
+class DatabaseConfig(BaseModel):
+    """One `[databases.NAME]` table: the server a client asking for database NAME is sent to."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=5432, ge=1, le=MAX_PORT)
+    # Database name on the server; None means the entry's own NAME.
+    dbname: str | None = Field(default=None, min_length=1)
+    # Log in to the server as this user whoever the client is; None means the client's user.
+    user: str | None = Field(default=None, min_length=1)
+    password: str | None = Field(default=None, repr=False)
+    # None means Settings.default_pool_size.
+    pool_size: int | None = Field(default=None, ge=1)
+    # None means Settings.pool_mode.
+    pool_mode: PoolMode | None = None
+
+
+class Settings(BaseSettings):
+    """The whole configuration: top-level TOML keys plus the `[databases.NAME]` tables.
+
+    Build it with `load_settings()`. Constructing `Settings(...)` directly reads only its
+    keyword arguments and `os.environ`, never a file, and raises pydantic's ValidationError.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        case_sensitive=False,
+        extra="forbid",
+    )
+
+    listen_addr: str = Field(default="127.0.0.1", min_length=1)
+    # 0 asks the OS for any free port (tests use it).
+    listen_port: int = Field(default=6432, ge=0, le=MAX_PORT)
+    pool_mode: PoolMode = "transaction"
+    default_pool_size: int = Field(default=20, ge=1)
+    max_client_conn: int = Field(default=1000, ge=1)
+    # Seconds a client may wait for a server connection; 0 waits forever.
+    query_wait_timeout: float = Field(default=120.0, ge=0, allow_inf_nan=False)
+    server_connect_timeout: float = Field(default=15.0, gt=0, allow_inf_nan=False)
+    # Seconds to wait before connecting again after a server connect failed.
+    server_login_retry: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    # Run when a session-mode client leaves, before its server is reused; "" runs nothing.
+    server_reset_query: str = "DISCARD ALL"
+    # Close servers idle longer than this many seconds; 0 keeps them.
+    server_idle_timeout: float = Field(default=600.0, ge=0, allow_inf_nan=False)
+    # Close servers older than this many seconds when they are released; 0 keeps them.
+    server_lifetime: float = Field(default=3600.0, ge=0, allow_inf_nan=False)
+    tcp_keepalive: bool = True
+    log_connections: bool = True
+    log_disconnections: bool = True
+    log_level: LogLevel = "INFO"
+    databases: dict[DatabaseName, DatabaseConfig] = Field(default_factory=dict)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _log_level_any_case(cls, value: object) -> object:
+        # PYPOOLER_LOG_LEVEL=debug is what people type.
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("databases")
+    @classmethod
+    def _database_names_differ_in_more_than_case(
+        cls, databases: dict[str, DatabaseConfig]
+    ) -> dict[str, DatabaseConfig]:
+        first_spelling: dict[str, str] = {}
+        clashes: list[str] = []
+        for name in databases:
+            seen = first_spelling.setdefault(name.casefold(), name)
+            if seen != name:
+                clashes.append(f"{seen!r} and {name!r}")
+        if clashes:
+            raise ValueError(
+                f"database names {', '.join(clashes)} differ only in case, which environment"
+                " variables cannot tell apart"
+            )
+        return databases
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # No .env files and no secrets directories: one file, the environment, overrides.
+        plan = _load_plan.get()
+        if plan is None:
+            return (init_settings, env_settings)
+        sources: list[PydanticBaseSettingsSource] = [
+            init_settings,
+            _MappingEnvSource(settings_cls, plan.environ),
+        ]
+        if plan.toml_file is not None:
+            sources.append(_TomlFileSource(settings_cls, plan.toml_file))
+        return tuple(sources)
+
+    def pool_size_for(self, name: str) -> int:
+        """Server connections kept for database `name`; KeyError if it is not configured."""
+        pool_size = self._database(name).pool_size
+        return self.default_pool_size if pool_size is None else pool_size
+
+    def pool_mode_for(self, name: str) -> PoolMode:
+        """Pool mode of database `name`; KeyError if it is not configured."""
+        pool_mode = self._database(name).pool_mode
+        return self.pool_mode if pool_mode is None else pool_mode
+
+    def server_dbname_for(self, name: str) -> str:
+        """Database name sent to the server for `name`; KeyError if it is not configured."""
+        dbname = self._database(name).dbname
+        return name if dbname is None else dbname
+
+    def _database(self, name: str) -> DatabaseConfig:
+        try:
+            return self.databases[name]
+        except KeyError:
+            raise KeyError(f"database {name!r} is not configured") from None
+
+
+@dataclass(frozen=True, slots=True)
+class _LoadPlan:
+    """What one load_settings() call reads; settings_customise_sources() has no other inputs."""
+
+    environ: Mapping[str, str]
+    toml_file: Path | None
+
+
+# A context variable rather than a class attribute: concurrent loads (threads, tasks) must not
+# see each other's file or environment.
+_load_plan: ContextVar[_LoadPlan | None] = ContextVar("pypooler_config_load_plan", default=None)
+
+
+class _MappingEnvSource(EnvSettingsSource):
+    """The environment source, reading a given mapping instead of os.environ."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {
+            name if self.case_sensitive else name.lower(): value
+            for name, value in self._environ.items()
+        }
+
+
+class _TomlFileSource(TomlConfigSettingsSource):
+    """The TOML source, turning an absent or unreadable file into a ConfigError.
+
+    The library's own source treats a missing file as empty, which would start the pooler on
+    defaults because of a typo in a path.
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], toml_file: Path) -> None:
+        self._shown_path = str(toml_file)
+        resolved = toml_file.expanduser()
+        if not resolved.exists():
+            raise ConfigError([f"config file {self._shown_path}: not found"])
+        if not resolved.is_file():
+            raise ConfigError([f"config file {self._shown_path}: not a regular file"])
+        super().__init__(settings_cls, toml_file=resolved)
+
+    def _read_file(self, file_path: Path | Traversable) -> dict[str, Any]:
+        try:
+            return super()._read_file(file_path)
+        except tomllib.TOMLDecodeError as exc:
+            problem = _describe_toml_error(exc)
+        except UnicodeDecodeError as exc:
+            problem = f"not UTF-8 (byte {exc.start})"
+        except OSError as exc:
+            problem = f"cannot read ({exc.strerror or exc})"
+        raise ConfigError([f"config file {self._shown_path}: {problem}"]) from None
+
+
+# tomllib ends every message with its position, e.g. "Invalid value (at line 3, column 7)".
+_TOML_POSITION = re.compile(r"^(?P<reason>.*) \(at line (?P<line>\d+), column (?P<column>\d+)\)$")
+_TOML_AT_END = re.compile(r"^(?P<reason>.*) \(at end of document\)$")
+
+
+def _describe_toml_error(exc: tomllib.TOMLDecodeError) -> str:
+    message = str(exc)
+    if match := _TOML_POSITION.match(message):
+        return (
+            f"TOML syntax error at line {match['line']}, column {match['column']}:"
+            f" {match['reason']}"
+        )
+    if match := _TOML_AT_END.match(message):
+        return f"TOML syntax error at end of file: {match['reason']}"
+    return f"TOML syntax error: {message}"
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Read, merge and validate the configuration; raise ConfigError listing every problem.
+
+    `path` is the TOML file; None means the file named by PYPOOLER_CONFIG, or no file when that
+    is unset or empty. `env` replaces os.environ entirely when given. `overrides` are settings
+    by field name and win over everything; an override of None counts as not given, so a
+    command line can pass its unset options straight through (no top-level setting is
+    nullable).
+    """
+    environ: Mapping[str, str] = os.environ if env is None else env
+    if path is None:
+        path = _config_path_from(environ)
+    given = {key: value for key, value in overrides.items() if value is not None}
+    # BaseSettings reads underscore keywords (_env_prefix, _build_sources, ...) as options.
+    private = sorted(key for key in given if key.startswith("_"))
+    if private:
+        raise ConfigError([f"unknown setting {key!r}" for key in private])
+
+    plan = _LoadPlan(environ=environ, toml_file=None if path is None else Path(path))
+    token = _load_plan.set(plan)
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        # from None: the ValidationError's own text would show rejected inputs, passwords too.
+        raise ConfigError([_describe_error(error) for error in exc.errors()]) from None
+    except SettingsError as exc:
+        # Raised for a table given as JSON in one variable (PYPOOLER_DATABASES='{...}').
+        raise ConfigError([f"environment: {_describe_settings_error(exc)}"]) from None
+    finally:
+        _load_plan.reset(token)
+
+
+# pydantic-settings says: error parsing value for field "databases" from source "...".
+_SETTINGS_ERROR_FIELD = re.compile(r'field "(?P<field>[^"]+)"')
+
+
+def _describe_settings_error(exc: SettingsError) -> str:
+    match = _SETTINGS_ERROR_FIELD.search(str(exc))
+    if match is None:
+        return str(exc)
+    variable = ENV_PREFIX + match["field"].upper()
+    cause = f": {exc.__cause__}" if exc.__cause__ is not None else ""
+    if str(exc).startswith("error parsing"):
+        return f"{variable} is not valid JSON{cause}"
+    return f"cannot read {variable}{cause}"
+
+
+def _config_path_from(environ: Mapping[str, str]) -> str | None:
+    # Same case-insensitivity as the PYPOOLER_* settings themselves.
+    for name, value in environ.items():
+        if name.upper() == CONFIG_PATH_ENV and value:
+            return value
+    return None
+
+
+_REASONS: dict[str, str] = {
+    "greater_than_equal": "must be >= {ge}",
+    "greater_than": "must be > {gt}",
+    "less_than_equal": "must be <= {le}",
+    "less_than": "must be < {lt}",
+    "literal_error": "must be one of {expected}",
+    "int_parsing": "must be an integer",
+    "int_type": "must be an integer",
+    "int_from_float": "must be an integer",
+    "float_parsing": "must be a number",
+    "float_type": "must be a number",
+    "finite_number": "must be a finite number",
+    "bool_parsing": "must be true or false",
+    "bool_type": "must be true or false",
+    "string_type": "must be a string",
+    "string_too_short": "must not be empty",
+    "dict_type": "must be a table",
+    "model_type": "must be a table",
+    "model_attributes_type": "must be a table",
+    "missing": "is required",
+}
+# Errors whose input is absent. Tables are never shown either: _shown_input() skips them.
+_INPUT_NOT_SHOWN = frozenset({"missing"})
+_SHOWN_INPUT_MAX = 40
+# TOML's bare keys; anything else is shown quoted, as it would be written in the file.
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _describe_error(error: ErrorDetails) -> str:
+    """One pydantic error as 'where: what (got value)'."""
+    loc = error["loc"]
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        where = _dotted(loc[:-1])
+        unknown = f"unknown setting {str(loc[-1])!r}"
+        return f"{where}: {unknown}" if where else unknown
+
+    ctx = error.get("ctx", {})
+    if kind == "value_error" and "error" in ctx:
+        # Our own validators: their message already names the value.
+        reason = str(ctx["error"])
+    else:
+        reason = _reason(kind, ctx) or error["msg"]
+        if kind not in _INPUT_NOT_SHOWN and "password" not in loc:
+            shown = _shown_input(error["input"])
+            if shown is not None:
+                reason = f"{reason} (got {shown})"
+    return f"{_dotted(loc) or 'config'}: {reason}"
+
+
+def _reason(kind: str, ctx: dict[str, Any]) -> str | None:
+    """Our wording for a pydantic error type, or None to keep pydantic's message."""
+    template = _REASONS.get(kind)
+    if template is None:
+        return None
+    # Float bounds arrive as 0.0; people write and read them as 0.
+    bounds = {
+        key: f"{value:g}" if isinstance(value, float) else value for key, value in ctx.items()
+    }
+    try:
+        return template.format(**bounds)
+    except KeyError:  # a pydantic version that names the bound differently
+        return None
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    # "[key]" marks an error in a dict key rather than its value; the key is already in loc.
+    parts = [str(part) for part in loc if part != "[key]"]
+    return ".".join(part if _BARE_KEY.fullmatch(part) else json.dumps(part) for part in parts)
+
+
+def _shown_input(value: object) -> str | None:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        if len(value) > _SHOWN_INPUT_MAX:
+            value = value[:_SHOWN_INPUT_MAX] + "..."
+        return repr(value)
+    return None

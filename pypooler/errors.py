@@ -1,0 +1,101 @@
+"""Errors pypooler reports to clients, one class per reason.
+
+Each class carries the SQLSTATE and severity a client sees, so the ErrorResponse is built in one
+place (`to_error_response`). FATAL errors end the client connection; ERROR ones leave it open.
+`reason` is a short stable name used in logs and (later) metrics labels.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pypooler.protocol.constants import SQLState
+
+
+class PoolerError(Exception):
+    """Base: a condition pypooler reports to a client as an ErrorResponse."""
+
+    sqlstate: ClassVar[str] = SQLState.INTERNAL_ERROR
+    severity: ClassVar[str] = "FATAL"
+    reason: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, *, detail: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+        self.hint = hint
+
+    def to_error_response(self) -> bytes:
+        from pypooler.protocol.codec import build_error_response
+
+        return build_error_response(
+            self.severity, self.sqlstate, self.message, detail=self.detail, hint=self.hint
+        )
+
+
+class ProtocolViolation(PoolerError):
+    sqlstate = SQLState.PROTOCOL_VIOLATION
+    reason = "protocol_violation"
+
+
+class UnsupportedProtocol(ProtocolViolation):
+    sqlstate = SQLState.FEATURE_NOT_SUPPORTED
+    reason = "unsupported_protocol"
+
+
+class NoSuchDatabase(PoolerError):
+    sqlstate = SQLState.INVALID_CATALOG_NAME
+    reason = "no_such_database"
+
+
+class TooManyClients(PoolerError):
+    sqlstate = SQLState.TOO_MANY_CONNECTIONS
+    reason = "max_client_conn"
+
+
+class QueryWaitTimeout(PoolerError):
+    sqlstate = SQLState.CONNECTION_FAILURE
+    reason = "query_wait_timeout"
+
+
+class ServerConnectFailed(PoolerError):
+    """Could not open or log in to a server connection for the pool."""
+
+    sqlstate = SQLState.SQLCLIENT_UNABLE_TO_ESTABLISH
+    reason = "server_connect_failed"
+
+
+class ServerLoginFailed(ServerConnectFailed):
+    """The server refused pypooler's login (bad password, unknown role, unsupported method)."""
+
+    sqlstate = SQLState.INVALID_AUTHORIZATION
+    reason = "server_login_failed"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        detail: str | None = None,
+        hint: str | None = None,
+        sqlstate: str | None = None,
+    ) -> None:
+        super().__init__(message, detail=detail, hint=hint)
+        if sqlstate:
+            self.sqlstate = sqlstate  # type: ignore[misc]  # the server's own code wins
+
+
+class ServerConnectionLost(PoolerError):
+    sqlstate = SQLState.CONNECTION_FAILURE
+    reason = "server_died"
+
+
+class StatementModeTransaction(PoolerError):
+    """A multi-statement transaction in statement pool mode."""
+
+    sqlstate = SQLState.ACTIVE_SQL_TRANSACTION
+    reason = "statement_mode_transaction"
+
+
+class ShuttingDown(PoolerError):
+    sqlstate = SQLState.ADMIN_SHUTDOWN
+    reason = "shutdown"

@@ -1,0 +1,192 @@
+"""Follows a linked client/server byte stream just enough to know when a transaction ends.
+
+This is the forwarding hot path, so its rules are strict:
+- Bytes are never copied or buffered: `feed` only reads message headers in place and the caller
+  forwards the very `bytes` object it was given. A message body the tracker does not need is
+  skipped by arithmetic (`_skip`), so a 1 GB DataRow costs what its 5-byte header costs.
+- Only a header split across two reads is kept (`_head`, at most 5 bytes), and completed from the
+  next read without rescanning anything.
+- What is inspected: on the client side, the message type (to count Query/Sync/FunctionCall, spot
+  Terminate and COPY data); on the server side, ReadyForQuery and its status byte.
+
+Transaction end, as the pool needs it: the server sends ReadyForQuery while nothing the client sent
+still awaits one (`outstanding == 0`), and the client has not begun a new extended-protocol batch
+since its last Sync (`open_tail`): a pipelined client may have Parse/Bind/Execute in flight that the
+server will answer only after the next Sync, and that server must not go to another client.
+
+COPY FROM STDIN started by an extended-protocol Execute: the server ignores Sync messages it receives
+in copy-in mode (libpq sends one right after the Execute, and another after CopyDone). Those Syncs
+will never get a ReadyForQuery, so when copy data first appears we take back the Syncs counted since
+the Execute, and we do not count Syncs until CopyDone/CopyFail.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from pypooler.errors import ProtocolViolation
+from pypooler.protocol import constants as c
+from pypooler.protocol.codec import unpack_header
+
+_Q: Final = c.F_QUERY
+_S: Final = c.F_SYNC
+_E: Final = c.F_EXECUTE
+_F: Final = c.F_FUNCTION_CALL
+_X: Final = c.F_TERMINATE
+_COPY_DATA: Final = c.F_COPY_DATA
+_COPY_DONE: Final = c.F_COPY_DONE
+_COPY_FAIL: Final = c.F_COPY_FAIL
+_Z: Final = c.B_READY_FOR_QUERY
+
+
+class FrontendStream:
+    """Client -> server direction."""
+
+    __slots__ = ("_extended", "_head", "_skip", "_syncs_since_execute", "copy_in", "open_tail",
+                 "outstanding")
+
+    def __init__(self) -> None:
+        self._skip = 0  # bytes of the current message body still to pass
+        self._head = b""  # a message header cut short by the end of the last read
+        self.outstanding = 0  # Query/Sync/FunctionCall messages still awaiting ReadyForQuery
+        self.open_tail = False  # extended-protocol messages sent since the last Sync
+        self.copy_in = False
+        self._syncs_since_execute = 0
+        self._extended = False  # was the latest Execute more recent than the latest Query?
+
+    @property
+    def at_rest(self) -> bool:
+        """Nothing sent by the client is pending on the server."""
+        return not (self.outstanding or self.open_tail or self.copy_in or self._head or self._skip)
+
+    def feed(self, data: bytes) -> int:
+        """Account for client bytes; return the offset of a Terminate message, or -1."""
+        head = self._head
+        if head:
+            need = 5 - len(head)
+            if len(data) < need:
+                self._head = head + data
+                return -1
+            self._head = b""
+            terminate = self._scan(head + data[:need], 0)
+            if terminate >= 0:
+                # Part of the Terminate already went to the server: it is no longer clean.
+                self.open_tail = True
+                return 0
+            return self._scan(data, need)
+        return self._scan(data, 0)
+
+    def _scan(self, data: bytes, start: int) -> int:
+        end = len(data)
+        pos = start + self._skip
+        if pos > end:
+            self._skip = pos - end
+            return -1
+        while end - pos >= 5:
+            msg_type, length = unpack_header(data, pos)
+            if length < 4:
+                raise ProtocolViolation(f"invalid message length {length} (message type {msg_type})")
+            if msg_type == _Q:
+                self.outstanding += 1
+                self.open_tail = False
+                self._syncs_since_execute = 0
+                self._extended = False
+            elif msg_type == _S:
+                if not self.copy_in:
+                    self.outstanding += 1
+                    self.open_tail = False
+                    self._syncs_since_execute += 1
+            elif msg_type == _E:
+                self.open_tail = True
+                self._syncs_since_execute = 0
+                self._extended = True
+            elif msg_type == _COPY_DATA or msg_type == _COPY_DONE or msg_type == _COPY_FAIL:
+                if not self.copy_in:
+                    self._enter_copy_in()
+                if msg_type != _COPY_DATA:
+                    self.copy_in = False
+            elif msg_type == _X:
+                self._skip = 0
+                return pos
+            elif msg_type == _F:
+                self.outstanding += 1
+            else:  # Parse, Bind, Describe, Close, Flush: answered at the next Sync
+                self.open_tail = True
+            pos += 1 + length
+        if pos > end:
+            self._skip = pos - end
+        else:
+            self._skip = 0
+            if pos < end:
+                self._head = data[pos:]
+        return -1
+
+    def _enter_copy_in(self) -> None:
+        self.copy_in = True
+        if self._extended:
+            # The server ignored these Syncs in copy-in mode; no ReadyForQuery will answer them.
+            self.outstanding = max(0, self.outstanding - self._syncs_since_execute)
+            self._syncs_since_execute = 0
+
+
+class BackendStream:
+    """Server -> client direction."""
+
+    __slots__ = ("_head", "_skip", "tx_status")
+
+    def __init__(self) -> None:
+        self._skip = 0
+        self._head = b""
+        self.tx_status = c.TX_IDLE  # status byte of the latest ReadyForQuery
+
+    @property
+    def at_message_boundary(self) -> bool:
+        return not (self._skip or self._head)
+
+    def feed(self, data: bytes, frontend: FrontendStream) -> int:
+        """Account for server bytes.
+
+        Returns the offset just past the last ReadyForQuery in `data` that answered the client's
+        last outstanding request, or -1. `tx_status` then holds the status of the latest one.
+        """
+        head = self._head
+        if head:
+            need = (6 if head[0] == _Z else 5) - len(head)
+            if len(data) < need:
+                self._head = head + data
+                return -1
+            self._head = b""
+            first = self._scan(head + data[:need], 0, frontend)
+            rest = self._scan(data, need, frontend)
+            if rest >= 0:
+                return rest
+            return first - len(head) if first >= 0 else -1
+        return self._scan(data, 0, frontend)
+
+    def _scan(self, data: bytes, start: int, frontend: FrontendStream) -> int:
+        end = len(data)
+        pos = start + self._skip
+        if pos > end:
+            self._skip = pos - end
+            return -1
+        done = -1
+        while end - pos >= 5:
+            msg_type, length = unpack_header(data, pos)
+            if msg_type == _Z:
+                if end - pos < 6:
+                    break  # the status byte is in the next read
+                self.tx_status = data[pos + 5]
+                if frontend.outstanding:
+                    frontend.outstanding -= 1
+                if not frontend.outstanding:
+                    done = pos + 6
+            elif length < 4:
+                raise ProtocolViolation(f"server sent invalid message length {length}")
+            pos += 1 + length
+        if pos > end:
+            self._skip = pos - end
+        else:
+            self._skip = 0
+            if pos < end:
+                self._head = data[pos:]
+        return done

@@ -1,0 +1,41 @@
+"""Per-pool counters fed by connection events.
+
+Hot-path rule: updating a counter is a plain attribute increment on a `__slots__` object; nothing
+here formats text, allocates labels or takes a lock. Readers (logs, admin console, metrics) compute
+averages and rates from these totals when asked.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+
+class PoolStats:
+    __slots__ = (
+        "bytes_received",
+        "bytes_sent",
+        "errors",
+        "server_connect_ns",
+        "server_connects",
+        "total_hold_ns",
+        "total_wait_ns",
+        "wait_count",
+        "xact_count",
+    )
+
+    def __init__(self) -> None:
+        self.xact_count = 0  # transactions (lend..release) completed
+        self.total_hold_ns = 0  # sum of lend..release durations
+        self.wait_count = 0  # checkouts that had to queue
+        self.total_wait_ns = 0  # sum of queue durations
+        self.server_connects = 0
+        self.server_connect_ns = 0
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.errors: Counter[str] = Counter()  # by PoolerError.reason
+
+    def average_hold_ms(self) -> float:
+        return self.total_hold_ns / self.xact_count / 1e6 if self.xact_count else 0.0
+
+    def average_wait_ms(self) -> float:
+        return self.total_wait_ns / self.wait_count / 1e6 if self.wait_count else 0.0
