@@ -156,7 +156,7 @@ class Pool:
 
     def _connect_failed(self, exc: PoolerError) -> None:
         self.last_connect_error = exc
-        self.stats.errors[exc.reason] += 1
+        self.stats.server_connect_failures += 1
         log.warning("pool %s/%s: %s", self.database, self.user, exc.message)
         if self._parameters_ready is not None and not self._parameters_ready.done():
             self._parameters_ready.set_exception(exc)
@@ -197,7 +197,6 @@ class Pool:
                 if client.waiting:
                     client.waiting = False
                     self.waiting -= 1
-                    self.stats.errors[QueryWaitTimeout.reason] += 1
                     client.fail(
                         QueryWaitTimeout(
                             f"query_wait_timeout: no server connection for {self.database}/"

@@ -15,6 +15,7 @@ class PoolStats:
         "bytes_received",
         "bytes_sent",
         "errors",
+        "server_connect_failures",
         "server_connect_ns",
         "server_connects",
         "total_hold_ns",
@@ -30,9 +31,10 @@ class PoolStats:
         self.total_wait_ns = 0  # sum of queue durations
         self.server_connects = 0
         self.server_connect_ns = 0
+        self.server_connect_failures = 0
         self.bytes_received = 0
         self.bytes_sent = 0
-        self.errors: Counter[str] = Counter()  # by PoolerError.reason
+        self.errors: Counter[str] = Counter()  # errors sent to clients, by PoolerError.reason
 
     def average_hold_ms(self) -> float:
         return self.total_hold_ns / self.xact_count / 1e6 if self.xact_count else 0.0

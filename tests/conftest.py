@@ -72,6 +72,15 @@ class RunningPooler:
     def pool(self, database: str = "pypooler_test", user: str = "postgres") -> Any:
         return self.pooler.manager.pools[(database, user)]
 
+    def server_count(self, database: str = "pypooler_test", user: str = "postgres") -> int:
+        """Servers open or connecting in a pool (0 before the pool exists)."""
+
+        def count() -> int:
+            pool = self.pooler.manager.pools.get((database, user))
+            return len(pool.servers) + pool.connecting if pool else 0
+
+        return self.call(count)
+
     def stop(self) -> None:
         try:
             self.call_async(self.pooler.stop())

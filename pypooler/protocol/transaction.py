@@ -100,7 +100,7 @@ class FrontendStream:
                 self.open_tail = True
                 self._syncs_since_execute = 0
                 self._extended = True
-            elif msg_type == _COPY_DATA or msg_type == _COPY_DONE or msg_type == _COPY_FAIL:
+            elif msg_type == _COPY_DATA or msg_type == _COPY_DONE or msg_type == _COPY_FAIL:  # noqa: SIM109 (no tuple built per message)
                 if not self.copy_in:
                     self._enter_copy_in()
                 if msg_type != _COPY_DATA:

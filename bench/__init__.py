@@ -1,0 +1,1 @@
+"""Benchmarks for pypooler. They print numbers and never assert; see bench/README.md."""

@@ -1,0 +1,97 @@
+"""A minimal raw protocol-3 client for tests that need exact control of the bytes on the wire."""
+
+from __future__ import annotations
+
+import asyncio
+
+from pypooler.protocol import codec
+from pypooler.protocol import constants as c
+
+
+class RawClient:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self._messages = codec.MessageReader(max_message=1 << 30)
+        self._queue: list[tuple[int, bytes]] = []
+
+    @classmethod
+    async def connect(cls, host: str, port: int) -> RawClient:
+        reader, writer = await asyncio.open_connection(host, port)
+        return cls(reader, writer)
+
+    @classmethod
+    async def login(cls, host: str, port: int, user: str = "postgres",
+                    database: str = "pypooler_test", **params: str) -> RawClient:
+        client = await cls.connect(host, port)
+        client.send(codec.build_startup_message({"user": user, "database": database, **params}))
+        messages = await client.until_ready()
+        errors = [body for t, body in messages if t == c.B_ERROR_RESPONSE]
+        if errors:
+            await client.close()
+            raise AssertionError(codec.parse_error_fields(errors[0]))
+        return client
+
+    def send(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def next_message(self, timeout: float = 10) -> tuple[int, bytes]:
+        while not self._queue:
+            data = await asyncio.wait_for(self.reader.read(65536), timeout)
+            if not data:
+                raise ConnectionError("connection closed by peer")
+            self._queue.extend(self._messages.feed(data))
+        return self._queue.pop(0)
+
+    async def until_ready(self, timeout: float = 10) -> list[tuple[int, bytes]]:
+        """Messages up to and including ReadyForQuery, or up to an ErrorResponse and EOF."""
+        messages: list[tuple[int, bytes]] = []
+        while True:
+            try:
+                msg = await self.next_message(timeout)
+            except ConnectionError:
+                if messages:
+                    return messages
+                raise
+            messages.append(msg)
+            if msg[0] == c.B_READY_FOR_QUERY:
+                return messages
+
+    async def query(self, sql: str) -> list[tuple[int, bytes]]:
+        self.send(codec.build_query(sql))
+        return await self.until_ready()
+
+    async def close(self) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(codec.TERMINATE)
+            self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass
+
+
+def error_fields(messages: list[tuple[int, bytes]]) -> dict[str, str] | None:
+    for msg_type, body in messages:
+        if msg_type == c.B_ERROR_RESPONSE:
+            return codec.parse_error_fields(body)
+    return None
+
+
+def data_rows(messages: list[tuple[int, bytes]]) -> list[list[str | None]]:
+    rows: list[list[str | None]] = []
+    for msg_type, body in messages:
+        if msg_type != c.B_DATA_ROW:
+            continue
+        (count,) = codec.INT16.unpack_from(body)
+        pos, row = 2, []
+        for _ in range(count):
+            (length,) = codec.INT32.unpack_from(body, pos)
+            pos += 4
+            if length < 0:
+                row.append(None)
+            else:
+                row.append(body[pos : pos + length].decode())
+                pos += length
+        rows.append(row)
+    return rows
