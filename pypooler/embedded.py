@@ -110,6 +110,7 @@ DEFAULT_ROLES: tuple[Role, ...] = (
     Role("pp_trust"),
     Role("pp_md5", "md5pass", "md5"),
     Role("pp_scram", "scrampass", "scram-sha-256"),
+    Role("pp_plain", "plainpass", "password"),
 )
 
 

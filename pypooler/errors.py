@@ -39,7 +39,8 @@ class ProtocolViolation(PoolerError):
 
 
 class UnsupportedProtocol(ProtocolViolation):
-    sqlstate = SQLState.FEATURE_NOT_SUPPORTED
+    # PostgreSQL itself says 0A000 here; pypooler reports every unusable startup packet as 08P01
+    # so clients and log filters see one code for "cannot speak to this peer".
     reason = "unsupported_protocol"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
@@ -65,10 +66,8 @@ class RawClient:
         if not self.writer.is_closing():
             self.writer.write(codec.TERMINATE)
             self.writer.close()
-        try:
+        with contextlib.suppress(ConnectionError, OSError):
             await self.writer.wait_closed()
-        except (ConnectionError, OSError):
-            pass
 
 
 def error_fields(messages: list[tuple[int, bytes]]) -> dict[str, str] | None:

@@ -136,7 +136,7 @@ def raw_startup_exchange(port: int, packet: bytes) -> bytes:
 @pytest.mark.parametrize(
     ("packet", "sqlstate", "words"),
     [
-        (struct.pack("!ii", 8, 2 << 16), "0A000", "unsupported frontend protocol 2.0"),
+        (struct.pack("!ii", 8, 2 << 16), "08P01", "unsupported frontend protocol 2.0"),
         (struct.pack("!ii", 20_000, 3 << 16) + b"x" * 100, "08P01", "invalid length of startup packet"),
         (struct.pack("!ii", 12, 3 << 16) + b"abcd", "08P01", "invalid startup packet layout"),
     ],
@@ -171,7 +171,9 @@ async def test_wrong_server_password_is_reported(start_pooler: Any) -> None:
         await asyncpg.connect(pooler.dsn(), statement_cache_size=0)
 
 
-@pytest.mark.parametrize("user,password", [("pp_md5", "md5pass"), ("pp_scram", "scrampass")])
+@pytest.mark.parametrize(
+    ("user", "password"), [("pp_md5", "md5pass"), ("pp_scram", "scrampass"), ("pp_plain", "plainpass")]
+)
 async def test_server_login_with_password(start_pooler: Any, user: str, password: str) -> None:
     pooler = start_pooler(user=user, password=password, pool_size=1)
     conn = await asyncpg.connect(pooler.dsn(), statement_cache_size=0)

@@ -1,0 +1,787 @@
+"""pypooler against PgBouncer and direct PostgreSQL under pgbench: `python -m bench.compare`.
+
+Starts its own throwaway PostgreSQL (max_connections 100), its own PgBouncer and its own
+pypooler (both: transaction pooling, pool size 20), then runs `pgbench -S` (one SELECT per
+transaction) at several client counts and `pgbench -S -C` (a new connection per transaction),
+direct / PgBouncer / pypooler interleaved, and prints one markdown table: tps, mean latency,
+proxy CPU per transaction and the pypooler/PgBouncer tps ratio (the bar is 0.8, the goal 1.0).
+
+Rules this module keeps:
+- It measures and prints; it never asserts. A run that fails (direct at 500 clients meets
+  max_connections 100) is a cell reading "failed", with pgbench's own words under the table.
+- Interleaved: each round runs every point against direct, PgBouncer and pypooler back to back,
+  so drift on a shared machine hits all three alike; the ratio is taken within each round.
+- Everything listens on 127.0.0.1, on random ports below the ephemeral range (32768-60999), so
+  an outgoing connection cannot take a port between our free-port check and the bind.
+- Every process we start is stopped by its own PID (try/finally), never by name. PgBouncer
+  refuses to run as root, so under root it runs as `nobody` in a directory chowned to it.
+- Proxy CPU is utime+stime from /proc/PID/stat around each pgbench run, divided by the
+  transactions pgbench processed: it includes connection set-up, which is the point for -C.
+- Children get a clean environment: no inherited PG* or PYPOOLER_* variables can redirect
+  pgbench or override pypooler's config file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib.metadata
+import os
+import platform
+import pwd
+import re
+import resource
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pypooler import __version__ as pypooler_version
+from pypooler.embedded import DEFAULT_DBNAME, EmbeddedPostgres
+
+LOOPBACK = "127.0.0.1"
+# Below the Linux ephemeral range (32768-60999), like pypooler.embedded.
+PORT_RANGE = (20000, 32000)
+PG_MAX_CONNECTIONS = 100
+POOL_SIZE = 20
+MAX_CLIENT_CONN = 2000
+PGBOUNCER = "/usr/sbin/pgbouncer"
+UNPRIVILEGED_USER = "nobody"
+
+DEFAULT_POINTS = "10,100,500,20C"
+DEFAULT_DURATION_S = 10
+DEFAULT_ROUNDS = 2
+DEFAULT_THREADS = 2  # pgbench -j: one per core on the 2-core machines we run on
+# Scale 10 is 1,000,000 pgbench_accounts rows: big enough that -S is a real index lookup,
+# small enough (~150 MB) that `pgbench -i` takes seconds and the table stays in memory.
+DEFAULT_SCALE = 10
+WARMUP_S = 2
+WARMUP_CLIENTS = 10
+
+RATIO_BAR = 0.8
+RATIO_GOAL = 1.0
+
+# Opening 500 connections through a proxy takes a while; a run this much past its -T hangs.
+PGBENCH_GRACE_S = 90
+PGBENCH_INIT_TIMEOUT_S = 600
+PROXY_START_TIMEOUT_S = 30.0
+PROXY_STOP_TIMEOUT_S = 10.0
+PROXY_START_ATTEMPTS = 3
+CLIENT_TIMEOUT_S = 30
+LOG_TAIL_LINES = 20
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+# /proc/PID/stat fields after "(comm) ": state is field 3, utime 14 and stime 15 (1-based).
+_UTIME_INDEX = 14 - 3
+_STIME_INDEX = 15 - 3
+
+_XACTS_RE = re.compile(r"^number of transactions actually processed: (\d+)", re.MULTILINE)
+_FAILED_XACTS_RE = re.compile(r"^number of failed transactions: (\d+)", re.MULTILINE)
+_LATENCY_RE = re.compile(r"^latency average = ([\d.]+) ms", re.MULTILINE)
+# -C changes the tps line's note to "including reconnection times" (pgbench >= 14).
+_TPS_RE = re.compile(
+    r"^tps = ([\d.]+) \((?:without initial connection time|including reconnection times)\)",
+    re.MULTILINE,
+)
+_SERVER_MESSAGE_RE = re.compile(r"(?:FATAL|ERROR):\s+(.+)")
+_PORT_IN_USE_RE = re.compile(r"[Aa]ddress already in use")
+_PROXY_LOG_TROUBLE_RE = re.compile(r"WARNING|ERROR|FATAL|CRITICAL|Traceback")
+
+
+def progress(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+# -- what we run -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    """One pgbench configuration: `-S` at `clients`, plus `-C` when `reconnect`."""
+
+    clients: int
+    reconnect: bool
+
+    @property
+    def label(self) -> str:
+        return f"-S -C c={self.clients}" if self.reconnect else f"-S c={self.clients}"
+
+
+def parse_points(text: str) -> list[Point]:
+    """Parse "10,100,500,20C": -S at 10, 100 and 500 clients and -S -C at 20 clients."""
+    points: list[Point] = []
+    for token in text.split(","):
+        token = token.strip()
+        reconnect = token.upper().endswith("C")
+        digits = token[:-1] if reconnect else token
+        if not digits.isdigit() or int(digits) < 1:
+            raise argparse.ArgumentTypeError(
+                f"bad point {token!r}: want a client count, optionally followed by C (for -C)"
+            )
+        points.append(Point(int(digits), reconnect))
+    return points
+
+
+@dataclass(slots=True)
+class RunResult:
+    """One pgbench run against one target; `error` is set when it did not complete."""
+
+    round_no: int
+    point: Point
+    target: str
+    xacts: int | None = None
+    tps: float | None = None
+    latency_ms: float | None = None
+    proxy_cpu_s: float | None = None
+    failed_xacts: int = 0
+    error: str | None = None
+    stderr: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.tps is not None
+
+    @property
+    def cpu_us_per_xact(self) -> float | None:
+        if not self.ok or self.proxy_cpu_s is None or not self.xacts:
+            return None
+        return self.proxy_cpu_s / self.xacts * 1e6
+
+
+# -- processes -------------------------------------------------------------------------------
+
+
+def clean_env() -> dict[str, str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("PG", "PYPOOLER_"))
+    }
+    env.update(LC_ALL="C", LANG="C")
+    return env
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((LOOPBACK, port))
+        except OSError:
+            return False
+    return True
+
+
+def random_free_port() -> int:
+    low, high = PORT_RANGE
+    for _ in range(100):
+        port = low + secrets.randbelow(high - low)
+        if port_is_free(port):
+            return port
+    raise RuntimeError(f"no free port on {LOOPBACK} in [{low}, {high})")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of `pid` (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat_file:
+        stat = stat_file.read()
+    # comm may contain spaces and parentheses: the fields start after the last ')'.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[_UTIME_INDEX]) + int(fields[_STIME_INDEX])) / CLK_TCK
+
+
+def read_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        return "".join(path.read_text(errors="replace").splitlines(keepends=True)[-lines:])
+    except OSError as exc:
+        return f"(unreadable: {exc})"
+
+
+class Proxy:
+    """A pooler process we started: stopped by its PID, its output kept in `log_path`."""
+
+    __slots__ = ("exit_note", "log_path", "name", "port", "process", "stop_signal")
+
+    def __init__(
+        self,
+        name: str,
+        process: subprocess.Popen[bytes],
+        port: int,
+        log_path: Path,
+        stop_signal: signal.Signals,
+    ) -> None:
+        self.name = name
+        self.process = process
+        self.port = port
+        self.log_path = log_path
+        self.stop_signal = stop_signal
+        self.exit_note: str | None = None  # set when stopping it took SIGKILL
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        """The proxy's own shutdown signal, then SIGKILL after a timeout. Idempotent."""
+        if not self.alive():
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.process.send_signal(self.stop_signal)
+        try:
+            self.process.wait(timeout=PROXY_STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.exit_note = (
+                f"did not exit {PROXY_STOP_TIMEOUT_S:.0f} s after {self.stop_signal.name}; "
+                "killed"
+            )
+            self.process.kill()
+            self.process.wait()
+
+
+def psql_select_one(postgres: EmbeddedPostgres, port: int) -> subprocess.CompletedProcess[str]:
+    env = postgres.env()
+    env["PGPORT"] = str(port)
+    env["PGCONNECT_TIMEOUT"] = "2"
+    return subprocess.run(
+        [postgres.bin("psql"), "-X", "-A", "-t", "-w", "-c",
+         "SELECT count(*) FROM pgbench_branches"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=CLIENT_TIMEOUT_S,
+        check=False,
+    )  # fmt: skip
+
+
+def start_proxy(
+    name: str,
+    launch: Callable[[int], tuple[subprocess.Popen[bytes], Path]],
+    postgres: EmbeddedPostgres,
+    stop_signal: signal.Signals,
+) -> Proxy:
+    """Launch on a random free port until one answers a query end to end (a port race or a
+    slow start is retried; anything else is raised with the proxy's log)."""
+    last_error = ""
+    for attempt in range(1, PROXY_START_ATTEMPTS + 1):
+        port = random_free_port()
+        process, log_path = launch(port)
+        proxy = Proxy(name, process, port, log_path, stop_signal)
+        deadline = time.monotonic() + PROXY_START_TIMEOUT_S
+        while time.monotonic() < deadline and proxy.alive():
+            result = psql_select_one(postgres, port)
+            if result.returncode == 0:
+                progress(f"{name} is up on {LOOPBACK}:{port} (pid {proxy.pid})")
+                return proxy
+            last_error = result.stderr.strip()
+            time.sleep(0.2)
+        proxy.stop()
+        log = read_tail(log_path)
+        if attempt < PROXY_START_ATTEMPTS and _PORT_IN_USE_RE.search(log):
+            progress(f"{name}: port {port} was taken, retrying")
+            continue
+        raise RuntimeError(
+            f"{name} did not start on port {port} (exit code {process.returncode}); "
+            f"last psql error: {last_error}\n{name} log {log_path}:\n{log}"
+        )
+    raise AssertionError("unreachable")
+
+
+def start_pgbouncer(workdir: Path, postgres: EmbeddedPostgres, binary: str) -> Proxy:
+    run_as: pwd.struct_passwd | None = None
+    if os.geteuid() == 0:
+        # PgBouncer refuses to run as root.
+        run_as = pwd.getpwnam(UNPRIVILEGED_USER)
+    home = workdir / "pgbouncer"
+    home.mkdir(mode=0o700)
+    if run_as is not None:
+        os.chown(home, run_as.pw_uid, run_as.pw_gid)
+    auth_file = home / "userlist.txt"
+    # auth_type=trust still wants the user listed.
+    auth_file.write_text(f'"{postgres.superuser}" ""\n')
+    if run_as is not None:
+        os.chown(auth_file, run_as.pw_uid, run_as.pw_gid)
+
+    def launch(port: int) -> tuple[subprocess.Popen[bytes], Path]:
+        ini = home / "pgbouncer.ini"
+        ini.write_text(
+            "[databases]\n"
+            f"{DEFAULT_DBNAME} = host={postgres.host} port={postgres.port} "
+            f"dbname={DEFAULT_DBNAME}\n"
+            "\n[pgbouncer]\n"
+            f"listen_addr = {LOOPBACK}\n"
+            f"listen_port = {port}\n"
+            "unix_socket_dir =\n"
+            "auth_type = trust\n"
+            f"auth_file = {auth_file}\n"
+            "pool_mode = transaction\n"
+            f"default_pool_size = {POOL_SIZE}\n"
+            f"max_client_conn = {MAX_CLIENT_CONN}\n"
+            f"logfile = {home / 'pgbouncer.log'}\n"
+            f"pidfile = {home / 'pgbouncer.pid'}\n"
+            "ignore_startup_parameters = extra_float_digits\n"
+            # Same as pypooler's log_connections/log_disconnections = false below.
+            "log_connections = 0\n"
+            "log_disconnections = 0\n"
+        )
+        if run_as is not None:
+            os.chown(ini, run_as.pw_uid, run_as.pw_gid)
+        log_path = home / "pgbouncer.stderr"
+        env = clean_env()
+        env["HOME"] = str(home)
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(
+                [binary, str(ini)],  # foreground: the PID we hold is PgBouncer's own
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=home,
+                env=env,
+                start_new_session=True,  # a Ctrl-C is ours to handle, in order
+                user=run_as.pw_uid if run_as is not None else None,
+                group=run_as.pw_gid if run_as is not None else None,
+                extra_groups=[] if run_as is not None else None,
+            )
+        return process, log_path
+
+    # SIGTERM is PgBouncer's immediate shutdown; SIGINT would wait for clients.
+    return start_proxy("PgBouncer", launch, postgres, signal.SIGTERM)
+
+
+def start_pypooler(workdir: Path, postgres: EmbeddedPostgres) -> Proxy:
+    home = workdir / "pypooler"
+    home.mkdir(mode=0o700)
+
+    def launch(port: int) -> tuple[subprocess.Popen[bytes], Path]:
+        config = home / "pypooler.toml"
+        config.write_text(
+            f'listen_addr = "{LOOPBACK}"\n'
+            f"listen_port = {port}\n"
+            'pool_mode = "transaction"\n'
+            f"default_pool_size = {POOL_SIZE}\n"
+            f"max_client_conn = {MAX_CLIENT_CONN}\n"
+            "log_connections = false\n"
+            "log_disconnections = false\n"
+            'log_level = "WARNING"\n'
+            f"\n[databases.{DEFAULT_DBNAME}]\n"
+            f'host = "{postgres.host}"\n'
+            f"port = {postgres.port}\n"
+        )
+        log_path = home / "pypooler.stderr"
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "pypooler", "run", "--config", str(config)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=home,
+                env=clean_env(),
+                start_new_session=True,
+            )
+        return process, log_path
+
+    return start_proxy("pypooler", launch, postgres, signal.SIGINT)
+
+
+# -- pgbench ---------------------------------------------------------------------------------
+
+
+def pgbench_init(postgres: EmbeddedPostgres, scale: int) -> None:
+    result = subprocess.run(
+        [postgres.bin("pgbench"), "-i", "-q", "-s", str(scale), DEFAULT_DBNAME],
+        capture_output=True,
+        text=True,
+        env=postgres.env(),  # user postgres, TCP 127.0.0.1, straight to the server
+        timeout=PGBENCH_INIT_TIMEOUT_S,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"pgbench -i failed ({result.returncode}): {result.stderr.strip()}")
+
+
+def failure_reason(stderr: str, returncode: int) -> str:
+    """The server's own message if there is one, else pgbench's first error line."""
+    match = _SERVER_MESSAGE_RE.search(stderr)
+    if match:
+        return match.group(1).strip()
+    for line in stderr.splitlines():
+        if "error" in line.lower() or "fatal" in line.lower():
+            return line.strip()
+    return f"pgbench exit code {returncode}"
+
+
+def run_pgbench(
+    postgres: EmbeddedPostgres,
+    port: int,
+    point: Point,
+    *,
+    duration_s: int,
+    threads: int,
+    proxy: Proxy | None,
+    round_no: int,
+    target: str,
+) -> RunResult:
+    run = RunResult(round_no, point, target)
+    if proxy is not None and not proxy.alive():
+        run.error = f"{proxy.name} is not running (exit code {proxy.process.returncode})"
+        return run
+    argv = [
+        postgres.bin("pgbench"), "-n", "-S", "-M", "simple", "-T", str(duration_s),
+        "-c", str(point.clients), "-j", str(min(threads, point.clients)),
+    ]  # fmt: skip
+    if point.reconnect:
+        argv.append("-C")
+    argv.append(DEFAULT_DBNAME)
+    env = postgres.env()
+    env["PGPORT"] = str(port)
+    cpu_before = process_cpu_seconds(proxy.pid) if proxy is not None else None
+    try:
+        result = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=duration_s + PGBENCH_GRACE_S,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        run.error = f"hung: no result {duration_s + PGBENCH_GRACE_S} s after start (killed)"
+        stderr = exc.stderr
+        run.stderr = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr or ""
+        return run
+    if cpu_before is not None and proxy is not None and proxy.alive():
+        run.proxy_cpu_s = process_cpu_seconds(proxy.pid) - cpu_before
+    run.stderr = result.stderr
+    xacts = _XACTS_RE.search(result.stdout)
+    tps = _TPS_RE.search(result.stdout)
+    latency = _LATENCY_RE.search(result.stdout)
+    failed = _FAILED_XACTS_RE.search(result.stdout)
+    run.xacts = int(xacts.group(1)) if xacts else None
+    run.tps = float(tps.group(1)) if tps else None
+    run.latency_ms = float(latency.group(1)) if latency else None
+    run.failed_xacts = int(failed.group(1)) if failed else 0
+    if result.returncode != 0:
+        run.error = failure_reason(result.stderr, result.returncode)
+    elif run.tps is None or run.xacts is None:
+        run.error = "no tps in pgbench output"
+    elif proxy is not None and not proxy.alive():
+        run.error = f"{proxy.name} exited during the run (code {proxy.process.returncode})"
+    return run
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+def command_version(argv: Sequence[str]) -> str:
+    try:
+        out = subprocess.run(
+            argv, capture_output=True, text=True, timeout=CLIENT_TIMEOUT_S, check=False
+        ).stdout
+    except OSError as exc:
+        return f"? ({exc})"
+    return out.splitlines()[0].strip() if out else "?"
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "?"
+
+
+def describe_machine(postgres: EmbeddedPostgres, pgbouncer_binary: str) -> str:
+    try:
+        loop = f", uvloop {importlib.metadata.version('uvloop')}"
+    except importlib.metadata.PackageNotFoundError:
+        loop = ""
+    load = os.getloadavg()[0]
+    return (
+        f"{os.cpu_count()} CPUs ({cpu_model()}), Linux {platform.release()}; "
+        f"Python {platform.python_version()}{loop}, pypooler {pypooler_version}; "
+        f"{command_version([pgbouncer_binary, '--version'])}; "
+        f"{command_version([postgres.bin('postgres'), '--version'])}; "
+        f"load average {load:.2f} at start"
+    )
+
+
+def median_or_none(values: Sequence[float | None]) -> float | None:
+    present = [value for value in values if value is not None]
+    return statistics.median(present) if present else None
+
+
+def short(reason: str, limit: int = 40) -> str:
+    reason = reason.replace("|", "/")
+    return reason if len(reason) <= limit else reason[: limit - 1] + "…"
+
+
+def cell(runs: Sequence[RunResult], value: Callable[[RunResult], float | None], fmt: str) -> str:
+    """Median over the rounds that completed; "failed" when none did."""
+    ok = [run for run in runs if run.ok]
+    if not ok:
+        reasons = sorted({run.error or "?" for run in runs})
+        return "failed: " + short("; ".join(reasons))
+    median = median_or_none([value(run) for run in ok])
+    text = "-" if median is None else format(median, fmt)
+    if len(ok) < len(runs):
+        text += f" ({len(runs) - len(ok)}/{len(runs)} failed)"
+    return text
+
+
+def round_ratios(runs: Sequence[RunResult], rounds: int) -> list[float | None]:
+    """pypooler tps / PgBouncer tps within each round (None where either failed)."""
+    ratios: list[float | None] = []
+    for round_no in range(1, rounds + 1):
+        by_target = {run.target: run for run in runs if run.round_no == round_no}
+        ours, theirs = by_target.get("pypooler"), by_target.get("PgBouncer")
+        if ours and theirs and ours.ok and theirs.ok and theirs.tps and ours.tps is not None:
+            ratios.append(ours.tps / theirs.tps)
+        else:
+            ratios.append(None)
+    return ratios
+
+
+def verdict(ratio: float | None) -> str:
+    if ratio is None:
+        return "-"
+    if ratio >= RATIO_GOAL:
+        return f"goal met (>= {RATIO_GOAL})"
+    if ratio >= RATIO_BAR:
+        return f"bar met (>= {RATIO_BAR})"
+    return f"BELOW BAR (< {RATIO_BAR})"
+
+
+def render_table(results: Sequence[RunResult], points: Sequence[Point], rounds: int) -> str:
+    header = (
+        "| pgbench | direct tps | direct ms | PgBouncer tps | PgBouncer ms | PgBouncer µs/xact "
+        "| pypooler tps | pypooler ms | pypooler µs/xact | pypooler/PgBouncer (per round) "
+        "| bar 0.8 / goal 1.0 |"
+    )
+    lines = [header, "|---|" + "---:|" * 9 + "---|"]
+    for point in points:
+        at_point = [run for run in results if run.point == point]
+        row = [point.label]
+        for target in ("direct", "PgBouncer", "pypooler"):
+            runs = [run for run in at_point if run.target == target]
+            if not runs:
+                row += ["-", "-"] + ([] if target == "direct" else ["-"])
+                continue
+            row.append(cell(runs, lambda run: run.tps, ",.0f"))
+            row.append(cell(runs, lambda run: run.latency_ms, ".3f"))
+            if target != "direct":
+                row.append(cell(runs, lambda run: run.cpu_us_per_xact, ".1f"))
+        ratios = round_ratios(at_point, rounds)
+        median = median_or_none(ratios)
+        per_round = ", ".join("-" if ratio is None else f"{ratio:.2f}" for ratio in ratios)
+        row.append("-" if median is None else f"**{median:.2f}** ({per_round})")
+        row.append(verdict(median))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def render_notes(results: Sequence[RunResult], proxies: Sequence[Proxy]) -> list[str]:
+    notes: list[str] = []
+    for run in results:
+        if run.error is not None:
+            stderr_lines = [line for line in run.stderr.splitlines() if line.strip()]
+            shown = "; ".join(stderr_lines[:3]) or "(no stderr)"
+            more = f" (+{len(stderr_lines) - 3} more lines)" if len(stderr_lines) > 3 else ""
+            notes.append(
+                f"- round {run.round_no}, {run.point.label}, {run.target}: {run.error}. "
+                f"pgbench stderr: `{short(shown, 400)}`{more}"
+            )
+        elif run.failed_xacts:
+            notes.append(
+                f"- round {run.round_no}, {run.point.label}, {run.target}: "
+                f"{run.failed_xacts} failed transactions"
+            )
+    for proxy in proxies:
+        if proxy.exit_note:
+            notes.append(f"- {proxy.name}: {proxy.exit_note}")
+        if proxy.process.returncode not in (None, 0, -signal.SIGTERM, -signal.SIGINT):
+            notes.append(f"- {proxy.name} exit code {proxy.process.returncode}")
+        trouble = [
+            line
+            for line in read_tail(proxy.log_path, 10_000).splitlines()
+            if _PROXY_LOG_TROUBLE_RE.search(line)
+        ]
+        if trouble:
+            notes.append(f"- {proxy.name} log: {len(trouble)} warning/error lines, first ones:")
+            notes += [f"  - `{short(line, 300)}`" for line in trouble[:5]]
+    return notes
+
+
+def render_report(
+    *,
+    started: datetime.datetime,
+    machine: str,
+    settings: str,
+    table: str,
+    notes: Sequence[str],
+    elapsed_s: float,
+) -> str:
+    parts = [
+        f"### pypooler vs PgBouncer, {started:%Y-%m-%d %H:%M} UTC",
+        "",
+        f"Machine: {machine}.",
+        "",
+        f"Settings: {settings}; whole run {elapsed_s:.0f} s.",
+        "",
+        table,
+        "",
+        "tps excludes initial connection time (for -C it includes the reconnections); ms is"
+        " pgbench's latency average; µs/xact is the proxy process's CPU time (user+system) per"
+        " transaction, connection set-up included. Cells are medians over rounds; the ratio is"
+        " pypooler tps / PgBouncer tps within each round.",
+    ]
+    if notes:
+        parts += ["", "Notes:", "", *notes]
+    return "\n".join(parts) + "\n"
+
+
+# -- main ------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.compare", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--duration", type=int, default=DEFAULT_DURATION_S, help="seconds per pgbench run (-T)"
+    )
+    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help="interleaved rounds")
+    parser.add_argument(
+        "--points",
+        type=parse_points,
+        default=parse_points(DEFAULT_POINTS),
+        help=f"comma-separated client counts, C suffix adds -C (default {DEFAULT_POINTS})",
+    )
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="pgbench -j")
+    parser.add_argument("--scale", type=int, default=DEFAULT_SCALE, help="pgbench -i -s")
+    parser.add_argument("--pgbouncer", default=PGBOUNCER, help="PgBouncer binary")
+    parser.add_argument(
+        "--results-dir",
+        type=Path,
+        default=Path(__file__).resolve().parent / "results",
+        help="where compare-<timestamp>.md is written",
+    )
+    args = parser.parse_args(argv)
+    for name in ("duration", "rounds", "threads", "scale"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1")
+    return args
+
+
+def raise_fd_limit() -> None:
+    # pgbench at 500 clients and the proxies' 2000 client slots need descriptors; children
+    # inherit the soft limit.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def benchmark(args: argparse.Namespace) -> str:
+    points: list[Point] = args.points
+    started = datetime.datetime.now(datetime.UTC)
+    clock = time.monotonic()
+    results: list[RunResult] = []
+    proxies: list[Proxy] = []
+    postgres = EmbeddedPostgres(max_connections=PG_MAX_CONNECTIONS)
+    workdir = Path(tempfile.mkdtemp(prefix="pypooler-bench-"))
+    os.chmod(workdir, 0o755)  # PgBouncer, as nobody, must reach its subdirectory
+    try:
+        progress(f"starting PostgreSQL (max_connections {PG_MAX_CONNECTIONS})")
+        postgres.start()
+        progress(f"PostgreSQL is up on {postgres.host}:{postgres.port}; pgbench -i -s {args.scale}")
+        pgbench_init(postgres, args.scale)
+        proxies.append(start_pgbouncer(workdir, postgres, args.pgbouncer))
+        proxies.append(start_pypooler(workdir, postgres))
+        pgbouncer, pypooler = proxies
+        targets: list[tuple[str, int, Proxy | None]] = [
+            ("direct", postgres.port, None),
+            ("PgBouncer", pgbouncer.port, pgbouncer),
+            ("pypooler", pypooler.port, pypooler),
+        ]
+        machine = describe_machine(postgres, args.pgbouncer)
+        progress(machine)
+        warmup = Point(WARMUP_CLIENTS, reconnect=False)
+        for name, port, proxy in targets:
+            run = run_pgbench(
+                postgres, port, warmup, duration_s=WARMUP_S, threads=args.threads,
+                proxy=proxy, round_no=0, target=name,
+            )  # fmt: skip
+            progress(f"warm-up {name}: " + (f"{run.tps:,.0f} tps" if run.ok else f"{run.error}"))
+        total = args.rounds * len(points) * len(targets)
+        for round_no in range(1, args.rounds + 1):
+            for point in points:
+                for name, port, proxy in targets:
+                    run = run_pgbench(
+                        postgres, port, point, duration_s=args.duration,
+                        threads=args.threads, proxy=proxy, round_no=round_no, target=name,
+                    )  # fmt: skip
+                    results.append(run)
+                    if run.ok:
+                        cpu = run.cpu_us_per_xact
+                        summary = (
+                            f"{run.tps:,.0f} tps, {run.latency_ms} ms"
+                            + ("" if cpu is None else f", {cpu:.1f} µs/xact")
+                        )
+                    else:
+                        summary = f"FAILED: {run.error}"
+                    progress(
+                        f"[{len(results)}/{total}] round {round_no} {point.label} {name}: "
+                        f"{summary}"
+                    )
+        for proxy in proxies:
+            proxy.stop()
+        notes = render_notes(results, proxies)
+    finally:
+        for proxy in reversed(proxies):
+            try:
+                proxy.stop()
+            except Exception as exc:
+                progress(f"stopping {proxy.name} (pid {proxy.pid}) failed: {exc}")
+        try:
+            postgres.stop()
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    settings = (
+        f"pool_size {POOL_SIZE}, transaction mode, PostgreSQL max_connections "
+        f"{PG_MAX_CONNECTIONS}; `pgbench -n -S -M simple -T {args.duration} -j "
+        f"min({args.threads}, c)`, scale {args.scale}; {args.rounds} rounds, each running"
+        " every row direct, PgBouncer, pypooler back to back"
+    )
+    return render_report(
+        started=started,
+        machine=machine,
+        settings=settings,
+        table=render_table(results, points, args.rounds),
+        notes=notes,
+        elapsed_s=time.monotonic() - clock,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    raise_fd_limit()
+    report = benchmark(args)
+    print(report, end="")
+    results_dir: Path = args.results_dir
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"compare-{datetime.datetime.now():%Y%m%d-%H%M%S}.md"
+    path.write_text(report)
+    progress(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""The `pypooler` command as a user runs it: a real process, real signals, real psql."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pypooler.embedded import EmbeddedPostgres
+
+PSQL = "psql"
+
+
+def start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pypooler", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def wait_for_line(proc: subprocess.Popen[str], pattern: str, timeout: float = 30) -> re.Match[str]:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        match = re.search(pattern, line)
+        if match:
+            return match
+    proc.kill()
+    raise AssertionError(f"no line matching {pattern!r} in output:\n{''.join(seen)}")
+
+
+def psql(dsn: str, sql: str) -> str:
+    result = subprocess.run(
+        [PSQL, "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", dsn, "-c", sql],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+@pytest.fixture
+def stopped_at_end() -> Iterator[list[subprocess.Popen[str]]]:
+    procs: list[subprocess.Popen[str]] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def test_check_config_reports_every_problem(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('listen_port = -1\ndefault_pool_size = 0\nlisen_addr = "x"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "pypooler", "check-config", "--config", str(config)],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    problems = [line for line in result.stderr.splitlines() if "config error" in line]
+    assert len(problems) == 3, result.stderr
+    assert any("listen_port" in p for p in problems)
+    assert any("default_pool_size" in p for p in problems)
+    assert any("lisen_addr" in p for p in problems)
+
+
+def test_run_with_config_and_sigint(
+    tmp_path: Path, postgres: EmbeddedPostgres, stopped_at_end: list[subprocess.Popen[str]]
+) -> None:
+    config = tmp_path / "pypooler.toml"
+    config.write_text(
+        "listen_port = 0\n"
+        f'[databases.pypooler_test]\nhost = "{postgres.host}"\nport = {postgres.port}\npool_size = 2\n'
+    )
+    proc = start_cli("run", "--config", str(config))
+    stopped_at_end.append(proc)
+    port = int(wait_for_line(proc, r"listening on 127\.0\.0\.1:(\d+)").group(1))
+    dsn = f"postgresql://postgres@127.0.0.1:{port}/pypooler_test"
+    assert psql(dsn, "select 6 * 7") == "42"
+    login = wait_for_line(proc, r"login: 127\.0\.0\.1:\d+ db=pypooler_test user=postgres app=psql")
+    assert login
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(15) == 0
+
+
+def test_run_without_databases_starts_an_embedded_postgres(
+    stopped_at_end: list[subprocess.Popen[str]],
+) -> None:
+    proc = start_cli("run", env={"PYPOOLER_LISTEN_PORT": "0", "PYPOOLER_CONFIG": ""})
+    stopped_at_end.append(proc)
+    dsn = wait_for_line(proc, r"psql '(postgresql://\S+)'", timeout=60).group(1)
+    assert psql(dsn, "select current_database()") == "pypooler_test"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
