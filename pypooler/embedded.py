@@ -301,6 +301,24 @@ class EmbeddedPostgres:
             self._owner_pid = None
             self._remove_dir()
 
+    def stop_server(self) -> None:
+        """Stop the postmaster but keep the cluster, for outage tests; `start_server` brings it back."""
+        self._stop_postmaster()
+
+    def start_server(self) -> None:
+        """Start a cluster stopped by `stop_server` again, on the same port."""
+        result = self._run_server_binary(
+            [
+                self.bin("pg_ctl"), "start", "-D", self.data_dir, "-l", self.log_path,
+                "-w", "-t", str(_PG_CTL_TIMEOUT_S),
+            ],
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise EmbeddedPostgresError(
+                f"pg_ctl start failed ({result.returncode}): {result.stderr.strip()}\n"
+                f"server log {self.log_path} (last lines):\n{_read_tail(self.log_path)}"
+            )
+
     def restart(self) -> None:
         """Restart the postmaster on the same port (fast shutdown): every connection drops."""
         if not self._running:

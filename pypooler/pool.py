@@ -58,6 +58,7 @@ class Pool:
         self.parameters: dict[str, str] | None = None  # the first server's ParameterStatus set
         self._parameters_ready: asyncio.Future[None] | None = None
         self.last_connect_error: PoolerError | None = None
+        self._retry_at_ns = 0  # no new server connects before this (server_login_retry)
         self.stats = PoolStats()
         self.closed = False
 
@@ -123,7 +124,7 @@ class Pool:
     # ------------------------------------------------------------------ opening servers
 
     def _open_servers_for_waiters(self) -> None:
-        if self.closed:
+        if self.closed or (self._retry_at_ns and time.monotonic_ns() < self._retry_at_ns):
             return
         wanted = self.waiting - self.connecting
         room = self.size - len(self.servers) - self.connecting
@@ -164,6 +165,12 @@ class Pool:
             self._parameters_ready = None
         if self.servers or self.connecting:
             return  # servers exist or are coming; the waiters will be served by them
+        retry = self.settings.server_login_retry
+        if retry:
+            # Like PgBouncer: keep the waiters (query_wait_timeout bounds them) and try again later.
+            self._retry_at_ns = time.monotonic_ns() + int(retry * NS_PER_S)
+            asyncio.get_running_loop().call_later(retry, self._retry_connect)
+            return
         # No server can serve the waiters now: tell them why instead of leaving them hanging.
         while self.waiters:
             client = self.waiters.popleft()
@@ -171,6 +178,10 @@ class Pool:
                 client.waiting = False
                 self.waiting -= 1
                 client.fail(exc)
+
+    def _retry_connect(self) -> None:
+        self._retry_at_ns = 0
+        self._open_servers_for_waiters()
 
     async def ensure_parameters(self) -> dict[str, str]:
         """The server ParameterStatus set new clients are welcomed with (opens a server if needed)."""

@@ -190,3 +190,25 @@ async def test_unreachable_server_fails_fast(start_pooler: Any) -> None:
         pooler = start_pooler(databases={"pypooler_test": {"port": dead_port}})
         with pytest.raises(asyncpg.PostgresError, match="could not connect to server"):
             await asyncio.wait_for(asyncpg.connect(pooler.dsn(), statement_cache_size=0), 10)
+
+
+async def test_server_login_retry_keeps_waiters_until_the_server_is_back(
+    start_pooler: Any, postgres: EmbeddedPostgres
+) -> None:
+    """With server_login_retry, a client arriving while PostgreSQL is down waits, then succeeds."""
+    pooler = start_pooler(pool_size=2, server_login_retry=0.3, query_wait_timeout=20)
+    first = await RawClient.login(pooler.host, pooler.port)  # the pool now knows its parameters
+    await first.query("select 1")
+    await first.close()
+    await asyncio.to_thread(postgres.stop_server)
+    try:
+        pooler.call(lambda: [s.close() for s in list(pooler.pool().servers)])
+        client = await RawClient.login(pooler.host, pooler.port)
+        client.send(codec.build_query("select 41 + 1"))
+        await asyncio.sleep(1.0)  # a few failed connects happen meanwhile
+        assert pooler.pool().stats.server_connect_failures >= 1
+    finally:
+        await asyncio.to_thread(postgres.start_server)
+    messages = await client.until_ready(timeout=15)
+    assert data_rows(messages) == [["42"]]
+    await client.close()
