@@ -652,7 +652,9 @@ class EmbeddedPostgres:
     @staticmethod
     def _clean_env() -> dict[str, str]:
         env = {key: value for key, value in os.environ.items() if not key.startswith("PG")}
-        env.update(LC_ALL="C", LANG="C", PGSSLMODE="disable", PGPASSFILE=os.devnull)
+        env.update(LC_ALL="C", LANG="C", PGSSLMODE="disable")
+        # A path that does not exist: libpq warns about /dev/null ("not a plain file").
+        env["PGPASSFILE"] = os.path.join(os.sep, "nonexistent", "pgpass")
         return env
 
     def _run_server_binary(self, argv: list[str]) -> subprocess.CompletedProcess[str]:
