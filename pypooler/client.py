@@ -272,7 +272,7 @@ class ClientConnection(asyncio.Protocol):
         mode = self.pool.mode
         if server.backend.tx_status == _TX_IDLE or mode == "session":
             self.transport.write(data)
-            if mode != "session" and self.frontend.at_rest:
+            if mode != "session" and self.frontend.at_rest and server.backend.at_message_boundary:
                 self.release_server()
             return
         if mode == "statement":
@@ -373,6 +373,10 @@ class ClientConnection(asyncio.Protocol):
             self.fail(exc)
             return
         self.pool = pool
+        protocol_options = [name for name in startup.parameters if name.startswith("_pq_.")]
+        if startup.protocol_version != c.PROTOCOL_3_0 or protocol_options:
+            # A newer 3.x client: tell it we speak 3.0 and ignored its protocol options.
+            self.transport.write(codec.build_negotiate_protocol_version(0, protocol_options))
         if pool.parameters is not None:
             self._welcome(pool.parameters)
         else:

@@ -73,13 +73,13 @@ class Pool:
 
     def checkout(self, client: ClientConnection) -> ServerConnection | None:
         """An idle server now, or None with the client queued (it will get `link` called)."""
+        if self.closed:
+            raise ShuttingDown("pypooler is shutting down")
         idle = self.idle
         while idle:
             server = idle.pop()
             if not server.closed:
                 return server
-        if self.closed:
-            raise ShuttingDown("pypooler is shutting down")
         client.waiting = True
         client.wait_started_ns = time.monotonic_ns()
         self.waiters.append(client)
@@ -140,6 +140,9 @@ class Pool:
             self.connecting -= 1
             self._connect_failed(exc)
             return
+        except BaseException:  # cancelled at shutdown, or a bug: never leak the pool slot
+            self.connecting -= 1
+            raise
         self.connecting -= 1
         self.stats.server_connects += 1
         self.stats.server_connect_ns += time.monotonic_ns() - started

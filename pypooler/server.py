@@ -186,7 +186,7 @@ class ServerConnection(asyncio.Protocol):
                     break
         except PoolerError as exc:
             self._login_failed(exc)
-        except ScramException as exc:
+        except (ScramException, ValueError) as exc:  # ValueError: undecodable SASL payload
             self._login_failed(ServerLoginFailed(f"SCRAM authentication with the server failed: {exc}"))
 
     def _login_message(self, msg_type: int, body: bytes) -> None:

@@ -311,6 +311,13 @@ def build_backend_key_data(process_id: int, secret_key: int) -> bytes:
 READY_FOR_QUERY_IDLE: Final = build_message(c.B_READY_FOR_QUERY, b"I")
 
 
+def build_negotiate_protocol_version(newest_minor: int, unrecognized: Iterable[str]) -> bytes:
+    """NegotiateProtocolVersion: the newest 3.x we speak and the `_pq_.` options we ignored."""
+    names = list(unrecognized)
+    body = INT32.pack(newest_minor) + INT32.pack(len(names)) + b"".join(_cstring(n) for n in names)
+    return build_message(c.B_NEGOTIATE_PROTOCOL_VERSION, body)
+
+
 def build_ready_for_query(status: int = c.TX_IDLE) -> bytes:
     return build_message(c.B_READY_FOR_QUERY, bytes((status,)))
 

@@ -173,9 +173,16 @@ class BackendStream:
         while end - pos >= 5:
             msg_type, length = unpack_header(data, pos)
             if msg_type == _Z:
+                if length != 5:
+                    # Its status byte would be read from the next message, and the header
+                    # completed across reads would keep stray bytes as a partial header.
+                    raise ProtocolViolation(f"server sent ReadyForQuery of length {length}")
                 if end - pos < 6:
                     break  # the status byte is in the next read
                 self.tx_status = data[pos + 5]
+                # A server that failed a simple-query COPY FROM answers at once; the client may
+                # still send CopyData/CopyDone, which PostgreSQL ignores outside copy mode.
+                frontend.copy_in = False
                 if frontend.outstanding:
                     frontend.outstanding -= 1
                 if not frontend.outstanding:

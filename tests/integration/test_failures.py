@@ -212,3 +212,15 @@ async def test_server_login_retry_keeps_waiters_until_the_server_is_back(
     messages = await client.until_ready(timeout=15)
     assert data_rows(messages) == [["42"]]
     await client.close()
+
+
+async def test_newer_protocol_minor_is_negotiated_down(start_pooler: Any) -> None:
+    pooler = start_pooler()
+    client = await RawClient.connect(pooler.host, pooler.port)
+    params = b"user\0postgres\0database\0pypooler_test\0_pq_.future_option\0on\0\0"
+    client.send(struct.pack("!ii", 8 + len(params), (3 << 16) | 2) + params)
+    messages = await client.until_ready()
+    negotiate = [body for msg_type, body in messages if msg_type == ord("v")]
+    assert negotiate == [struct.pack("!ii", 0, 1) + b"_pq_.future_option\0"]
+    assert data_rows(await client.query("select 1")) == [["1"]]
+    await client.close()

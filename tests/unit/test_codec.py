@@ -28,7 +28,7 @@ from pypooler.protocol.codec import (
 )
 
 # Enough examples to find framing mistakes, few enough that the module runs in about a second.
-FUZZ = settings(max_examples=300, deadline=None)
+FUZZ = settings(max_examples=150, deadline=None)
 
 INT32_RANGE = st.integers(-(2**31), 2**31 - 1)
 # Text without NUL: the wire format cannot carry one inside a C string.

@@ -1,0 +1,650 @@
+"""Tests for pypooler.pool accounting, with fake server and client connections (no sockets).
+
+`pypooler.pool.open_server_connection` is replaced by `FakeConnector`, which hands out one
+pending connect per call; a test completes each one (with a server or an error) when it wants,
+so every state of "connecting" can be observed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from pypooler import pool as pool_module
+from pypooler.config import Settings, load_settings
+from pypooler.errors import PoolerError, QueryWaitTimeout, ServerConnectFailed, ShuttingDown
+from pypooler.pool import Pool
+from pypooler.server import ServerLogin
+
+NS = 1_000_000_000
+
+
+class FakeServer:
+    """What the pool uses of a ServerConnection."""
+
+    count = 0
+
+    def __init__(self, *, age_s: float = 0.0) -> None:
+        FakeServer.count += 1
+        self.name = f"s{FakeServer.count}"
+        self.closed = False
+        self.created_ns = time.monotonic_ns() - int(age_s * NS)
+        self.last_used_ns = 0
+        self.on_close: Any = None
+        self.parameters = {"server_version": "16.2", "client_encoding": "UTF8"}
+        self.client: FakeClient | None = None
+
+    def close(self) -> None:
+        # Like ServerConnection.close: idempotent, tells the owner once.
+        self.closed = True
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            on_close(self)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class FakeClient:
+    """What the pool uses of a ClientConnection."""
+
+    def __init__(self, name: str = "c") -> None:
+        self.name = name
+        self.waiting = False
+        self.wait_started_ns = 0
+        self.linked: list[FakeServer] = []
+        self.failures: list[PoolerError] = []
+
+    @property
+    def server(self) -> FakeServer | None:
+        return self.linked[-1] if self.linked else None
+
+    def link(self, server: FakeServer) -> None:
+        assert not self.waiting, "linked while still marked waiting"
+        assert server.client is None, f"{server} lent to {server.client} and {self}"
+        server.client = self
+        self.linked.append(server)
+
+    def fail(self, exc: PoolerError) -> None:
+        assert not self.waiting, "failed while still marked waiting"
+        self.failures.append(exc)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class FakeConnector:
+    """Stands in for open_server_connection; each call waits until the test completes it."""
+
+    def __init__(self) -> None:
+        self.pending: list[asyncio.Future[FakeServer]] = []
+        self.calls = 0
+
+    async def __call__(self, login: ServerLogin, timeout: float) -> FakeServer:
+        self.calls += 1
+        future: asyncio.Future[FakeServer] = asyncio.get_running_loop().create_future()
+        self.pending.append(future)
+        return await future
+
+    async def succeed(self, count: int = 1, **server_args: Any) -> list[FakeServer]:
+        await settle()
+        servers = []
+        for _ in range(count):
+            server = FakeServer(**server_args)
+            self.pending.pop(0).set_result(server)
+            servers.append(server)
+        await settle()
+        return servers
+
+    async def fail(self, exc: PoolerError) -> None:
+        await settle()
+        self.pending.pop(0).set_exception(exc)
+        await settle()
+
+
+async def settle() -> None:
+    """Let the pool's connect tasks run to their next await."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+@pytest.fixture
+async def connector(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeConnector]:
+    fake = FakeConnector()
+    monkeypatch.setattr(pool_module, "open_server_connection", fake)
+    yield fake
+    for future in fake.pending:  # connects a test left pending end as cancelled tasks
+        future.cancel()
+    await settle()
+
+
+def make_settings(**overrides: Any) -> Settings:
+    return load_settings(None, env={}, **overrides)
+
+
+def make_pool(size: int = 2, **overrides: Any) -> Pool:
+    login = ServerLogin("127.0.0.1", 5432, "app", "alice", None)
+    return Pool("app", "alice", login, size=size, mode="transaction", settings=make_settings(**overrides))
+
+
+def add_idle(pool: Pool, count: int) -> list[FakeServer]:
+    """Servers logged in earlier and now idle, oldest release first."""
+    servers = []
+    for _ in range(count):
+        server = FakeServer()
+        pool.servers.add(server)  # type: ignore[arg-type]
+        server.on_close = pool.server_closed
+        pool.release(server)  # type: ignore[arg-type]
+        servers.append(server)
+    return servers
+
+
+def checkout(pool: Pool, client: FakeClient) -> FakeServer | None:
+    """pool.checkout, noting who holds a server lent at once (a queued client gets `link`)."""
+    server: Any = pool.checkout(client)  # type: ignore[arg-type]
+    if server is not None:
+        client.link(server)
+    return server  # type: ignore[no-any-return]
+
+
+def release(pool: Pool, server: FakeServer) -> None:
+    server.client = None
+    pool.release(server)  # type: ignore[arg-type]
+
+
+def assert_bounded(pool: Pool) -> None:
+    assert len(pool.servers) + pool.connecting <= pool.size
+    assert pool.waiting == sum(1 for client in pool.waiters if client.waiting)
+    assert pool.waiting >= 0 and pool.connecting >= 0
+    assert set(pool.idle) <= pool.servers
+    assert not (pool.idle and pool.waiting), "a server idles while a client waits"
+
+
+# --------------------------------------------------------------------------- lending
+
+
+async def test_idle_servers_are_reused_lifo(connector: FakeConnector) -> None:
+    pool = make_pool(size=3)
+    s1, s2, s3 = add_idle(pool, 3)
+
+    assert checkout(pool, FakeClient()) is s3
+    assert checkout(pool, FakeClient()) is s2
+    release(pool, s3)
+    assert checkout(pool, FakeClient()) is s3  # the most recently used, not the coldest
+    assert checkout(pool, FakeClient()) is s1
+    assert pool.lent == 3
+    assert connector.calls == 0
+
+
+async def test_checkout_skips_closed_idle_servers(connector: FakeConnector) -> None:
+    pool = make_pool(size=3)
+    s1, s2 = add_idle(pool, 2)
+    s2.closed = True  # died, and its connection_lost has not been handled yet
+
+    assert checkout(pool, FakeClient()) is s1
+    assert pool.idle == []
+
+
+async def test_checkout_opens_a_server_and_links_the_waiter(connector: FakeConnector) -> None:
+    pool = make_pool(size=2)
+    client = FakeClient()
+
+    assert checkout(pool, client) is None
+
+    assert client.waiting
+    assert (pool.waiting, pool.connecting) == (1, 1)  # counted before its task even starts
+    await settle()
+    assert (connector.calls, pool.connecting) == (1, 1)
+    (server,) = await connector.succeed()
+    assert client.linked == [server]
+    assert not client.waiting
+    assert (pool.waiting, pool.connecting, pool.lent) == (0, 0, 1)
+    assert pool.servers == {server}
+    assert server.on_close == pool.server_closed
+    assert pool.parameters == server.parameters
+    assert pool.stats.server_connects == 1
+    assert pool.stats.server_connect_ns > 0
+    assert pool.stats.wait_count == 1
+
+
+async def test_never_more_than_size_servers(connector: FakeConnector) -> None:
+    pool = make_pool(size=2)
+    clients = [FakeClient(f"c{i}") for i in range(5)]
+    for client in clients:
+        assert checkout(pool, client) is None
+        assert_bounded(pool)
+    await settle()
+
+    assert connector.calls == 2
+    assert pool.connecting == 2
+    s1, s2 = await connector.succeed(2)
+    assert_bounded(pool)
+    assert [c.linked for c in clients] == [[s1], [s2], [], [], []]  # FIFO
+    assert pool.waiting == 3
+    assert connector.calls == 2  # no room for more
+
+    release(pool, s2)
+    release(pool, s1)
+    assert [c.linked for c in clients[2:]] == [[s2], [s1], []]  # handed over, FIFO
+    assert pool.idle == []
+    assert_bounded(pool)
+
+
+async def test_release_hands_over_to_the_first_client_still_waiting(
+    connector: FakeConnector,
+) -> None:
+    pool = make_pool(size=1)
+    (server,) = add_idle(pool, 1)
+    holder = FakeClient("holder")
+    assert checkout(pool, holder) is server
+    a, b, c, d = (FakeClient(name) for name in "abcd")
+    for client in (a, b, c, d):
+        checkout(pool, client)
+    await settle()
+    assert connector.calls == 0  # the pool is full
+
+    pool.cancel_wait(a)
+    pool.cancel_wait(a)  # a second cancel changes nothing
+    pool.cancel_wait(c)
+    assert pool.waiting == 2
+
+    release(pool, server)
+    assert b.linked == [server]
+    assert a.linked == c.linked == []
+    assert pool.waiting == 1
+    assert list(pool.waiters) == [c, d]
+
+    release(pool, server)
+    assert d.linked == [server]
+    assert not pool.waiters
+    assert pool.waiting == 0
+
+    release(pool, server)
+    assert pool.idle == [server]
+    assert a.failures == c.failures == []
+
+
+async def test_release_goes_idle_when_every_waiter_left(connector: FakeConnector) -> None:
+    pool = make_pool(size=1)
+    client = FakeClient()
+    checkout(pool, client)
+    pool.cancel_wait(client)
+    (server,) = await connector.succeed()
+
+    assert client.linked == []
+    assert pool.idle == [server]
+    assert not pool.waiters
+    assert pool.stats.wait_count == 0
+
+
+async def test_release_of_a_closed_server_is_ignored(connector: FakeConnector) -> None:
+    pool = make_pool(size=2)
+    s1, s2 = add_idle(pool, 2)
+    checkout(pool, FakeClient())
+    s2.close()
+
+    release(pool, s2)
+
+    assert pool.idle == [s1]
+    assert pool.servers == {s1}
+
+
+async def test_server_closed_while_lent_is_replaced_for_waiters(connector: FakeConnector) -> None:
+    pool = make_pool(size=1)
+    (server,) = add_idle(pool, 1)
+    checkout(pool, FakeClient())
+    waiter = FakeClient()
+    checkout(pool, waiter)
+    await settle()
+    assert connector.calls == 0
+
+    server.close()  # the backend died under its client
+    await settle()
+
+    assert pool.servers == set()
+    assert connector.calls == 1
+    (replacement,) = await connector.succeed()
+    assert waiter.linked == [replacement]
+
+
+# --------------------------------------------------------------------------- connect failures
+
+
+async def test_connect_failure_with_no_servers_fails_every_waiter(connector: FakeConnector) -> None:
+    pool = make_pool(size=2)
+    clients = [FakeClient(f"c{i}") for i in range(3)]
+    for client in clients:
+        checkout(pool, client)
+    pool.cancel_wait(clients[1])
+    await settle()
+    first = ServerConnectFailed("could not connect to server: connection refused")
+    second = ServerConnectFailed("could not connect to server: timed out")
+
+    await connector.fail(first)
+    assert [c.failures for c in clients] == [[], [], []]  # another connect is still under way
+    assert pool.last_connect_error is first
+
+    await connector.fail(second)
+    assert clients[0].failures == [second]
+    assert clients[1].failures == []  # it had left already
+    assert clients[2].failures == [second]
+    assert not any(c.waiting for c in clients)
+    assert (pool.waiting, pool.connecting, len(pool.waiters)) == (0, 0, 0)
+    assert pool.last_connect_error is second
+    assert pool.stats.server_connects == 0
+
+
+async def test_connect_failure_while_servers_exist_keeps_waiters(connector: FakeConnector) -> None:
+    pool = make_pool(size=2)
+    (server,) = add_idle(pool, 1)
+    checkout(pool, FakeClient())
+    waiter = FakeClient()
+    checkout(pool, waiter)
+
+    await connector.fail(ServerConnectFailed("refused"))
+
+    assert waiter.waiting
+    assert waiter.failures == []
+    release(pool, server)
+    assert waiter.linked == [server]
+
+
+async def test_server_login_retry_keeps_waiters_and_tries_again(connector: FakeConnector) -> None:
+    pool = make_pool(size=2, server_login_retry=0.05)
+    client = FakeClient()
+    checkout(pool, client)
+
+    await connector.fail(ServerConnectFailed("refused"))
+    assert client.waiting
+    assert client.failures == []
+    late = FakeClient("late")
+    checkout(pool, late)  # within the retry delay: no new connect yet
+    await settle()
+    assert connector.calls == 1
+
+    await asyncio.sleep(0.1)
+    await settle()
+    assert connector.calls == 3  # one per waiter, after the delay
+    s1, s2 = await connector.succeed(2)
+    assert (client.linked, late.linked) == ([s1], [s2])
+
+
+async def test_connect_success_clears_last_error(connector: FakeConnector) -> None:
+    pool = make_pool(size=1)
+    checkout(pool, FakeClient())
+    await connector.fail(ServerConnectFailed("refused"))
+    assert pool.last_connect_error is not None
+
+    client = FakeClient()
+    checkout(pool, client)
+    (server,) = await connector.succeed()
+
+    assert pool.last_connect_error is None
+    assert client.linked == [server]
+
+
+async def test_ensure_parameters_opens_one_server(connector: FakeConnector) -> None:
+    pool = make_pool(size=2)
+    task = asyncio.get_running_loop().create_task(pool.ensure_parameters())
+    (server,) = await connector.succeed()
+
+    assert await task == server.parameters
+    assert pool.idle == [server]
+    assert await pool.ensure_parameters() == server.parameters
+    assert connector.calls == 1
+
+
+async def test_concurrent_ensure_parameters_share_one_connect(connector: FakeConnector) -> None:
+    pool = make_pool(size=5)
+    loop = asyncio.get_running_loop()
+    tasks = [loop.create_task(pool.ensure_parameters()) for _ in range(4)]
+    (server,) = await connector.succeed()
+
+    assert [await task for task in tasks] == [server.parameters] * 4
+    assert connector.calls == 1
+
+
+async def test_ensure_parameters_reports_the_connect_error(connector: FakeConnector) -> None:
+    pool = make_pool(size=2)
+    task = asyncio.get_running_loop().create_task(pool.ensure_parameters())
+    refused = ServerConnectFailed("refused")
+    await connector.fail(refused)
+
+    with pytest.raises(ServerConnectFailed) as excinfo:
+        await task
+    assert excinfo.value is refused
+    assert pool.connecting == 0
+
+
+# --------------------------------------------------------------------------- expiry
+
+
+async def test_query_wait_timeout_fails_only_expired_waiters(connector: FakeConnector) -> None:
+    pool = make_pool(size=1, query_wait_timeout=10)
+    (server,) = add_idle(pool, 1)
+    checkout(pool, FakeClient("holder"))
+    t0 = time.monotonic_ns()
+    left, a, b, c = (FakeClient(name) for name in ("left", "a", "b", "c"))
+    for client, started in ((left, t0 - NS), (a, t0), (b, t0 + 5 * NS), (c, t0 + 9 * NS)):
+        checkout(pool, client)
+        client.wait_started_ns = started  # as if each had queued at `started`
+    pool.cancel_wait(left)
+
+    pool.expire(t0 + 10 * NS - 1)
+    assert [x.failures for x in (left, a, b, c)] == [[], [], [], []]
+
+    pool.expire(t0 + 10 * NS)
+    assert left.failures == []
+    assert len(a.failures) == 1
+    timeout = a.failures[0]
+    assert isinstance(timeout, QueryWaitTimeout)
+    assert timeout.sqlstate == "08006"
+    assert "query_wait_timeout" in timeout.message
+    assert (b.failures, c.failures) == ([], [])
+    assert (b.waiting, c.waiting) == (True, True)
+    assert pool.waiting == 2
+
+    pool.expire(t0 + 15 * NS)
+    assert len(b.failures) == 1
+    assert c.waiting
+    assert pool.waiting == 1
+
+    release(pool, server)
+    assert c.linked == [server]
+    assert (a.linked, b.linked) == ([], [])
+
+
+async def test_query_wait_timeout_zero_waits_forever(connector: FakeConnector) -> None:
+    pool = make_pool(size=1, query_wait_timeout=0)
+    add_idle(pool, 1)
+    checkout(pool, FakeClient("holder"))
+    client = FakeClient()
+    checkout(pool, client)
+
+    pool.expire(time.monotonic_ns() + 10**6 * NS)
+
+    assert client.waiting
+    assert client.failures == []
+
+
+async def test_server_idle_timeout_closes_the_longest_idle(connector: FakeConnector) -> None:
+    pool = make_pool(size=3, server_idle_timeout=60)
+    s1, s2, s3 = add_idle(pool, 3)
+    t0 = time.monotonic_ns()
+    s1.last_used_ns, s2.last_used_ns, s3.last_used_ns = t0, t0 + 30 * NS, t0 + 50 * NS
+
+    pool.expire(t0 + 60 * NS - 1)
+    assert pool.idle == [s1, s2, s3]
+
+    pool.expire(t0 + 60 * NS)
+    assert (s1.closed, s2.closed, s3.closed) == (True, False, False)
+    assert pool.idle == [s2, s3]
+    assert pool.servers == {s2, s3}
+
+    pool.expire(t0 + 100 * NS)
+    assert pool.idle == [s3]
+    assert pool.servers == {s3}
+    assert connector.calls == 0  # nobody waits: nothing to replace
+
+
+async def test_idle_timeout_spares_lent_servers(connector: FakeConnector) -> None:
+    pool = make_pool(size=2, server_idle_timeout=60)
+    s1, s2 = add_idle(pool, 2)
+    assert checkout(pool, FakeClient()) is s2
+
+    pool.expire(time.monotonic_ns() + 3600 * NS)
+
+    assert s1.closed
+    assert not s2.closed
+    assert pool.servers == {s2}
+
+
+async def test_server_lifetime_closes_at_release(connector: FakeConnector) -> None:
+    pool = make_pool(size=2, server_lifetime=100)
+    young, old = FakeServer(age_s=10), FakeServer(age_s=200)
+    for server in (young, old):
+        pool.servers.add(server)  # type: ignore[arg-type]
+        server.on_close = pool.server_closed
+
+    release(pool, young)
+    release(pool, old)
+
+    assert not young.closed
+    assert old.closed
+    assert pool.idle == [young]
+    assert pool.servers == {young}
+
+
+async def test_server_lifetime_expiry_with_a_waiter_opens_a_replacement(
+    connector: FakeConnector,
+) -> None:
+    pool = make_pool(size=1, server_lifetime=100)
+    old = FakeServer(age_s=200)
+    pool.servers.add(old)  # type: ignore[arg-type]
+    old.on_close = pool.server_closed
+    waiter = FakeClient()
+    checkout(pool, waiter)
+    await settle()
+    assert connector.calls == 0
+
+    release(pool, old)
+    assert old.closed
+    assert waiter.linked == []
+    (fresh,) = await connector.succeed()
+
+    assert waiter.linked == [fresh]
+
+
+async def test_server_lifetime_zero_keeps_servers(connector: FakeConnector) -> None:
+    pool = make_pool(size=1, server_lifetime=0)
+    old = FakeServer(age_s=10**6)
+    pool.servers.add(old)  # type: ignore[arg-type]
+
+    release(pool, old)
+
+    assert pool.idle == [old]
+    assert not old.closed
+
+
+# --------------------------------------------------------------------------- stats, shutdown
+
+
+async def test_wait_stats_count_only_queued_checkouts(connector: FakeConnector) -> None:
+    pool = make_pool(size=1)
+    (server,) = add_idle(pool, 1)
+    assert checkout(pool, FakeClient()) is server  # immediate: not a wait
+    assert (pool.stats.wait_count, pool.stats.total_wait_ns) == (0, 0)
+
+    waiter = FakeClient()
+    checkout(pool, waiter)
+    waiter.wait_started_ns -= 2 * NS  # it has waited two seconds
+    release(pool, server)
+
+    assert waiter.linked == [server]
+    assert pool.stats.wait_count == 1
+    assert 2 * NS <= pool.stats.total_wait_ns < 3 * NS
+    assert pool.stats.xact_count == 0  # counted by the client when it releases, not here
+
+
+async def test_close_fails_waiters_and_closes_servers(connector: FakeConnector) -> None:
+    pool = make_pool(size=2)
+    s1, s2 = add_idle(pool, 2)
+    checkout(pool, FakeClient())
+    checkout(pool, FakeClient())
+    waiter = FakeClient()
+    checkout(pool, waiter)
+
+    pool.close()
+
+    assert s1.closed and s2.closed
+    assert pool.servers == set()
+    assert len(waiter.failures) == 1
+    assert isinstance(waiter.failures[0], ShuttingDown)
+    assert pool.waiting == 0
+    with pytest.raises(ShuttingDown):
+        checkout(pool, FakeClient())
+
+
+async def test_server_opened_after_close_is_closed(connector: FakeConnector) -> None:
+    pool = make_pool(size=1)
+    checkout(pool, FakeClient())
+    await settle()
+    pool.close()
+
+    (server,) = await connector.succeed()
+
+    assert server.closed
+    assert pool.servers == set()
+
+
+# --------------------------------------------------------------------------- random operations
+
+
+async def test_random_operations_keep_the_books(connector: FakeConnector) -> None:
+    """Random checkouts, cancels, releases, deaths, connects and expiries never break the bounds."""
+    for seed in range(40):
+        rng = random.Random(seed)
+        pool = make_pool(size=rng.randint(1, 4), query_wait_timeout=5, server_idle_timeout=5)
+        clients: list[FakeClient] = []
+        now = time.monotonic_ns()
+        for _ in range(120):
+            op = rng.randrange(7)
+            holders = [c for c in clients if c.server is not None and c.server.client is c]
+            waiting = [c for c in clients if c.waiting]
+            if op == 0:
+                client = FakeClient(f"c{len(clients)}")
+                clients.append(client)
+                checkout(pool, client)
+            elif op == 1 and waiting:
+                pool.cancel_wait(rng.choice(waiting))
+            elif op == 2 and holders:
+                release(pool, rng.choice(holders).server)  # type: ignore[arg-type]
+            elif op == 3 and holders:
+                server = rng.choice(holders).server
+                assert server is not None
+                server.client = None
+                server.close()
+            elif op == 4 and connector.pending:
+                if rng.random() < 0.8:
+                    await connector.succeed()
+                else:
+                    await connector.fail(ServerConnectFailed("refused"))
+            elif op == 5:
+                now += rng.randint(0, 3) * NS
+                pool.expire(now)
+            else:
+                await settle()
+            assert_bounded(pool)
+            lent = [c.server for c in clients if c.server is not None and c.server.client is c]
+            assert len(lent) == len(set(map(id, lent)))
+            assert pool.lent == sum(1 for s in lent if not s.closed)
+        pool.close()
+        for future in connector.pending:
+            future.cancel()
+        connector.pending.clear()
+        await settle()
