@@ -51,11 +51,13 @@ __all__ = [
     "DatabaseConfig",
     "LogLevel",
     "PoolMode",
+    "SessionStatePolicy",
     "Settings",
     "load_settings",
 ]
 
 PoolMode = Literal["session", "transaction", "statement"]
+SessionStatePolicy = Literal["log", "error", "pin"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
 ENV_PREFIX = "PYPOOLER_"
@@ -145,6 +147,16 @@ class Settings(BaseSettings):
     # Close servers older than this many seconds when they are released; 0 keeps them.
     server_lifetime: float = Field(default=3600.0, ge=0, allow_inf_nan=False)
     tcp_keepalive: bool = True
+    # Protocol-level named prepared statements kept per server in transaction and statement
+    # mode (least recently used ones are closed beyond it); 0 passes them through untracked.
+    max_prepared_statements: int = Field(default=200, ge=0)
+    # Startup parameters accepted from clients and otherwise ignored (names, any case).
+    ignore_startup_parameters: list[str] = ["extra_float_digits"]
+    # What to do when a transaction-mode client leaves session state on its server
+    # (SET, advisory locks, temp tables, LISTEN, WITH HOLD cursors, SQL PREPARE):
+    # "log" warns once per application_name and kind, "error" refuses the statement,
+    # "pin" keeps the server with that client until it disconnects.
+    session_state_policy: SessionStatePolicy = "log"
     log_connections: bool = True
     log_disconnections: bool = True
     log_level: LogLevel = "INFO"
@@ -155,6 +167,12 @@ class Settings(BaseSettings):
     def _log_level_any_case(cls, value: object) -> object:
         # PYPOOLER_LOG_LEVEL=debug is what people type.
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("ignore_startup_parameters")
+    @classmethod
+    def _parameter_names_any_case(cls, names: list[str]) -> list[str]:
+        # Startup parameter names are matched case-insensitively, like PostgreSQL's GUC names.
+        return [name.lower() for name in names]
 
     @field_validator("databases")
     @classmethod
@@ -365,6 +383,7 @@ _REASONS: dict[str, str] = {
     "bool_type": "must be true or false",
     "string_type": "must be a string",
     "string_too_short": "must not be empty",
+    "list_type": "must be a list",
     "dict_type": "must be a table",
     "model_type": "must be a table",
     "model_attributes_type": "must be a table",

@@ -97,6 +97,62 @@ class StatementModeTransaction(PoolerError):
     reason = "statement_mode_transaction"
 
 
+class DuplicatePreparedStatement(PoolerError):
+    """A client's Parse reuses the name of a prepared statement it already holds.
+
+    Worded exactly as PostgreSQL words it, so clients that match on it keep working.
+    """
+
+    sqlstate = SQLState.DUPLICATE_PREPARED_STATEMENT
+    severity = "ERROR"
+    reason = "duplicate_prepared_statement"
+
+
+class UndefinedPreparedStatement(PoolerError):
+    """A client names a statement it does not hold, in pypooler's own name space.
+
+    Any other unknown name goes to the server, which answers it; one that looks like a
+    server-side name of pypooler's must not reach the server, where it may exist.
+    """
+
+    sqlstate = SQLState.INVALID_SQL_STATEMENT_NAME
+    severity = "ERROR"
+    reason = "undefined_prepared_statement"
+
+
+class SessionStateRefused(PoolerError):
+    """session_state_policy = "error": a statement would leave state on a shared server."""
+
+    sqlstate = SQLState.FEATURE_NOT_SUPPORTED
+    severity = "ERROR"
+    reason = "session_state_refused"
+
+
+class UnsupportedStartupParameter(PoolerError):
+    """A startup parameter (or `options` switch) pypooler cannot apply per client."""
+
+    sqlstate = SQLState.FEATURE_NOT_SUPPORTED
+    reason = "unsupported_startup_parameter"
+
+
+class StartupParameterRejected(PoolerError):
+    """The server refused a client's startup parameter when pypooler applied it."""
+
+    reason = "startup_parameter_rejected"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        detail: str | None = None,
+        hint: str | None = None,
+        sqlstate: str | None = None,
+    ) -> None:
+        super().__init__(message, detail=detail, hint=hint)
+        if sqlstate:
+            self.sqlstate = sqlstate  # type: ignore[misc]  # the server's own code wins
+
+
 class ShuttingDown(PoolerError):
     sqlstate = SQLState.ADMIN_SHUTDOWN
     reason = "shutdown"

@@ -361,6 +361,21 @@ def build_query(sql: str) -> bytes:
 
 TERMINATE: Final = build_message(c.F_TERMINATE)
 SYNC: Final = build_message(c.F_SYNC)
+PARSE_COMPLETE: Final = build_message(c.B_PARSE_COMPLETE)
+CLOSE_COMPLETE: Final = build_message(c.B_CLOSE_COMPLETE)
+
+
+def build_parse(name: bytes, rest: bytes) -> bytes:
+    """Parse of statement `name`; `rest` is the body after the name (query text, parameter types)."""
+    return build_message(c.F_PARSE, name + b"\0" + rest)
+
+
+def build_close_statement(name: bytes) -> bytes:
+    return build_message(c.F_CLOSE, b"S" + name + b"\0")
+
+
+def build_describe_statement(name: bytes) -> bytes:
+    return build_message(c.F_DESCRIBE, b"S" + name + b"\0")
 
 
 def build_command_complete(tag: str) -> bytes:

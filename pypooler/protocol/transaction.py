@@ -132,12 +132,14 @@ class FrontendStream:
 class BackendStream:
     """Server -> client direction."""
 
-    __slots__ = ("_head", "_skip", "tx_status")
+    __slots__ = ("_head", "_skip", "replaced", "tx_status")
 
     def __init__(self) -> None:
         self._skip = 0
         self._head = b""
         self.tx_status = c.TX_IDLE  # status byte of the latest ReadyForQuery
+        # Always None here: a subclass that rewrites the stream puts the bytes to forward in it.
+        self.replaced: bytes | None = None
 
     @property
     def at_message_boundary(self) -> bool:

@@ -50,6 +50,9 @@ def test_defaults() -> None:
     assert settings.server_idle_timeout == 600.0
     assert settings.server_lifetime == 3600.0
     assert settings.tcp_keepalive is True
+    assert settings.max_prepared_statements == 200
+    assert settings.ignore_startup_parameters == ["extra_float_digits"]
+    assert settings.session_state_policy == "log"
     assert settings.log_connections is True
     assert settings.log_disconnections is True
     assert settings.log_level == "INFO"
@@ -534,3 +537,36 @@ def test_password_is_not_in_problems(tmp_path: Path) -> None:
     assert problems_of(excinfo) == ["databases.app.password: must be a string"]
     assert excinfo.value.__cause__ is None
     assert excinfo.value.__suppress_context__
+
+
+# --- transaction-mode settings -------------------------------------------------------------
+
+
+def test_transaction_mode_settings(tmp_path: Path) -> None:
+    path = write_toml(
+        tmp_path,
+        'max_prepared_statements = 0\nignore_startup_parameters = ["Extra_Float_Digits", "search_path"]\n'
+        'session_state_policy = "pin"\n',
+    )
+
+    settings = load_settings(path, env={"PYPOOLER_SESSION_STATE_POLICY": "error"})
+
+    assert settings.max_prepared_statements == 0
+    assert settings.ignore_startup_parameters == ["extra_float_digits", "search_path"]
+    assert settings.session_state_policy == "error"
+
+
+def test_transaction_mode_settings_are_validated(tmp_path: Path) -> None:
+    path = write_toml(
+        tmp_path,
+        'max_prepared_statements = -1\nignore_startup_parameters = "x"\nsession_state_policy = "warn"\n',
+    )
+
+    with pytest.raises(ConfigError) as excinfo:
+        load_settings(path, env={})
+
+    assert problems_of(excinfo) == [
+        "max_prepared_statements: must be >= 0 (got -1)",
+        "ignore_startup_parameters: must be a list (got 'x')",
+        "session_state_policy: must be one of 'log', 'error' or 'pin' (got 'warn')",
+    ]

@@ -1,0 +1,732 @@
+"""Transaction-mode streams: what pypooler changes between a client and the server it borrows.
+
+`RewritingFrontend` (client -> server) and `RewritingBackend` (server -> client) replace the plain
+trackers of `protocol/transaction.py` in transaction and statement mode. They keep the trackers'
+accounting (when a transaction ends) and add:
+
+- Named prepared statements (see `prepared.py`): a client's Parse/Bind/Describe/Close naming a
+  statement is rewritten to the statement's server-side name; a Bind or Describe for a statement
+  the current server lacks gets a Close + Parse of it injected in front (the Close makes the Parse
+  safe even if the server had it after all); a client's Parse of a statement the server already
+  has, and a client's Close, are sent as a Close of a name that never exists ("placeholder").
+- Session-state statements (see `session_state.py`), found in Query and Parse texts; with
+  `refuse` set they are replaced by a placeholder Close followed by a Describe that fails.
+- Internal replies: the Query pypooler sends before a client's first message to set its session
+  parameters is answered first, and that answer is dropped whole (`RewritingBackend.internal`).
+
+Why placeholders: PostgreSQL answers a Close of a statement that does not exist with an ordinary
+CloseComplete, at the exact place of the client's message in its batch, and skips it (no reply)
+after an earlier error, exactly as it would the client's own message. So pypooler never has to
+work out where a reply goes: it swaps the placeholder's CloseComplete for what the client expects
+(CloseComplete, ParseComplete, or an ErrorResponse followed by the dropped error of the failing
+Describe, which also makes the server skip to Sync and fail an open transaction, as PostgreSQL
+would).
+
+How replies are matched without following every message: ParseComplete answers only Parse and
+CloseComplete only Close, in order, and after an error no more of either come before the
+ReadyForQuery. So the k-th ParseComplete after a ReadyForQuery answers the k-th Parse sent in that
+batch, if any answers it at all. Each batch with something to watch gets a `Batch` keyed by the
+number of the ReadyForQuery that ends it; at that ReadyForQuery, every change made for a message
+that got no reply is undone (in reverse order).
+
+Hot-path rules (as in `protocol/transaction.py`): messages that need nothing pass as the very
+bytes received, skipped by arithmetic; a statement name is checked with one byte for the unnamed
+case; Query/Parse texts are scanned only in their first `session_state.WINDOW` bytes; a message
+is assembled (held back across reads) only when pypooler must read more of it than its header,
+and then only as much as it needs. The output of one read is one `bytes` object.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Final
+
+from pypooler.errors import (
+    DuplicatePreparedStatement,
+    PoolerError,
+    ProtocolViolation,
+    SessionStateRefused,
+    UndefinedPreparedStatement,
+)
+from pypooler.prepared import SERVER_NAME_PREFIX, ClientStatements, ServerStatements, Statement
+from pypooler.protocol import codec
+from pypooler.protocol import constants as c
+from pypooler.protocol.codec import pack_header, unpack_header
+from pypooler.protocol.transaction import BackendStream, FrontendStream
+from pypooler.session_state import (
+    DEALLOCATE_ALL,
+    DISCARD_ALL,
+    EXPLANATIONS,
+    HINTS,
+    LEAK_KINDS,
+    RESET,
+    WINDOW,
+    scan_sql,
+)
+
+# A statement name pypooler never prepares (server-side names are PYPOOLER_<number>).
+PLACEHOLDER_NAME: Final = b"PYPOOLER_NONE"
+PLACEHOLDER_CLOSE: Final = codec.build_close_statement(PLACEHOLDER_NAME)
+FAILING_DESCRIBE: Final = codec.build_describe_statement(PLACEHOLDER_NAME)
+# Whole named Parse messages are held in memory to read their text; bigger ones are refused.
+MAX_NAMED_PARSE: Final = 16 << 20
+# Bind/Describe/Close are held only up to their statement name; a longer prefix is an attack.
+MAX_NAMES_PREFIX: Final = codec.MAX_BUFFERED_MESSAGE
+
+_Q: Final = c.F_QUERY
+_S: Final = c.F_SYNC
+_E: Final = c.F_EXECUTE
+_P: Final = c.F_PARSE
+_B: Final = c.F_BIND
+_D: Final = c.F_DESCRIBE
+_C: Final = c.F_CLOSE
+_F: Final = c.F_FUNCTION_CALL
+_X: Final = c.F_TERMINATE
+_COPY_DATA: Final = c.F_COPY_DATA
+_COPY_DONE: Final = c.F_COPY_DONE
+_COPY_FAIL: Final = c.F_COPY_FAIL
+_STATEMENT: Final = ord("S")  # Describe/Close target kind
+
+_Z: Final = c.B_READY_FOR_QUERY
+_PARSE_COMPLETE: Final = c.B_PARSE_COMPLETE
+_CLOSE_COMPLETE: Final = c.B_CLOSE_COMPLETE
+_PARAMETER_STATUS: Final = c.B_PARAMETER_STATUS
+_ERROR: Final = c.B_ERROR_RESPONSE
+_TX_FAILED: Final = c.TX_FAILED
+_TX_IDLE: Final = c.TX_IDLE
+
+
+class PendingReply:
+    """What to do with the server's reply to one message pypooler sent (ParseComplete or
+    CloseComplete), and what to undo if the batch ends without it."""
+
+    __slots__ = ("confirm", "fail_next", "replacement", "replied", "swallow", "undo")
+
+    def __init__(
+        self,
+        *,
+        swallow: bool = False,
+        replacement: bytes | None = None,
+        fail_next: bool = False,
+        confirm: Callable[[], None] | None = None,
+        undo: Callable[[], None] | None = None,
+    ) -> None:
+        self.swallow = swallow  # drop the reply (the client did not send this message)
+        self.replacement = replacement  # send these bytes instead of the reply
+        self.fail_next = fail_next  # then drop the next ErrorResponse (the failing Describe's)
+        self.confirm = confirm
+        self.undo = undo
+        self.replied = False
+
+
+class Batch:
+    """Replies to watch for in one batch: the messages up to the Sync (or Query) that ends it."""
+
+    __slots__ = ("closes", "number", "parses", "replies")
+
+    def __init__(self, number: int) -> None:
+        self.number = number  # the batch ends at the client's number-th ReadyForQuery
+        self.parses: dict[int, PendingReply] = {}  # by index of the Parse within the batch
+        self.closes: dict[int, PendingReply] = {}  # by index of the Close within the batch
+        self.replies: list[PendingReply] = []  # in the order sent, for undo
+
+    def settle(self) -> None:
+        """The batch's ReadyForQuery came: undo what got no reply, newest first."""
+        for reply in reversed(self.replies):
+            if not reply.replied and reply.undo is not None:
+                reply.undo()
+
+
+class RewritingFrontend(FrontendStream):
+    """Client -> server in transaction/statement mode; see the module docstring.
+
+    `feed_to(data, server)` returns the bytes to write to the server (the very `data` object when
+    nothing changed). Findings for the caller, off the hot path: `session_state` (kinds seen since
+    the caller last cleared it), `reset_seen` (DISCARD ALL / DEALLOCATE ALL / RESET / SET: the
+    server's settings are no longer what pypooler set), `terminated` (a Terminate was reached;
+    the bytes after it were not returned).
+    """
+
+    __slots__ = ("_batch", "_carry", "_closes", "_dropping", "_parses", "batches", "refuse",
+                 "requests", "reset_seen", "session_state", "statements", "status", "terminated",
+                 "tracked")  # fmt: skip
+
+    def __init__(
+        self,
+        statements: ClientStatements | None,
+        *,
+        tracked: frozenset[bytes] = frozenset(),
+        refuse: bool = False,
+    ) -> None:
+        super().__init__()
+        self.statements = statements  # None: named statements pass through untracked
+        self.tracked = tracked  # reported setting names (lower case): SET of them is no leak
+        self.refuse = refuse  # session_state_policy = "error"
+        self._carry = b""  # start of a message we must read more of, held back
+        self._dropping = False  # the `_skip` bytes belong to a message we do not forward
+        self.requests = 0  # ReadyForQuery-producing messages sent (Query, Sync, FunctionCall)
+        self.batches: deque[Batch] = deque()
+        self._batch: Batch | None = None  # the open batch's entry, if it has one
+        self._parses = 0  # Parse messages sent in the open batch
+        self._closes = 0  # Close messages sent in the open batch
+        self.session_state: list[str] = []
+        self.reset_seen = False
+        self.terminated = False
+        self.status = c.TX_IDLE  # transaction status in the latest ReadyForQuery
+
+    @property
+    def at_rest(self) -> bool:
+        return not (self.outstanding or self.open_tail or self.copy_in or self._carry or self._skip)
+
+    def feed(self, data: bytes) -> int:
+        raise TypeError("RewritingFrontend is fed with feed_to(data, server)")
+
+    # ------------------------------------------------------------------ the scan
+
+    def feed_to(self, data: bytes, server: ServerStatements | None) -> bytes:
+        carry = self._carry
+        if carry:
+            data = carry + data
+            self._carry = b""
+        end = len(data)
+        pos = self._skip
+        out: list[bytes] | None = None
+        run = 0  # start of the input not yet copied to `out`
+        if pos:
+            if pos >= end:
+                self._skip = pos - end
+                dropping = self._dropping
+                self._dropping = dropping and pos > end
+                return b"" if dropping else data
+            self._skip = 0
+            if self._dropping:
+                self._dropping = False
+                out = []
+                run = pos
+        held = -1  # offset from which input is held back for the next read
+        while True:
+            if end - pos < 5:
+                if pos < end:
+                    held = pos
+                break
+            msg_type, length = unpack_header(data, pos)
+            if length < 4:
+                raise ProtocolViolation(f"invalid message length {length} (message type {msg_type})")
+            msg_end = pos + 1 + length
+            if msg_type == _Q:
+                text_end = min(msg_end - 1, pos + 5 + WINDOW)  # the text, without its NUL
+                if text_end > end:
+                    held = pos
+                    break
+                kinds = scan_sql(data[pos + 5 : text_end], self.tracked)
+                refusal = self._session_state(kinds, server) if kinds else None
+                if refusal is not None:
+                    # The replacement ends with a Sync, as the Query ended its batch.
+                    out, run = _splice(out, data, run, pos, min(msg_end, end),
+                                       self._refusal(refusal) + codec.SYNC)  # fmt: skip
+                    if msg_end > end:
+                        self._dropping = True
+                self._end_batch()
+                self.outstanding += 1
+                self.open_tail = False
+                self._syncs_since_execute = 0
+                self._extended = False
+            elif msg_type == _S:
+                if not self.copy_in:
+                    self._end_batch()
+                    self.outstanding += 1
+                    self.open_tail = False
+                    self._syncs_since_execute += 1
+            elif msg_type == _E:
+                self.open_tail = True
+                self._syncs_since_execute = 0
+                self._extended = True
+            elif msg_type == _P:
+                self.open_tail = True
+                if end - pos < 6:
+                    held = pos
+                    break
+                if data[pos + 5] == 0:  # the unnamed statement: pass through
+                    text_end = min(msg_end - 1, pos + 6 + WINDOW)
+                    if text_end > end:
+                        held = pos
+                        break
+                    kinds = scan_sql(data[pos + 6 : text_end], self.tracked)
+                    refusal = self._session_state(kinds, server) if kinds else None
+                    if refusal is not None:
+                        out, run = _splice(out, data, run, pos, min(msg_end, end), self._refusal(refusal))
+                        if msg_end > end:
+                            self._dropping = True
+                    else:
+                        self._parses += 1
+                elif self.statements is None or server is None:
+                    # Untracked: the client's own name goes to the server; scan the text only.
+                    name_end = data.find(b"\0", pos + 5, min(msg_end, end))
+                    if name_end < 0:
+                        if msg_end <= end or end - pos > MAX_NAMES_PREFIX:
+                            raise ProtocolViolation("malformed Parse message")
+                        held = pos
+                        break
+                    text_end = min(msg_end - 1, name_end + 1 + WINDOW)
+                    if text_end > end:
+                        held = pos
+                        break
+                    kinds = scan_sql(data[name_end + 1 : text_end], self.tracked)
+                    refusal = self._session_state(kinds, server) if kinds else None
+                    if refusal is not None:
+                        out, run = _splice(out, data, run, pos, min(msg_end, end), self._refusal(refusal))
+                        if msg_end > end:
+                            self._dropping = True
+                    else:
+                        self._parses += 1
+                else:
+                    if msg_end > end:
+                        if length > MAX_NAMED_PARSE:
+                            raise ProtocolViolation(
+                                f"Parse of a named statement of {length} bytes is over pypooler's"
+                                f" {MAX_NAMED_PARSE >> 20} MiB limit"
+                            )
+                        held = pos
+                        break
+                    out, run = _splice(out, data, run, pos, msg_end,
+                                       self._named_parse(data[pos + 5 : msg_end], server))  # fmt: skip
+            elif msg_type == _B:
+                self.open_tail = True
+                if self.statements is not None and server is not None:
+                    if end - pos < 7:
+                        held = pos
+                        break
+                    if data[pos + 5] or data[pos + 6]:  # a named portal or statement
+                        portal_end = data.find(b"\0", pos + 5, min(msg_end, end))
+                        name_end = -1 if portal_end < 0 else data.find(b"\0", portal_end + 1,
+                                                                        min(msg_end, end))  # fmt: skip
+                        if name_end < 0:
+                            if msg_end <= end or end - pos > MAX_NAMES_PREFIX:
+                                raise ProtocolViolation("malformed Bind message")
+                            held = pos
+                            break
+                        if name_end > portal_end + 1:
+                            name = data[portal_end + 1 : name_end]
+                            statement = self.statements.names.get(name)
+                            if statement is None and name.startswith(SERVER_NAME_PREFIX):
+                                if msg_end > end:
+                                    held = pos
+                                    break
+                                out, run = _splice(out, data, run, pos, msg_end, self._missing(name))
+                            elif statement is not None:
+                                prefix = (
+                                    self._make_ready(statement, server)
+                                    + pack_header(_B, length - (name_end - portal_end - 1)
+                                                  + len(statement.name))
+                                    + data[pos + 5 : portal_end + 1]
+                                    + statement.name
+                                )  # fmt: skip
+                                # The NUL after the name and the rest of the Bind pass as they are.
+                                out, run = _splice(out, data, run, pos, name_end, prefix)
+            elif msg_type == _D or msg_type == _C:  # noqa: SIM109 (no tuple built per message)
+                self.open_tail = True
+                if self.statements is not None and server is not None:
+                    if end - pos < 7:
+                        held = pos
+                        break
+                    if data[pos + 5] == _STATEMENT and data[pos + 6]:
+                        if msg_end > end:
+                            if length > MAX_NAMES_PREFIX:
+                                raise ProtocolViolation("malformed Describe or Close message")
+                            held = pos
+                            break
+                        name = data[pos + 6 : msg_end - 1]
+                        replacement = (
+                            self._describe(name, server)
+                            if msg_type == _D
+                            else self._close(name)
+                        )
+                        if replacement is not None:
+                            out, run = _splice(out, data, run, pos, msg_end, replacement)
+                        elif msg_type == _C:
+                            self._closes += 1
+                    elif msg_type == _C:
+                        self._closes += 1
+                elif msg_type == _C:
+                    self._closes += 1
+            elif msg_type == _COPY_DATA or msg_type == _COPY_DONE or msg_type == _COPY_FAIL:  # noqa: SIM109
+                if not self.copy_in:
+                    self._enter_copy_in()
+                if msg_type != _COPY_DATA:
+                    self.copy_in = False
+            elif msg_type == _X:
+                self.terminated = True
+                self._skip = 0
+                self._dropping = False
+                if out is None:
+                    return data[:pos]
+                out.append(data[run:pos])
+                return b"".join(out)
+            elif msg_type == _F:
+                self._end_batch()
+                self.outstanding += 1
+            else:  # Flush, and anything else: answered at the next Sync
+                self.open_tail = True
+            pos = msg_end
+        if pos > end:
+            self._skip = pos - end
+        limit = end
+        if held >= 0:
+            self._carry = data[held:]
+            limit = held
+        if out is None:
+            return data if limit == end else data[:limit]
+        if run < limit:
+            out.append(data[run:limit])
+        return b"".join(out)
+
+    def _end_batch(self) -> None:
+        """A ReadyForQuery-producing message was sent: the open batch is complete."""
+        self.requests += 1
+        self._batch = None
+        self._parses = 0
+        self._closes = 0
+
+    def _enter_copy_in(self) -> None:
+        before = self.outstanding
+        super()._enter_copy_in()
+        # The Syncs the server ignored in copy-in mode end no batch either.
+        self.requests -= before - self.outstanding
+
+    # ------------------------------------------------------------------ the reply plan
+
+    def _current_batch(self) -> Batch:
+        batch = self._batch
+        if batch is None:
+            batch = self._batch = Batch(self.requests + 1)
+            self.batches.append(batch)
+        return batch
+
+    def _expect_parse(self, reply: PendingReply) -> None:
+        batch = self._current_batch()
+        batch.parses[self._parses] = reply
+        batch.replies.append(reply)
+        self._parses += 1
+
+    def _expect_close(self, reply: PendingReply) -> None:
+        batch = self._current_batch()
+        batch.closes[self._closes] = reply
+        batch.replies.append(reply)
+        self._closes += 1
+
+    # ------------------------------------------------------------------ named statements
+
+    def _make_ready(self, statement: Statement, server: ServerStatements) -> bytes:
+        """Messages that make `server` have `statement` before the client's message uses it."""
+        number = self._current_batch().number
+        if server.has(statement, number):
+            return b""
+        injected = []
+        for old in server.add(statement, number):
+            injected.append(old.close)
+            self._expect_close(PendingReply(swallow=True))
+        injected.append(statement.close)
+        self._expect_close(PendingReply(swallow=True))
+        injected.append(statement.parse)
+        self._expect_parse(PendingReply(
+            swallow=True,
+            confirm=lambda: server.confirm(statement, number),
+            undo=lambda: server.undo(statement, number),
+        ))  # fmt: skip
+        return b"".join(injected)
+
+    def _named_parse(self, body: bytes, server: ServerStatements) -> bytes:
+        statements = self.statements
+        assert statements is not None
+        name_end = body.find(b"\0")
+        if name_end < 0:
+            raise ProtocolViolation("malformed Parse message")
+        name = body[:name_end]
+        key = body[name_end + 1 :]
+        kinds = scan_sql(key[: min(WINDOW, max(0, key.find(b"\0")))], self.tracked)
+        refusal = self._session_state(kinds, server) if kinds else None
+        if refusal is not None:
+            return self._refusal(refusal)
+        if name in statements.names:
+            # PostgreSQL parses and analyzes the text before it finds the name taken, so a
+            # broken text gets its own error first: parse it as the unnamed statement (which
+            # the skip to Sync after the error leaves to nobody), then refuse.
+            self._expect_parse(PendingReply(swallow=True))
+            return codec.build_parse(b"", key) + self._refusal(DuplicatePreparedStatement(
+                f'prepared statement "{name.decode("utf-8", "replace")}" already exists'
+            ))  # fmt: skip
+        statement = statements.add(name, key)
+        number = self._current_batch().number
+
+        def forget() -> None:  # the Parse failed: the client does not have the statement
+            statements.drop(name, statement)
+
+        if server.has(statement, number):
+            if self.status == _TX_FAILED:
+                # In a failed transaction block PostgreSQL refuses the Parse; the unnamed
+                # statement gets the same refusal, and a ParseComplete if the block was rolled
+                # back meanwhile (the skip to Sync after the error leaves it to nobody).
+                self._expect_parse(PendingReply(undo=forget))
+                return codec.build_parse(b"", key)
+            self._expect_close(PendingReply(replacement=codec.PARSE_COMPLETE, undo=forget))
+            return PLACEHOLDER_CLOSE
+        injected = []
+        for old in server.add(statement, number):
+            injected.append(old.close)
+            self._expect_close(PendingReply(swallow=True))
+        injected.append(statement.close)
+        self._expect_close(PendingReply(swallow=True))
+        injected.append(statement.parse)
+
+        def undo() -> None:
+            server.undo(statement, number)
+            forget()
+
+        self._expect_parse(PendingReply(confirm=lambda: server.confirm(statement, number), undo=undo))
+        return b"".join(injected)
+
+    def _describe(self, name: bytes, server: ServerStatements) -> bytes | None:
+        assert self.statements is not None
+        statement = self.statements.names.get(name)
+        if statement is None:
+            # Unknown: the server answers with its own error, unless the name could mean one
+            # of pypooler's statements there.
+            return self._missing(name) if name.startswith(SERVER_NAME_PREFIX) else None
+        return (
+            self._make_ready(statement, server)
+            + pack_header(_D, 4 + 1 + len(statement.name) + 1)
+            + b"S"
+            + statement.name
+            + b"\0"
+        )
+
+    def _close(self, name: bytes) -> bytes | None:
+        statements = self.statements
+        assert statements is not None
+        statement = statements.take(name)
+        if statement is None:
+            # Not one of the client's: a no-op on the server too, unless the name could mean one
+            # of pypooler's statements there, which must not be closed.
+            if name.startswith(SERVER_NAME_PREFIX):
+                self._expect_close(PendingReply())
+                return PLACEHOLDER_CLOSE
+            return None
+        self._expect_close(PendingReply(
+            confirm=lambda: statements.registry.release(statement),
+            undo=lambda: statements.put_back(name, statement),
+        ))  # fmt: skip
+        return PLACEHOLDER_CLOSE
+
+    # ------------------------------------------------------------------ session state
+
+    def _session_state(
+        self, kinds: tuple[str, ...], server: ServerStatements | None
+    ) -> SessionStateRefused | None:
+        """Note what a statement does to the session; the error to answer it with, if refused."""
+        refusal = None
+        for kind in kinds:
+            if kind in LEAK_KINDS:
+                self.session_state.append(kind)
+                if self.refuse and refusal is None:
+                    refusal = SessionStateRefused(
+                        f"pypooler refused a statement that leaves session state ({kind}): "
+                        f"{EXPLANATIONS[kind]}, where the next client using it would inherit it",
+                        hint=f"{HINTS[kind]}; session_state_policy is 'error'",
+                    )
+        if refusal is not None:
+            return refusal
+        for kind in kinds:
+            if kind == DISCARD_ALL or kind == DEALLOCATE_ALL:  # noqa: SIM109
+                # Both fail in a failed transaction block, and DISCARD ALL in any block. Where
+                # that cannot be known yet (pipelined), forget: that costs a Parse, while
+                # believing wrongly would cost an error.
+                status = self.status
+                if status == _TX_FAILED or (kind == DISCARD_ALL and status != _TX_IDLE):
+                    continue
+                if self.statements is not None:
+                    self.statements.clear()
+                if server is not None:
+                    server.clear()
+                self.reset_seen = True
+            elif kind == RESET or kind in LEAK_KINDS:
+                self.reset_seen = True
+        return None
+
+    def _missing(self, name: bytes) -> bytes:
+        return self._refusal(UndefinedPreparedStatement(
+            f'prepared statement "{name.decode("utf-8", "replace")}" does not exist'
+        ))  # fmt: skip
+
+    def _refusal(self, error: PoolerError) -> bytes:
+        """A placeholder whose CloseComplete becomes `error`, then a Describe that fails."""
+        self._expect_close(PendingReply(replacement=error.to_error_response(), fail_next=True))
+        return PLACEHOLDER_CLOSE + FAILING_DESCRIBE
+
+
+def _splice(
+    out: list[bytes] | None, data: bytes, run: int, start: int, stop: int, replacement: bytes
+) -> tuple[list[bytes], int]:
+    """Output so far plus `replacement` instead of data[start:stop]; returns (out, new run)."""
+    if out is None:
+        out = []
+    if run < start:
+        out.append(data[run:start])
+    if replacement:
+        out.append(replacement)
+    return out, stop
+
+
+class RewritingBackend(BackendStream):
+    """Server -> client in transaction/statement mode; see the module docstring.
+
+    `feed` keeps BackendStream's contract, with offsets in the bytes to forward: when those
+    differ from the bytes received, they are in `replaced` (the caller takes and clears it).
+    ParameterStatus messages are passed to `on_parameter_status` (and still forwarded).
+    """
+
+    __slots__ = ("_carry", "_closes", "_dropping", "_fail_next", "_parses", "internal",
+                 "internal_error", "on_parameter_status", "replaced")  # fmt: skip
+
+    def __init__(self, on_parameter_status: Callable[[str, str], None] | None = None) -> None:
+        super().__init__()
+        self.on_parameter_status = on_parameter_status
+        self._carry = b""
+        self._dropping = False
+        self._parses = 0  # ParseComplete messages since the last ReadyForQuery
+        self._closes = 0  # CloseComplete messages since the last ReadyForQuery
+        self._fail_next = False  # drop the next ErrorResponse (a refusal's failing Describe)
+        self.internal = 0  # replies to pypooler's own Queries still to drop, before the client's
+        self.internal_error: dict[str, str] | None = None  # fields of an error in those replies
+        self.replaced: bytes | None = None
+
+    @property
+    def at_message_boundary(self) -> bool:
+        return not (self._skip or self._carry)
+
+    def feed(self, data: bytes, frontend: FrontendStream) -> int:
+        assert isinstance(frontend, RewritingFrontend)
+        carry = self._carry
+        if carry:
+            data = carry + data
+            self._carry = b""
+        end = len(data)
+        pos = self._skip
+        out: list[bytes] | None = None
+        run = 0
+        delta = 0  # output offset minus input offset, after what was dropped or replaced
+        if pos:
+            if pos >= end:
+                self._skip = pos - end
+                if self._dropping:
+                    self._dropping = pos > end
+                    self.replaced = b""
+                elif carry:
+                    self.replaced = data
+                return -1
+            self._skip = 0
+            if self._dropping:
+                self._dropping = False
+                out = []
+                run = pos
+                delta = -pos
+        done = -1
+        held = -1
+        while True:
+            if end - pos < 5:
+                if pos < end:
+                    held = pos
+                break
+            msg_type, length = unpack_header(data, pos)
+            msg_end = pos + 1 + length
+            drop = False
+            replacement = None
+            if msg_type == _Z:
+                if length != 5:
+                    raise ProtocolViolation(f"server sent ReadyForQuery of length {length}")
+                if end - pos < 6:
+                    held = pos
+                    break
+                if self.internal:
+                    self.internal -= 1
+                    drop = True
+                else:
+                    frontend.status = self.tx_status = data[pos + 5]
+                    frontend.copy_in = False
+                    batches = frontend.batches
+                    if batches and batches[0].number == frontend.requests - frontend.outstanding + 1:
+                        batches.popleft().settle()
+                    self._parses = 0
+                    self._closes = 0
+                    self._fail_next = False
+                    if frontend.outstanding:
+                        frontend.outstanding -= 1
+                    if not frontend.outstanding:
+                        done = msg_end + delta
+            elif length < 4:
+                raise ProtocolViolation(f"server sent invalid message length {length}")
+            elif self.internal:
+                drop = True
+                if msg_type == _PARAMETER_STATUS or msg_type == _ERROR:  # noqa: SIM109
+                    if msg_end > end:
+                        held = pos
+                        break
+                    body = data[pos + 5 : msg_end]
+                    if msg_type == _ERROR:
+                        if self.internal_error is None:
+                            self.internal_error = codec.parse_error_fields(body)
+                    else:
+                        self._parameter_status(body)
+            elif msg_type == _PARSE_COMPLETE or msg_type == _CLOSE_COMPLETE:  # noqa: SIM109
+                if msg_type == _PARSE_COMPLETE:
+                    index = self._parses
+                    self._parses += 1
+                else:
+                    index = self._closes
+                    self._closes += 1
+                batches = frontend.batches
+                if batches and batches[0].number == frontend.requests - frontend.outstanding + 1:
+                    batch = batches[0]
+                    reply = (batch.parses if msg_type == _PARSE_COMPLETE else batch.closes).pop(index, None)
+                    if reply is not None:
+                        reply.replied = True
+                        if reply.confirm is not None:
+                            reply.confirm()
+                        drop = reply.swallow
+                        replacement = reply.replacement
+                        if reply.fail_next:
+                            self._fail_next = True
+            elif msg_type == _PARAMETER_STATUS:
+                if msg_end > end:
+                    held = pos
+                    break
+                self._parameter_status(data[pos + 5 : msg_end])
+            elif msg_type == _ERROR and self._fail_next:
+                self._fail_next = False
+                drop = True
+            if drop or replacement is not None:
+                stop = min(msg_end, end)
+                out, run = _splice(out, data, run, pos, stop, replacement or b"")
+                delta += (len(replacement) if replacement else 0) - (stop - pos)
+                if msg_end > end:
+                    self._dropping = True
+            pos = msg_end
+        if pos > end:
+            self._skip = pos - end
+        limit = end
+        if held >= 0:
+            self._carry = data[held:]
+            limit = held
+        if out is None:
+            if limit != end or carry:
+                self.replaced = data[:limit]
+            return done
+        if run < limit:
+            out.append(data[run:limit])
+        self.replaced = b"".join(out)
+        return done
+
+    def _parameter_status(self, body: bytes) -> None:
+        if self.on_parameter_status is not None:
+            name, value = codec.parse_parameter_status(body)
+            self.on_parameter_status(name, value)

@@ -1,0 +1,80 @@
+"""Tests for pypooler.session_state: which statements leave session state behind."""
+
+from __future__ import annotations
+
+import pytest
+
+from pypooler.session_state import WINDOW, scan_sql
+
+TRACKED = frozenset({b"timezone", b"application_name", b"datestyle", b"client_encoding"})
+
+
+@pytest.mark.parametrize(
+    ("sql", "kinds"),
+    [
+        # Ordinary statements.
+        ("SELECT abalance FROM pgbench_accounts WHERE aid = 1;", ()),
+        ("INSERT INTO settings VALUES (1)", ()),
+        ("select 'set x = 1'", ()),
+        ("UPDATE t SET a = 1", ()),
+        # SET: session-level unless LOCAL, transaction-scoped, or a reported setting.
+        ("SET statement_timeout = 5000", ("set",)),
+        ("set session search_path to public", ("set",)),
+        ("SET SESSION AUTHORIZATION alice", ("set",)),
+        ("SET ROLE alice", ("set",)),
+        ("SET LOCAL statement_timeout = 5000", ()),
+        ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", ()),
+        ("SET CONSTRAINTS ALL DEFERRED", ()),
+        ("SET TIME ZONE 'UTC'", ()),
+        ('SET "DateStyle" TO ISO', ()),
+        ("SET application_name = 'x'", ()),
+        ("SET NAMES 'UTF8'", ()),
+        ("  -- comment\n  /* another */ SET work_mem = '1MB'", ("set",)),
+        ("BEGIN; SET search_path = x; COMMIT", ("set",)),
+        # set_config(..., is_local).
+        ("SELECT set_config('search_path', 'x', false)", ("set_config",)),
+        ("SELECT set_config('search_path', 'x', true)", ()),
+        ("SELECT set_config('application_name', 'x', false)", ()),
+        ("SELECT set_config('a.b', format('%s,%s', 1, 2), false)", ("set_config",)),
+        ("SELECT set_config($1, $2, $3)", ("set_config",)),
+        # Advisory locks: the session ones only.
+        ("SELECT pg_advisory_lock(42)", ("advisory_lock",)),
+        ("select pg_try_advisory_lock_shared(1, 2)", ("advisory_lock",)),
+        ("SELECT pg_advisory_xact_lock(42)", ()),
+        ("SELECT pg_advisory_unlock_all()", ()),
+        # Temporary tables.
+        ("CREATE TEMP TABLE t (i int)", ("temp_table",)),
+        ("create global temporary table t (i int)", ("temp_table",)),
+        ("CREATE TEMP TABLE t (i int) ON COMMIT DROP", ()),
+        ("CREATE TABLE temp (i int)", ()),
+        # LISTEN, cursors, SQL PREPARE.
+        ("LISTEN channel", ("listen",)),
+        ("UNLISTEN *", ()),
+        ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", ("with_hold",)),
+        ("DECLARE c CURSOR WITHOUT HOLD FOR SELECT 1", ()),
+        ("PREPARE p AS SELECT 1", ("prepare",)),
+        ("PREPARE TRANSACTION 'gid'", ()),
+        # Not leaks, but pypooler must know.
+        ("DISCARD ALL", ("discard_all",)),
+        ("DISCARD PLANS", ()),
+        ("DEALLOCATE ALL", ("deallocate_all",)),
+        ("deallocate prepare all;", ("deallocate_all",)),
+        ("DEALLOCATE p", ()),
+        ("RESET ALL", ("reset",)),
+        # Several at once.
+        ("SET a.b = 1; SELECT pg_advisory_lock(1); LISTEN x", ("advisory_lock", "set", "listen")),
+    ],
+)
+def test_kinds(sql: str, kinds: tuple[str, ...]) -> None:
+    assert scan_sql(sql.encode(), TRACKED) == kinds
+
+
+def test_only_the_window_is_scanned() -> None:
+    padding = "SELECT " + "1, " * (WINDOW // 3)
+    assert scan_sql(f"{padding}1; LISTEN x".encode(), TRACKED) == ()
+    assert scan_sql(b"LISTEN x; " + padding.encode(), TRACKED) == ("listen",)
+
+
+def test_truncated_text_does_not_raise() -> None:
+    for sql in (b"SET", b"set ", b"SET SESSION", b"create", b"select set_config(", b"/* open", b"--"):
+        scan_sql(sql, TRACKED)
