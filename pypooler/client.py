@@ -11,8 +11,16 @@ Lending, by pool mode:
 - statement: the same, but a ReadyForQuery inside a transaction block ends the client with an error;
 - session: linked at the first message, released (after `server_reset_query`) when the client leaves.
 
+In transaction and statement mode the client's bytes go through a `RewritingFrontend` at the
+moment they are written to a server (named prepared statements, session-state statements; see
+rewriting.py), and each client carries its own session parameters: on every lend, the values the
+server lacks are set by one Query written ahead of the client's bytes, whose reply the server's
+`RewritingBackend` drops. Startup values no server has accepted yet are applied once with a round
+trip of their own, so a bad value fails the client with PostgreSQL's error before anything runs.
+
 Failure rules: a client that leaves mid-transaction takes its server down with it (a server is never
 returned dirty); a server that dies under a client ends that client with an error, never silence.
+A client pinned by session_state_policy = "pin" keeps its server like a session-mode client.
 """
 
 from __future__ import annotations
@@ -30,20 +38,28 @@ from pypooler.errors import (
     PoolerError,
     ProtocolViolation,
     ServerConnectionLost,
+    StartupParameterRejected,
     StatementModeTransaction,
     TooManyClients,
 )
 from pypooler.pool import Pool, PoolManager
+from pypooler.prepared import ClientStatements
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
 from pypooler.protocol.transaction import FrontendStream
-from pypooler.server import ServerConnection, tune_transport
+from pypooler.rewriting import RewritingBackend, RewritingFrontend
+from pypooler.server import ServerConnection, intern_parameters, tune_transport
+from pypooler.session_parameters import same_value, settings_sql, startup_settings
+from pypooler.session_state import EXPLANATIONS, HINTS
 
 log = logging.getLogger("pypooler.client")
 
 # Bytes a client may send while it waits for a server before we stop reading from it.
 PENDING_LIMIT = 256 * 1024
+# Seconds to wait for the postmaster to take a CancelRequest (it closes the connection when done).
+CANCEL_TIMEOUT = 5.0
 _TX_IDLE = c.TX_IDLE
+_TERMINATE = codec.TERMINATE
 
 
 class ClientRegistry:
@@ -55,6 +71,8 @@ class ClientRegistry:
         self.clients: set[ClientConnection] = set()
         self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}
         self.accepting = True
+        # (application_name, kind) pairs already warned about (session_state_policy = "log").
+        self.warned: set[tuple[str, str]] = set()
 
     def new_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
         while True:
@@ -67,26 +85,43 @@ class ClientRegistry:
         """Forward a CancelRequest to the server the client is linked to right now, if any.
 
         A client that is not linked has nothing running; sending anything would risk cancelling
-        another client's query on a server it no longer holds.
+        another client's query on a server it no longer holds. A server with a cancel in flight
+        is not lent to anyone else until the postmaster has taken it (see Pool.release), so a
+        transaction that ends meanwhile cannot pass the cancel on to the next borrower.
         """
         client = self.cancel_keys.get((process_id, secret_key))
         server = client.server if client is not None else None
-        if server is None:
+        if client is None or server is None:
             return
-        login = server.login
-        asyncio.get_running_loop().create_task(
-            send_cancel(login.host, login.port, server.process_id, server.secret_key)
-        )
+        server.cancels += 1
+        asyncio.get_running_loop().create_task(send_cancel(client, server, client.pool))
 
 
-async def send_cancel(host: str, port: int, process_id: int, secret_key: int) -> None:
+async def send_cancel(client: ClientConnection, server: ServerConnection, pool: Pool) -> None:
+    """Deliver `client`'s cancel to `server` with the server's own key; then let the pool lend
+    the server again if it was released meanwhile."""
+    login = server.login
     try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(login.host, login.port), CANCEL_TIMEOUT
+        )
     except (OSError, TimeoutError) as exc:
-        log.warning("cancel request to %s:%d failed: %s", host, port, exc)
-        return
-    writer.write(codec.build_cancel_request(process_id, secret_key))
-    writer.close()
+        log.warning("cancel request to %s:%d failed: %s", login.host, login.port, exc)
+    else:
+        try:
+            if client.server is server:  # still that client's transaction
+                writer.write(codec.build_cancel_request(server.process_id, server.secret_key))
+                # The postmaster signals the backend, then closes: after EOF the cancel is done.
+                await asyncio.wait_for(reader.read(), CANCEL_TIMEOUT)
+        except (OSError, TimeoutError) as exc:
+            log.warning("cancel request to %s:%d failed: %s", login.host, login.port, exc)
+        finally:
+            writer.close()
+    finally:
+        server.cancels -= 1
+        if not server.cancels and server.release_after_cancel:
+            server.release_after_cancel = False
+            pool.release(server)
 
 
 class ClientConnection(asyncio.Protocol):
@@ -94,20 +129,27 @@ class ClientConnection(asyncio.Protocol):
         "_early",
         "_startup_reader",
         "application_name",
+        "apply_first",
         "cancel_key",
         "closed",
         "connected_ns",
         "database",
         "frontend",
         "lent_ns",
+        "linking",
+        "other_settings",
+        "parameters",
         "peer",
         "pending",
         "pending_bytes",
+        "pinned",
         "pool",
         "reading_paused",
         "ready",
         "registry",
+        "rewriter",
         "server",
+        "startup",
         "transport",
         "user",
         "wait_started_ns",
@@ -138,6 +180,15 @@ class ClientConnection(asyncio.Protocol):
         self.database = ""
         self.application_name = ""
         self.connected_ns = time.monotonic_ns()
+        self.startup: codec.StartupMessage | None = None
+        # Transaction/statement mode: the stream that rewrites what goes to servers.
+        self.rewriter: RewritingFrontend | None = None
+        # The session as the client knows it (see session_parameters.py).
+        self.parameters: dict[str, str] = {}
+        self.other_settings: dict[str, str] = {}
+        self.apply_first = False  # startup values no server has accepted yet
+        self.linking: ServerConnection | None = None  # a server applying those values
+        self.pinned = False  # keeps its server until it leaves (session_state_policy = "pin")
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -153,6 +204,34 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.ready:
+            rewriter = self.rewriter
+            if rewriter is not None:
+                server = self.server
+                if server is None:
+                    if self.pending is None:
+                        # The stream is read when it goes to a server; look at its first header
+                        # now, so an idle client leaving needs no server and garbage from a
+                        # client that is not speaking the protocol is refused at once.
+                        if data.startswith(_TERMINATE):
+                            self.transport.close()
+                            return
+                        if len(data) >= 5 and codec.unpack_header(data, 0)[1] < 4:
+                            self.fail(ProtocolViolation("invalid message length"))
+                            return
+                    self._needs_server(data)
+                    return
+                try:
+                    out = rewriter.feed_to(data, server.statements)
+                except PoolerError as exc:
+                    self.fail(exc)
+                    return
+                if out:
+                    server.transport.write(out)
+                if rewriter.session_state or rewriter.reset_seen:
+                    self._session_state_found(server)
+                if rewriter.terminated:
+                    self.transport.close()
+                return
             try:
                 terminate = self.frontend.feed(data)
             except ProtocolViolation as exc:
@@ -181,6 +260,11 @@ class ClientConnection(asyncio.Protocol):
         server = self.server
         if server is not None:
             self._give_back_on_exit(server)
+        if self.pinned:
+            self.pool.stats.pinned -= 1
+        rewriter = self.rewriter
+        if rewriter is not None and rewriter.statements is not None:
+            rewriter.statements.clear()
         if self.pool is not None and registry.settings.log_disconnections:
             log.info(
                 "closing: %s db=%s user=%s app=%s age=%.3fs",
@@ -217,7 +301,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _needs_server(self, data: bytes) -> None:
         pending = self.pending
-        if pending is not None:  # already queued for a server
+        if pending is not None:  # already queued for a server (or applying settings)
             pending.append(data)
             self.pending_bytes += len(data)
             if self.pending_bytes > PENDING_LIMIT:
@@ -228,27 +312,114 @@ class ClientConnection(asyncio.Protocol):
         except PoolerError as exc:
             self.fail(exc)
             return
-        if server is None:
-            self.pending = [data]
-            self.pending_bytes = len(data)
-            return
-        self._lend(server)
-        server.transport.write(data)
+        self.pending = [data]
+        self.pending_bytes = len(data)
+        if server is not None:
+            self.link(server)
 
     def link(self, server: ServerConnection) -> None:
-        """Called by the pool when a server frees up for this waiting client."""
+        """Lend `server` to this client and send it what the client has sent meanwhile (called by
+        the pool when a server frees up for this waiting client)."""
+        other_settings = self.other_settings
+        if self.parameters is server.parameters and not (other_settings or server.other_settings):
+            sql = ""
+        else:
+            sql = settings_sql(
+                self.parameters, server.parameters, other_settings, server.other_settings,
+                others_unknown=server.other_settings_unknown,
+            )  # fmt: skip
+        rewriter = self.rewriter
+        if sql and (self.apply_first or rewriter is None):
+            self._apply_then_link(server, sql)
+            return
         pending = self.pending
         self.pending = None
         self.pending_bytes = 0
         self._lend(server)
         self.resume_reading()  # before the write, whose backpressure may pause us again
-        if pending:
-            server.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+        data = b"" if not pending else pending[0] if len(pending) == 1 else b"".join(pending)
+        if rewriter is None:
+            if data:
+                server.transport.write(data)
+            return
+        prefix = b""
+        if sql:
+            # Pipelined: the settings go first and their reply is dropped (RewritingBackend).
+            prefix = codec.build_query(sql)
+            server.other_settings = other_settings
+            server.other_settings_unknown = False
+            cast(RewritingBackend, server.backend).internal += 1
+        try:
+            out = rewriter.feed_to(data, server.statements)
+        except PoolerError as exc:
+            self.fail(exc)
+            return
+        if prefix or out:
+            server.transport.write(prefix + out)
+        if rewriter.session_state or rewriter.reset_seen:
+            self._session_state_found(server)
+        if rewriter.terminated:
+            self.transport.close()
+
+    def _apply_then_link(self, server: ServerConnection, sql: str) -> None:
+        """Apply this client's settings and wait for the answer before linking: a value the
+        server rejects ends the client with PostgreSQL's error before its first statement runs.
+        Used once per client for startup values, and at every lend in session mode."""
+        self.linking = server
+        statuses: list[bytes] = []
+        error: dict[str, str] | None = None
+        pool = self.pool
+
+        def on_message(msg_type: int, body: bytes) -> bool:
+            nonlocal error
+            if msg_type == 0:  # the server died
+                self.linking = None
+                if not self.closed:
+                    self.fail(ServerConnectionLost("server connection closed while applying settings"))
+                return True
+            if msg_type == c.B_PARAMETER_STATUS:
+                statuses.append(body)
+            elif msg_type == c.B_ERROR_RESPONSE:
+                if error is None:
+                    error = codec.parse_error_fields(body)
+            elif msg_type == c.B_READY_FOR_QUERY:
+                self.linking = None
+                if error is None:
+                    server.other_settings = self.other_settings
+                    server.other_settings_unknown = False
+                else:
+                    server.other_settings_unknown = True
+                if self.closed or error is not None:
+                    if body == b"I":
+                        pool.release(server)
+                    else:
+                        server.close()
+                    if error is not None and not self.closed:
+                        self.fail(StartupParameterRejected(
+                            error.get("M", "invalid session setting"),
+                            sqlstate=error.get("C"),
+                            detail="pypooler applies startup parameters when the client first"
+                            " needs a server",
+                        ))  # fmt: skip
+                    return True
+                self.apply_first = False
+                self.parameters = server.parameters
+                if statuses:  # the values as the server spells them
+                    self.transport.write(
+                        b"".join(codec.build_message(c.B_PARAMETER_STATUS, body) for body in statuses)
+                    )
+                self.link(server)
+                return True
+            return False
+
+        server.run_internal(sql, on_message)
 
     def _lend(self, server: ServerConnection) -> None:
         self.server = server
         server.client = self
         self.lent_ns = time.monotonic_ns()
+        if server.statements is not None:
+            server.statements.begin_lend()
         if self.writing_paused:
             server.pause_reading()
 
@@ -257,6 +428,7 @@ class ClientConnection(asyncio.Protocol):
         assert server is not None
         self.server = None
         server.client = None
+        self.parameters = server.parameters  # what the client was last told
         pool = self.pool
         stats = pool.stats
         stats.xact_count += 1
@@ -272,7 +444,12 @@ class ClientConnection(asyncio.Protocol):
         mode = self.pool.mode
         if server.backend.tx_status == _TX_IDLE or mode == "session":
             self.transport.write(data)
-            if mode != "session" and self.frontend.at_rest and server.backend.at_message_boundary:
+            if (
+                mode != "session"
+                and not self.pinned
+                and self.frontend.at_rest
+                and server.backend.at_message_boundary
+            ):
                 self.release_server()
             return
         if mode == "statement":
@@ -313,12 +490,50 @@ class ClientConnection(asyncio.Protocol):
             and server.backend.at_message_boundary
             and server.backend.tx_status == _TX_IDLE
         )
+        reset_query = self.registry.settings.server_reset_query
         if not clean:
             server.close()
-        elif self.pool.mode == "session" and self.registry.settings.server_reset_query:
-            reset_then_release(server, self.pool, self.registry.settings.server_reset_query)
+        elif self.pool.mode == "session" or self.pinned:
+            if reset_query:
+                reset_then_release(server, self.pool, reset_query)
+            else:
+                server.close()  # without a reset query, a pinned server's state stays dirty
         else:
             self.pool.release(server)
+
+    def _session_state_found(self, server: ServerConnection) -> None:
+        """Apply session_state_policy to what the rewriter saw (off the hot path)."""
+        rewriter = self.rewriter
+        assert rewriter is not None
+        if rewriter.reset_seen:
+            rewriter.reset_seen = False
+            server.other_settings_unknown = True
+        kinds = rewriter.session_state
+        if not kinds:
+            return
+        rewriter.session_state = []
+        pool = self.pool
+        policy = self.registry.settings.session_state_policy
+        application = self.parameters.get("application_name", self.application_name)
+        for kind in kinds:
+            pool.stats.session_state[(kind, application)] += 1
+            if policy == "pin":
+                if not self.pinned:
+                    self.pinned = True
+                    pool.stats.pinned += 1
+                    pool.stats.pinned_total += 1
+                    log.info(
+                        "client %s db=%s user=%s app=%s keeps its server until it disconnects:"
+                        " %s (session_state_policy pin)",
+                        self.peer, self.database, self.user, application, EXPLANATIONS[kind],
+                    )
+            elif policy == "log" and (application, kind) not in self.registry.warned:
+                self.registry.warned.add((application, kind))
+                log.warning(
+                    "db=%s user=%s app=%s: %s, so in transaction pooling the next client of that"
+                    " server inherits it (%s; logged once per application and kind)",
+                    self.database, self.user, application, EXPLANATIONS[kind], HINTS[kind],
+                )
 
     def _terminate(self, data: bytes, offset: int) -> None:
         server = self.server
@@ -354,6 +569,7 @@ class ClientConnection(asyncio.Protocol):
             self._start_session(packet)
 
     def _start_session(self, startup: codec.StartupMessage) -> None:
+        self.startup = startup
         self.user = startup.user
         self.database = startup.database
         self.application_name = startup.parameters.get("application_name", "")
@@ -392,12 +608,41 @@ class ClientConnection(asyncio.Protocol):
             self._welcome(parameters)
 
     def _welcome(self, parameters: Mapping[str, str]) -> None:
-        if self.application_name or "application_name" in parameters:
-            parameters = {**parameters, "application_name": self.application_name}
+        settings = self.registry.settings
+        pool = self.pool
+        startup = self.startup
+        assert startup is not None
+        try:
+            overrides, others = startup_settings(
+                startup.parameters,
+                {name.lower(): name for name in parameters},
+                settings.ignore_startup_parameters,
+            )
+        except PoolerError as exc:
+            self.fail(exc)
+            return
+        wanted = dict(parameters)
+        if "application_name" in parameters:
+            wanted["application_name"] = self.application_name
+        # Values no server has accepted yet are applied once, waiting for the answer.
+        apply_first = bool(others)
+        for name, value in overrides.items():
+            if not same_value(name, value, wanted.get(name, "")):
+                wanted[name] = value
+                apply_first = apply_first or name != "application_name"  # any text is valid
+        self.parameters = intern_parameters(wanted)
+        self.other_settings = others
+        self.apply_first = apply_first
+        if pool.rewriting:
+            statements = ClientStatements(pool.statements) if settings.max_prepared_statements else None
+            self.rewriter = RewritingFrontend(
+                statements, tracked=pool.tracked, refuse=settings.session_state_policy == "error"
+            )
+            self.frontend = self.rewriter
         self.cancel_key = self.registry.new_cancel_key(self)
         self.transport.write(
             codec.AUTHENTICATION_OK
-            + codec.build_parameter_statuses(parameters)
+            + codec.build_parameter_statuses(self.parameters)
             + codec.build_backend_key_data(*self.cancel_key)
             + codec.READY_FOR_QUERY_IDLE
         )
@@ -444,6 +689,11 @@ def reset_then_release(server: ServerConnection, pool: Pool, query: str) -> None
             if failed or body != b"I":
                 server.close()
             else:
+                # DISCARD ALL dropped pypooler's statements and settings; another reset query
+                # may not have: either way, forgetting is safe (see prepared.py).
+                if server.statements is not None:
+                    server.statements.clear()
+                server.other_settings_unknown = bool(server.other_settings)
                 pool.release(server)
             return True
         return False

@@ -10,6 +10,10 @@ Rules:
 - A waiter that gave up (disconnected or timed out) stays in the deque with `waiting` cleared and is
   skipped when reached; removing from the middle of a deque would be O(n).
 - The pool never touches sockets itself; it asks `open_server_connection` for new servers.
+- A server with a CancelRequest still being delivered is not lent again until delivery ends:
+  the cancel must never reach the next borrower's query.
+- In transaction and statement mode each server gets a `RewritingBackend` and a bounded
+  `ServerStatements`; the pool's `StatementRegistry` names statements for all its servers.
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ from typing import TYPE_CHECKING
 
 from pypooler.config import DatabaseConfig, PoolMode, Settings
 from pypooler.errors import PoolerError, QueryWaitTimeout, ServerConnectFailed, ShuttingDown
-from pypooler.server import ServerConnection, ServerLogin, open_server_connection
+from pypooler.prepared import ServerStatements, StatementRegistry
+from pypooler.rewriting import RewritingBackend
+from pypooler.server import ServerConnection, ServerLogin, intern_parameters, open_server_connection
+from pypooler.session_parameters import READ_ONLY
 from pypooler.stats import PoolStats
 
 if TYPE_CHECKING:
@@ -56,6 +63,11 @@ class Pool:
         self.waiters: deque[ClientConnection] = deque()
         self.waiting = 0  # waiters still wanting a server (the deque may hold ones that left)
         self.parameters: dict[str, str] | None = None  # the first server's ParameterStatus set
+        # Lower-case names of those parameters a session can change: a client's SET of one is
+        # no session-state leak, pypooler restores each client's own value.
+        self.tracked: frozenset[bytes] = frozenset()
+        self.rewriting = mode != "session"
+        self.statements = StatementRegistry()
         self._parameters_ready: asyncio.Future[None] | None = None
         self.last_connect_error: PoolerError | None = None
         self._retry_at_ns = 0  # no new server connects before this (server_login_retry)
@@ -91,6 +103,9 @@ class Pool:
         """Take back a clean server (ReadyForQuery 'I', nothing pending) and lend it on."""
         if server.closed:
             return
+        if server.cancels:
+            server.release_after_cancel = True  # see the module rules; send_cancel releases it
+            return
         lifetime = self.settings.server_lifetime
         if lifetime and time.monotonic_ns() - server.created_ns > lifetime * NS_PER_S:
             server.close()
@@ -119,6 +134,8 @@ class Pool:
             self.servers.discard(server)
             if server in self.idle:
                 self.idle.remove(server)
+        if server.statements is not None:
+            server.statements.clear()
         self._open_servers_for_waiters()
 
     # ------------------------------------------------------------------ opening servers
@@ -152,8 +169,16 @@ class Pool:
             return
         self.servers.add(server)
         server.on_close = self.server_closed
+        server.parameters = intern_parameters(server.parameters)
+        if self.rewriting:
+            server.backend = RewritingBackend(server.parameter_status)
+            if self.settings.max_prepared_statements:
+                server.statements = ServerStatements(self.statements, self.settings.max_prepared_statements)
         if self.parameters is None:
-            self.parameters = dict(server.parameters)
+            self.parameters = server.parameters
+            self.tracked = frozenset(
+                name.lower().encode() for name in server.parameters if name.lower() not in READ_ONLY
+            )
             if self._parameters_ready is not None and not self._parameters_ready.done():
                 self._parameters_ready.set_result(None)
         self.release(server)

@@ -586,7 +586,7 @@ class RewritingBackend(BackendStream):
     """
 
     __slots__ = ("_carry", "_closes", "_dropping", "_fail_next", "_parses", "internal",
-                 "internal_error", "on_parameter_status", "replaced")  # fmt: skip
+                 "on_parameter_status")  # fmt: skip
 
     def __init__(self, on_parameter_status: Callable[[str, str], None] | None = None) -> None:
         super().__init__()
@@ -597,8 +597,6 @@ class RewritingBackend(BackendStream):
         self._closes = 0  # CloseComplete messages since the last ReadyForQuery
         self._fail_next = False  # drop the next ErrorResponse (a refusal's failing Describe)
         self.internal = 0  # replies to pypooler's own Queries still to drop, before the client's
-        self.internal_error: dict[str, str] | None = None  # fields of an error in those replies
-        self.replaced: bytes | None = None
 
     @property
     def at_message_boundary(self) -> bool:

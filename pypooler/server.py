@@ -6,8 +6,14 @@ capturing ParameterStatus and BackendKeyData; the pool then lends it to clients.
 the client decides at each ReadyForQuery whether the transaction ended. While not lent, the server
 should be silent: a FATAL error or EOF retires it, notices are dropped, parameter changes recorded.
 
-Rules: the forwarding branch comes first in `data_received` and does no allocation; everything
-else (login, internal queries such as the session-mode reset) goes through `MessageReader`.
+In transaction and statement mode the pool gives each server a `RewritingBackend` (see
+rewriting.py) and a `ServerStatements` LRU; the bytes forwarded may then differ from the bytes
+received (`backend.replaced`).
+
+Rules: the forwarding branch comes first in `data_received` and does no allocation when nothing
+is rewritten; everything else (login, internal queries such as the session-mode reset) goes
+through `MessageReader`. `parameters` is replaced, never mutated, once logged in, and interned,
+so a client can keep a reference to the set it last saw and compare it by identity.
 """
 
 from __future__ import annotations
@@ -17,12 +23,20 @@ import hashlib
 import logging
 import socket
 import time
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from scramp import ScramClient, ScramException
 
-from pypooler.errors import PoolerError, ProtocolViolation, ServerConnectFailed, ServerLoginFailed
+from pypooler.errors import (
+    PoolerError,
+    ProtocolViolation,
+    ServerConnectFailed,
+    ServerLoginFailed,
+    StartupParameterRejected,
+)
+from pypooler.prepared import ServerStatements
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
 from pypooler.protocol.transaction import BackendStream
@@ -50,6 +64,28 @@ def tune_transport(transport: asyncio.BaseTransport, *, keepalive: bool = True) 
     )
 
 
+class ParameterSet(dict[str, str]):
+    """A server's reported parameters; equal sets are one object (see `intern_parameters`)."""
+
+    __slots__ = ("__weakref__",)
+
+
+_parameter_sets: weakref.WeakValueDictionary[frozenset[tuple[str, str]], ParameterSet] = (
+    weakref.WeakValueDictionary()
+)
+
+
+def intern_parameters(parameters: dict[str, str]) -> ParameterSet:
+    """The one ParameterSet equal to `parameters`: clients and servers compare them with `is`,
+    which on the lend path is cheaper than comparing a dozen strings."""
+    key = frozenset(parameters.items())
+    found = _parameter_sets.get(key)
+    if found is None:
+        found = ParameterSet(parameters)
+        _parameter_sets[key] = found
+    return found
+
+
 class ServerLogin:
     """Where and as whom to log in."""
 
@@ -75,6 +111,7 @@ class ServerConnection(asyncio.Protocol):
         "_login_reader",
         "_scram",
         "backend",
+        "cancels",
         "client",
         "closed",
         "created_ns",
@@ -82,10 +119,14 @@ class ServerConnection(asyncio.Protocol):
         "login",
         "login_done",
         "on_close",
+        "other_settings",
+        "other_settings_unknown",
         "parameters",
         "process_id",
         "reading_paused",
+        "release_after_cancel",
         "secret_key",
+        "statements",
         "transport",
     )
 
@@ -101,6 +142,13 @@ class ServerConnection(asyncio.Protocol):
         self.client: ClientConnection | None = None
         self.backend = BackendStream()
         self.parameters: dict[str, str] = {}
+        self.statements: ServerStatements | None = None  # transaction-mode prepared statements
+        # Settings pypooler set here for clients that are not reported back (see
+        # session_parameters.py); unknown once a client ran RESET, DISCARD ALL or SET.
+        self.other_settings: dict[str, str] = {}
+        self.other_settings_unknown = False
+        self.cancels = 0  # CancelRequests for this server still being delivered
+        self.release_after_cancel = False  # released while those were in flight
         self.process_id = 0
         self.secret_key = 0
         self.reading_paused = False
@@ -123,11 +171,21 @@ class ServerConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         client = self.client
         if client is not None:
+            backend = self.backend
             try:
-                end = self.backend.feed(data, client.frontend)
+                end = backend.feed(data, client.frontend)
             except ProtocolViolation as exc:
                 self._protocol_error(exc)
                 return
+            replaced = backend.replaced
+            if replaced is not None:
+                backend.replaced = None
+                if backend.internal_error is not None:
+                    self._settings_failed(client, backend.internal_error)
+                    return
+                data = replaced
+                if not data:
+                    return
             if end < 0:
                 client.transport.write(data)
             else:
@@ -280,8 +338,7 @@ class ServerConnection(asyncio.Protocol):
             return
         for msg_type, body in messages:
             if msg_type == c.B_PARAMETER_STATUS:
-                name, value = codec.parse_parameter_status(body)
-                self.parameters[name] = value
+                self.parameter_status(*codec.parse_parameter_status(body))
             if self._internal(msg_type, body):
                 self._internal = None
                 self._internal_reader = None
@@ -307,10 +364,31 @@ class ServerConnection(asyncio.Protocol):
                 self.close()
                 return
             if msg_type == c.B_PARAMETER_STATUS:
-                name, value = codec.parse_parameter_status(body)
-                self.parameters[name] = value
+                self.parameter_status(*codec.parse_parameter_status(body))
         if not len(reader):
             self._internal_reader = None
+
+    def parameter_status(self, name: str, value: str) -> None:
+        """The server reported a new value for `name` (a new set: clients may hold the old one)."""
+        if self.parameters.get(name) != value:
+            self.parameters = intern_parameters({**self.parameters, name: value})
+
+    def _settings_failed(self, client: ClientConnection, fields: dict[str, str]) -> None:
+        """The settings pypooler sent ahead of a client's first message failed: the client's
+        statements already went to the server, so neither can go on."""
+        log.error(
+            "server %s pid=%d refused session settings: %s %s",
+            self.describe(), self.process_id, fields.get("C"), fields.get("M"),
+        )
+        self.client = None
+        client.server = None
+        client.fail(
+            StartupParameterRejected(
+                f"pypooler could not apply this session's settings: {fields.get('M', 'error')}",
+                sqlstate=fields.get("C"),
+            )
+        )
+        self.close()
 
     def _protocol_error(self, exc: ProtocolViolation) -> None:
         log.error("server %s sent bad data: %s", self.describe(), exc.message)

@@ -15,9 +15,12 @@ class PoolStats:
         "bytes_received",
         "bytes_sent",
         "errors",
+        "pinned",
+        "pinned_total",
         "server_connect_failures",
         "server_connect_ns",
         "server_connects",
+        "session_state",
         "total_hold_ns",
         "total_wait_ns",
         "wait_count",
@@ -35,6 +38,10 @@ class PoolStats:
         self.bytes_received = 0
         self.bytes_sent = 0
         self.errors: Counter[str] = Counter()  # errors sent to clients, by PoolerError.reason
+        # Statements that leave session state in transaction mode, by (kind, application_name).
+        self.session_state: Counter[tuple[str, str]] = Counter()
+        self.pinned = 0  # clients holding a server until they leave (session_state_policy pin)
+        self.pinned_total = 0
 
     def average_hold_ms(self) -> float:
         return self.total_hold_ns / self.xact_count / 1e6 if self.xact_count else 0.0

@@ -132,14 +132,16 @@ class FrontendStream:
 class BackendStream:
     """Server -> client direction."""
 
-    __slots__ = ("_head", "_skip", "replaced", "tx_status")
+    __slots__ = ("_head", "_skip", "internal_error", "replaced", "tx_status")
 
     def __init__(self) -> None:
         self._skip = 0
         self._head = b""
         self.tx_status = c.TX_IDLE  # status byte of the latest ReadyForQuery
-        # Always None here: a subclass that rewrites the stream puts the bytes to forward in it.
+        # Always None here: a subclass that rewrites the stream puts the bytes to forward in
+        # `replaced`, and the fields of an error in its own queries' replies in `internal_error`.
         self.replaced: bytes | None = None
+        self.internal_error: dict[str, str] | None = None
 
     @property
     def at_message_boundary(self) -> bool:
