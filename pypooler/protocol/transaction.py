@@ -157,7 +157,11 @@ class BackendStream:
         if head:
             need = (6 if head[0] == _Z else 5) - len(head)
             if len(data) < need:
-                self._head = head + data
+                head = self._head = head + data
+                if len(head) == 5 and head[0] == _Z:
+                    length = unpack_header(head, 0)[1]
+                    if length != 5:  # say so now, as a whole read would, not at the next byte
+                        raise ProtocolViolation(f"server sent ReadyForQuery of length {length}")
                 return -1
             self._head = b""
             first = self._scan(head + data[:need], 0, frontend)

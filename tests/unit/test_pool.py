@@ -38,6 +38,13 @@ class FakeServer:
         self.on_close: Any = None
         self.parameters = {"server_version": "16.2", "client_encoding": "UTF8"}
         self.client: FakeClient | None = None
+        self.cancels = 0
+        self.release_after_cancel = False
+        self.statements: Any = None
+        self.backend: Any = None
+
+    def parameter_status(self, name: str, value: str) -> None:
+        self.parameters = {**self.parameters, name: value}
 
     def close(self) -> None:
         # Like ServerConnection.close: idempotent, tells the owner once.
