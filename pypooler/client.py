@@ -59,7 +59,7 @@ PENDING_LIMIT = 256 * 1024
 # Seconds to wait for the postmaster to take a CancelRequest (it closes the connection when done).
 CANCEL_TIMEOUT = 5.0
 _TX_IDLE = c.TX_IDLE
-_TERMINATE = codec.TERMINATE
+_X = c.F_TERMINATE
 
 
 class ClientRegistry:
@@ -208,16 +208,11 @@ class ClientConnection(asyncio.Protocol):
             if rewriter is not None:
                 server = self.server
                 if server is None:
-                    if self.pending is None:
-                        # The stream is read when it goes to a server; look at its first header
-                        # now, so an idle client leaving needs no server and garbage from a
-                        # client that is not speaking the protocol is refused at once.
-                        if data.startswith(_TERMINATE):
-                            self.transport.close()
-                            return
-                        if len(data) >= 5 and codec.unpack_header(data, 0)[1] < 4:
-                            self.fail(ProtocolViolation("invalid message length"))
-                            return
+                    if data[0] == _X and self.pending is None:
+                        # The stream is read when it goes to a server, but an idle client
+                        # leaving needs no server.
+                        self.transport.close()
+                        return
                     self._needs_server(data)
                     return
                 try:
@@ -316,6 +311,10 @@ class ClientConnection(asyncio.Protocol):
         self.pending_bytes = len(data)
         if server is not None:
             self.link(server)
+        elif self.rewriter is not None and len(data) >= 5 and codec.unpack_header(data, 0)[1] < 4:
+            # Read when it goes to a server; but a client that is not speaking the protocol
+            # is refused now rather than after waiting for one.
+            self.fail(ProtocolViolation("invalid message length"))
 
     def link(self, server: ServerConnection) -> None:
         """Lend `server` to this client and send it what the client has sent meanwhile (called by
@@ -336,26 +335,26 @@ class ClientConnection(asyncio.Protocol):
         self.pending = None
         self.pending_bytes = 0
         self._lend(server)
-        self.resume_reading()  # before the write, whose backpressure may pause us again
+        if self.reading_paused:
+            self.resume_reading()  # before the write, whose backpressure may pause us again
         data = b"" if not pending else pending[0] if len(pending) == 1 else b"".join(pending)
         if rewriter is None:
             if data:
                 server.transport.write(data)
             return
-        prefix = b""
-        if sql:
-            # Pipelined: the settings go first and their reply is dropped (RewritingBackend).
-            prefix = codec.build_query(sql)
-            server.other_settings = other_settings
-            server.other_settings_unknown = False
-            cast(RewritingBackend, server.backend).internal += 1
         try:
-            out = rewriter.feed_to(data, server.statements)
+            out = rewriter.feed_to(data, server.statements) if data else b""
         except PoolerError as exc:
             self.fail(exc)
             return
-        if prefix or out:
-            server.transport.write(prefix + out)
+        if sql:
+            # Pipelined: the settings go first and their reply is dropped (RewritingBackend).
+            out = codec.build_query(sql) + out
+            server.other_settings = other_settings
+            server.other_settings_unknown = False
+            cast(RewritingBackend, server.backend).internal += 1
+        if out:
+            server.transport.write(out)
         if rewriter.session_state or rewriter.reset_seen:
             self._session_state_found(server)
         if rewriter.terminated:
@@ -418,8 +417,9 @@ class ClientConnection(asyncio.Protocol):
         self.server = server
         server.client = self
         self.lent_ns = time.monotonic_ns()
-        if server.statements is not None:
-            server.statements.begin_lend()
+        statements = server.statements
+        if statements is not None:
+            statements.in_use.clear()  # ServerStatements.begin_lend, without a call
         if self.writing_paused:
             server.pause_reading()
 
@@ -636,7 +636,10 @@ class ClientConnection(asyncio.Protocol):
         if pool.rewriting:
             statements = ClientStatements(pool.statements) if settings.max_prepared_statements else None
             self.rewriter = RewritingFrontend(
-                statements, tracked=pool.tracked, refuse=settings.session_state_policy == "error"
+                statements,
+                tracked=pool.tracked,
+                refuse=settings.session_state_policy == "error",
+                verdicts=pool.verdicts,
             )
             self.frontend = self.rewriter
         self.cancel_key = self.registry.new_cancel_key(self)

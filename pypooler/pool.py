@@ -68,6 +68,7 @@ class Pool:
         self.tracked: frozenset[bytes] = frozenset()
         self.rewriting = mode != "session"
         self.statements = StatementRegistry()
+        self.verdicts: dict[bytes, tuple[str, ...]] = {}  # see RewritingFrontend
         self._parameters_ready: asyncio.Future[None] | None = None
         self.last_connect_error: PoolerError | None = None
         self._retry_at_ns = 0  # no new server connects before this (server_login_retry)

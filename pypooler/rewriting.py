@@ -71,6 +71,9 @@ PLACEHOLDER_CLOSE: Final = codec.build_close_statement(PLACEHOLDER_NAME)
 FAILING_DESCRIBE: Final = codec.build_describe_statement(PLACEHOLDER_NAME)
 # Whole named Parse messages are held in memory to read their text; bigger ones are refused.
 MAX_NAMED_PARSE: Final = 16 << 20
+# Parse texts whose session-state verdicts a pool remembers (see the unnamed Parse): at most
+# this many texts of at most session_state.WINDOW bytes.
+MAX_REMEMBERED_TEXTS: Final = 1024
 # Bind/Describe/Close are held only up to their statement name; a longer prefix is an attack.
 MAX_NAMES_PREFIX: Final = codec.MAX_BUFFERED_MESSAGE
 
@@ -150,7 +153,7 @@ class RewritingFrontend(FrontendStream):
 
     __slots__ = ("_batch", "_carry", "_closes", "_dropping", "_parses", "batches", "refuse",
                  "requests", "reset_seen", "session_state", "statements", "status", "terminated",
-                 "tracked")  # fmt: skip
+                 "tracked", "verdicts")  # fmt: skip
 
     def __init__(
         self,
@@ -158,6 +161,7 @@ class RewritingFrontend(FrontendStream):
         *,
         tracked: frozenset[bytes] = frozenset(),
         refuse: bool = False,
+        verdicts: dict[bytes, tuple[str, ...]] | None = None,
     ) -> None:
         super().__init__()
         self.statements = statements  # None: named statements pass through untracked
@@ -174,6 +178,8 @@ class RewritingFrontend(FrontendStream):
         self.reset_seen = False
         self.terminated = False
         self.status = c.TX_IDLE  # transaction status in the latest ReadyForQuery
+        # scan_sql results by Parse text, shared by the clients of a pool (same `tracked`).
+        self.verdicts: dict[bytes, tuple[str, ...]] = {} if verdicts is None else verdicts
 
     @property
     def at_rest(self) -> bool:
@@ -185,6 +191,23 @@ class RewritingFrontend(FrontendStream):
     # ------------------------------------------------------------------ the scan
 
     def feed_to(self, data: bytes, server: ServerStatements | None) -> bytes:
+        # The commonest read of all, one whole simple Query, skips the general loop.
+        if len(data) > 5 and data[0] == _Q and not (self._carry or self._skip):
+            length = unpack_header(data, 0)[1]
+            if length + 1 == len(data) and length <= WINDOW + 5:
+                if scan_sql(data[5:-1], self.tracked):
+                    return self._rewrite(data, server)  # session state: the general loop acts on it
+                self.requests += 1
+                self._batch = None
+                self._parses = self._closes = 0
+                self.outstanding += 1
+                self.open_tail = False
+                self._syncs_since_execute = 0
+                self._extended = False
+                return data
+        return self._rewrite(data, server)
+
+    def _rewrite(self, data: bytes, server: ServerStatements | None) -> bytes:
         carry = self._carry
         if carry:
             data = carry + data
@@ -205,74 +228,43 @@ class RewritingFrontend(FrontendStream):
                 out = []
                 run = pos
         held = -1  # offset from which input is held back for the next read
-        while True:
-            if end - pos < 5:
-                if pos < end:
-                    held = pos
-                break
+        tracking = self.statements is not None and server is not None
+        open_tail = self.open_tail  # a local until the loop ends: set by most messages
+        # Branches in order of frequency in extended-protocol traffic.
+        while end - pos >= 5:
             msg_type, length = unpack_header(data, pos)
             if length < 4:
                 raise ProtocolViolation(f"invalid message length {length} (message type {msg_type})")
             msg_end = pos + 1 + length
-            if msg_type == _Q:
-                text_end = min(msg_end - 1, pos + 5 + WINDOW)  # the text, without its NUL
-                if text_end > end:
-                    held = pos
-                    break
-                kinds = scan_sql(data[pos + 5 : text_end], self.tracked)
-                refusal = self._session_state(kinds, server) if kinds else None
-                if refusal is not None:
-                    # The replacement ends with a Sync, as the Query ended its batch.
-                    out, run = _splice(out, data, run, pos, min(msg_end, end),
-                                       self._refusal(refusal) + codec.SYNC)  # fmt: skip
-                    if msg_end > end:
-                        self._dropping = True
-                self._end_batch()
-                self.outstanding += 1
-                self.open_tail = False
-                self._syncs_since_execute = 0
-                self._extended = False
-            elif msg_type == _S:
-                if not self.copy_in:
-                    self._end_batch()
-                    self.outstanding += 1
-                    self.open_tail = False
-                    self._syncs_since_execute += 1
-            elif msg_type == _E:
-                self.open_tail = True
-                self._syncs_since_execute = 0
-                self._extended = True
-            elif msg_type == _P:
-                self.open_tail = True
+            if msg_type == _P:
+                open_tail = True
                 if end - pos < 6:
                     held = pos
                     break
-                if data[pos + 5] == 0:  # the unnamed statement: pass through
-                    text_end = min(msg_end - 1, pos + 6 + WINDOW)
+                if data[pos + 5] == 0 or not tracking:
+                    # The unnamed statement (or untracked names): the client's own Parse goes
+                    # to the server; only its text is scanned.
+                    text_start = pos + 6
+                    if data[pos + 5]:
+                        text_start = data.find(b"\0", pos + 5, min(msg_end, end)) + 1
+                        if text_start == 0:
+                            if msg_end <= end or end - pos > MAX_NAMES_PREFIX:
+                                raise ProtocolViolation("malformed Parse message")
+                            held = pos
+                            break
+                    text_end = min(msg_end - 1, text_start + WINDOW)
                     if text_end > end:
                         held = pos
                         break
-                    kinds = scan_sql(data[pos + 6 : text_end], self.tracked)
-                    refusal = self._session_state(kinds, server) if kinds else None
-                    if refusal is not None:
-                        out, run = _splice(out, data, run, pos, min(msg_end, end), self._refusal(refusal))
-                        if msg_end > end:
-                            self._dropping = True
-                    else:
-                        self._parses += 1
-                elif self.statements is None or server is None:
-                    # Untracked: the client's own name goes to the server; scan the text only.
-                    name_end = data.find(b"\0", pos + 5, min(msg_end, end))
-                    if name_end < 0:
-                        if msg_end <= end or end - pos > MAX_NAMES_PREFIX:
-                            raise ProtocolViolation("malformed Parse message")
-                        held = pos
-                        break
-                    text_end = min(msg_end - 1, name_end + 1 + WINDOW)
-                    if text_end > end:
-                        held = pos
-                        break
-                    kinds = scan_sql(data[name_end + 1 : text_end], self.tracked)
+                    # Parse texts repeat (they carry $n, not values): remember their verdicts.
+                    text = data[text_start:text_end]
+                    verdicts = self.verdicts
+                    kinds = verdicts.get(text)
+                    if kinds is None:
+                        kinds = scan_sql(text, self.tracked)
+                        if len(verdicts) >= MAX_REMEMBERED_TEXTS:
+                            verdicts.clear()
+                        verdicts[text] = kinds
                     refusal = self._session_state(kinds, server) if kinds else None
                     if refusal is not None:
                         out, run = _splice(out, data, run, pos, min(msg_end, end), self._refusal(refusal))
@@ -289,11 +281,12 @@ class RewritingFrontend(FrontendStream):
                             )
                         held = pos
                         break
+                    assert server is not None
                     out, run = _splice(out, data, run, pos, msg_end,
                                        self._named_parse(data[pos + 5 : msg_end], server))  # fmt: skip
             elif msg_type == _B:
-                self.open_tail = True
-                if self.statements is not None and server is not None:
+                open_tail = True
+                if tracking:
                     if end - pos < 7:
                         held = pos
                         break
@@ -307,6 +300,7 @@ class RewritingFrontend(FrontendStream):
                             held = pos
                             break
                         if name_end > portal_end + 1:
+                            assert server is not None and self.statements is not None
                             name = data[portal_end + 1 : name_end]
                             statement = self.statements.names.get(name)
                             if statement is None and name.startswith(SERVER_NAME_PREFIX):
@@ -324,38 +318,65 @@ class RewritingFrontend(FrontendStream):
                                 )  # fmt: skip
                                 # The NUL after the name and the rest of the Bind pass as they are.
                                 out, run = _splice(out, data, run, pos, name_end, prefix)
+            elif msg_type == _E:
+                open_tail = True
+                self._syncs_since_execute = 0
+                self._extended = True
+            elif msg_type == _S:
+                if not self.copy_in:
+                    self.requests += 1  # the batch is complete
+                    self._batch = None
+                    self._parses = self._closes = 0
+                    self.outstanding += 1
+                    open_tail = False
+                    self._syncs_since_execute += 1
             elif msg_type == _D or msg_type == _C:  # noqa: SIM109 (no tuple built per message)
-                self.open_tail = True
-                if self.statements is not None and server is not None:
-                    if end - pos < 7:
+                open_tail = True
+                if tracking and end - pos < 7:
+                    held = pos
+                    break
+                if tracking and data[pos + 5] == _STATEMENT and data[pos + 6]:
+                    if msg_end > end:
+                        if length > MAX_NAMES_PREFIX:
+                            raise ProtocolViolation("malformed Describe or Close message")
                         held = pos
                         break
-                    if data[pos + 5] == _STATEMENT and data[pos + 6]:
-                        if msg_end > end:
-                            if length > MAX_NAMES_PREFIX:
-                                raise ProtocolViolation("malformed Describe or Close message")
-                            held = pos
-                            break
-                        name = data[pos + 6 : msg_end - 1]
-                        replacement = (
-                            self._describe(name, server)
-                            if msg_type == _D
-                            else self._close(name)
-                        )
-                        if replacement is not None:
-                            out, run = _splice(out, data, run, pos, msg_end, replacement)
-                        elif msg_type == _C:
-                            self._closes += 1
+                    assert server is not None
+                    name = data[pos + 6 : msg_end - 1]
+                    replacement = self._describe(name, server) if msg_type == _D else self._close(name)
+                    if replacement is not None:
+                        out, run = _splice(out, data, run, pos, msg_end, replacement)
                     elif msg_type == _C:
                         self._closes += 1
                 elif msg_type == _C:
                     self._closes += 1
+            elif msg_type == _Q:
+                text_end = min(msg_end - 1, pos + 5 + WINDOW)  # the text, without its NUL
+                if text_end > end:
+                    held = pos
+                    break
+                kinds = scan_sql(data[pos + 5 : text_end], self.tracked)
+                refusal = self._session_state(kinds, server) if kinds else None
+                if refusal is not None:
+                    # The replacement ends with a Sync, as the Query ended its batch.
+                    out, run = _splice(out, data, run, pos, min(msg_end, end),
+                                       self._refusal(refusal) + codec.SYNC)  # fmt: skip
+                    if msg_end > end:
+                        self._dropping = True
+                self.requests += 1
+                self._batch = None
+                self._parses = self._closes = 0
+                self.outstanding += 1
+                open_tail = False
+                self._syncs_since_execute = 0
+                self._extended = False
             elif msg_type == _COPY_DATA or msg_type == _COPY_DONE or msg_type == _COPY_FAIL:  # noqa: SIM109
                 if not self.copy_in:
                     self._enter_copy_in()
                 if msg_type != _COPY_DATA:
                     self.copy_in = False
             elif msg_type == _X:
+                self.open_tail = open_tail
                 self.terminated = True
                 self._skip = 0
                 self._dropping = False
@@ -364,13 +385,18 @@ class RewritingFrontend(FrontendStream):
                 out.append(data[run:pos])
                 return b"".join(out)
             elif msg_type == _F:
-                self._end_batch()
+                self.requests += 1  # answered with a ReadyForQuery: the batch is complete
+                self._batch = None
+                self._parses = self._closes = 0
                 self.outstanding += 1
             else:  # Flush, and anything else: answered at the next Sync
-                self.open_tail = True
+                open_tail = True
             pos = msg_end
+        self.open_tail = open_tail
         if pos > end:
             self._skip = pos - end
+        elif pos < end and held < 0:
+            held = pos  # a header cut short
         limit = end
         if held >= 0:
             self._carry = data[held:]
@@ -380,13 +406,6 @@ class RewritingFrontend(FrontendStream):
         if run < limit:
             out.append(data[run:limit])
         return b"".join(out)
-
-    def _end_batch(self) -> None:
-        """A ReadyForQuery-producing message was sent: the open batch is complete."""
-        self.requests += 1
-        self._batch = None
-        self._parses = 0
-        self._closes = 0
 
     def _enter_copy_in(self) -> None:
         before = self.outstanding
@@ -603,32 +622,87 @@ class RewritingBackend(BackendStream):
         return not (self._skip or self._carry)
 
     def feed(self, data: bytes, frontend: FrontendStream) -> int:
-        assert isinstance(frontend, RewritingFrontend)
-        carry = self._carry
-        if carry:
-            data = carry + data
-            self._carry = b""
+        # Not typing.cast: that is a function call on every read.
+        stream: RewritingFrontend = frontend  # type: ignore[assignment]
+        if self._carry or self._dropping or self.internal or self._fail_next or stream.batches:
+            return self._rewrite(data, stream)
+        # Nothing to drop or replace can come in this read (those need one of the above), so
+        # it is forwarded as received, unless a message must be held back: then the general
+        # loop takes over where this one stopped.
         end = len(data)
         pos = self._skip
-        out: list[bytes] | None = None
-        run = 0
-        delta = 0  # output offset minus input offset, after what was dropped or replaced
         if pos:
             if pos >= end:
                 self._skip = pos - end
-                if self._dropping:
-                    self._dropping = pos > end
-                    self.replaced = b""
-                elif carry:
-                    self.replaced = data
                 return -1
             self._skip = 0
-            if self._dropping:
-                self._dropping = False
-                out = []
-                run = pos
-                delta = -pos
         done = -1
+        while end - pos >= 5:
+            msg_type, length = unpack_header(data, pos)
+            if msg_type == _Z:
+                if length != 5:
+                    raise ProtocolViolation(f"server sent ReadyForQuery of length {length}")
+                if end - pos < 6:
+                    break
+                status = self.tx_status = data[pos + 5]
+                stream.status = status
+                stream.copy_in = False
+                if self._parses or self._closes:
+                    self._parses = self._closes = 0
+                outstanding = stream.outstanding
+                if outstanding:
+                    outstanding -= 1
+                    stream.outstanding = outstanding
+                if not outstanding:
+                    done = pos + 6
+            elif msg_type == _PARSE_COMPLETE:
+                self._parses += 1
+            elif msg_type == _CLOSE_COMPLETE:
+                self._closes += 1
+            elif msg_type == _PARAMETER_STATUS:
+                if pos + 1 + length > end:
+                    break
+                self._parameter_status(data[pos + 5 : pos + 1 + length])
+            elif length < 4:
+                raise ProtocolViolation(f"server sent invalid message length {length}")
+            pos += 1 + length
+        if pos > end:
+            self._skip = pos - end
+        elif pos < end:
+            return self._rewrite(data, stream, pos, done)
+        return done
+
+    def _rewrite(self, data: bytes, frontend: RewritingFrontend, start: int = -1, done: int = -1) -> int:
+        """The general loop; `start` >= 0 continues the fast one at that offset of `data`."""
+        out: list[bytes] | None = None
+        run = 0
+        delta = 0  # output offset minus input offset, after what was dropped or replaced
+        carry = b""
+        if start >= 0:
+            pos = start
+            end = len(data)
+        else:
+            carry = self._carry
+            if carry:
+                data = carry + data
+                self._carry = b""
+            end = len(data)
+            pos = self._skip
+            if pos:
+                if pos >= end:
+                    self._skip = pos - end
+                    if self._dropping:
+                        self._dropping = pos > end
+                        self.replaced = b""
+                    elif carry:
+                        self.replaced = data
+                    return -1
+                self._skip = 0
+                if self._dropping:
+                    self._dropping = False
+                    out = []
+                    run = pos
+                    delta = -pos
         held = -1
         while True:
             if end - pos < 5:

@@ -68,7 +68,7 @@ _FIRST_WORDS: Final = (b"set", b"reset", b"prepare", b"listen", b"declare", b"cr
                        b"deallocate")  # fmt: skip
 # The same, by their first three letters (a set lookup is cheaper than startswith(tuple)).
 _FIRST_THREE: Final = frozenset(word[:3] for word in _FIRST_WORDS)
-_COMMENT_STARTS: Final = frozenset({b"/*", b"--"})
+_COMMENT_HEADS: Final = frozenset({b"/", b"-"})  # (`bytes in bytes` is a slow substring search)
 _SPACE: Final = b" \t\r\n\f\v"
 _TOKEN = re.compile(rb'"(?:[^"]|"")*"|[a-z_][a-z0-9_$]*|\S')
 _WITH_HOLD = re.compile(rb"\bwith\s+hold\b")
@@ -91,7 +91,7 @@ def scan_sql(text: bytes, tracked: frozenset[bytes] = frozenset()) -> tuple[str,
     if low.find(b"set_config") >= 0 and _session_set_config(low, tracked):
         found += (SET_CONFIG,)
     head = low.lstrip()[:3]
-    if head in _FIRST_THREE or head[:2] in _COMMENT_STARTS:
+    if head in _FIRST_THREE or head[:1] in _COMMENT_HEADS:  # a keyword, or a comment before one
         return _scan_statements(low, tracked, found)
     semicolon = low.find(b";")
     if semicolon >= 0 and low[semicolon + 1 :].strip():  # more than one statement
