@@ -60,6 +60,7 @@ PENDING_LIMIT = 256 * 1024
 CANCEL_TIMEOUT = 5.0
 _TX_IDLE = c.TX_IDLE
 _X = c.F_TERMINATE
+_MIN_LENGTH = b"\x00\x00\x00\x04"  # a message length word below this is garbage
 
 
 class ClientRegistry:
@@ -222,10 +223,8 @@ class ClientConnection(asyncio.Protocol):
                     return
                 if out:
                     server.transport.write(out)
-                if rewriter.session_state or rewriter.reset_seen:
-                    self._session_state_found(server)
-                if rewriter.terminated:
-                    self.transport.close()
+                if rewriter.noted:
+                    self._rewriter_noted(server)
                 return
             try:
                 terminate = self.frontend.feed(data)
@@ -311,7 +310,7 @@ class ClientConnection(asyncio.Protocol):
         self.pending_bytes = len(data)
         if server is not None:
             self.link(server)
-        elif self.rewriter is not None and len(data) >= 5 and codec.unpack_header(data, 0)[1] < 4:
+        elif self.rewriter is not None and len(data) >= 5 and data[1:5] < _MIN_LENGTH:
             # Read when it goes to a server; but a client that is not speaking the protocol
             # is refused now rather than after waiting for one.
             self.fail(ProtocolViolation("invalid message length"))
@@ -355,10 +354,8 @@ class ClientConnection(asyncio.Protocol):
             cast(RewritingBackend, server.backend).internal += 1
         if out:
             server.transport.write(out)
-        if rewriter.session_state or rewriter.reset_seen:
-            self._session_state_found(server)
-        if rewriter.terminated:
-            self.transport.close()
+        if rewriter.noted:
+            self._rewriter_noted(server)
 
     def _apply_then_link(self, server: ServerConnection, sql: str) -> None:
         """Apply this client's settings and wait for the answer before linking: a value the
@@ -501,10 +498,14 @@ class ClientConnection(asyncio.Protocol):
         else:
             self.pool.release(server)
 
-    def _session_state_found(self, server: ServerConnection) -> None:
-        """Apply session_state_policy to what the rewriter saw (off the hot path)."""
+    def _rewriter_noted(self, server: ServerConnection) -> None:
+        """Act on what the rewriter noted (off the hot path): session_state_policy, settings
+        the server no longer has, the client's Terminate."""
         rewriter = self.rewriter
         assert rewriter is not None
+        rewriter.noted = False
+        if rewriter.terminated:
+            self.transport.close()
         if rewriter.reset_seen:
             rewriter.reset_seen = False
             server.other_settings_unknown = True

@@ -145,13 +145,14 @@ class RewritingFrontend(FrontendStream):
     """Client -> server in transaction/statement mode; see the module docstring.
 
     `feed_to(data, server)` returns the bytes to write to the server (the very `data` object when
-    nothing changed). Findings for the caller, off the hot path: `session_state` (kinds seen since
-    the caller last cleared it), `reset_seen` (DISCARD ALL / DEALLOCATE ALL / RESET / SET: the
-    server's settings are no longer what pypooler set), `terminated` (a Terminate was reached;
-    the bytes after it were not returned).
+    nothing changed). Findings for the caller, off the hot path, all flagged by `noted`:
+    `session_state` (kinds seen since the caller last cleared it), `reset_seen` (DISCARD ALL /
+    DEALLOCATE ALL / RESET / SET: the server's settings are no longer what pypooler set),
+    `terminated` (a Terminate was reached; the bytes after it were not returned).
     """
 
-    __slots__ = ("_batch", "_carry", "_closes", "_dropping", "_parses", "batches", "refuse",
+    __slots__ = ("_batch", "_carry", "_closes", "_counted", "_dropping", "_parses", "batches",
+                 "noted", "refuse",
                  "requests", "reset_seen", "session_state", "statements", "status", "terminated",
                  "tracked", "verdicts")  # fmt: skip
 
@@ -174,6 +175,8 @@ class RewritingFrontend(FrontendStream):
         self._batch: Batch | None = None  # the open batch's entry, if it has one
         self._parses = 0  # Parse messages sent in the open batch
         self._closes = 0  # Close messages sent in the open batch
+        self._counted = False  # any of the three above set: reset them when the batch ends
+        self.noted = False  # session_state, reset_seen or terminated set: the caller looks
         self.session_state: list[str] = []
         self.reset_seen = False
         self.terminated = False
@@ -198,8 +201,10 @@ class RewritingFrontend(FrontendStream):
                 if scan_sql(data[5:-1], self.tracked):
                     return self._rewrite(data, server)  # session state: the general loop acts on it
                 self.requests += 1
-                self._batch = None
-                self._parses = self._closes = 0
+                if self._counted:
+                    self._batch = None
+                    self._parses = self._closes = 0
+                    self._counted = False
                 self.outstanding += 1
                 self.open_tail = False
                 self._syncs_since_execute = 0
@@ -272,6 +277,7 @@ class RewritingFrontend(FrontendStream):
                             self._dropping = True
                     else:
                         self._parses += 1
+                        self._counted = True
                 else:
                     if msg_end > end:
                         if length > MAX_NAMED_PARSE:
@@ -325,8 +331,10 @@ class RewritingFrontend(FrontendStream):
             elif msg_type == _S:
                 if not self.copy_in:
                     self.requests += 1  # the batch is complete
-                    self._batch = None
-                    self._parses = self._closes = 0
+                    if self._counted:
+                        self._batch = None
+                        self._parses = self._closes = 0
+                        self._counted = False
                     self.outstanding += 1
                     open_tail = False
                     self._syncs_since_execute += 1
@@ -348,8 +356,10 @@ class RewritingFrontend(FrontendStream):
                         out, run = _splice(out, data, run, pos, msg_end, replacement)
                     elif msg_type == _C:
                         self._closes += 1
+                        self._counted = True
                 elif msg_type == _C:
                     self._closes += 1
+                    self._counted = True
             elif msg_type == _Q:
                 text_end = min(msg_end - 1, pos + 5 + WINDOW)  # the text, without its NUL
                 if text_end > end:
@@ -364,8 +374,10 @@ class RewritingFrontend(FrontendStream):
                     if msg_end > end:
                         self._dropping = True
                 self.requests += 1
-                self._batch = None
-                self._parses = self._closes = 0
+                if self._counted:
+                    self._batch = None
+                    self._parses = self._closes = 0
+                    self._counted = False
                 self.outstanding += 1
                 open_tail = False
                 self._syncs_since_execute = 0
@@ -377,7 +389,7 @@ class RewritingFrontend(FrontendStream):
                     self.copy_in = False
             elif msg_type == _X:
                 self.open_tail = open_tail
-                self.terminated = True
+                self.terminated = self.noted = True
                 self._skip = 0
                 self._dropping = False
                 if out is None:
@@ -386,8 +398,10 @@ class RewritingFrontend(FrontendStream):
                 return b"".join(out)
             elif msg_type == _F:
                 self.requests += 1  # answered with a ReadyForQuery: the batch is complete
-                self._batch = None
-                self._parses = self._closes = 0
+                if self._counted:
+                    self._batch = None
+                    self._parses = self._closes = 0
+                    self._counted = False
                 self.outstanding += 1
             else:  # Flush, and anything else: answered at the next Sync
                 open_tail = True
@@ -420,6 +434,7 @@ class RewritingFrontend(FrontendStream):
         if batch is None:
             batch = self._batch = Batch(self.requests + 1)
             self.batches.append(batch)
+            self._counted = True
         return batch
 
     def _expect_parse(self, reply: PendingReply) -> None:
@@ -427,12 +442,14 @@ class RewritingFrontend(FrontendStream):
         batch.parses[self._parses] = reply
         batch.replies.append(reply)
         self._parses += 1
+        self._counted = True
 
     def _expect_close(self, reply: PendingReply) -> None:
         batch = self._current_batch()
         batch.closes[self._closes] = reply
         batch.replies.append(reply)
         self._closes += 1
+        self._counted = True
 
     # ------------------------------------------------------------------ named statements
 
@@ -547,6 +564,7 @@ class RewritingFrontend(FrontendStream):
         for kind in kinds:
             if kind in LEAK_KINDS:
                 self.session_state.append(kind)
+                self.noted = True
                 if self.refuse and refusal is None:
                     refusal = SessionStateRefused(
                         f"pypooler refused a statement that leaves session state ({kind}): "
@@ -567,9 +585,9 @@ class RewritingFrontend(FrontendStream):
                     self.statements.clear()
                 if server is not None:
                     server.clear()
-                self.reset_seen = True
+                self.reset_seen = self.noted = True
             elif kind == RESET or kind in LEAK_KINDS:
-                self.reset_seen = True
+                self.reset_seen = self.noted = True
         return None
 
     def _missing(self, name: bytes) -> bytes:
