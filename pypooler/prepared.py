@@ -31,6 +31,7 @@ Names stay `bytes` end to end: they are copied from one message into another, ne
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Final
 
 from pypooler.protocol import codec
@@ -81,6 +82,9 @@ class StatementRegistry:
 
     def __len__(self) -> int:
         return len(self._by_key)
+
+    def __iter__(self) -> Iterator[Statement]:
+        return iter(self._by_key.values())
 
 
 class ClientStatements:

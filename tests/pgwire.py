@@ -15,6 +15,8 @@ class RawClient:
         self.writer = writer
         self._messages = codec.MessageReader(max_message=1 << 30)
         self._queue: list[tuple[int, bytes]] = []
+        self.backend_key: tuple[int, int] | None = None  # from the BackendKeyData at login
+        self.parameters: dict[str, str] = {}  # from ParameterStatus at login
 
     @classmethod
     async def connect(cls, host: str, port: int) -> RawClient:
@@ -27,6 +29,12 @@ class RawClient:
         client = await cls.connect(host, port)
         client.send(codec.build_startup_message({"user": user, "database": database, **params}))
         messages = await client.until_ready()
+        for msg_type, body in messages:
+            if msg_type == c.B_BACKEND_KEY_DATA:
+                client.backend_key = codec.parse_backend_key_data(body)
+            elif msg_type == c.B_PARAMETER_STATUS:
+                name, value = codec.parse_parameter_status(body)
+                client.parameters[name] = value
         errors = [body for t, body in messages if t == c.B_ERROR_RESPONSE]
         if errors:
             await client.close()
@@ -61,6 +69,17 @@ class RawClient:
     async def query(self, sql: str) -> list[tuple[int, bytes]]:
         self.send(codec.build_query(sql))
         return await self.until_ready()
+
+    async def cancel(self, host: str, port: int) -> None:
+        """Send a CancelRequest with this client's key on a new connection, as libpq does."""
+        assert self.backend_key is not None
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(codec.build_cancel_request(*self.backend_key))
+        await writer.drain()
+        await reader.read()  # the other side closes when it has taken the request
+        writer.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await writer.wait_closed()
 
     async def close(self) -> None:
         if not self.writer.is_closing():
