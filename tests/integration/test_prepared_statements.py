@@ -20,7 +20,7 @@ import pytest
 from pypooler.embedded import EmbeddedPostgres
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
-from tests.pgwire import RawClient, data_rows, error_fields
+from tests.pgwire import RawClient, data_rows
 from tests.unit.model_server import SYNC, bind, close, describe, execute, parse
 
 CONNECT_TIMEOUT_S = 30
@@ -58,10 +58,11 @@ async def test_asyncpg_default_statement_cache_200_clients_over_2_servers(start_
 
     results = await asyncio.wait_for(asyncio.gather(*(client(n) for n in range(200))), 120)
     for number, seen in enumerate(results):
-        assert seen == [number * 2, f"x-{number % 7}", (number, "0"), number + 1] + [
-            number * 2, f"x-{number % 7}", (number, "1"), number + 1,
-            number * 2, f"x-{number % 7}", (number, "2"), number + 1,
-        ]  # fmt: skip
+        assert seen == [
+            value
+            for round_number in range(3)
+            for value in (number * 2, f"x-{number % 7}", (number, str(round_number)), number + 1)
+        ]
     names = [row[0] for row in await server_statements(pooler)]
     assert names and all(name is not None and name.startswith("PYPOOLER_") for name in names)
     # One server-side statement per distinct text (and asyncpg's introspection), not per client.
