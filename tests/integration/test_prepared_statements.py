@@ -70,7 +70,9 @@ async def test_asyncpg_default_statement_cache_200_clients_over_2_servers(start_
     def held_by_servers_only() -> bool:
         # Every client left: what the pool still names is exactly what its servers have.
         pool = pooler.pool()
-        on_servers = {statement for server in pool.servers for statement in server.statements.entries.values()}
+        on_servers = {
+            statement for server in pool.servers for statement in server.statements.entries.values()
+        }
         return set(pool.statements) == on_servers
 
     assert pooler.call(held_by_servers_only)
@@ -84,7 +86,8 @@ def test_psycopg_prepare_true(start_pooler: Any) -> None:
         for number in range(4):
             # Both connections name their first statement _pg3_0, with different texts.
             assert first.execute("SELECT %s::int + 1", (number,), prepare=True).fetchone() == (number + 1,)
-            assert second.execute("SELECT %s::text", (str(number),), prepare=True).fetchone() == (str(number),)
+            text = str(number)
+            assert second.execute("SELECT %s::text", (text,), prepare=True).fetchone() == (text,)
         with first.pipeline():
             a = first.execute("SELECT %s::int + 1", (10,), prepare=True)
             b = first.execute("SELECT %s::int * 3", (10,), prepare=True)
