@@ -92,6 +92,20 @@ async def test_startup_options_are_applied_per_client(start_pooler: Any) -> None
             await client.close()
 
 
+async def test_startup_options_in_session_mode(start_pooler: Any) -> None:
+    pooler = start_pooler(pool_size=1, pool_mode="session")
+    sql = "SELECT current_setting('statement_timeout'), current_setting('application_name')"
+    timed = await RawClient.login(pooler.host, pooler.port, options="-c statement_timeout=4321",
+                                  application_name="timed")  # fmt: skip
+    assert data_rows(await timed.query(sql)) == [["4321ms", "timed"]]
+    await timed.close()
+    plain = await RawClient.login(pooler.host, pooler.port)
+    try:
+        assert data_rows(await plain.query(sql)) == [["0", ""]]
+    finally:
+        await plain.close()
+
+
 @pytest.mark.parametrize(
     ("parameters", "sqlstate", "message"),
     [

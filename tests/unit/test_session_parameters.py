@@ -1,0 +1,77 @@
+"""Tests for pypooler.session_parameters: startup parameters and the SQL that applies them."""
+
+from __future__ import annotations
+
+import pytest
+
+from pypooler.errors import UnsupportedStartupParameter
+from pypooler.session_parameters import (
+    options_settings,
+    same_value,
+    settings_sql,
+    split_options,
+    startup_settings,
+)
+
+REPORTED = {"datestyle": "DateStyle", "timezone": "TimeZone", "application_name": "application_name",
+            "client_encoding": "client_encoding", "is_superuser": "is_superuser"}  # fmt: skip
+
+
+def test_options_are_split_like_postgresql_does() -> None:
+    assert split_options(r"-c search_path=a\ b  -c x=1") == ["-c", "search_path=a b", "-c", "x=1"]
+    assert options_settings("-c statement_timeout=5s --work-mem=4MB -cdatestyle=ISO") == [
+        ("statement_timeout", "5s"), ("work_mem", "4MB"), ("datestyle", "ISO"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("options", ["-e", "-d 5", "-c", "-c novalue", "--=x", "stray"])
+def test_options_other_than_settings_are_refused(options: str) -> None:
+    with pytest.raises(UnsupportedStartupParameter):
+        options_settings(options)
+
+
+def test_startup_parameters_split_into_reported_and_other_settings() -> None:
+    overrides, others = startup_settings(
+        {
+            "user": "u", "database": "d", "application_name": "app", "datestyle": "ISO",
+            "options": "-c TimeZone=UTC -c statement_timeout=5s", "Search_Path": "s",
+            "extra_float_digits": "3", "_pq_.something": "x",
+        },
+        REPORTED,
+        ["extra_float_digits"],
+    )  # fmt: skip
+    assert overrides == {"application_name": "app", "DateStyle": "ISO", "TimeZone": "UTC"}
+    assert others == {"statement_timeout": "5s", "search_path": "s"}
+
+
+@pytest.mark.parametrize(
+    "parameters", [{"replication": "true"}, {"is_superuser": "on"}, {"options": "-c is_superuser=on"}]
+)
+def test_startup_parameters_that_cannot_be_applied_are_refused(parameters: dict[str, str]) -> None:
+    with pytest.raises(UnsupportedStartupParameter):
+        startup_settings(parameters, REPORTED, [])
+
+
+def test_same_value_where_postgresql_ignores_the_spelling() -> None:
+    assert same_value("client_encoding", "utf-8", "UTF8")
+    assert same_value("TimeZone", "utc", "UTC")
+    assert not same_value("DateStyle", "ISO", "ISO, MDY")
+    assert not same_value("application_name", "App", "app")
+
+
+def test_settings_sql() -> None:
+    current = {"TimeZone": "UTC", "application_name": "", "server_version": "15"}
+    wanted = {"TimeZone": "Asia/Tokyo", "application_name": "", "server_version": "16"}
+    assert settings_sql(current, current, {}, {}) == ""
+    assert settings_sql(wanted, current, {}, {}) == (
+        "SELECT pg_catalog.set_config(E'TimeZone', E'Asia/Tokyo', false)"
+    )
+    assert settings_sql(current, current, {"work_mem": "4MB"}, {"work_mem": "4MB"}) == ""
+    assert settings_sql(current, current, {"work_mem": "4MB"}, {"work_mem": "4MB"}, others_unknown=True) == (
+        "SELECT pg_catalog.set_config(E'work_mem', E'4MB', false)"
+    )
+    resets = settings_sql(current, current, {}, {"work_mem": "4MB", "a.b": "x"})
+    assert resets == 'RESET "work_mem"; RESET "a.b"'
+    assert settings_sql(current, current, {"search_path": "it's\\here"}, {}) == (
+        "SELECT pg_catalog.set_config(E'search_path', E'it''s\\\\here', false)"
+    )
