@@ -8,8 +8,9 @@ Rules these tests keep:
   the pooler's, not the client library's or the test's.
 - Session state does not survive a transaction in transaction mode, so scenarios keep their state
   in regular tables (made and dropped by the `make_table` fixture) or inside one transaction.
-- Server-side named prepared statements are not supported in transaction mode yet: psycopg runs
-  with prepare_threshold=None, asyncpg with statement_cache_size=0, pgbench never with -M prepared.
+- These scenarios exercise unnamed statements: psycopg runs with prepare_threshold=None, asyncpg
+  with statement_cache_size=0. Named prepared statements (the drivers' defaults, pgbench -M
+  prepared) have their own tests in test_prepared_statements.py.
 - Every subprocess and every connection has a timeout, so a stuck pooler fails a test instead
   of hanging the suite.
 """
