@@ -339,9 +339,14 @@ class ServerConnection(asyncio.Protocol):
         for msg_type, body in messages:
             if msg_type == c.B_PARAMETER_STATUS:
                 self.parameter_status(*codec.parse_parameter_status(body))
-            if self._internal(msg_type, body):
-                self._internal = None
-                self._internal_reader = None
+            on_message = self._internal
+            assert on_message is not None
+            if on_message(msg_type, body):
+                # The callback may have released the server into the next internal query (a
+                # client applying its settings): that one is not ours to clear.
+                if self._internal is on_message:
+                    self._internal = None
+                    self._internal_reader = None
                 return
 
     # ------------------------------------------------------------------ idle / unexpected

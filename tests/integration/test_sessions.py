@@ -340,3 +340,46 @@ async def test_session_state_policy_pin(start_pooler: Any, kind: str) -> None:
     finally:
         await client.close()
         await other.close()
+
+
+async def test_transaction_scoped_state_is_not_session_state(start_pooler: Any) -> None:
+    pooler = start_pooler(pool_size=1, session_state_policy="error")
+    client = await RawClient.login(pooler.host, pooler.port)
+    other = await RawClient.login(pooler.host, pooler.port)
+    try:
+        for sql in (
+            "BEGIN", "SET LOCAL statement_timeout = '4321ms'",
+            "SELECT set_config('work_mem', '1234kB', true)", "SELECT pg_advisory_xact_lock(4242)",
+            "CREATE TEMP TABLE scoped (i int) ON COMMIT DROP", "DECLARE scoped CURSOR FOR SELECT 1",
+            "COMMIT",
+        ):  # fmt: skip
+            assert error_fields(await client.query(sql)) is None, sql
+        reply = await other.query(
+            "SELECT current_setting('statement_timeout'), current_setting('work_mem'),"
+            " to_regclass('pg_temp.scoped'), (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory')"
+        )
+        assert data_rows(reply) == [["0", "4MB", None, "0"]]
+    finally:
+        await client.close()
+        await other.close()
+
+
+@pytest.mark.parametrize("mode", ["session", "statement"])
+async def test_prepared_statements_and_settings_in_other_modes(start_pooler: Any, mode: str) -> None:
+    pooler = start_pooler(pool_size=1, pool_mode=mode)
+
+    async def client(number: int) -> list[Any]:
+        conn = await asyncpg.connect(
+            pooler.dsn(), timeout=CONNECT_TIMEOUT_S, server_settings={"application_name": f"app{number}"}
+        )
+        try:
+            return [
+                await conn.fetchval("SELECT $1::int * 2", number),
+                await conn.fetchval("SELECT current_setting('application_name')"),
+                await conn.fetchval("SELECT $1::int * 2", number + 1),
+            ]
+        finally:
+            await conn.close()
+
+    results = await asyncio.gather(*(client(n) for n in range(4)))
+    assert results == [[n * 2, f"app{n}", n * 2 + 2] for n in range(4)]
