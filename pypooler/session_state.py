@@ -93,8 +93,9 @@ def scan_sql(text: bytes, tracked: frozenset[bytes] = frozenset()) -> tuple[str,
     head = low.lstrip()[:3]
     if head in _FIRST_THREE or head[:1] in _COMMENT_HEADS:  # a keyword, or a comment before one
         return _scan_statements(low, tracked, found)
-    semicolon = low.find(b";")
-    if semicolon >= 0 and low[semicolon + 1 :].strip():  # more than one statement
+    # More than one statement? (A ';' that ends the text, the common case, is one find.)
+    semicolon = low.find(b";", 0, len(low) - 1)
+    if semicolon >= 0 and low[semicolon + 1 :].strip(b" \t\r\n;"):
         return _scan_statements(low, tracked, found)
     return found
 
