@@ -177,8 +177,18 @@ def settings_sql(
 
 
 def _literal(text: str) -> str:
-    # E'' reads the same whatever standard_conforming_strings the session has.
-    return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
+    # E'' reads the same whatever standard_conforming_strings the session has, and \u escapes
+    # keep the SQL ASCII: the server decodes it with the session's current client_encoding,
+    # which may be the previous client's.
+    escaped = text.replace("\\", "\\\\").replace("'", "''")
+    if not escaped.isascii():
+        escaped = "".join(char if char.isascii() else _unicode_escape(char) for char in escaped)
+    return "E'" + escaped + "'"
+
+
+def _unicode_escape(char: str) -> str:
+    code = ord(char)
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def _identifier(name: str) -> str:

@@ -74,7 +74,7 @@ async def test_startup_options_are_applied_per_client(start_pooler: Any) -> None
     pooler = start_pooler(pool_size=1)
     options = "-c statement_timeout=4321 -c work_mem=1234kB"
     timed = await RawClient.login(pooler.host, pooler.port, options=options)
-    custom_settings = {"pypooler.test": "on", "extra_float_digits": "3"}
+    custom_settings = {"pypooler.test": "café", "extra_float_digits": "3"}
     custom = await RawClient.login(pooler.host, pooler.port, **custom_settings)
     plain = await RawClient.login(pooler.host, pooler.port)
     sql = "SELECT current_setting('statement_timeout'), current_setting('work_mem')," \
@@ -84,7 +84,7 @@ async def test_startup_options_are_applied_per_client(start_pooler: Any) -> None
             # (Once a server has seen a custom setting, RESET leaves it empty rather than unset.)
             assert data_rows(await timed.query(sql))[0][:2] == ["4321ms", "1234kB"]
             # extra_float_digits is in ignore_startup_parameters: accepted, not applied.
-            assert data_rows(await custom.query(sql)) == [["0", "4MB", "on", "1"]]
+            assert data_rows(await custom.query(sql)) == [["0", "4MB", "café", "1"]]
             row = data_rows(await plain.query(sql))[0]
             assert row[:2] == ["0", "4MB"] and row[2] in (None, "") and row[3] == "1"
     finally:

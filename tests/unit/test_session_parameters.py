@@ -75,3 +75,9 @@ def test_settings_sql() -> None:
     assert settings_sql(current, current, {"search_path": "it's\\here"}, {}) == (
         "SELECT pg_catalog.set_config(E'search_path', E'it''s\\\\here', false)"
     )
+
+
+def test_values_are_sent_as_ascii_whatever_the_session_encoding() -> None:
+    sql = settings_sql({"application_name": "café 🐘"}, {}, {}, {})
+    assert sql == "SELECT pg_catalog.set_config(E'application_name', E'caf\\u00e9 \\U0001f418', false)"
+    assert sql.isascii()
