@@ -60,6 +60,9 @@ PENDING_LIMIT = 256 * 1024
 CANCEL_TIMEOUT = 5.0
 _TX_IDLE = c.TX_IDLE
 _X = c.F_TERMINATE
+# Distinct (kind, application_name) pairs counted per pool; beyond, one "(other)" per kind.
+MAX_SESSION_STATE_KEYS = 1000
+OTHER_APPLICATIONS = "(other)"
 _MIN_LENGTH = b"\x00\x00\x00\x04"  # a message length word below this is garbage
 
 
@@ -516,8 +519,12 @@ class ClientConnection(asyncio.Protocol):
         pool = self.pool
         policy = self.registry.settings.session_state_policy
         application = self.parameters.get("application_name", self.application_name)
+        counts = pool.stats.session_state
         for kind in kinds:
-            pool.stats.session_state[(kind, application)] += 1
+            key = (kind, application)
+            if key not in counts and len(counts) >= MAX_SESSION_STATE_KEYS:
+                key = (kind, OTHER_APPLICATIONS)  # bounded: these become metrics labels
+            counts[key] += 1
             if policy == "pin":
                 if not self.pinned:
                     self.pinned = True
@@ -529,6 +536,8 @@ class ClientConnection(asyncio.Protocol):
                         self.peer, self.database, self.user, application, EXPLANATIONS[kind],
                     )
             elif policy == "log" and (application, kind) not in self.registry.warned:
+                if len(self.registry.warned) >= MAX_SESSION_STATE_KEYS:
+                    self.registry.warned.clear()  # bounded: warn again rather than grow
                 self.registry.warned.add((application, kind))
                 log.warning(
                     "db=%s user=%s app=%s: %s, so in transaction pooling the next client of that"
