@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import uvloop
 
 from pypooler import __version__
-from pypooler.app import Pooler
+from pypooler.app import Pooler, check_files
 from pypooler.config import ConfigError, DatabaseConfig, Settings, load_settings
 
 log = logging.getLogger("pypooler")
@@ -42,6 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = load_settings(args.config)
+        check_files(settings)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"pypooler: config error: {problem}", file=sys.stderr)

@@ -1,9 +1,14 @@
 """ClientConnection: one application connection to pypooler.
 
-States: startup (SSLRequest/GSSENCRequest answered 'N', CancelRequest routed, StartupMessage read),
-welcome (AuthenticationOk, the pool's ParameterStatus set, our own BackendKeyData, ReadyForQuery),
-then ready. When ready, every read is fed to the `FrontendStream` tracker and either forwarded to
-the linked server in one `write` of the very bytes received, or held while the pool finds a server.
+States: startup (SSLRequest answered 'S' and the transport upgraded with `start_tls` when client
+TLS is configured, else 'N'; GSSENCRequest answered 'N'; CancelRequest routed; StartupMessage
+read), authentication (the method from auth_type or hba, the user's secret from auth_file or
+auth_query, then the `auth.ClientAuthExchange` fed message by message), welcome
+(AuthenticationOk, the pool's ParameterStatus set, our own BackendKeyData, ReadyForQuery), then
+ready. Until ready, `client_login_timeout` (checked by the shared maintenance pass, no timer per
+client) bounds the whole login; nothing of it touches the ready path. When ready, every read is
+fed to the `FrontendStream` tracker and either forwarded to the linked server in one `write` of
+the very bytes received, or held while the pool finds a server.
 
 Lending, by pool mode:
 - transaction: a server is linked at the first message after the client is at rest and released
@@ -24,8 +29,11 @@ import time
 from collections.abc import Mapping
 from typing import Any, cast
 
+from pypooler.auth import AUTH_MESSAGE_LIMIT, Authenticator, AuthOutcome, ClientAuthExchange
 from pypooler.config import Settings
 from pypooler.errors import (
+    AuthRejected,
+    ClientLoginTimeout,
     NoSuchDatabase,
     PoolerError,
     ProtocolViolation,
@@ -36,25 +44,55 @@ from pypooler.errors import (
 from pypooler.pool import Pool, PoolManager
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
+from pypooler.protocol.scram import Secret
 from pypooler.protocol.transaction import FrontendStream
 from pypooler.server import ServerConnection, tune_transport
+from pypooler.tls import ClientTls
 
 log = logging.getLogger("pypooler.client")
 
 # Bytes a client may send while it waits for a server before we stop reading from it.
 PENDING_LIMIT = 256 * 1024
 _TX_IDLE = c.TX_IDLE
+NS_PER_S = 1_000_000_000
 
 
 class ClientRegistry:
     """What every client connection shares: settings, pools, live clients and their cancel keys."""
 
-    def __init__(self, settings: Settings, manager: PoolManager) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        manager: PoolManager,
+        *,
+        auth: Authenticator | None = None,
+        tls: ClientTls | None = None,
+    ) -> None:
         self.settings = settings
         self.manager = manager
+        self.auth = auth if auth is not None else Authenticator(settings)
+        self.tls = tls
         self.clients: set[ClientConnection] = set()
+        # Clients not logged in yet, oldest first (dicts keep insertion order): the login
+        # timeout pass stops at the first one still within its time.
+        self.logging_in: dict[ClientConnection, None] = {}
         self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}
         self.accepting = True
+
+    def expire_logins(self, now_ns: int) -> None:
+        """Close clients that did not log in within client_login_timeout (slowloris)."""
+        timeout = self.settings.client_login_timeout
+        if not timeout or not self.logging_in:
+            return
+        limit = now_ns - int(timeout * NS_PER_S)
+        expired = []
+        for client in self.logging_in:
+            if client.connected_ns > limit:
+                break
+            expired.append(client)
+        for client in expired:
+            self.logging_in.pop(client, None)
+            client.login_timed_out(timeout)
 
     def new_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
         while True:
@@ -91,8 +129,13 @@ async def send_cancel(host: str, port: int, process_id: int, secret_key: int) ->
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
+        "_auth",
+        "_auth_reader",
         "_early",
+        "_lost",
         "_startup_reader",
+        "_tls_handshake",
+        "address",
         "application_name",
         "cancel_key",
         "closed",
@@ -108,6 +151,7 @@ class ClientConnection(asyncio.Protocol):
         "ready",
         "registry",
         "server",
+        "tls",
         "transport",
         "user",
         "wait_started_ns",
@@ -132,8 +176,14 @@ class ClientConnection(asyncio.Protocol):
         self.writing_paused = False
         self._startup_reader: codec.StartupPacketReader | None = codec.StartupPacketReader()
         self._early = b""  # bytes that arrived before the welcome was sent
+        self._auth: ClientAuthExchange | None = None
+        self._auth_reader: codec.MessageReader | None = None
+        self._tls_handshake = False  # between our 'S' and the end of the TLS handshake
+        self._lost = False
+        self.tls = False
         self.cancel_key: tuple[int, int] | None = None
         self.peer = "?"
+        self.address = ""
         self.user = ""
         self.database = ""
         self.application_name = ""
@@ -147,9 +197,11 @@ class ClientConnection(asyncio.Protocol):
         peer: Any = transport.get_extra_info("peername")
         if isinstance(peer, tuple):
             self.peer = f"{peer[0]}:{peer[1]}"
+            self.address = str(peer[0])
         elif peer:
             self.peer = str(peer)
         self.registry.clients.add(self)
+        self.registry.logging_in[self] = None
 
     def data_received(self, data: bytes) -> None:
         if self.ready:
@@ -170,10 +222,14 @@ class ClientConnection(asyncio.Protocol):
         self._startup_data(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._lost:  # a failed TLS handshake may report the loss twice
+            return
+        self._lost = True
         self.closed = True
         self.ready = False
         registry = self.registry
         registry.clients.discard(self)
+        registry.logging_in.pop(self, None)
         if self.cancel_key is not None:
             registry.cancel_keys.pop(self.cancel_key, None)
         if self.waiting:
@@ -329,8 +385,14 @@ class ClientConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ startup
 
     def _startup_data(self, data: bytes) -> None:
+        if self._auth_reader is not None:
+            self._auth_data(data)
+            return
         reader = self._startup_reader
-        if reader is None:  # welcome in progress; keep what the client sent for later
+        if reader is None:  # secret lookup or welcome in progress; keep what the client sent
+            if len(self._early) + len(data) > PENDING_LIMIT:
+                self.fail(ProtocolViolation("too much data sent before the login completed"))
+                return
             self._early += data
             return
         try:
@@ -340,8 +402,10 @@ class ClientConnection(asyncio.Protocol):
             return
         if packet is None:
             return
-        if isinstance(packet, codec.SSLRequest | codec.GSSENCRequest):
-            self.transport.write(b"N")  # no TLS / GSS encryption (yet): the client goes on in clear
+        if isinstance(packet, codec.SSLRequest):
+            self._ssl_request(reader)
+        elif isinstance(packet, codec.GSSENCRequest):
+            self.transport.write(b"N")  # no GSS encryption: the client goes on in clear (or TLS)
             rest = reader.take_rest()
             if rest:
                 self._startup_data(rest)
@@ -353,11 +417,69 @@ class ClientConnection(asyncio.Protocol):
             self._early = reader.take_rest()
             self._start_session(packet)
 
+    # ------------------------------------------------------------------ TLS
+
+    def _ssl_request(self, reader: codec.StartupPacketReader) -> None:
+        tls = self.registry.tls
+        rest = reader.take_rest()
+        if tls is None:
+            self.transport.write(b"N")  # no TLS here: the client goes on in clear (or gives up)
+            if rest:
+                self._startup_data(rest)
+            return
+        if self.tls:
+            self.fail(ProtocolViolation("SSLRequest received on a connection that is already TLS"))
+            return
+        if rest:
+            # Bytes sent before our answer would be taken as if they came through TLS.
+            self.fail(ProtocolViolation("received unencrypted data after SSL request"))
+            return
+        self.transport.write(b"S")
+        # Nothing may be read in clear from here: start_tls takes over the transport.
+        self.transport.pause_reading()
+        self._tls_handshake = True
+        asyncio.get_running_loop().create_task(self._start_tls(tls))
+
+    async def _start_tls(self, tls: ClientTls) -> None:
+        raw = self.transport
+        timeout = self.registry.settings.client_login_timeout or None
+        try:
+            transport = await asyncio.get_running_loop().start_tls(
+                raw, self, tls.context, server_side=True, ssl_handshake_timeout=timeout
+            )
+        except Exception as exc:  # any handshake failure ends this client only
+            self._tls_failed(raw, exc)
+            return
+        if transport is None or self.closed:
+            self._tls_failed(raw, None)
+            if transport is not None:
+                transport.close()
+            return
+        self.transport = transport
+        tune_transport(transport, keepalive=self.registry.settings.tcp_keepalive)
+        self.tls = True
+        self._tls_handshake = False
+
+    def _tls_failed(self, raw: asyncio.Transport, exc: Exception | None) -> None:
+        self._tls_handshake = False
+        if exc is not None:
+            log.info("client %s: TLS handshake failed: %s", self.peer, exc)
+        raw.close()
+        self.connection_lost(exc)
+
+    def _peer_certificate(self) -> object:
+        ssl_object: Any = self.transport.get_extra_info("ssl_object") if self.tls else None
+        return ssl_object.getpeercert() if ssl_object is not None else None
+
+    # ------------------------------------------------------------------ authentication
+
     def _start_session(self, startup: codec.StartupMessage) -> None:
         self.user = startup.user
         self.database = startup.database
         self.application_name = startup.parameters.get("application_name", "")
         registry = self.registry
+        auth = registry.auth
+        tls = registry.tls
         try:
             if not self.user:
                 raise ProtocolViolation("no PostgreSQL user name specified in startup packet")
@@ -366,21 +488,119 @@ class ClientConnection(asyncio.Protocol):
                     "no more connections allowed (max_client_conn)",
                     detail=f"max_client_conn is {registry.settings.max_client_conn}",
                 )
-            pool = registry.manager.get_pool(self.database, self.user)
-            if pool is None:
+            found = registry.manager.database_config(self.database)
+            if found is None:
                 raise NoSuchDatabase(f'no such database: "{self.database}"')
+            if tls is not None and tls.required and not self.tls:
+                raise AuthRejected(
+                    "SSL connection is required",
+                    detail=f"client_tls_sslmode is {tls.mode}",
+                    hint="connect with sslmode=require (or verify-ca / verify-full)",
+                )
+            if tls is not None and tls.mode == "verify-full":
+                auth.check_certificate(self.user, self._peer_certificate())
+            method = auth.method_for(found[1], self.database, self.user, self.address, tls=self.tls)
+            if method == "cert":
+                auth.check_certificate(self.user, self._peer_certificate())
         except PoolerError as exc:
             self.fail(exc)
             return
-        self.pool = pool
         protocol_options = [name for name in startup.parameters if name.startswith("_pq_.")]
         if startup.protocol_version != c.PROTOCOL_3_0 or protocol_options:
             # A newer 3.x client: tell it we speak 3.0 and ignored its protocol options.
             self.transport.write(codec.build_negotiate_protocol_version(0, protocol_options))
+        secret: Secret | None = None
+        if auth.needs_secret(method):
+            known, secret = auth.cached_secret(self.database, self.user)
+            if not known:
+                asyncio.get_running_loop().create_task(self._fetch_secret_then_authenticate(method))
+                return
+        self._begin_auth(method, secret)
+
+    async def _fetch_secret_then_authenticate(self, method: str) -> None:
+        try:
+            secret = await self.registry.auth.fetch_secret(self.database, self.user)
+        except PoolerError as exc:
+            self.fail(exc)
+            return
+        except Exception as exc:  # a bug must end this login, not leave it hanging
+            log.exception("auth_query for user %r failed", self.user)
+            self.fail(PoolerError(f"internal error while looking up the password: {exc}"))
+            return
+        if not self.closed:
+            self._begin_auth(method, secret)
+
+    def _begin_auth(self, method: str, secret: Secret | None) -> None:
+        tls = self.registry.tls
+        exchange = self.registry.auth.exchange(
+            method,
+            self.user,
+            secret,
+            channel_binding=tls.channel_binding if tls is not None and self.tls else None,
+        )
+        request = exchange.start()
+        if exchange.done:
+            self._authenticated(exchange.outcome)
+            return
+        self._auth = exchange
+        self._auth_reader = codec.MessageReader(max_message=AUTH_MESSAGE_LIMIT)
+        self.transport.write(request)
+        early = self._early
+        if early:
+            self._early = b""
+            self._auth_data(early)
+
+    def _auth_data(self, data: bytes) -> None:
+        exchange = self._auth
+        reader = self._auth_reader
+        assert exchange is not None and reader is not None
+        try:
+            messages = reader.feed(data)
+            for index, (msg_type, body) in enumerate(messages):
+                if msg_type == c.F_TERMINATE:  # e.g. psql going to ask the user for a password
+                    self.transport.close()
+                    return
+                reply = exchange.receive(msg_type, body)
+                if reply:
+                    self.transport.write(reply)
+                if exchange.done:
+                    # Whatever the client pipelined after its last auth message waits for the
+                    # welcome, in the order it was sent.
+                    after = b"".join(codec.build_message(t, b) for t, b in messages[index + 1 :])
+                    self._early = after + reader.take_rest()
+                    self._auth = None
+                    self._auth_reader = None
+                    self._authenticated(exchange.outcome)
+                    return
+        except PoolerError as exc:
+            self._auth = None
+            self._auth_reader = None
+            self.fail(exc)
+
+    def _authenticated(self, outcome: AuthOutcome) -> None:
+        pool = self.registry.manager.get_pool(self.database, self.user)
+        if pool is None:  # the configuration cannot change under a login, but be exact
+            self.fail(NoSuchDatabase(f'no such database: "{self.database}"'))
+            return
+        if pool.login.user == self.user:
+            pool.login.learn(outcome.password, outcome.secret, outcome.client_key)
+        self.pool = pool
         if pool.parameters is not None:
             self._welcome(pool.parameters)
         else:
             asyncio.get_running_loop().create_task(self._welcome_when_pool_ready())
+
+    def login_timed_out(self, timeout: float) -> None:
+        if self.closed:
+            return
+        if self._tls_handshake:  # nothing can be said in clear now
+            self.transport.close()
+            return
+        self.fail(
+            ClientLoginTimeout(
+                f"client_login_timeout: login not completed within {timeout:g} s",
+            )
+        )
 
     async def _welcome_when_pool_ready(self) -> None:
         try:
@@ -395,6 +615,7 @@ class ClientConnection(asyncio.Protocol):
         if self.application_name or "application_name" in parameters:
             parameters = {**parameters, "application_name": self.application_name}
         self.cancel_key = self.registry.new_cancel_key(self)
+        self.registry.logging_in.pop(self, None)
         self.transport.write(
             codec.AUTHENTICATION_OK
             + codec.build_parameter_statuses(parameters)
@@ -420,9 +641,9 @@ class ClientConnection(asyncio.Protocol):
             self.pool.stats.errors[exc.reason] += 1
         log.log(
             logging.INFO if exc.reason in ("no_such_database",) else logging.WARNING,
-            "client %s db=%s user=%s app=%s: %s",
+            "client %s db=%s user=%s app=%s: %s%s",
             self.peer, self.database or "-", self.user or "-", self.application_name or "-",
-            exc.message,
+            exc.message, f" ({exc.log_detail})" if exc.log_detail else "",
         )
         if not self.closed and not self.transport.is_closing():
             self.transport.write(exc.to_error_response())

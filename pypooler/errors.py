@@ -24,6 +24,8 @@ class PoolerError(Exception):
         self.message = message
         self.detail = detail
         self.hint = hint
+        # Said in pypooler's log, never to the client (e.g. why a password check failed).
+        self.log_detail: str | None = None
 
     def to_error_response(self) -> bytes:
         from pypooler.protocol.codec import build_error_response
@@ -100,3 +102,46 @@ class StatementModeTransaction(PoolerError):
 class ShuttingDown(PoolerError):
     sqlstate = SQLState.ADMIN_SHUTDOWN
     reason = "shutdown"
+
+
+class PasswordAuthFailed(PoolerError):
+    """Wrong password, unknown user, or no usable secret: one message for all three, so a client
+    cannot tell which (no user enumeration)."""
+
+    sqlstate = SQLState.INVALID_PASSWORD
+    reason = "auth_failed"
+
+    @classmethod
+    def for_user(cls, user: str, why: str) -> PasswordAuthFailed:
+        """PostgreSQL's wording; `why` goes to pypooler's log only."""
+        error = cls(f'password authentication failed for user "{user}"')
+        error.log_detail = why
+        return error
+
+
+class AuthRejected(PoolerError):
+    """The connection is not allowed at all: an hba `reject` or no matching hba line, plaintext
+    where TLS is required, a missing or wrong client certificate."""
+
+    sqlstate = SQLState.INVALID_AUTHORIZATION
+    reason = "auth_rejected"
+
+
+class ChannelBindingError(AuthRejected):
+    """SCRAM channel binding negotiation or check failed."""
+
+    reason = "channel_binding"
+
+
+class ClientLoginTimeout(PoolerError):
+    """The client did not finish startup and authentication within client_login_timeout."""
+
+    # PostgreSQL reports its authentication_timeout with this code too.
+    sqlstate = SQLState.QUERY_CANCELED
+    reason = "client_login_timeout"
+
+
+class AuthLookupFailed(ServerConnectFailed):
+    """auth_query could not be run (its server is down or the query failed)."""
+
+    reason = "auth_query_failed"

@@ -10,25 +10,68 @@ Rules:
 - A waiter that gave up (disconnected or timed out) stays in the deque with `waiting` cleared and is
   skipped when reached; removing from the middle of a deque would be O(n).
 - The pool never touches sockets itself; it asks `open_server_connection` for new servers.
+- A waiter is anything with `waiting`, `wait_started_ns`, `link` and `fail`: a ClientConnection,
+  or a `Borrower` when pypooler needs a server for itself (auth_query).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol
 
 from pypooler.config import DatabaseConfig, PoolMode, Settings
-from pypooler.errors import PoolerError, QueryWaitTimeout, ServerConnectFailed, ShuttingDown
+from pypooler.errors import (
+    AuthLookupFailed,
+    PoolerError,
+    QueryWaitTimeout,
+    ServerConnectFailed,
+    ShuttingDown,
+)
+from pypooler.protocol import codec
+from pypooler.protocol.scram import Secret
 from pypooler.server import ServerConnection, ServerLogin, open_server_connection
 from pypooler.stats import PoolStats
-
-if TYPE_CHECKING:
-    from pypooler.client import ClientConnection
+from pypooler.tls import server_ssl_context
 
 log = logging.getLogger("pypooler.pool")
+
+
+class Waiter(Protocol):
+    """Who may queue for a server: `link` hands one over, `fail` says none will come."""
+
+    waiting: bool
+    wait_started_ns: int
+
+    def link(self, server: ServerConnection) -> None: ...
+
+    def fail(self, exc: PoolerError) -> None: ...
+
+
+class Borrower:
+    """A waiter for pypooler's own use of a server (auth_query): resolves a future."""
+
+    __slots__ = ("future", "pool", "wait_started_ns", "waiting")
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.future: asyncio.Future[ServerConnection] = asyncio.get_running_loop().create_future()
+        self.waiting = False
+        self.wait_started_ns = 0
+
+    def link(self, server: ServerConnection) -> None:
+        if self.future.done():  # the borrower gave up in the meantime
+            self.pool.release(server)
+        else:
+            self.future.set_result(server)
+
+    def fail(self, exc: PoolerError) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
 
 NS_PER_S = 1_000_000_000
 
@@ -53,7 +96,7 @@ class Pool:
         self.idle: list[ServerConnection] = []
         self.servers: set[ServerConnection] = set()  # every logged-in server, idle or lent
         self.connecting = 0
-        self.waiters: deque[ClientConnection] = deque()
+        self.waiters: deque[Waiter] = deque()
         self.waiting = 0  # waiters still wanting a server (the deque may hold ones that left)
         self.parameters: dict[str, str] | None = None  # the first server's ParameterStatus set
         self._parameters_ready: asyncio.Future[None] | None = None
@@ -71,7 +114,7 @@ class Pool:
 
     # ------------------------------------------------------------------ lending
 
-    def checkout(self, client: ClientConnection) -> ServerConnection | None:
+    def checkout(self, client: Waiter) -> ServerConnection | None:
         """An idle server now, or None with the client queued (it will get `link` called)."""
         if self.closed:
             raise ShuttingDown("pypooler is shutting down")
@@ -108,7 +151,20 @@ class Pool:
         server.last_used_ns = time.monotonic_ns()
         self.idle.append(server)
 
-    def cancel_wait(self, client: ClientConnection) -> None:
+    async def borrow(self) -> ServerConnection:
+        """A server for pypooler itself, waiting in line like a client; give it back with
+        `release` (clean) or `close` it."""
+        borrower = Borrower(self)
+        server = self.checkout(borrower)
+        if server is not None:
+            return server
+        try:
+            return await borrower.future
+        except asyncio.CancelledError:
+            self.cancel_wait(borrower)
+            raise
+
+    def cancel_wait(self, client: Waiter) -> None:
         if client.waiting:
             client.waiting = False
             self.waiting -= 1
@@ -239,11 +295,23 @@ class Pool:
 
 
 class PoolManager:
-    """Finds or creates the pool for a (database, user) from the configuration."""
+    """Finds or creates the pool for a (database, user) from the configuration.
 
-    def __init__(self, settings: Settings) -> None:
+    `stored_secret(user)` (auth_file) supplies server login secrets that [databases] does not.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        stored_secret: Callable[[str], Secret | None] | None = None,
+        server_tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.settings = settings
         self.pools: dict[tuple[str, str], Pool] = {}
+        self.stored_secret = stored_secret
+        # Built once: loading CA files per connection would cost more than the login.
+        self.server_tls = server_tls if server_tls is not None else server_ssl_context(settings)
 
     def database_config(self, database: str) -> tuple[str, DatabaseConfig] | None:
         """The [databases] entry serving `database`: its own, else the '*' fallback."""
@@ -259,12 +327,39 @@ class PoolManager:
         if found is None:
             return None
         entry, db = found
-        user = db.user or client_user
+        return self._pool(database, entry, db, db.user or client_user)
+
+    def auth_pool(self, database: str) -> Pool | None:
+        """The pool auth_query runs in: database `database`, logged in as auth_user."""
+        found = self.database_config(database)
+        if found is None or not self.settings.auth_user:
+            return None
+        entry, db = found
+        return self._pool(database, entry, db, self.settings.auth_user)
+
+    def _login(self, database: str, db: DatabaseConfig, user: str) -> ServerLogin:
+        # [databases] password belongs to the forced user (or to every user when none is forced).
+        password = db.password if db.user in (None, user) else None
+        secret = None
+        if password is None and self.stored_secret is not None:
+            secret = self.stored_secret(user)
+        settings = self.settings
+        return ServerLogin(
+            db.host,
+            db.port,
+            db.dbname or database,
+            user,
+            password,
+            secret=secret,
+            tls_mode=settings.server_tls_sslmode,
+            ssl_context=self.server_tls,
+        )
+
+    def _pool(self, database: str, entry: str, db: DatabaseConfig, user: str) -> Pool:
         key = (database, user)
         pool = self.pools.get(key)
         if pool is None:
-            dbname = db.dbname or database
-            login = ServerLogin(db.host, db.port, dbname, user, db.password)
+            login = self._login(database, db, user)
             pool = Pool(
                 database,
                 user,
@@ -276,6 +371,42 @@ class PoolManager:
             self.pools[key] = pool
             log.debug("new pool %s/%s -> %s (entry %s)", database, user, login.describe(), entry)
         return pool
+
+    async def run_auth_query(self, database: str, user: str) -> str | None:
+        """auth_query for `user` on a server of the auth pool: the secret text, or None when the
+        user is unknown or has no password. AuthLookupFailed when it cannot be run."""
+        pool = self.auth_pool(database)
+        if pool is None:
+            raise AuthLookupFailed(f"auth_query cannot run: no database {database!r} or no auth_user")
+        request = codec.build_parameterized_query(self.settings.auth_query, [user])
+        try:
+            async with asyncio.timeout(self.settings.server_connect_timeout):
+                server = await pool.borrow()
+                try:
+                    row, clean = await server.query_first_row(request)
+                except BaseException:
+                    server.close()
+                    raise
+        except TimeoutError:
+            raise AuthLookupFailed(
+                f"auth_query for user {user!r} timed out after {self.settings.server_connect_timeout:g} s"
+            ) from None
+        except AuthLookupFailed:
+            raise
+        except PoolerError as exc:
+            failure = AuthLookupFailed(f"auth_query for user {user!r} failed: {exc.message}")
+            failure.log_detail = exc.detail
+            raise failure from None
+        if clean:
+            pool.release(server)
+        else:
+            server.close()
+        if not row or row[-1] is None:
+            return None
+        try:
+            return row[-1].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
 
     def expire(self) -> None:
         now = time.monotonic_ns()
