@@ -287,6 +287,11 @@ def _hba_rule(number: int, fields: list[list[tuple[str, bool]]]) -> tuple[HbaRul
         rest = 4
         if address != "all":
             try:
+                if "/" not in address:
+                    ipaddress.ip_address(address)
+            except ValueError:
+                return None, f"invalid address {address!r} (host names are not supported)"
+            try:
                 if "/" in address:
                     network = ipaddress.ip_network(address, strict=False)
                 else:
@@ -327,7 +332,18 @@ class AuthOutcome:
 class ClientAuthExchange:
     """One client's authentication. Feed it the client's messages; send what it returns."""
 
-    __slots__ = ("_md5_salt", "_mock", "_scram", "_secret", "_state", "failure", "method", "outcome", "user")
+    __slots__ = (
+        "_md5_salt",
+        "_mock",
+        "_scram",
+        "_secret",
+        "_state",
+        "_stored",
+        "failure",
+        "method",
+        "outcome",
+        "user",
+    )
 
     def __init__(
         self,
@@ -346,6 +362,7 @@ class ClientAuthExchange:
         self._md5_salt = b""
         self._scram: ScramServerExchange | None = None
         self._mock = secret is None
+        self._stored = secret  # as stored, before any mock or derived verifier stands in
         if secret is None:
             self.failure = "no such user or no password"
             secret = mock
@@ -410,8 +427,12 @@ class ClientAuthExchange:
             self._fail("wrong password")
         if self._mock:
             self._fail(self.failure)
-        self.outcome.client_key = scram.client_key
-        self.outcome.secret = self._secret
+        stored = self._stored
+        self.outcome.secret = stored
+        if isinstance(stored, PlainPassword):
+            self.outcome.password = stored.password
+        else:  # the key fits the stored verifier, not one we derived with our own salt
+            self.outcome.client_key = scram.client_key
         self._state = "done"
         return codec.build_authentication(c.AUTH_SASL_FINAL, final)
 

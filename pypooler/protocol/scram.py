@@ -272,13 +272,21 @@ class ScramServerExchange:
         "_gs2_header",
         "_nonce",
         "_server_first",
+        "_server_nonce",
         "_verifier",
         "client_key",
     )
 
-    def __init__(self, verifier: ScramVerifier, *, channel_binding: bytes | None = None) -> None:
+    def __init__(
+        self,
+        verifier: ScramVerifier,
+        *,
+        channel_binding: bytes | None = None,
+        server_nonce: str | None = None,  # fixed only by tests (RFC 7677 vectors)
+    ) -> None:
         self._verifier = verifier
         self._channel_binding = channel_binding
+        self._server_nonce = server_nonce or _b64(secrets.token_bytes(NONCE_BYTES))
         self._nonce = ""
         self._client_first_bare = ""
         self._server_first = ""
@@ -337,7 +345,7 @@ class ScramServerExchange:
         _check_nonce(client_nonce)
         self._gs2_header = f"{flag},{authzid},"
         self._client_first_bare = bare
-        self._nonce = client_nonce + _b64(secrets.token_bytes(NONCE_BYTES))
+        self._nonce = client_nonce + self._server_nonce
         verifier = self._verifier
         self._server_first = f"r={self._nonce},s={_b64(verifier.salt)},i={verifier.iterations}"
         return self._server_first.encode()
@@ -406,6 +414,8 @@ class ScramClientExchange:
         pass_through: tuple[ScramVerifier, bytes] | None = None,
         channel_binding: bytes | None = None,
         tls: bool = False,
+        nonce: str | None = None,  # fixed only by tests (RFC 7677 vectors)
+        user: str = "",  # PostgreSQL ignores it; the startup packet names the user
     ) -> None:
         if (password is None) == (pass_through is None):
             raise ValueError("give exactly one of password and pass_through")
@@ -418,8 +428,9 @@ class ScramClientExchange:
         else:
             # "y": we could bind but the server did not offer it (only said over TLS).
             self._gs2_header = "y,," if tls else "n,,"
-        self._nonce = _b64(secrets.token_bytes(NONCE_BYTES))
-        self._client_first_bare = f"n=,r={self._nonce}"
+        self._nonce = nonce or _b64(secrets.token_bytes(NONCE_BYTES))
+        escaped_user = user.replace("=", "=3D").replace(",", "=2C")
+        self._client_first_bare = f"n={escaped_user},r={self._nonce}"
         self._expected_server_signature = b""
 
     @property
