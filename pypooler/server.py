@@ -419,6 +419,10 @@ class ServerConnection(asyncio.Protocol):
             )
         else:
             raise _only_hashed(login, "SCRAM-SHA-256 authentication")
+        log.debug(
+            "server %s: %s login as %r%s", login.describe(), self._scram.mechanism, login.user,
+            " by pass-through" if login.password is None else "",
+        )
         self.transport.write(
             codec.build_sasl_initial_response(self._scram.mechanism, self._scram.client_first())
         )
