@@ -27,6 +27,9 @@ log = logging.getLogger("pypooler")
 MAINTENANCE_MIN_INTERVAL = 0.05
 MAINTENANCE_MAX_INTERVAL = 1.0
 LISTEN_BACKLOG = 4096  # serverless bursts open many connections at once
+# How long stop() waits for connections to close cleanly before aborting them.
+STOP_GRACE_S = 2.0
+STOP_POLL_S = 0.005
 
 
 def maintenance_interval(settings: Settings) -> float:
@@ -102,6 +105,15 @@ class Pooler:
         self.manager.close()
         if self._listener is not None:
             await self._listener.wait_closed()
+        # Let every transport really close (TLS closes take round trips) before the loop may be
+        # closed: a transport still open then makes uvloop refuse to close the loop.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STOP_GRACE_S
+        await self.manager.wait_closed(deadline)
+        while self.registry.clients and loop.time() < deadline:
+            await asyncio.sleep(STOP_POLL_S)
+        for client in list(self.registry.clients):
+            client.transport.abort()
         await asyncio.sleep(0)  # let connection_lost callbacks run
 
 

@@ -74,6 +74,7 @@ class Borrower:
             self.future.set_exception(exc)
 
 NS_PER_S = 1_000_000_000
+SHUTDOWN_POLL_S = 0.005
 
 
 class Pool:
@@ -104,6 +105,9 @@ class Pool:
         self._retry_at_ns = 0  # no new server connects before this (server_login_retry)
         self.stats = PoolStats()
         self.closed = False
+        # In-flight connects and the servers close() closed: what PoolManager.wait_closed() ends.
+        self._opening: set[asyncio.Task[None]] = set()
+        self._closing: list[ServerConnection] = []
 
     def __repr__(self) -> str:
         return f"<Pool {self.database}/{self.user} {self.lent}/{self.size} lent, {self.waiting} waiting>"
@@ -186,7 +190,12 @@ class Pool:
         room = self.size - len(self.servers) - self.connecting
         for _ in range(min(wanted, room)):
             self.connecting += 1
-            asyncio.get_running_loop().create_task(self._open_server())
+            self._spawn_open_server()
+
+    def _spawn_open_server(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._open_server())
+        self._opening.add(task)
+        task.add_done_callback(self._opening.discard)
 
     async def _open_server(self) -> None:
         started = time.monotonic_ns()
@@ -250,7 +259,7 @@ class Pool:
                 if len(self.servers) + self.connecting >= self.size:
                     raise ServerConnectFailed("pool is full but has no server parameters yet")
                 self.connecting += 1
-                asyncio.get_running_loop().create_task(self._open_server())
+                self._spawn_open_server()
             await asyncio.shield(self._parameters_ready)
         return self.parameters
 
@@ -284,7 +293,8 @@ class Pool:
 
     def close(self) -> None:
         self.closed = True
-        for server in list(self.servers):
+        self._closing = list(self.servers)
+        for server in self._closing:
             server.close()
         while self.waiters:
             client = self.waiters.popleft()
@@ -416,3 +426,20 @@ class PoolManager:
     def close(self) -> None:
         for pool in self.pools.values():
             pool.close()
+
+    async def wait_closed(self, deadline: float) -> None:
+        """After close(): cancel in-flight connects, wait (until loop time `deadline`) for them to
+        unwind and for closed servers to be gone (a TLS close needs a few round trips), then abort stragglers,
+        so the loop can be closed with no transport left."""
+        loop = asyncio.get_running_loop()
+        opening = [task for pool in self.pools.values() for task in pool._opening]
+        for task in opening:
+            task.cancel()
+        if opening:
+            await asyncio.wait(opening, timeout=max(0.0, deadline - loop.time()))
+        closing = [server for pool in self.pools.values() for server in pool._closing]
+        while any(not server.lost for server in closing) and loop.time() < deadline:
+            await asyncio.sleep(SHUTDOWN_POLL_S)
+        for server in closing:
+            if not server.lost and server.transport is not None:
+                server.transport.abort()

@@ -153,6 +153,7 @@ class ServerConnection(asyncio.Protocol):
         "last_used_ns",
         "login",
         "login_done",
+        "lost",
         "on_close",
         "parameters",
         "process_id",
@@ -180,6 +181,7 @@ class ServerConnection(asyncio.Protocol):
         self.secret_key = 0
         self.reading_paused = False
         self.closed = False
+        self.lost = False  # connection_lost has run: the transport is really gone
         self.created_ns = time.monotonic_ns()
         self.last_used_ns = self.created_ns
         # Set by the owning pool; servers do not import pools (imports point one way).
@@ -255,6 +257,7 @@ class ServerConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.lost = True
         self._notify_closed()
         answer = self._tls_answer
         if answer is not None and not answer.done():
