@@ -351,8 +351,7 @@ class ClientAuthExchange:
         user: str,
         secret: Secret | None,
         *,
-        mock: Secret,
-        mock_scram: ScramVerifier,
+        mock: Callable[[str, bool], Secret],
         channel_binding: bytes | None = None,
         plain_verifier: Callable[[str, str], ScramVerifier] | None = None,
     ) -> None:
@@ -365,7 +364,7 @@ class ClientAuthExchange:
         self._stored = secret  # as stored, before any mock or derived verifier stands in
         if secret is None:
             self.failure = "no such user or no password"
-            secret = mock
+            secret = mock(user, False)
         # md5 (and a stored verifier) or scram: the exchange is SCRAM.
         if method == "md5" and isinstance(secret, ScramVerifier):
             method = "scram-sha-256"
@@ -373,7 +372,7 @@ class ClientAuthExchange:
             if isinstance(secret, Md5Hash):
                 self.failure = "the stored secret is an MD5 hash, which cannot check SCRAM"
                 self._mock = True
-                secret = mock_scram
+                secret = mock(user, True)
             elif isinstance(secret, PlainPassword):
                 assert plain_verifier is not None
                 secret = plain_verifier(user, secret.password)
@@ -653,15 +652,15 @@ class Authenticator:
             method,
             user,
             secret,
-            mock=self._mock_secret(user),
-            mock_scram=mock_verifier(user, self._mock_key),
+            mock=self._mock_secret,
             channel_binding=channel_binding,
             plain_verifier=self._plain_verifier,
         )
 
-    def _mock_secret(self, user: str) -> Secret:
+    def _mock_secret(self, user: str, scram: bool) -> Secret:
+        """The stand-in secret for a user without one (built only for those logins)."""
         verifier = mock_verifier(user, self._mock_key)
-        if self._mock_kind is ScramVerifier:
+        if scram or self._mock_kind is ScramVerifier:
             return verifier
         if self._mock_kind is Md5Hash:
             return Md5Hash("md5" + verifier.stored_key[:16].hex())

@@ -561,8 +561,6 @@ class ClientConnection(asyncio.Protocol):
                     self.transport.close()
                     return
                 reply = exchange.receive(msg_type, body)
-                if reply:
-                    self.transport.write(reply)
                 if exchange.done:
                     # Whatever the client pipelined after its last auth message waits for the
                     # welcome, in the order it was sent.
@@ -570,14 +568,17 @@ class ClientConnection(asyncio.Protocol):
                     self._early = after + reader.take_rest()
                     self._auth = None
                     self._auth_reader = None
-                    self._authenticated(exchange.outcome)
+                    # The last reply (SASLFinal) goes out with the welcome: one write, not two.
+                    self._authenticated(exchange.outcome, reply)
                     return
+                if reply:
+                    self.transport.write(reply)
         except PoolerError as exc:
             self._auth = None
             self._auth_reader = None
             self.fail(exc)
 
-    def _authenticated(self, outcome: AuthOutcome) -> None:
+    def _authenticated(self, outcome: AuthOutcome, last_reply: bytes = b"") -> None:
         pool = self.registry.manager.get_pool(self.database, self.user)
         if pool is None:  # the configuration cannot change under a login, but be exact
             self.fail(NoSuchDatabase(f'no such database: "{self.database}"'))
@@ -586,8 +587,10 @@ class ClientConnection(asyncio.Protocol):
             pool.login.learn(outcome.password, outcome.secret, outcome.client_key)
         self.pool = pool
         if pool.parameters is not None:
-            self._welcome(pool.parameters)
+            self._welcome(pool.parameters, last_reply)
         else:
+            if last_reply:
+                self.transport.write(last_reply)
             asyncio.get_running_loop().create_task(self._welcome_when_pool_ready())
 
     def login_timed_out(self, timeout: float) -> None:
@@ -611,13 +614,14 @@ class ClientConnection(asyncio.Protocol):
         if not self.closed:
             self._welcome(parameters)
 
-    def _welcome(self, parameters: Mapping[str, str]) -> None:
+    def _welcome(self, parameters: Mapping[str, str], last_reply: bytes = b"") -> None:
         if self.application_name or "application_name" in parameters:
             parameters = {**parameters, "application_name": self.application_name}
         self.cancel_key = self.registry.new_cancel_key(self)
         self.registry.logging_in.pop(self, None)
         self.transport.write(
-            codec.AUTHENTICATION_OK
+            last_reply
+            + codec.AUTHENTICATION_OK
             + codec.build_parameter_statuses(parameters)
             + codec.build_backend_key_data(*self.cancel_key)
             + codec.READY_FOR_QUERY_IDLE

@@ -30,6 +30,7 @@ import binascii
 import functools
 import hashlib
 import hmac
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Final
@@ -238,8 +239,12 @@ def _decode_scram(data: bytes, what: str) -> str:
     return text
 
 
+# RFC 5802 "printable": %x21-2B / %x2D-7E (visible ASCII but the comma).
+_PRINTABLE = re.compile(r"[!-+\--~]+")
+
+
 def _check_nonce(nonce: str) -> None:
-    if not nonce or not all("!" <= ch <= "~" and ch != "," for ch in nonce):
+    if _PRINTABLE.fullmatch(nonce) is None:
         raise ProtocolViolation("malformed SCRAM message: invalid nonce")
 
 
