@@ -21,6 +21,7 @@ import asyncio
 import logging
 import secrets
 import time
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -38,6 +39,7 @@ from pypooler.protocol import codec
 from pypooler.protocol import constants as c
 from pypooler.protocol.transaction import FrontendStream
 from pypooler.server import ServerConnection, tune_transport
+from pypooler.stats import TrafficStats, fingerprint
 
 log = logging.getLogger("pypooler.client")
 
@@ -54,6 +56,8 @@ class ClientRegistry:
         self.manager = manager
         self.clients: set[ClientConnection] = set()
         self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}
+        self.errors: Counter[str] = Counter()  # errors before a pool was chosen, by reason
+        self.connects = 0  # TCP connections accepted
         self.accepting = True
 
     def new_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
@@ -99,20 +103,27 @@ class ClientConnection(asyncio.Protocol):
         "connected_ns",
         "database",
         "frontend",
+        "hog_warned",
+        "idle_in_xact",
+        "idle_ns",
+        "idle_since_ns",
         "lent_ns",
         "peer",
         "pending",
         "pending_bytes",
         "pool",
+        "query_start_ns",
         "reading_paused",
         "ready",
         "registry",
         "server",
+        "traffic",
         "transport",
         "user",
         "wait_started_ns",
         "waiting",
         "writing_paused",
+        "xact_count",
     )
 
     def __init__(self, registry: ClientRegistry) -> None:
@@ -126,6 +137,16 @@ class ClientConnection(asyncio.Protocol):
         self.waiting = False  # queued in pool.waiters
         self.wait_started_ns = 0
         self.lent_ns = 0
+        # Timing of the current hold (see stats.py): the server answered everything and waits on
+        # the client since idle_since_ns (0: it does not); idle_in_xact says whether that wait is
+        # inside a transaction; idle_ns sums such waits over the hold.
+        self.query_start_ns = 0
+        self.idle_since_ns = 0
+        self.idle_in_xact = False
+        self.idle_ns = 0
+        self.hog_warned = False
+        self.xact_count = 0
+        self.traffic: TrafficStats | None = None  # set at the welcome
         self.pending: list[bytes] | None = None  # bytes held while waiting for a server
         self.pending_bytes = 0
         self.reading_paused = False
@@ -150,6 +171,7 @@ class ClientConnection(asyncio.Protocol):
         elif peer:
             self.peer = str(peer)
         self.registry.clients.add(self)
+        self.registry.connects += 1
 
     def data_received(self, data: bytes) -> None:
         if self.ready:
@@ -159,8 +181,11 @@ class ClientConnection(asyncio.Protocol):
                 self.fail(exc)
                 return
             if terminate < 0:
+                self.traffic.bytes_received += len(data)  # type: ignore[union-attr]  # set when ready
                 server = self.server
                 if server is not None:
+                    if self.idle_since_ns:
+                        self._resumes_after_idle()
                     server.transport.write(data)
                 else:
                     self._needs_server(data)
@@ -180,7 +205,12 @@ class ClientConnection(asyncio.Protocol):
             self.pool.cancel_wait(self)
         server = self.server
         if server is not None:
+            self.account_hold(time.monotonic_ns())
             self._give_back_on_exit(server)
+        if self.traffic is not None:
+            self.pool.clients.discard(self)
+            if not self.xact_count:
+                self.traffic.clients_without_xact += 1
         if self.pool is not None and registry.settings.log_disconnections:
             log.info(
                 "closing: %s db=%s user=%s app=%s age=%.3fs",
@@ -232,7 +262,8 @@ class ClientConnection(asyncio.Protocol):
             self.pending = [data]
             self.pending_bytes = len(data)
             return
-        self._lend(server)
+        self.traffic.wait.observe(0)  # type: ignore[union-attr]
+        self._lend(server, time.monotonic_ns())
         server.transport.write(data)
 
     def link(self, server: ServerConnection) -> None:
@@ -240,42 +271,85 @@ class ClientConnection(asyncio.Protocol):
         pending = self.pending
         self.pending = None
         self.pending_bytes = 0
-        self._lend(server)
+        now = time.monotonic_ns()
+        waited = now - self.wait_started_ns
+        self.traffic.wait.observe(waited)  # type: ignore[union-attr]
+        self._lend(server, now)
+        warn_ms = self.pool.settings.wait_warn_ms
+        if warn_ms and waited > warn_ms * 1e6:
+            self.pool.warn_wait(self, waited)
         self.resume_reading()  # before the write, whose backpressure may pause us again
         if pending:
             server.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
 
-    def _lend(self, server: ServerConnection) -> None:
+    def _lend(self, server: ServerConnection, now: int) -> None:
         self.server = server
         server.client = self
-        self.lent_ns = time.monotonic_ns()
+        self.lent_ns = self.query_start_ns = now
+        self.frontend.xact_statement = None
         if self.writing_paused:
             server.pause_reading()
+        if not self.xact_count:
+            self.traffic.connect_to_first_query.observe(now - self.connected_ns)  # type: ignore[union-attr]
 
-    def release_server(self) -> None:
+    def _resumes_after_idle(self) -> None:
+        """The client speaks again while holding a server that waited on it."""
+        now = time.monotonic_ns()
+        if self.idle_in_xact:
+            self.idle_ns += now - self.idle_since_ns
+        self.idle_since_ns = 0
+        self.query_start_ns = now
+
+    def release_server(self, now: int) -> None:
         server = self.server
         assert server is not None
         self.server = None
         server.client = None
-        pool = self.pool
-        stats = pool.stats
-        stats.xact_count += 1
-        stats.total_hold_ns += time.monotonic_ns() - self.lent_ns
+        self.account_hold(now)
         if server.reading_paused:
             server.resume_reading()
-        pool.release(server)
+        self.pool.release(server)
+
+    def account_hold(self, now: int) -> None:
+        """Count the hold that ends now: the transaction as the pool saw it."""
+        held = now - self.lent_ns
+        idle = self.idle_ns
+        if self.idle_since_ns:
+            if self.idle_in_xact:
+                idle += now - self.idle_since_ns
+            self.idle_since_ns = 0
+        self.idle_ns = 0
+        self.hog_warned = False
+        self.xact_count += 1
+        traffic = self.traffic
+        assert traffic is not None
+        traffic.xact_count += 1
+        traffic.hold.observe(held)
+        traffic.idle_in_xact.observe(idle)
+        statement = self.frontend.xact_statement
+        if statement is not None:
+            stats = self.pool.stats.for_statement(fingerprint(statement), statement)
+            stats.count += 1
+            stats.hold.observe(held)
+            stats.idle_in_xact.observe(idle)
 
     def server_ready_for_query(self, data: bytes, end: int) -> None:
         """The server answered the client's last outstanding request (`end` is just past it)."""
         server = self.server
         assert server is not None
+        now = time.monotonic_ns()
+        traffic = self.traffic
+        assert traffic is not None
+        traffic.query_count += 1
+        traffic.query.observe(now - self.query_start_ns)
         mode = self.pool.mode
-        if server.backend.tx_status == _TX_IDLE or mode == "session":
+        status = server.backend.tx_status
+        if status == _TX_IDLE or mode == "session":
             self.transport.write(data)
             if mode != "session" and self.frontend.at_rest and server.backend.at_message_boundary:
-                self.release_server()
-            return
-        if mode == "statement":
+                self.release_server(now)
+                return
+        elif mode == "statement":
             # Keep the ReadyForQuery back: the client must not think its transaction is open.
             if end > 6:
                 self.transport.write(data[: end - 6])
@@ -286,7 +360,11 @@ class ClientConnection(asyncio.Protocol):
                 )
             )
             return
-        self.transport.write(data)
+        else:
+            self.transport.write(data)
+        # The server answered everything; from now on it waits on the client.
+        self.idle_since_ns = now
+        self.idle_in_xact = status != _TX_IDLE
 
     def server_lost(self, server: ServerConnection) -> None:
         """The linked server's connection ended under this client."""
@@ -392,6 +470,10 @@ class ClientConnection(asyncio.Protocol):
             self._welcome(parameters)
 
     def _welcome(self, parameters: Mapping[str, str]) -> None:
+        traffic = self.traffic = self.pool.stats.for_application(self.application_name)
+        traffic.logins += 1
+        traffic.login.observe(time.monotonic_ns() - self.connected_ns)
+        self.pool.clients.add(self)
         if self.application_name or "application_name" in parameters:
             parameters = {**parameters, "application_name": self.application_name}
         self.cancel_key = self.registry.new_cancel_key(self)
@@ -417,7 +499,11 @@ class ClientConnection(asyncio.Protocol):
     def fail(self, exc: PoolerError) -> None:
         """Send `exc` as an ErrorResponse and close (all of pypooler's own errors are FATAL)."""
         if self.pool is not None:
-            self.pool.stats.errors[exc.reason] += 1
+            (self.traffic or self.pool.stats.for_application(self.application_name)).errors[
+                exc.reason
+            ] += 1
+        else:
+            self.registry.errors[exc.reason] += 1
         log.log(
             logging.INFO if exc.reason in ("no_such_database",) else logging.WARNING,
             "client %s db=%s user=%s app=%s: %s",

@@ -21,7 +21,13 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from pypooler.config import DatabaseConfig, PoolMode, Settings
-from pypooler.errors import PoolerError, QueryWaitTimeout, ServerConnectFailed, ShuttingDown
+from pypooler.errors import (
+    IdleTransactionTimeout,
+    PoolerError,
+    QueryWaitTimeout,
+    ServerConnectFailed,
+    ShuttingDown,
+)
 from pypooler.server import ServerConnection, ServerLogin, open_server_connection
 from pypooler.stats import PoolStats
 
@@ -59,7 +65,12 @@ class Pool:
         self._parameters_ready: asyncio.Future[None] | None = None
         self.last_connect_error: PoolerError | None = None
         self._retry_at_ns = 0  # no new server connects before this (server_login_retry)
-        self.stats = PoolStats()
+        self.stats = PoolStats(
+            max_applications=settings.stats_max_applications,
+            max_statements=settings.stats_max_statements,
+        )
+        self.clients: set[ClientConnection] = set()  # welcomed clients of this pool
+        self._last_wait_warning_ns = 0
         self.closed = False
 
     def __repr__(self) -> str:
@@ -101,8 +112,6 @@ class Pool:
             if client.waiting:
                 client.waiting = False
                 self.waiting -= 1
-                self.stats.wait_count += 1
-                self.stats.total_wait_ns += time.monotonic_ns() - client.wait_started_ns
                 client.link(server)
                 return
         server.last_used_ns = time.monotonic_ns()
@@ -145,7 +154,7 @@ class Pool:
             raise
         self.connecting -= 1
         self.stats.server_connects += 1
-        self.stats.server_connect_ns += time.monotonic_ns() - started
+        self.stats.server_connect.observe(time.monotonic_ns() - started)
         self.last_connect_error = None
         if self.closed or server.closed:
             server.close()
@@ -211,6 +220,7 @@ class Pool:
                 if client.waiting:
                     client.waiting = False
                     self.waiting -= 1
+                    self.warn_wait(client, now_ns - client.wait_started_ns, timed_out=True)
                     client.fail(
                         QueryWaitTimeout(
                             f"query_wait_timeout: no server connection for {self.database}/"
@@ -219,12 +229,57 @@ class Pool:
                             hint="transactions hold servers too long, or pool_size is too small",
                         )
                     )
+        if self.lent and (self.settings.hold_warn_ms or self.settings.idle_transaction_timeout):
+            self._watch_holders(now_ns)
         idle_timeout = self.settings.server_idle_timeout
         if idle_timeout and self.idle:
             limit = now_ns - int(idle_timeout * NS_PER_S)
             # idle is LIFO, so the longest-idle servers are at the front.
             while self.idle and self.idle[0].last_used_ns <= limit:
                 self.idle.pop(0).close()
+
+    def holders(self, now_ns: int) -> list[ClientConnection]:
+        """Clients holding a server right now, longest hold first."""
+        clients = [s.client for s in self.servers if s.client is not None]
+        return sorted(clients, key=lambda c: c.lent_ns)
+
+    def _watch_holders(self, now_ns: int) -> None:
+        """Hog detection: warn about, or end, clients that sit idle inside a transaction."""
+        warn_ns = self.settings.hold_warn_ms * 1e6
+        timeout_ns = self.settings.idle_transaction_timeout * NS_PER_S
+        for client in self.holders(now_ns):
+            if not (client.idle_since_ns and client.idle_in_xact):
+                continue
+            idle = now_ns - client.idle_since_ns
+            if timeout_ns and idle > timeout_ns:
+                client.fail(
+                    IdleTransactionTimeout(
+                        "terminating connection due to idle_transaction_timeout: idle in a"
+                        f" transaction for {idle / 1e9:.1f} s while holding a server",
+                        hint="commit or roll back before doing non-database work",
+                    )
+                )
+            elif warn_ns and idle > warn_ns and not client.hog_warned:
+                client.hog_warned = True
+                log.warning(
+                    "pool %s/%s: %s has held a server idle in transaction for %.0f ms",
+                    self.database, self.user, describe_holder(client, now_ns), idle / 1e6,
+                )
+
+    def warn_wait(self, client: ClientConnection, waited_ns: int, *, timed_out: bool = False) -> None:
+        """Say why a client waited: name the top holders (at most one line a second per pool)."""
+        now = time.monotonic_ns()
+        if not timed_out and now - self._last_wait_warning_ns < NS_PER_S:
+            return
+        self._last_wait_warning_ns = now
+        holders = self.holders(now)
+        log.warning(
+            "pool %s/%s: client %s app=%s %s %.0f ms for a server (pool_size %d, %d waiting);"
+            " top holders: %s",
+            self.database, self.user, client.peer, client.application_name or "-",
+            "gave up after" if timed_out else "waited", waited_ns / 1e6, self.size, self.waiting,
+            "; ".join(describe_holder(c, now) for c in holders[:3]) or "none",
+        )
 
     def close(self) -> None:
         self.closed = True
@@ -236,6 +291,22 @@ class Pool:
                 client.waiting = False
                 self.waiting -= 1
                 client.fail(ShuttingDown("pypooler is shutting down"))
+
+
+def describe_holder(client: ClientConnection, now_ns: int) -> str:
+    """One holder for a log line: who, for how long, doing what."""
+    held_ms = (now_ns - client.lent_ns) / 1e6
+    if client.idle_since_ns and client.idle_in_xact:
+        state = f"idle in transaction {(now_ns - client.idle_since_ns) / 1e6:.0f} ms"
+    elif client.idle_since_ns:
+        state = "idle"
+    else:
+        state = "active"
+    statement = client.frontend.last_statement[:80].decode("utf-8", "replace")
+    return (
+        f"{client.peer} app={client.application_name or '-'} held {held_ms:.0f} ms, {state},"
+        f" last statement: {statement!r}"
+    )
 
 
 class PoolManager:

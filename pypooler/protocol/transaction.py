@@ -37,13 +37,17 @@ _COPY_DATA: Final = c.F_COPY_DATA
 _COPY_DONE: Final = c.F_COPY_DONE
 _COPY_FAIL: Final = c.F_COPY_FAIL
 _Z: Final = c.B_READY_FOR_QUERY
+_P: Final = c.F_PARSE
+STATEMENT_SAMPLE: Final = 256  # bytes of statement text kept per statement
+# Statements that say nothing about what a transaction does (lower-case prefixes).
+_TRANSACTION_CONTROL: Final = (b"begin", b"start", b"set ", b"savepoint", b"\n", b" ")
 
 
 class FrontendStream:
     """Client -> server direction."""
 
-    __slots__ = ("_extended", "_head", "_skip", "_syncs_since_execute", "copy_in", "open_tail",
-                 "outstanding")
+    __slots__ = ("_extended", "_head", "_skip", "_syncs_since_execute", "copy_in", "last_statement",
+                 "open_tail", "outstanding", "xact_statement")
 
     def __init__(self) -> None:
         self._skip = 0  # bytes of the current message body still to pass
@@ -53,6 +57,11 @@ class FrontendStream:
         self.copy_in = False
         self._syncs_since_execute = 0
         self._extended = False  # was the latest Execute more recent than the latest Query?
+        # The start of the latest Query/Parse text, and the first one of the current transaction
+        # that is not transaction control (the client clears it at each lend): for statement
+        # stats and SHOW HOLDERS. A slice of at most STATEMENT_SAMPLE bytes, taken per statement.
+        self.last_statement = b""
+        self.xact_statement: bytes | None = None
 
     @property
     def at_rest(self) -> bool:
@@ -91,6 +100,7 @@ class FrontendStream:
                 self.open_tail = False
                 self._syncs_since_execute = 0
                 self._extended = False
+                self._note_statement(data, pos + 5, pos + 1 + length)
             elif msg_type == _S:
                 if not self.copy_in:
                     self.outstanding += 1
@@ -112,6 +122,11 @@ class FrontendStream:
                 self.outstanding += 1
             else:  # Parse, Bind, Describe, Close, Flush: answered at the next Sync
                 self.open_tail = True
+                if msg_type == _P:
+                    # Skip the statement name to reach the query text.
+                    name_end = data.find(b"\0", pos + 5, pos + 1 + length)
+                    if name_end >= 0:
+                        self._note_statement(data, name_end + 1, pos + 1 + length)
             pos += 1 + length
         if pos > end:
             self._skip = pos - end
@@ -120,6 +135,16 @@ class FrontendStream:
             if pos < end:
                 self._head = data[pos:]
         return -1
+
+    def _note_statement(self, data: bytes, start: int, end: int) -> None:
+        text = data[start : min(end, start + STATEMENT_SAMPLE)]
+        nul = text.find(b"\0")
+        if nul >= 0:
+            text = text[:nul]
+        self.last_statement = text
+        first = self.xact_statement
+        if first is None or first[:10].lower().startswith(_TRANSACTION_CONTROL):
+            self.xact_statement = text
 
     def _enter_copy_in(self) -> None:
         self.copy_in = True
@@ -153,7 +178,9 @@ class BackendStream:
         if head:
             need = (6 if head[0] == _Z else 5) - len(head)
             if len(data) < need:
-                self._head = head + data
+                head = self._head = head + data
+                if len(head) == 5 and unpack_header(head)[1] != 5:  # a ReadyForQuery header
+                    raise ProtocolViolation(f"server sent ReadyForQuery of length {unpack_header(head)[1]}")
                 return -1
             self._head = b""
             first = self._scan(head + data[:need], 0, frontend)
