@@ -29,7 +29,7 @@ from pypooler.errors import (
     ShuttingDown,
 )
 from pypooler.server import ServerConnection, ServerLogin, open_server_connection
-from pypooler.stats import PoolStats
+from pypooler.stats import PoolStats, Snapshot
 
 if TYPE_CHECKING:
     from pypooler.client import ClientConnection
@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pypooler.pool")
 
 NS_PER_S = 1_000_000_000
+SNAPSHOTS_KEPT = 2  # the window is one to two stats periods long
 
 
 class Pool:
@@ -70,6 +71,8 @@ class Pool:
             max_statements=settings.stats_max_statements,
         )
         self.clients: set[ClientConnection] = set()  # welcomed clients of this pool
+        # Taken every stats_period; [0] starts the window that averages and advice cover.
+        self.snapshots: deque[Snapshot] = deque(maxlen=SNAPSHOTS_KEPT)
         self._last_wait_warning_ns = 0
         self.closed = False
 
@@ -352,6 +355,10 @@ class PoolManager:
         now = time.monotonic_ns()
         for pool in self.pools.values():
             pool.expire(now)
+
+    def take_snapshots(self) -> None:
+        for pool in self.pools.values():
+            pool.snapshots.append(Snapshot(pool.stats))
 
     def close(self) -> None:
         for pool in self.pools.values():

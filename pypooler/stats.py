@@ -203,13 +203,17 @@ class PoolStats:
 
 
 class Snapshot:
-    """Pool totals at one moment, for rates and windowed percentiles between two moments."""
+    """Pool totals (and per application) at one moment, for rates and windowed percentiles."""
 
-    __slots__ = ("at_ns", "totals")
+    __slots__ = ("apps", "at_ns", "totals")
 
     def __init__(self, stats: PoolStats) -> None:
         self.at_ns = time.monotonic_ns()
         self.totals = stats.totals()
+        self.apps: dict[str, TrafficStats] = {}
+        for name, app in stats.apps.items():
+            copy = self.apps[name] = TrafficStats()
+            copy.merge(app)
 
 
 # --------------------------------------------------------------------------- fingerprints
