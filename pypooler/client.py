@@ -20,9 +20,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import struct
 import time
 from collections import Counter
-from collections.abc import Mapping
 from typing import Any, cast
 
 from pypooler.config import Settings
@@ -43,6 +43,8 @@ from pypooler.stats import TrafficStats, fingerprint
 
 log = logging.getLogger("pypooler.client")
 
+CANCEL_KEY = struct.Struct("!ii")
+CANCEL_KEYS_PER_BATCH = 256
 # Bytes a client may send while it waits for a server before we stop reading from it.
 PENDING_LIMIT = 256 * 1024
 _TX_IDLE = c.TX_IDLE
@@ -56,13 +58,21 @@ class ClientRegistry:
         self.manager = manager
         self.clients: set[ClientConnection] = set()
         self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}
+        self._random_keys: list[tuple[int, int]] = []
         self.errors: Counter[str] = Counter()  # errors before a pool was chosen, by reason
         self.connects = 0  # TCP connections accepted
         self.accepting = True
 
     def new_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
+        """A fresh random BackendKeyData for a client (unguessable, so nobody cancels others)."""
         while True:
-            key = (secrets.randbits(31), secrets.randbits(32) - (1 << 31))
+            if not self._random_keys:
+                # One getrandom() call per CANCEL_KEYS_PER_BATCH logins, not two per login.
+                self._random_keys = list(
+                    CANCEL_KEY.iter_unpack(secrets.token_bytes(CANCEL_KEY.size * CANCEL_KEYS_PER_BATCH))
+                )
+            pid, secret = self._random_keys.pop()
+            key = (pid & 0x7FFFFFFF, secret)
             if key not in self.cancel_keys:
                 self.cancel_keys[key] = client
                 return key
@@ -262,7 +272,7 @@ class ClientConnection(asyncio.Protocol):
             self.pending = [data]
             self.pending_bytes = len(data)
             return
-        self.traffic.wait.observe(0)  # type: ignore[union-attr]
+        self.traffic.wait.observe_zero()  # type: ignore[union-attr]
         self._lend(server, time.monotonic_ns())
         server.transport.write(data)
 
@@ -286,7 +296,9 @@ class ClientConnection(asyncio.Protocol):
         self.server = server
         server.client = self
         self.lent_ns = self.query_start_ns = now
-        self.frontend.xact_statement = None
+        frontend = self.frontend
+        frontend.xact_statement = None
+        frontend.xact_statement_final = False
         if self.writing_paused:
             server.pause_reading()
         if not self.xact_count:
@@ -325,13 +337,15 @@ class ClientConnection(asyncio.Protocol):
         assert traffic is not None
         traffic.xact_count += 1
         traffic.hold.observe(held)
-        traffic.idle_in_xact.observe(idle)
+        if idle:
+            traffic.idle_in_xact.observe(idle)
+        else:
+            traffic.idle_in_xact.observe_zero()
         statement = self.frontend.xact_statement
         if statement is not None:
             stats = self.pool.stats.for_statement(fingerprint(statement), statement)
             stats.count += 1
             stats.hold.observe(held)
-            stats.idle_in_xact.observe(idle)
 
     def server_ready_for_query(self, data: bytes, end: int) -> None:
         """The server answered the client's last outstanding request (`end` is just past it)."""
@@ -456,30 +470,29 @@ class ClientConnection(asyncio.Protocol):
             # A newer 3.x client: tell it we speak 3.0 and ignored its protocol options.
             self.transport.write(codec.build_negotiate_protocol_version(0, protocol_options))
         if pool.parameters is not None:
-            self._welcome(pool.parameters)
+            self._welcome()
         else:
             asyncio.get_running_loop().create_task(self._welcome_when_pool_ready())
 
     async def _welcome_when_pool_ready(self) -> None:
         try:
-            parameters = await self.pool.ensure_parameters()
+            await self.pool.ensure_parameters()
         except PoolerError as exc:
             self.fail(exc)
             return
         if not self.closed:
-            self._welcome(parameters)
+            self._welcome()
 
-    def _welcome(self, parameters: Mapping[str, str]) -> None:
-        traffic = self.traffic = self.pool.stats.for_application(self.application_name)
+    def _welcome(self) -> None:
+        pool = self.pool
+        traffic = self.traffic = pool.stats.for_application(self.application_name)
         traffic.logins += 1
         traffic.login.observe(time.monotonic_ns() - self.connected_ns)
-        self.pool.clients.add(self)
-        if self.application_name or "application_name" in parameters:
-            parameters = {**parameters, "application_name": self.application_name}
+        pool.clients.add(self)
         self.cancel_key = self.registry.new_cancel_key(self)
         self.transport.write(
-            codec.AUTHENTICATION_OK
-            + codec.build_parameter_statuses(parameters)
+            pool.welcome_prefix()
+            + codec.build_parameter_status("application_name", self.application_name)
             + codec.build_backend_key_data(*self.cancel_key)
             + codec.READY_FOR_QUERY_IDLE
         )

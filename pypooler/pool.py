@@ -28,6 +28,7 @@ from pypooler.errors import (
     ServerConnectFailed,
     ShuttingDown,
 )
+from pypooler.protocol import codec
 from pypooler.server import ServerConnection, ServerLogin, open_server_connection
 from pypooler.stats import PoolStats, Snapshot
 
@@ -64,6 +65,7 @@ class Pool:
         self.waiting = 0  # waiters still wanting a server (the deque may hold ones that left)
         self.parameters: dict[str, str] | None = None  # the first server's ParameterStatus set
         self._parameters_ready: asyncio.Future[None] | None = None
+        self._welcome: bytes | None = None  # built from `parameters` on first use
         self.last_connect_error: PoolerError | None = None
         self._retry_at_ns = 0  # no new server connects before this (server_login_retry)
         self.stats = PoolStats(
@@ -197,6 +199,15 @@ class Pool:
     def _retry_connect(self) -> None:
         self._retry_at_ns = 0
         self._open_servers_for_waiters()
+
+    def welcome_prefix(self) -> bytes:
+        """AuthenticationOk and the ParameterStatus set minus application_name, built once."""
+        if self._welcome is None:
+            parameters = self.parameters or {}
+            self._welcome = codec.AUTHENTICATION_OK + codec.build_parameter_statuses(
+                {k: v for k, v in parameters.items() if k != "application_name"}
+            )
+        return self._welcome
 
     async def ensure_parameters(self) -> dict[str, str]:
         """The server ParameterStatus set new clients are welcomed with (opens a server if needed)."""

@@ -47,7 +47,7 @@ class FrontendStream:
     """Client -> server direction."""
 
     __slots__ = ("_extended", "_head", "_skip", "_syncs_since_execute", "copy_in", "last_statement",
-                 "open_tail", "outstanding", "xact_statement")
+                 "open_tail", "outstanding", "xact_statement", "xact_statement_final")
 
     def __init__(self) -> None:
         self._skip = 0  # bytes of the current message body still to pass
@@ -62,6 +62,7 @@ class FrontendStream:
         # stats and SHOW HOLDERS. A slice of at most STATEMENT_SAMPLE bytes, taken per statement.
         self.last_statement = b""
         self.xact_statement: bytes | None = None
+        self.xact_statement_final = False  # xact_statement is not transaction control
 
     @property
     def at_rest(self) -> bool:
@@ -100,7 +101,8 @@ class FrontendStream:
                 self.open_tail = False
                 self._syncs_since_execute = 0
                 self._extended = False
-                self._note_statement(data, pos + 5, pos + 1 + length)
+                # The text ends one byte before the message (its NUL terminator).
+                self._note_statement(data[pos + 5 : min(pos + length, pos + 5 + STATEMENT_SAMPLE)])
             elif msg_type == _S:
                 if not self.copy_in:
                     self.outstanding += 1
@@ -126,7 +128,9 @@ class FrontendStream:
                     # Skip the statement name to reach the query text.
                     name_end = data.find(b"\0", pos + 5, pos + 1 + length)
                     if name_end >= 0:
-                        self._note_statement(data, name_end + 1, pos + 1 + length)
+                        text = data[name_end + 1 : min(pos + 1 + length, name_end + 1 + STATEMENT_SAMPLE)]
+                        nul = text.find(b"\0")
+                        self._note_statement(text[:nul] if nul >= 0 else text)
             pos += 1 + length
         if pos > end:
             self._skip = pos - end
@@ -136,15 +140,11 @@ class FrontendStream:
                 self._head = data[pos:]
         return -1
 
-    def _note_statement(self, data: bytes, start: int, end: int) -> None:
-        text = data[start : min(end, start + STATEMENT_SAMPLE)]
-        nul = text.find(b"\0")
-        if nul >= 0:
-            text = text[:nul]
+    def _note_statement(self, text: bytes) -> None:
         self.last_statement = text
-        first = self.xact_statement
-        if first is None or first[:10].lower().startswith(_TRANSACTION_CONTROL):
+        if not self.xact_statement_final:
             self.xact_statement = text
+            self.xact_statement_final = not text[:10].lower().startswith(_TRANSACTION_CONTROL)
 
     def _enter_copy_in(self) -> None:
         self.copy_in = True
