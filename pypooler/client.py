@@ -106,6 +106,7 @@ async def send_cancel(host: str, port: int, process_id: int, secret_key: int) ->
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "_early",
+        "_peer",
         "_startup_reader",
         "application_name",
         "cancel_key",
@@ -118,7 +119,6 @@ class ClientConnection(asyncio.Protocol):
         "idle_ns",
         "idle_since_ns",
         "lent_ns",
-        "peer",
         "pending",
         "pending_bytes",
         "pool",
@@ -164,22 +164,28 @@ class ClientConnection(asyncio.Protocol):
         self._startup_reader: codec.StartupPacketReader | None = codec.StartupPacketReader()
         self._early = b""  # bytes that arrived before the welcome was sent
         self.cancel_key: tuple[int, int] | None = None
-        self.peer = "?"
+        self._peer: str | None = None  # asked of the socket only when a log line needs it
         self.user = ""
         self.database = ""
         self.application_name = ""
         self.connected_ns = time.monotonic_ns()
+
+    @property
+    def peer(self) -> str:
+        """The client's address, for logs and the console (a getpeername() call, done once)."""
+        if self._peer is None:
+            peer: Any = self.transport.get_extra_info("peername") if self.transport else None
+            if isinstance(peer, tuple):
+                self._peer = f"{peer[0]}:{peer[1]}"
+            else:
+                self._peer = str(peer) if peer else "?"
+        return self._peer
 
     # ------------------------------------------------------------------ asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         tune_transport(self.transport, keepalive=self.registry.settings.tcp_keepalive)
-        peer: Any = transport.get_extra_info("peername")
-        if isinstance(peer, tuple):
-            self.peer = f"{peer[0]}:{peer[1]}"
-        elif peer:
-            self.peer = str(peer)
         self.registry.clients.add(self)
         self.registry.connects += 1
 
@@ -497,7 +503,10 @@ class ClientConnection(asyncio.Protocol):
             + codec.READY_FOR_QUERY_IDLE
         )
         self.ready = True
-        if self.registry.settings.log_connections:
+        settings = self.registry.settings
+        if settings.log_disconnections:
+            _ = self.peer  # read it while the socket is open, for the line at disconnection
+        if settings.log_connections:
             log.info(
                 "login: %s db=%s user=%s app=%s",
                 self.peer, self.database, self.user, self.application_name,
