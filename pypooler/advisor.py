@@ -247,7 +247,7 @@ def subtract(stats: TrafficStats, earlier: TrafficStats) -> None:
     """stats -= earlier, for the counters and histograms the advisor reads."""
     stats.xact_count -= earlier.xact_count
     stats.query_count -= earlier.query_count
-    for name in ("wait", "hold", "idle_in_xact", "query"):
+    for name in ("wait_nonzero", "hold", "idle_nonzero", "query"):
         setattr(stats, name, getattr(stats, name).minus(getattr(earlier, name)))
     stats.errors.subtract(earlier.errors)
 

@@ -22,6 +22,7 @@ import logging
 import secrets
 import struct
 import time
+from bisect import bisect_left
 from collections import Counter
 from typing import Any, cast
 
@@ -39,7 +40,7 @@ from pypooler.protocol import codec
 from pypooler.protocol import constants as c
 from pypooler.protocol.transaction import FrontendStream
 from pypooler.server import ServerConnection, tune_transport
-from pypooler.stats import TrafficStats, fingerprint
+from pypooler.stats import BOUNDS_NS, TrafficStats, bucket_of, fingerprint
 
 log = logging.getLogger("pypooler.client")
 
@@ -109,6 +110,8 @@ class ClientConnection(asyncio.Protocol):
         "_peer",
         "_startup_reader",
         "application_name",
+        "bytes_received",
+        "bytes_sent",
         "cancel_key",
         "closed",
         "connected_ns",
@@ -131,6 +134,7 @@ class ClientConnection(asyncio.Protocol):
         "transport",
         "user",
         "wait_started_ns",
+        "waited_ns",
         "waiting",
         "writing_paused",
         "xact_count",
@@ -146,6 +150,7 @@ class ClientConnection(asyncio.Protocol):
         self.closed = False
         self.waiting = False  # queued in pool.waiters
         self.wait_started_ns = 0
+        self.waited_ns = 0  # how long the current hold's checkout waited
         self.lent_ns = 0
         # Timing of the current hold (see stats.py): the server answered everything and waits on
         # the client since idle_since_ns (0: it does not); idle_in_xact says whether that wait is
@@ -157,6 +162,9 @@ class ClientConnection(asyncio.Protocol):
         self.hog_warned = False
         self.xact_count = 0
         self.traffic: TrafficStats | None = None  # set at the welcome
+        # Counted here per read, added to `traffic` once per hold (cheaper than per read there).
+        self.bytes_received = 0
+        self.bytes_sent = 0
         self.pending: list[bytes] | None = None  # bytes held while waiting for a server
         self.pending_bytes = 0
         self.reading_paused = False
@@ -197,7 +205,7 @@ class ClientConnection(asyncio.Protocol):
                 self.fail(exc)
                 return
             if terminate < 0:
-                self.traffic.bytes_received += len(data)  # type: ignore[union-attr]  # set when ready
+                self.bytes_received += len(data)
                 server = self.server
                 if server is not None:
                     if self.idle_since_ns:
@@ -278,7 +286,6 @@ class ClientConnection(asyncio.Protocol):
             self.pending = [data]
             self.pending_bytes = len(data)
             return
-        self.traffic.wait.observe_zero()  # type: ignore[union-attr]
         self._lend(server, time.monotonic_ns())
         server.transport.write(data)
 
@@ -288,8 +295,7 @@ class ClientConnection(asyncio.Protocol):
         self.pending = None
         self.pending_bytes = 0
         now = time.monotonic_ns()
-        waited = now - self.wait_started_ns
-        self.traffic.wait.observe(waited)  # type: ignore[union-attr]
+        waited = self.waited_ns = now - self.wait_started_ns
         self._lend(server, now)
         warn_ms = self.pool.settings.wait_warn_ms
         if warn_ms and waited > warn_ms * 1e6:
@@ -318,19 +324,24 @@ class ClientConnection(asyncio.Protocol):
         self.idle_since_ns = 0
         self.query_start_ns = now
 
-    def release_server(self, now: int) -> None:
+    def release_server(self, now: int, bucket: int = -1) -> None:
         server = self.server
         assert server is not None
         self.server = None
         server.client = None
-        self.account_hold(now)
+        self.account_hold(now, bucket)
         if server.reading_paused:
             server.resume_reading()
         self.pool.release(server)
 
-    def account_hold(self, now: int) -> None:
-        """Count the hold that ends now: the transaction as the pool saw it."""
+    def account_hold(self, now: int, bucket: int = -1) -> None:
+        """Count the hold that ends now: the transaction as the pool saw it.
+
+        `bucket`: the histogram bucket of this hold if the caller already found it.
+        """
         held = now - self.lent_ns
+        if bucket < 0:
+            bucket = bucket_of(held)
         idle = self.idle_ns
         if self.idle_since_ns:
             if self.idle_in_xact:
@@ -342,16 +353,20 @@ class ClientConnection(asyncio.Protocol):
         traffic = self.traffic
         assert traffic is not None
         traffic.xact_count += 1
-        traffic.hold.observe(held)
+        traffic.bytes_received += self.bytes_received
+        traffic.bytes_sent += self.bytes_sent
+        self.bytes_received = self.bytes_sent = 0
+        traffic.hold.observe_at(bucket, held)
         if idle:
-            traffic.idle_in_xact.observe(idle)
-        else:
-            traffic.idle_in_xact.observe_zero()
+            traffic.idle_nonzero.observe(idle)
+        if self.waited_ns:
+            traffic.wait_nonzero.observe(self.waited_ns)
+            self.waited_ns = 0
         statement = self.frontend.xact_statement
         if statement is not None:
             stats = self.pool.stats.for_statement(fingerprint(statement), statement)
             stats.count += 1
-            stats.hold.observe(held)
+            stats.hold.observe_at(bucket, held)
 
     def server_ready_for_query(self, data: bytes, end: int) -> None:
         """The server answered the client's last outstanding request (`end` is just past it)."""
@@ -361,13 +376,21 @@ class ClientConnection(asyncio.Protocol):
         traffic = self.traffic
         assert traffic is not None
         traffic.query_count += 1
-        traffic.query.observe(now - self.query_start_ns)
+        query_ns = now - self.query_start_ns
+        bucket = bisect_left(BOUNDS_NS, query_ns)
+        traffic.query.observe_at(bucket, query_ns)
         mode = self.pool.mode
-        status = server.backend.tx_status
+        backend = server.backend
+        status = backend.tx_status
         if status == _TX_IDLE or mode == "session":
             self.transport.write(data)
-            if mode != "session" and self.frontend.at_rest and server.backend.at_message_boundary:
-                self.release_server(now)
+            if (
+                mode != "session"
+                and self.frontend.at_rest
+                and not (backend._skip or backend._head)  # at a message boundary
+            ):
+                # A one-request transaction: its hold is its query time, same bucket.
+                self.release_server(now, bucket if self.query_start_ns == self.lent_ns else -1)
                 return
         elif mode == "statement":
             # Keep the ReadyForQuery back: the client must not think its transaction is open.

@@ -131,6 +131,7 @@ class ServerConnection(asyncio.Protocol):
             except ProtocolViolation as exc:
                 self._protocol_error(exc)
                 return
+            client.bytes_sent += len(data)
             if end < 0:
                 client.transport.write(data)
             else:

@@ -26,7 +26,11 @@ BUCKET_BOUNDS_S: Final = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
-_BOUNDS_NS: Final = [int(b * 1e9) for b in BUCKET_BOUNDS_S]
+BOUNDS_NS: Final = [int(b * 1e9) for b in BUCKET_BOUNDS_S]
+
+
+def bucket_of(ns: int) -> int:
+    return bisect_left(BOUNDS_NS, ns)
 OTHER: Final = "other"
 
 
@@ -36,12 +40,18 @@ class Histogram:
     __slots__ = ("count", "counts", "sum_ns")
 
     def __init__(self) -> None:
-        self.counts = [0] * (len(_BOUNDS_NS) + 1)
+        self.counts = [0] * (len(BOUNDS_NS) + 1)
         self.count = 0
         self.sum_ns = 0
 
     def observe(self, ns: int) -> None:
-        self.counts[bisect_left(_BOUNDS_NS, ns)] += 1
+        self.counts[bisect_left(BOUNDS_NS, ns)] += 1
+        self.count += 1
+        self.sum_ns += ns
+
+    def observe_at(self, index: int, ns: int) -> None:
+        """observe(ns) with its bucket already found (one search serves several histograms)."""
+        self.counts[index] += 1
         self.count += 1
         self.sum_ns += ns
 
@@ -60,6 +70,13 @@ class Histogram:
     def copy(self) -> Histogram:
         clone = Histogram()
         clone.merge(self)
+        return clone
+
+    def with_zeros(self, zeros: int) -> Histogram:
+        """A copy with `zeros` more observations of 0."""
+        clone = self.copy()
+        clone.counts[0] += max(0, zeros)
+        clone.count += max(0, zeros)
         return clone
 
     def minus(self, earlier: Histogram) -> Histogram:
@@ -99,13 +116,13 @@ class TrafficStats:
         "connect_to_first_query",
         "errors",
         "hold",
-        "idle_in_xact",
+        "idle_nonzero",
         "login",
         "logins",
         "query",
         "query_count",
         "session_state",
-        "wait",
+        "wait_nonzero",
         "xact_count",
     )
 
@@ -114,9 +131,11 @@ class TrafficStats:
         self.query_count = 0  # requests answered: client sends .. ReadyForQuery with nothing due
         self.bytes_received = 0  # from clients
         self.bytes_sent = 0  # to clients
-        self.wait = Histogram()  # checkout wait, every checkout (0 when a server was idle)
         self.hold = Histogram()  # lend .. release
-        self.idle_in_xact = Histogram()  # part of each hold the server waited on its client
+        # Checkout waits and idle-in-transaction times are mostly 0; only the others are
+        # observed (at release, so they never outnumber holds) and the zeros are implied.
+        self.wait_nonzero = Histogram()
+        self.idle_nonzero = Histogram()
         self.query = Histogram()  # client request .. ReadyForQuery
         self.logins = 0
         self.login = Histogram()  # TCP accept .. ReadyForQuery of the welcome
@@ -133,9 +152,9 @@ class TrafficStats:
         self.logins += other.logins
         self.clients_without_xact += other.clients_without_xact
         for mine, theirs in (
-            (self.wait, other.wait),
+            (self.wait_nonzero, other.wait_nonzero),
             (self.hold, other.hold),
-            (self.idle_in_xact, other.idle_in_xact),
+            (self.idle_nonzero, other.idle_nonzero),
             (self.query, other.query),
             (self.login, other.login),
             (self.connect_to_first_query, other.connect_to_first_query),
@@ -143,6 +162,16 @@ class TrafficStats:
             mine.merge(theirs)
         self.errors.update(other.errors)
         self.session_state.update(other.session_state)
+
+    @property
+    def wait(self) -> Histogram:
+        """Checkout wait of every completed hold: from needing a server to getting one."""
+        return self.wait_nonzero.with_zeros(self.hold.count - self.wait_nonzero.count)
+
+    @property
+    def idle_in_xact(self) -> Histogram:
+        """Per completed hold, the time the server sat idle in a transaction waiting on the client."""
+        return self.idle_nonzero.with_zeros(self.hold.count - self.idle_nonzero.count)
 
 
 class StatementStats:

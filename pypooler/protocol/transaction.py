@@ -41,6 +41,7 @@ _P: Final = c.F_PARSE
 STATEMENT_SAMPLE: Final = 256  # bytes of statement text kept per statement
 # Statements that say nothing about what a transaction does (lower-case prefixes).
 _TRANSACTION_CONTROL: Final = (b"begin", b"start", b"set ", b"savepoint", b"\n", b" ")
+_CONTROL_FIRST_BYTES: Final = frozenset(b"bBsS \n\t")
 
 
 class FrontendStream:
@@ -69,24 +70,25 @@ class FrontendStream:
         """Nothing sent by the client is pending on the server."""
         return not (self.outstanding or self.open_tail or self.copy_in or self._head or self._skip)
 
-    def feed(self, data: bytes) -> int:
-        """Account for client bytes; return the offset of a Terminate message, or -1."""
+    def _complete_head(self, data: bytes) -> int:
+        """feed() when the last read ended inside a message header."""
         head = self._head
-        if head:
-            need = 5 - len(head)
-            if len(data) < need:
-                self._head = head + data
-                return -1
-            self._head = b""
-            terminate = self._scan(head + data[:need], 0)
-            if terminate >= 0:
-                # Part of the Terminate already went to the server: it is no longer clean.
-                self.open_tail = True
-                return 0
-            return self._scan(data, need)
-        return self._scan(data, 0)
+        need = 5 - len(head)
+        if len(data) < need:
+            self._head = head + data
+            return -1
+        self._head = b""
+        terminate = self.feed(head + data[:need])
+        if terminate >= 0:
+            # Part of the Terminate already went to the server: it is no longer clean.
+            self.open_tail = True
+            return 0
+        return self.feed(data, need)
 
-    def _scan(self, data: bytes, start: int) -> int:
+    def feed(self, data: bytes, start: int = 0) -> int:
+        """Account for client bytes; return the offset of a Terminate message, or -1."""
+        if self._head:
+            return self._complete_head(data)
         end = len(data)
         pos = start + self._skip
         if pos > end:
@@ -102,7 +104,9 @@ class FrontendStream:
                 self._syncs_since_execute = 0
                 self._extended = False
                 # The text ends one byte before the message (its NUL terminator).
-                self._note_statement(data[pos + 5 : min(pos + length, pos + 5 + STATEMENT_SAMPLE)])
+                text = self.last_statement = data[pos + 5 : min(pos + length, pos + 5 + STATEMENT_SAMPLE)]
+                if not self.xact_statement_final:
+                    self._note_first_statement(text)
             elif msg_type == _S:
                 if not self.copy_in:
                     self.outstanding += 1
@@ -143,8 +147,15 @@ class FrontendStream:
     def _note_statement(self, text: bytes) -> None:
         self.last_statement = text
         if not self.xact_statement_final:
-            self.xact_statement = text
-            self.xact_statement_final = not text[:10].lower().startswith(_TRANSACTION_CONTROL)
+            self._note_first_statement(text)
+
+    def _note_first_statement(self, text: bytes) -> None:
+        self.xact_statement = text
+        # Most statements fail the one-byte test; only b/s/blank ones get the full look.
+        self.xact_statement_final = not (
+            text and text[0] in _CONTROL_FIRST_BYTES
+            and text[:10].lower().startswith(_TRANSACTION_CONTROL)
+        )
 
     def _enter_copy_in(self) -> None:
         self.copy_in = True
@@ -168,29 +179,30 @@ class BackendStream:
     def at_message_boundary(self) -> bool:
         return not (self._skip or self._head)
 
-    def feed(self, data: bytes, frontend: FrontendStream) -> int:
+    def _complete_head(self, data: bytes, frontend: FrontendStream) -> int:
+        """feed() when the last read ended inside a message header."""
+        head = self._head
+        need = (6 if head[0] == _Z else 5) - len(head)
+        if len(data) < need:
+            head = self._head = head + data
+            if len(head) == 5 and unpack_header(head)[1] != 5:  # a ReadyForQuery header
+                raise ProtocolViolation(f"server sent ReadyForQuery of length {unpack_header(head)[1]}")
+            return -1
+        self._head = b""
+        first = self.feed(head + data[:need], frontend)
+        rest = self.feed(data, frontend, need)
+        if rest >= 0:
+            return rest
+        return first - len(head) if first >= 0 else -1
+
+    def feed(self, data: bytes, frontend: FrontendStream, start: int = 0) -> int:
         """Account for server bytes.
 
         Returns the offset just past the last ReadyForQuery in `data` that answered the client's
         last outstanding request, or -1. `tx_status` then holds the status of the latest one.
         """
-        head = self._head
-        if head:
-            need = (6 if head[0] == _Z else 5) - len(head)
-            if len(data) < need:
-                head = self._head = head + data
-                if len(head) == 5 and unpack_header(head)[1] != 5:  # a ReadyForQuery header
-                    raise ProtocolViolation(f"server sent ReadyForQuery of length {unpack_header(head)[1]}")
-                return -1
-            self._head = b""
-            first = self._scan(head + data[:need], 0, frontend)
-            rest = self._scan(data, need, frontend)
-            if rest >= 0:
-                return rest
-            return first - len(head) if first >= 0 else -1
-        return self._scan(data, 0, frontend)
-
-    def _scan(self, data: bytes, start: int, frontend: FrontendStream) -> int:
+        if self._head:
+            return self._complete_head(data, frontend)
         end = len(data)
         pos = start + self._skip
         if pos > end:
