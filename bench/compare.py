@@ -393,9 +393,15 @@ def start_pgbouncer(workdir: Path, postgres: EmbeddedPostgres, binary: str) -> P
     return start_proxy("PgBouncer", launch, postgres, signal.SIGTERM, frozenset({1}))
 
 
-def start_pypooler(workdir: Path, postgres: EmbeddedPostgres) -> Proxy:
-    home = workdir / "pypooler"
+def start_pypooler(
+    workdir: Path, postgres: EmbeddedPostgres, *, name: str = "pypooler", source: Path | None = None
+) -> Proxy:
+    """Start pypooler; `source`: a checkout of another revision to run instead of this tree."""
+    home = workdir / name.replace("@", "-")
     home.mkdir(mode=0o700)
+    env = clean_env()
+    if source is not None:
+        env["PYTHONPATH"] = str(source)
 
     def launch(port: int) -> tuple[subprocess.Popen[bytes], Path]:
         config = home / "pypooler.toml"
@@ -409,6 +415,8 @@ def start_pypooler(workdir: Path, postgres: EmbeddedPostgres) -> Proxy:
             "log_disconnections = false\n"
             'log_level = "WARNING"\n'
             f"server_idle_timeout = {SERVER_IDLE_TIMEOUT_S}\n"
+            + ("metrics_port = 0\n" if source is None or _has_metrics(source) else "")
+            +
             f"\n[databases.{DEFAULT_DBNAME}]\n"
             f'host = "{postgres.host}"\n'
             f"port = {postgres.port}\n"
@@ -421,12 +429,35 @@ def start_pypooler(workdir: Path, postgres: EmbeddedPostgres) -> Proxy:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=home,
-                env=clean_env(),
+                env=env,
                 start_new_session=True,
             )
         return process, log_path
 
-    return start_proxy("pypooler", launch, postgres, signal.SIGINT, frozenset({0}))
+    return start_proxy(name, launch, postgres, signal.SIGINT, frozenset({0}))
+
+
+def _has_metrics(source: Path) -> bool:
+    return (source / "pypooler" / "metrics.py").exists()
+
+
+def checkout_revision(workdir: Path, revision: str) -> Path:
+    """A detached worktree of `revision` of this repository, removed with `workdir`."""
+    target = workdir / f"src-{revision}"
+    repo = Path(__file__).resolve().parent.parent
+    subprocess.run(
+        ["git", "-C", str(repo), "worktree", "add", "--detach", "-q", str(target), revision],
+        check=True,
+    )
+    return target
+
+
+def remove_checkout(path: Path) -> None:
+    repo = Path(__file__).resolve().parent.parent
+    subprocess.run(
+        ["git", "-C", str(repo), "worktree", "remove", "--force", str(path)],
+        check=False, capture_output=True,
+    )
 
 
 # -- pgbench ---------------------------------------------------------------------------------
@@ -619,12 +650,14 @@ def cell(
     return text
 
 
-def round_ratios(runs: Sequence[RunResult], rounds: int) -> list[float | None]:
-    """pypooler tps / PgBouncer tps within each round (None where either failed)."""
+def round_ratios(
+    runs: Sequence[RunResult], rounds: int, ours_name: str = "pypooler", theirs_name: str = "PgBouncer"
+) -> list[float | None]:
+    """ours tps / theirs tps within each round (None where either failed)."""
     ratios: list[float | None] = []
     for round_no in range(1, rounds + 1):
         by_target = {run.target: run for run in runs if run.round_no == round_no}
-        ours, theirs = by_target.get("pypooler"), by_target.get("PgBouncer")
+        ours, theirs = by_target.get(ours_name), by_target.get(theirs_name)
         if ours and theirs and ours.ok and theirs.ok and theirs.tps and ours.tps is not None:
             ratios.append(ours.tps / theirs.tps)
         else:
@@ -667,6 +700,31 @@ def render_table(results: Sequence[RunResult], points: Sequence[Point], rounds: 
         row.append("-" if median is None else f"**{median:.2f}** ({per_round})")
         row.append(verdict(median))
         lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def render_baseline_table(
+    results: Sequence[RunResult], points: Sequence[Point], rounds: int, baseline: str
+) -> str:
+    """This tree against an older build, both measured against PgBouncer in the same rounds."""
+    lines = [
+        f"| pgbench | {baseline} µs/xact | pypooler µs/xact | {baseline}/PgBouncer"
+        " | pypooler/PgBouncer | pypooler / baseline ratio |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for point in points:
+        at_point = [run for run in results if run.point == point]
+        base_runs = [run for run in at_point if run.target == baseline]
+        our_runs = [run for run in at_point if run.target == "pypooler"]
+        base = median_or_none(round_ratios(at_point, rounds, baseline))
+        ours = median_or_none(round_ratios(at_point, rounds))
+        change = "-" if not base or ours is None else f"{ours / base:.2f}"
+        lines.append(
+            f"| {point.label} | {cell(base_runs, lambda r: r.cpu_us_per_xact, '.1f')}"
+            f" | {cell(our_runs, lambda r: r.cpu_us_per_xact, '.1f')}"
+            f" | {'-' if base is None else f'{base:.2f}'} | {'-' if ours is None else f'{ours:.2f}'}"
+            f" | {change} |"
+        )
     return "\n".join(lines)
 
 
@@ -750,6 +808,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--scale", type=int, default=DEFAULT_SCALE, help="pgbench -i -s")
     parser.add_argument("--pgbouncer", default=PGBOUNCER, help="PgBouncer binary")
     parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run pypooler at this git revision in every round (e.g. the build before a"
+        " hot-path change) and print its ratio beside the current tree's",
+    )
+    parser.add_argument(
         "--results-dir",
         type=Path,
         default=Path(__file__).resolve().parent / "results",
@@ -782,6 +846,7 @@ def benchmark(args: argparse.Namespace) -> str:
     proxies: list[Proxy] = []
     drain_notes: list[str] = []
     postgres = EmbeddedPostgres(max_connections=PG_MAX_CONNECTIONS)
+    baseline_source: Path | None = None
     workdir = Path(tempfile.mkdtemp(prefix="pypooler-bench-"))
     os.chmod(workdir, 0o755)  # PgBouncer, as nobody, must reach its subdirectory
     try:
@@ -791,12 +856,19 @@ def benchmark(args: argparse.Namespace) -> str:
         pgbench_init(postgres, args.scale)
         proxies.append(start_pgbouncer(workdir, postgres, args.pgbouncer))
         proxies.append(start_pypooler(workdir, postgres))
-        pgbouncer, pypooler = proxies
+        pgbouncer, pypooler = proxies[0], proxies[1]
         targets: list[tuple[str, int, Proxy | None]] = [
             ("direct", postgres.port, None),
             ("PgBouncer", pgbouncer.port, pgbouncer),
             ("pypooler", pypooler.port, pypooler),
         ]
+        if args.baseline:
+            baseline_source = checkout_revision(workdir, args.baseline)
+            baseline = start_pypooler(
+                workdir, postgres, name=f"pypooler@{args.baseline}", source=baseline_source
+            )
+            proxies.append(baseline)
+            targets.append((baseline.name, baseline.port, baseline))
         machine = describe_machine(postgres, args.pgbouncer)
         progress(machine)
         warmup = Point(WARMUP_CLIENTS, reconnect=False)
@@ -841,6 +913,8 @@ def benchmark(args: argparse.Namespace) -> str:
                 proxy.stop()
             except Exception as exc:
                 progress(f"stopping {proxy.name} (pid {proxy.pid}) failed: {exc}")
+        if baseline_source is not None:
+            remove_checkout(baseline_source)
         try:
             postgres.stop()
         finally:
@@ -853,11 +927,14 @@ def benchmark(args: argparse.Namespace) -> str:
         f"min({args.threads}, c)`, scale {args.scale}; {args.rounds} rounds, each running"
         " every row direct, PgBouncer, pypooler back to back"
     )
+    table = render_table(results, points, args.rounds)
+    if args.baseline:
+        table += "\n\n" + render_baseline_table(results, points, args.rounds, f"pypooler@{args.baseline}")
     return render_report(
         started=started,
         machine=f"{machine}; load average {load_start:.2f} at start",
         settings=settings,
-        table=render_table(results, points, args.rounds),
+        table=table,
         notes=notes,
         elapsed_s=time.monotonic() - clock,
     )
