@@ -14,10 +14,14 @@ import asyncio
 import ipaddress
 import logging
 import time
+from collections.abc import Coroutine
+from typing import Any
 
+from pypooler import advisor
 from pypooler.auth import Authenticator
 from pypooler.client import ClientConnection, ClientRegistry
 from pypooler.config import ConfigError, Settings
+from pypooler.metrics import MetricsServer
 from pypooler.pool import PoolManager
 from pypooler.tls import client_tls, server_ssl_context
 
@@ -56,8 +60,13 @@ class Pooler:
         self._listener: asyncio.Server | None = None
         self._maintenance: asyncio.TimerHandle | None = None
         self.port = settings.listen_port
+        self.metrics = MetricsServer(self.manager, self.registry)
+        self._snapshots: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
+        if self.settings.metrics_port is not None:
+            await self.metrics.start(self.settings.metrics_addr, self.settings.metrics_port)
         loop = asyncio.get_running_loop()
         self._listener = await loop.create_server(
             lambda: ClientConnection(self.registry),
@@ -70,6 +79,10 @@ class Pooler:
         if sockets:
             self.port = sockets[0].getsockname()[1]
         self._schedule_maintenance()
+        self._schedule_snapshots()
+        self.metrics.listening = True
+        # Warn now if the configured bounds cannot fit the servers (needs forced users).
+        self._background(advisor.check_capacity(self.manager, self.settings))
         if self.settings.auth_type == "trust" and not _is_loopback(self.settings.listen_addr):
             log.warning(
                 "auth_type is trust on %s: anyone who can reach this port logs in as any user",
@@ -93,8 +106,25 @@ class Pooler:
             log.exception("maintenance pass failed")
         self._schedule_maintenance()
 
+    def _schedule_snapshots(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._snapshots = loop.call_later(self.settings.stats_period, self._snapshot)
+
+    def _snapshot(self) -> None:
+        self.manager.take_snapshots()
+        self._schedule_snapshots()
+
+    def _background(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def stop(self) -> None:
         """Stop listening, end every client and server connection."""
+        for task in self._tasks:
+            task.cancel()
+        if self._snapshots is not None:
+            self._snapshots.cancel()
         if self._maintenance is not None:
             self._maintenance.cancel()
         if self._listener is not None:
@@ -114,6 +144,7 @@ class Pooler:
             await asyncio.sleep(STOP_POLL_S)
         for client in list(self.registry.clients):
             client.transport.abort()
+        await self.metrics.stop()
         await asyncio.sleep(0)  # let connection_lost callbacks run
 
 

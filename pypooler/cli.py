@@ -35,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", "-c", help="TOML config file for pooler settings")
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("--config", "-c", help="TOML config file (default: $PYPOOLER_CONFIG)")
+    advise = commands.add_parser("advise", help="ask a running pypooler why its pools wait")
+    advise.add_argument("--config", "-c", help="its config file (for listen address and port)")
+    advise.add_argument("--host", help="pypooler host (default: listen_addr from the config)")
+    advise.add_argument("--port", type=int, help="pypooler port (default: listen_port)")
+    advise.add_argument("--user", default="postgres", help="an admin_users/stats_users name")
+    advise.add_argument("--password", help="that user's password, if the console asks")
     return parser
 
 
@@ -50,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         print(f"config ok: {len(settings.databases)} database entries")
         return 0
+    if args.command == "advise":
+        return _advise(args, settings)
     logging.basicConfig(
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -57,6 +65,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     embedded = args.command == "demo" or not settings.databases
     return uvloop.run(_serve(settings, embedded=embedded))
+
+
+def _advise(args: argparse.Namespace, settings: Settings) -> int:
+    """Print SHOW ADVICE from a running pypooler as a report a person reads top to bottom."""
+    from pypooler.console_client import ConsoleError, simple_query
+
+    host = args.host or settings.listen_addr
+    port = args.port or settings.listen_port
+    try:
+        columns, rows = uvloop.run(
+            simple_query(host, port, "SHOW ADVICE", user=args.user, password=args.password)
+        )
+    except (OSError, TimeoutError, ConsoleError) as exc:
+        print(f"pypooler advise: cannot read the console at {host}:{port}: {exc}", file=sys.stderr)
+        return 1
+    if not rows:
+        print("no pools yet: no client has connected through this pypooler")
+    for row in rows:
+        record = dict(zip(columns, row, strict=True))
+        print(f"pool {record['database']}/{record['user']} (last {record['window_s']} s)")
+        for name in columns[2:-1]:
+            print(f"  {name:30} {record[name] if record[name] is not None else '-'}")
+        for verdict in (record["verdict"] or "").split(" | "):
+            print(f"  => {verdict}")
+        print()
+    return 0
 
 
 async def _serve(settings: Settings, *, embedded: bool) -> int:

@@ -25,8 +25,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import struct
 import time
-from collections.abc import Mapping
+from bisect import bisect_left
+from collections import Counter
 from typing import Any, cast
 
 from pypooler.auth import AUTH_MESSAGE_LIMIT, Authenticator, AuthOutcome, ClientAuthExchange
@@ -47,10 +49,13 @@ from pypooler.protocol import constants as c
 from pypooler.protocol.scram import Secret
 from pypooler.protocol.transaction import FrontendStream
 from pypooler.server import ServerConnection, tune_transport
+from pypooler.stats import BOUNDS_NS, TrafficStats, bucket_of, fingerprint
 from pypooler.tls import ClientTls
 
 log = logging.getLogger("pypooler.client")
 
+CANCEL_KEY = struct.Struct("!ii")
+CANCEL_KEYS_PER_BATCH = 256
 # Bytes a client may send while it waits for a server before we stop reading from it.
 PENDING_LIMIT = 256 * 1024
 _TX_IDLE = c.TX_IDLE
@@ -77,6 +82,9 @@ class ClientRegistry:
         # timeout pass stops at the first one still within its time.
         self.logging_in: dict[ClientConnection, None] = {}
         self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}
+        self._random_keys: list[tuple[int, int]] = []
+        self.errors: Counter[str] = Counter()  # errors before a pool was chosen, by reason
+        self.connects = 0  # TCP connections accepted
         self.accepting = True
 
     def expire_logins(self, now_ns: int) -> None:
@@ -95,8 +103,15 @@ class ClientRegistry:
             client.login_timed_out(timeout)
 
     def new_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
+        """A fresh random BackendKeyData for a client (unguessable, so nobody cancels others)."""
         while True:
-            key = (secrets.randbits(31), secrets.randbits(32) - (1 << 31))
+            if not self._random_keys:
+                # One getrandom() call per CANCEL_KEYS_PER_BATCH logins, not two per login.
+                self._random_keys = list(
+                    CANCEL_KEY.iter_unpack(secrets.token_bytes(CANCEL_KEY.size * CANCEL_KEYS_PER_BATCH))
+                )
+            pid, secret = self._random_keys.pop()
+            key = (pid & 0x7FFFFFFF, secret)
             if key not in self.cancel_keys:
                 self.cancel_keys[key] = client
                 return key
@@ -133,30 +148,39 @@ class ClientConnection(asyncio.Protocol):
         "_auth_reader",
         "_early",
         "_lost",
+        "_peer",
         "_startup_reader",
         "_tls_handshake",
-        "address",
         "application_name",
+        "bytes_received",
+        "bytes_sent",
         "cancel_key",
         "closed",
         "connected_ns",
         "database",
         "frontend",
+        "hog_warned",
+        "idle_in_xact",
+        "idle_ns",
+        "idle_since_ns",
         "lent_ns",
-        "peer",
         "pending",
         "pending_bytes",
         "pool",
+        "query_start_ns",
         "reading_paused",
         "ready",
         "registry",
         "server",
         "tls",
+        "traffic",
         "transport",
         "user",
         "wait_started_ns",
+        "waited_ns",
         "waiting",
         "writing_paused",
+        "xact_count",
     )
 
     def __init__(self, registry: ClientRegistry) -> None:
@@ -169,7 +193,21 @@ class ClientConnection(asyncio.Protocol):
         self.closed = False
         self.waiting = False  # queued in pool.waiters
         self.wait_started_ns = 0
+        self.waited_ns = 0  # how long the current hold's checkout waited
         self.lent_ns = 0
+        # Timing of the current hold (see stats.py): the server answered everything and waits on
+        # the client since idle_since_ns (0: it does not); idle_in_xact says whether that wait is
+        # inside a transaction; idle_ns sums such waits over the hold.
+        self.query_start_ns = 0
+        self.idle_since_ns = 0
+        self.idle_in_xact = False
+        self.idle_ns = 0
+        self.hog_warned = False
+        self.xact_count = 0
+        self.traffic: TrafficStats | None = None  # set at the welcome
+        # Counted here per read, added to `traffic` once per hold (cheaper than per read there).
+        self.bytes_received = 0
+        self.bytes_sent = 0
         self.pending: list[bytes] | None = None  # bytes held while waiting for a server
         self.pending_bytes = 0
         self.reading_paused = False
@@ -182,25 +220,36 @@ class ClientConnection(asyncio.Protocol):
         self._lost = False
         self.tls = False
         self.cancel_key: tuple[int, int] | None = None
-        self.peer = "?"
-        self.address = ""
+        self._peer: str | None = None  # asked of the socket only when a log line needs it
         self.user = ""
         self.database = ""
         self.application_name = ""
         self.connected_ns = time.monotonic_ns()
+
+    @property
+    def peer(self) -> str:
+        """The client's address, for logs and the console (a getpeername() call, done once)."""
+        if self._peer is None:
+            peer: Any = self.transport.get_extra_info("peername") if self.transport else None
+            if isinstance(peer, tuple):
+                self._peer = f"{peer[0]}:{peer[1]}"
+            else:
+                self._peer = str(peer) if peer else "?"
+        return self._peer
+
+    @property
+    def address(self) -> str:
+        """The client's IP address, for hba matching (asked of the socket only then)."""
+        peer: Any = self.transport.get_extra_info("peername") if self.transport else None
+        return str(peer[0]) if isinstance(peer, tuple) else ""
 
     # ------------------------------------------------------------------ asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         tune_transport(self.transport, keepalive=self.registry.settings.tcp_keepalive)
-        peer: Any = transport.get_extra_info("peername")
-        if isinstance(peer, tuple):
-            self.peer = f"{peer[0]}:{peer[1]}"
-            self.address = str(peer[0])
-        elif peer:
-            self.peer = str(peer)
         self.registry.clients.add(self)
+        self.registry.connects += 1
         self.registry.logging_in[self] = None
 
     def data_received(self, data: bytes) -> None:
@@ -211,8 +260,11 @@ class ClientConnection(asyncio.Protocol):
                 self.fail(exc)
                 return
             if terminate < 0:
+                self.bytes_received += len(data)
                 server = self.server
                 if server is not None:
+                    if self.idle_since_ns:
+                        self._resumes_after_idle()
                     server.transport.write(data)
                 else:
                     self._needs_server(data)
@@ -236,7 +288,12 @@ class ClientConnection(asyncio.Protocol):
             self.pool.cancel_wait(self)
         server = self.server
         if server is not None:
+            self.account_hold(time.monotonic_ns())
             self._give_back_on_exit(server)
+        if self.traffic is not None:
+            self.pool.clients.discard(self)
+            if not self.xact_count:
+                self.traffic.clients_without_xact += 1
         if self.pool is not None and registry.settings.log_disconnections:
             log.info(
                 "closing: %s db=%s user=%s app=%s age=%.3fs",
@@ -288,7 +345,7 @@ class ClientConnection(asyncio.Protocol):
             self.pending = [data]
             self.pending_bytes = len(data)
             return
-        self._lend(server)
+        self._lend(server, time.monotonic_ns())
         server.transport.write(data)
 
     def link(self, server: ServerConnection) -> None:
@@ -296,42 +353,105 @@ class ClientConnection(asyncio.Protocol):
         pending = self.pending
         self.pending = None
         self.pending_bytes = 0
-        self._lend(server)
+        now = time.monotonic_ns()
+        waited = self.waited_ns = now - self.wait_started_ns
+        self._lend(server, now)
+        warn_ms = self.pool.settings.wait_warn_ms
+        if warn_ms and waited > warn_ms * 1e6:
+            self.pool.warn_wait(self, waited)
         self.resume_reading()  # before the write, whose backpressure may pause us again
         if pending:
             server.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
 
-    def _lend(self, server: ServerConnection) -> None:
+    def _lend(self, server: ServerConnection, now: int) -> None:
         self.server = server
         server.client = self
-        self.lent_ns = time.monotonic_ns()
+        self.lent_ns = self.query_start_ns = now
+        frontend = self.frontend
+        frontend.xact_statement = None
+        frontend.xact_statement_final = False
         if self.writing_paused:
             server.pause_reading()
+        if not self.xact_count:
+            self.traffic.connect_to_first_query.observe(now - self.connected_ns)  # type: ignore[union-attr]
 
-    def release_server(self) -> None:
+    def _resumes_after_idle(self) -> None:
+        """The client speaks again while holding a server that waited on it."""
+        now = time.monotonic_ns()
+        if self.idle_in_xact:
+            self.idle_ns += now - self.idle_since_ns
+        self.idle_since_ns = 0
+        self.query_start_ns = now
+
+    def release_server(self, now: int, bucket: int = -1) -> None:
         server = self.server
         assert server is not None
         self.server = None
         server.client = None
-        pool = self.pool
-        stats = pool.stats
-        stats.xact_count += 1
-        stats.total_hold_ns += time.monotonic_ns() - self.lent_ns
+        self.account_hold(now, bucket)
         if server.reading_paused:
             server.resume_reading()
-        pool.release(server)
+        self.pool.release(server)
+
+    def account_hold(self, now: int, bucket: int = -1) -> None:
+        """Count the hold that ends now: the transaction as the pool saw it.
+
+        `bucket`: the histogram bucket of this hold if the caller already found it.
+        """
+        held = now - self.lent_ns
+        if bucket < 0:
+            bucket = bucket_of(held)
+        idle = self.idle_ns
+        if self.idle_since_ns:
+            if self.idle_in_xact:
+                idle += now - self.idle_since_ns
+            self.idle_since_ns = 0
+        self.idle_ns = 0
+        self.hog_warned = False
+        self.xact_count += 1
+        traffic = self.traffic
+        assert traffic is not None
+        traffic.xact_count += 1
+        traffic.bytes_received += self.bytes_received
+        traffic.bytes_sent += self.bytes_sent
+        self.bytes_received = self.bytes_sent = 0
+        traffic.hold.observe_at(bucket, held)
+        if idle:
+            traffic.idle_nonzero.observe(idle)
+        if self.waited_ns:
+            traffic.wait_nonzero.observe(self.waited_ns)
+            self.waited_ns = 0
+        statement = self.frontend.xact_statement
+        if statement is not None:
+            stats = self.pool.stats.for_statement(fingerprint(statement), statement)
+            stats.count += 1
+            stats.hold.observe_at(bucket, held)
 
     def server_ready_for_query(self, data: bytes, end: int) -> None:
         """The server answered the client's last outstanding request (`end` is just past it)."""
         server = self.server
         assert server is not None
+        now = time.monotonic_ns()
+        traffic = self.traffic
+        assert traffic is not None
+        traffic.query_count += 1
+        query_ns = now - self.query_start_ns
+        bucket = bisect_left(BOUNDS_NS, query_ns)
+        traffic.query.observe_at(bucket, query_ns)
         mode = self.pool.mode
-        if server.backend.tx_status == _TX_IDLE or mode == "session":
+        backend = server.backend
+        status = backend.tx_status
+        if status == _TX_IDLE or mode == "session":
             self.transport.write(data)
-            if mode != "session" and self.frontend.at_rest and server.backend.at_message_boundary:
-                self.release_server()
-            return
-        if mode == "statement":
+            if (
+                mode != "session"
+                and self.frontend.at_rest
+                and not (backend._skip or backend._head)  # at a message boundary
+            ):
+                # A one-request transaction: its hold is its query time, same bucket.
+                self.release_server(now, bucket if self.query_start_ns == self.lent_ns else -1)
+                return
+        elif mode == "statement":
             # Keep the ReadyForQuery back: the client must not think its transaction is open.
             if end > 6:
                 self.transport.write(data[: end - 6])
@@ -342,7 +462,11 @@ class ClientConnection(asyncio.Protocol):
                 )
             )
             return
-        self.transport.write(data)
+        else:
+            self.transport.write(data)
+        # The server answered everything; from now on it waits on the client.
+        self.idle_since_ns = now
+        self.idle_in_xact = status != _TX_IDLE
 
     def server_lost(self, server: ServerConnection) -> None:
         """The linked server's connection ended under this client."""
@@ -587,7 +711,7 @@ class ClientConnection(asyncio.Protocol):
             pool.login.learn(outcome.password, outcome.secret, outcome.client_key)
         self.pool = pool
         if pool.parameters is not None:
-            self._welcome(pool.parameters, last_reply)
+            self._welcome(last_reply)
         else:
             if last_reply:
                 self.transport.write(last_reply)
@@ -607,27 +731,33 @@ class ClientConnection(asyncio.Protocol):
 
     async def _welcome_when_pool_ready(self) -> None:
         try:
-            parameters = await self.pool.ensure_parameters()
+            await self.pool.ensure_parameters()
         except PoolerError as exc:
             self.fail(exc)
             return
         if not self.closed:
-            self._welcome(parameters)
+            self._welcome()
 
-    def _welcome(self, parameters: Mapping[str, str], last_reply: bytes = b"") -> None:
-        if self.application_name or "application_name" in parameters:
-            parameters = {**parameters, "application_name": self.application_name}
+    def _welcome(self, last_reply: bytes = b"") -> None:
+        pool = self.pool
+        traffic = self.traffic = pool.stats.for_application(self.application_name)
+        traffic.logins += 1
+        traffic.login.observe(time.monotonic_ns() - self.connected_ns)
+        pool.clients.add(self)
         self.cancel_key = self.registry.new_cancel_key(self)
         self.registry.logging_in.pop(self, None)
         self.transport.write(
             last_reply
-            + codec.AUTHENTICATION_OK
-            + codec.build_parameter_statuses(parameters)
+            + pool.welcome_prefix()
+            + codec.build_parameter_status("application_name", self.application_name)
             + codec.build_backend_key_data(*self.cancel_key)
             + codec.READY_FOR_QUERY_IDLE
         )
         self.ready = True
-        if self.registry.settings.log_connections:
+        settings = self.registry.settings
+        if settings.log_disconnections:
+            _ = self.peer  # read it while the socket is open, for the line at disconnection
+        if settings.log_connections:
             log.info(
                 "login: %s db=%s user=%s app=%s",
                 self.peer, self.database, self.user, self.application_name,
@@ -642,7 +772,11 @@ class ClientConnection(asyncio.Protocol):
     def fail(self, exc: PoolerError) -> None:
         """Send `exc` as an ErrorResponse and close (all of pypooler's own errors are FATAL)."""
         if self.pool is not None:
-            self.pool.stats.errors[exc.reason] += 1
+            (self.traffic or self.pool.stats.for_application(self.application_name)).errors[
+                exc.reason
+            ] += 1
+        else:
+            self.registry.errors[exc.reason] += 1
         log.log(
             logging.INFO if exc.reason in ("no_such_database",) else logging.WARNING,
             "client %s db=%s user=%s app=%s: %s%s",

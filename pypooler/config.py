@@ -196,6 +196,30 @@ class Settings(BaseSettings):
     server_tls_cert_file: str = ""  # client certificate presented to servers, optional
     server_tls_key_file: str = ""
 
+    # --- Observability: stats, Prometheus, admin console, advisor, hog detection.
+    # Seconds between stats snapshots; averages, rates and SHOW ADVICE cover the last period.
+    stats_period: float = Field(default=60.0, gt=0, allow_inf_nan=False)
+    # application_name values tracked per pool; later names are counted as "other".
+    stats_max_applications: int = Field(default=20, ge=1)
+    # Statement fingerprints tracked per pool; later ones are counted as "other".
+    stats_max_statements: int = Field(default=100, ge=1)
+    # Prometheus /metrics, /healthz, /readyz; port 0 picks a free port, None turns HTTP off.
+    metrics_addr: str = Field(default="127.0.0.1", min_length=1)
+    metrics_port: int | None = Field(default=9127, ge=0, le=MAX_PORT)
+    # Users allowed in the admin console (database "pgbouncer" or "pypooler").
+    admin_users: list[str] = Field(default_factory=lambda: ["postgres"])
+    # Users allowed to run SHOW commands only.
+    stats_users: list[str] = Field(default_factory=list)
+    # Log a warning when a held server sits idle in a transaction longer than this; 0: never.
+    hold_warn_ms: float = Field(default=1000.0, ge=0, allow_inf_nan=False)
+    # Log the top holders when a client waited longer than this for a server; 0: never.
+    wait_warn_ms: float = Field(default=1000.0, ge=0, allow_inf_nan=False)
+    # Close a client idle inside a transaction longer than this many seconds; 0: never.
+    idle_transaction_timeout: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    # Instances of this pooler (or of the app's own pools) sharing the same servers, for the
+    # max_connections check: pool bounds x expected_instances must fit the server.
+    expected_instances: int = Field(default=1, ge=1)
+
     databases: dict[DatabaseName, DatabaseConfig] = Field(default_factory=dict)
 
     @field_validator("log_level", mode="before")

@@ -61,6 +61,11 @@ class QueryWaitTimeout(PoolerError):
     reason = "query_wait_timeout"
 
 
+class IdleTransactionTimeout(PoolerError):
+    sqlstate = "25P03"  # idle_in_transaction_session_timeout, as PostgreSQL's own
+    reason = "idle_transaction_timeout"
+
+
 class ServerConnectFailed(PoolerError):
     """Could not open or log in to a server connection for the pool."""
 

@@ -22,11 +22,12 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pypooler.config import DatabaseConfig, PoolMode, Settings
 from pypooler.errors import (
     AuthLookupFailed,
+    IdleTransactionTimeout,
     PoolerError,
     QueryWaitTimeout,
     ServerConnectFailed,
@@ -35,8 +36,11 @@ from pypooler.errors import (
 from pypooler.protocol import codec
 from pypooler.protocol.scram import Secret
 from pypooler.server import ServerConnection, ServerLogin, open_server_connection
-from pypooler.stats import PoolStats
+from pypooler.stats import PoolStats, Snapshot
 from pypooler.tls import server_ssl_context
+
+if TYPE_CHECKING:
+    from pypooler.client import ClientConnection
 
 log = logging.getLogger("pypooler.pool")
 
@@ -47,6 +51,12 @@ class Waiter(Protocol):
     waiting: bool
     wait_started_ns: int
 
+    @property
+    def peer(self) -> str: ...  # for log lines about waits
+
+    @property
+    def application_name(self) -> str: ...
+
     def link(self, server: ServerConnection) -> None: ...
 
     def fail(self, exc: PoolerError) -> None: ...
@@ -56,6 +66,8 @@ class Borrower:
     """A waiter for pypooler's own use of a server (auth_query): resolves a future."""
 
     __slots__ = ("future", "pool", "wait_started_ns", "waiting")
+    peer = "pypooler"
+    application_name = "auth_query"
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
@@ -75,6 +87,7 @@ class Borrower:
 
 NS_PER_S = 1_000_000_000
 SHUTDOWN_POLL_S = 0.005
+SNAPSHOTS_KEPT = 2  # the window is one to two stats periods long
 
 
 class Pool:
@@ -101,9 +114,17 @@ class Pool:
         self.waiting = 0  # waiters still wanting a server (the deque may hold ones that left)
         self.parameters: dict[str, str] | None = None  # the first server's ParameterStatus set
         self._parameters_ready: asyncio.Future[None] | None = None
+        self._welcome: bytes | None = None  # built from `parameters` on first use
         self.last_connect_error: PoolerError | None = None
         self._retry_at_ns = 0  # no new server connects before this (server_login_retry)
-        self.stats = PoolStats()
+        self.stats = PoolStats(
+            max_applications=settings.stats_max_applications,
+            max_statements=settings.stats_max_statements,
+        )
+        self.clients: set[ClientConnection] = set()  # welcomed clients of this pool
+        # Taken every stats_period; [0] starts the window that averages and advice cover.
+        self.snapshots: deque[Snapshot] = deque(maxlen=SNAPSHOTS_KEPT)
+        self._last_wait_warning_ns = 0
         self.closed = False
         # In-flight connects and the servers close() closed: what PoolManager.wait_closed() ends.
         self._opening: set[asyncio.Task[None]] = set()
@@ -148,8 +169,6 @@ class Pool:
             if client.waiting:
                 client.waiting = False
                 self.waiting -= 1
-                self.stats.wait_count += 1
-                self.stats.total_wait_ns += time.monotonic_ns() - client.wait_started_ns
                 client.link(server)
                 return
         server.last_used_ns = time.monotonic_ns()
@@ -210,7 +229,7 @@ class Pool:
             raise
         self.connecting -= 1
         self.stats.server_connects += 1
-        self.stats.server_connect_ns += time.monotonic_ns() - started
+        self.stats.server_connect.observe(time.monotonic_ns() - started)
         self.last_connect_error = None
         if self.closed or server.closed:
             server.close()
@@ -251,6 +270,15 @@ class Pool:
         self._retry_at_ns = 0
         self._open_servers_for_waiters()
 
+    def welcome_prefix(self) -> bytes:
+        """AuthenticationOk and the ParameterStatus set minus application_name, built once."""
+        if self._welcome is None:
+            parameters = self.parameters or {}
+            self._welcome = codec.AUTHENTICATION_OK + codec.build_parameter_statuses(
+                {k: v for k, v in parameters.items() if k != "application_name"}
+            )
+        return self._welcome
+
     async def ensure_parameters(self) -> dict[str, str]:
         """The server ParameterStatus set new clients are welcomed with (opens a server if needed)."""
         while self.parameters is None:
@@ -276,6 +304,7 @@ class Pool:
                 if client.waiting:
                     client.waiting = False
                     self.waiting -= 1
+                    self.warn_wait(client, now_ns - client.wait_started_ns, timed_out=True)
                     client.fail(
                         QueryWaitTimeout(
                             f"query_wait_timeout: no server connection for {self.database}/"
@@ -284,12 +313,57 @@ class Pool:
                             hint="transactions hold servers too long, or pool_size is too small",
                         )
                     )
+        if self.lent and (self.settings.hold_warn_ms or self.settings.idle_transaction_timeout):
+            self._watch_holders(now_ns)
         idle_timeout = self.settings.server_idle_timeout
         if idle_timeout and self.idle:
             limit = now_ns - int(idle_timeout * NS_PER_S)
             # idle is LIFO, so the longest-idle servers are at the front.
             while self.idle and self.idle[0].last_used_ns <= limit:
                 self.idle.pop(0).close()
+
+    def holders(self, now_ns: int) -> list[ClientConnection]:
+        """Clients holding a server right now, longest hold first."""
+        clients = [s.client for s in self.servers if s.client is not None]
+        return sorted(clients, key=lambda c: c.lent_ns)
+
+    def _watch_holders(self, now_ns: int) -> None:
+        """Hog detection: warn about, or end, clients that sit idle inside a transaction."""
+        warn_ns = self.settings.hold_warn_ms * 1e6
+        timeout_ns = self.settings.idle_transaction_timeout * NS_PER_S
+        for client in self.holders(now_ns):
+            if not (client.idle_since_ns and client.idle_in_xact):
+                continue
+            idle = now_ns - client.idle_since_ns
+            if timeout_ns and idle > timeout_ns:
+                client.fail(
+                    IdleTransactionTimeout(
+                        "terminating connection due to idle_transaction_timeout: idle in a"
+                        f" transaction for {idle / 1e9:.1f} s while holding a server",
+                        hint="commit or roll back before doing non-database work",
+                    )
+                )
+            elif warn_ns and idle > warn_ns and not client.hog_warned:
+                client.hog_warned = True
+                log.warning(
+                    "pool %s/%s: %s has held a server idle in transaction for %.0f ms",
+                    self.database, self.user, describe_holder(client, now_ns), idle / 1e6,
+                )
+
+    def warn_wait(self, client: Waiter, waited_ns: int, *, timed_out: bool = False) -> None:
+        """Say why a client waited: name the top holders (at most one line a second per pool)."""
+        now = time.monotonic_ns()
+        if not timed_out and now - self._last_wait_warning_ns < NS_PER_S:
+            return
+        self._last_wait_warning_ns = now
+        holders = self.holders(now)
+        log.warning(
+            "pool %s/%s: client %s app=%s %s %.0f ms for a server (pool_size %d, %d waiting);"
+            " top holders: %s",
+            self.database, self.user, client.peer, client.application_name or "-",
+            "gave up after" if timed_out else "waited", waited_ns / 1e6, self.size, self.waiting,
+            "; ".join(describe_holder(c, now) for c in holders[:3]) or "none",
+        )
 
     def close(self) -> None:
         self.closed = True
@@ -302,6 +376,22 @@ class Pool:
                 client.waiting = False
                 self.waiting -= 1
                 client.fail(ShuttingDown("pypooler is shutting down"))
+
+
+def describe_holder(client: ClientConnection, now_ns: int) -> str:
+    """One holder for a log line: who, for how long, doing what."""
+    held_ms = (now_ns - client.lent_ns) / 1e6
+    if client.idle_since_ns and client.idle_in_xact:
+        state = f"idle in transaction {(now_ns - client.idle_since_ns) / 1e6:.0f} ms"
+    elif client.idle_since_ns:
+        state = "idle"
+    else:
+        state = "active"
+    statement = client.frontend.last_statement[:80].decode("utf-8", "replace")
+    return (
+        f"{client.peer} app={client.application_name or '-'} held {held_ms:.0f} ms, {state},"
+        f" last statement: {statement!r}"
+    )
 
 
 class PoolManager:
@@ -422,6 +512,10 @@ class PoolManager:
         now = time.monotonic_ns()
         for pool in self.pools.values():
             pool.expire(now)
+
+    def take_snapshots(self) -> None:
+        for pool in self.pools.values():
+            pool.snapshots.append(Snapshot(pool.stats))
 
     def close(self) -> None:
         for pool in self.pools.values():

@@ -46,6 +46,7 @@ class RunningPooler:
         self.call_async(self.pooler.start())
         self.port = self.pooler.port
         self.host = settings.listen_addr
+        self.metrics_url = f"http://{settings.metrics_addr}:{self.pooler.metrics.port}"
 
     def call_async(self, coro: Any, timeout: float = 30) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -103,6 +104,7 @@ def start_pooler(postgres: EmbeddedPostgres) -> Iterator[Callable[..., RunningPo
         db_keys = ("pool_size", "pool_mode", "user", "password")
         db = {k: overrides.pop(k) for k in db_keys if k in overrides}
         overrides.setdefault("listen_port", 0)
+        overrides.setdefault("metrics_port", 0)
         overrides.setdefault("log_connections", False)
         overrides.setdefault("log_disconnections", False)
         overrides.setdefault(

@@ -24,7 +24,7 @@ def start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "PYPOOLER_METRICS_PORT": "0", **(env or {})},
     )
 
 

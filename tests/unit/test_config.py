@@ -149,7 +149,7 @@ def test_example_config_shows_every_setting_with_its_default() -> None:
     top_level = {key: value for key, value in example.items() if key != "databases"}
     assert set(top_level) == set(Settings.model_fields) - {"databases"}
     for key, value in top_level.items():
-        assert value == Settings.model_fields[key].default, key
+        assert value == Settings.model_fields[key].get_default(call_default_factory=True), key
     for field in DatabaseConfig.model_fields:
         # Optional database settings appear commented out.
         assert f"\n{field} = " in text or f"\n# {field} = " in text, field
