@@ -126,6 +126,9 @@ class ServerLogin:
     def learn(self, password: str | None, secret: Secret | None, client_key: bytes | None) -> None:
         """What a client's successful login as this same user taught us (see auth.AuthOutcome)."""
         if self.configured:
+            # A configured verifier still needs the key a client proved against it.
+            if client_key is not None and self.password is None and secret == self.secret:
+                self.client_key = client_key
             return
         if password is not None:
             self.password = password

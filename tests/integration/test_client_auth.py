@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
+import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -335,3 +336,43 @@ async def test_client_login_timeout_closes_slow_logins_only(
     await stalled.close()
     await silent.close()
     assert pooler.call(lambda: len(pooler.pooler.registry.logging_in)) == 0
+
+
+async def test_databases_password_may_be_a_verifier(
+    start_pooler: Runner, stored: dict[str, str], tmp_path: Path
+) -> None:
+    # No plain password anywhere: the server login passes the client's proven key through.
+    pooler = start_pooler(
+        user="pp_scram",
+        password=stored["pp_scram"],
+        auth_type="scram-sha-256",
+        auth_file=write_auth_file(tmp_path, {"pp_scram": stored["pp_scram"]}),
+    )
+
+    assert await asyncpg_login(pooler, "pp_scram", "scrampass") == "pp_scram"
+
+
+def test_check_config_reports_auth_file_hba_and_certificate_problems(tmp_path: Path) -> None:
+    users = tmp_path / "users.txt"
+    users.write_text('"ok" "x"\nnot quoted\n')
+    hba = tmp_path / "hba.conf"
+    hba.write_text("host all all all ident\n")
+    not_a_cert = tmp_path / "cert.pem"
+    not_a_cert.write_text("nonsense\n")
+    config = tmp_path / "pypooler.toml"
+    config.write_text(
+        f'auth_type = "hba"\nauth_file = "{users}"\nauth_hba_file = "{hba}"\n'
+        f'client_tls_sslmode = "require"\nclient_tls_cert_file = "{not_a_cert}"\n'
+        f'client_tls_key_file = "{not_a_cert}"\n'
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "pypooler", "check-config", "--config", str(config)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+
+    assert result.returncode == 2
+    problems = [line for line in result.stderr.splitlines() if "config error" in line]
+    assert len(problems) == 3, result.stderr
+    assert "auth_file" in problems[0] and "line 2" in problems[0]
+    assert "auth_hba_file" in problems[1] and "ident" in problems[1]
+    assert "client_tls_cert_file" in problems[2]
