@@ -539,14 +539,22 @@ class Authenticator:
     # ------------------------------------------------------------------ methods
 
     def method_for(
-        self, database: DatabaseConfig | None, database_name: str, user: str, address: str, *, tls: bool
+        self,
+        database: DatabaseConfig | None,
+        database_name: str,
+        user: str,
+        address_of: Callable[[], str],
+        *,
+        tls: bool,
     ) -> str:
-        """The method for this connection; AuthRejected for hba reject / no matching line."""
+        """The method for this connection; AuthRejected for hba reject / no matching line.
+        `address_of()` gives the client's IP address; it is asked only when hba rules apply."""
         auth_type: AuthType = self.settings.auth_type
         if database is not None and database.auth_type is not None:
             auth_type = database.auth_type
         if auth_type != "hba":
             return auth_type
+        address = address_of()
         encryption = "SSL encryption" if tls else "no encryption"
         for rule in self.hba or ():
             if rule.matches(tls=tls, database=database_name, user=user, address=address):

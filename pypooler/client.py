@@ -237,7 +237,6 @@ class ClientConnection(asyncio.Protocol):
                 self._peer = str(peer) if peer else "?"
         return self._peer
 
-    @property
     def address(self) -> str:
         """The client's IP address, for hba matching (asked of the socket only then)."""
         peer: Any = self.transport.get_extra_info("peername") if self.transport else None

@@ -590,6 +590,9 @@ async def open_server_connection(login: ServerLogin, timeout: float) -> ServerCo
                 await login_done
             except BaseException:
                 server.close()
+                # Nobody will await it now: its exception, now or later, is not news.
+                if not login_done.cancel() and not login_done.cancelled():
+                    login_done.exception()
                 raise
     except TimeoutError:
         raise ServerConnectFailed(

@@ -50,6 +50,24 @@ def tls_postgres(certs: Certs) -> Iterator[EmbeddedPostgres]:
         yield pg
 
 
+@pytest.fixture
+def start_pooler(start_pooler: Runner) -> Iterator[Runner]:
+    """The shared factory, plus: nothing may reach the pooler loop's exception handler (a failed
+    handshake or login is an error for one client, never an unhandled exception)."""
+    errors: list[str] = []
+
+    def start(**overrides: Any) -> Any:
+        pooler = start_pooler(**overrides)
+        pooler.loop.call_soon_threadsafe(
+            pooler.loop.set_exception_handler,
+            lambda loop, context: errors.append(str(context.get("message"))),
+        )
+        return pooler
+
+    yield start
+    assert errors == []
+
+
 def tls_settings(certs: Certs, mode: str = "require", **more: Any) -> dict[str, Any]:
     return {
         "client_tls_sslmode": mode,
