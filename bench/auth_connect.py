@@ -7,20 +7,29 @@ both configured alike: auth_type scram-sha-256, an auth_file holding the user's 
 (the one PostgreSQL stores, so both log in to the server by SCRAM pass-through), transaction
 pooling, pool size 10. It prints tps and the proxy's CPU time per connection.
 
+libpq derives the SCRAM keys from the password on every connection (PBKDF2, 4096 rounds), which
+costs pgbench more CPU than either proxy spends, so on a small machine pgbench -C measures mostly
+pgbench. A second table therefore drives the same logins from a client that derives its keys once
+(`login-loop` below: startup, SCRAM, one SELECT, Terminate, in a loop on 10 connections): there
+the proxy is the bottleneck and its CPU per login is the number to compare.
+
 Two more measurements, because they are claims the README makes:
 - no user enumeration by timing: the median time from SASLResponse to the FATAL error for an
   unknown user and for a known user with a wrong proof;
 - TLS costs the plaintext path nothing: `pgbench -S` (no -C) over plaintext against pypooler with
   client TLS disabled and with client TLS configured (`prefer`), interleaved.
 
-Rules: it measures and prints, never asserts. Everything listens on 127.0.0.1 on random ports
-below 32768; every process started here is stopped by its own PID. PgBouncer refuses to run as
-root, so under root it runs as `nobody` from a directory chowned to it.
+Rules: it measures and prints, never asserts. Rounds alternate the order of the compared
+targets (ABBA), because the load of a shared machine drifts during a run. Everything listens on
+127.0.0.1 on random ports below 32768; every process started here is stopped by its own PID.
+PgBouncer refuses to run as root, so under root it runs as `nobody` from a directory chowned
+to it.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import pwd
@@ -36,10 +45,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import uvloop
+
 from bench.compare import clean_env, process_cpu_seconds, random_free_port, read_tail
 from pypooler.embedded import DEFAULT_DBNAME, EmbeddedPostgres
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
+from pypooler.protocol.scram import MECHANISM, ScramClientExchange
 
 LOOPBACK = "127.0.0.1"
 PGBOUNCER = "/usr/sbin/pgbouncer"
@@ -132,12 +144,14 @@ def wait_until_serving(proxy: Proxy, postgres: EmbeddedPostgres) -> None:
     raise RuntimeError(f"{proxy.name} did not start: {last}\n{read_tail(proxy.log_path)}")
 
 
-def start_pgbouncer(home: Path, postgres: EmbeddedPostgres, verifier: str) -> Proxy:
+def start_pgbouncer(
+    home: Path, postgres: EmbeddedPostgres, secret: str, *, name: str = "PgBouncer"
+) -> Proxy:
     run_as = pwd.getpwnam(UNPRIVILEGED_USER) if os.geteuid() == 0 else None
     home.mkdir(mode=0o700)
     port = random_free_port()
     auth_file = home / "userlist.txt"
-    auth_file.write_text(f'"{USER}" "{verifier}"\n')
+    auth_file.write_text(f'"{USER}" "{secret}"\n')
     ini = home / "pgbouncer.ini"
     ini.write_text(
         f"[databases]\n{DEFAULT_DBNAME} = host={postgres.host} port={postgres.port}\n"
@@ -161,18 +175,18 @@ def start_pgbouncer(home: Path, postgres: EmbeddedPostgres, verifier: str) -> Pr
             user=run_as.pw_uid if run_as else None, group=run_as.pw_gid if run_as else None,
             extra_groups=[] if run_as else None,
         )  # fmt: skip
-    proxy = Proxy("PgBouncer", process, port, log_path, signal.SIGTERM)
+    proxy = Proxy(name, process, port, log_path, signal.SIGTERM)
     wait_until_serving(proxy, postgres)
     return proxy
 
 
 def start_pypooler(
-    home: Path, postgres: EmbeddedPostgres, verifier: str, *, name: str = "pypooler", tls: bool = False
+    home: Path, postgres: EmbeddedPostgres, secret: str, *, name: str = "pypooler", tls: bool = False
 ) -> Proxy:
     home.mkdir(mode=0o700)
     port = random_free_port()
     auth_file = home / "userlist.txt"
-    auth_file.write_text(f'"{USER}" "{verifier}"\n')
+    auth_file.write_text(f'"{USER}" "{secret}"\n')
     tls_lines = ""
     if tls:
         make_certificate(home)
@@ -186,7 +200,7 @@ def start_pypooler(
         f'listen_addr = "{LOOPBACK}"\nlisten_port = {port}\npool_mode = "transaction"\n'
         f"default_pool_size = {POOL_SIZE}\nlog_connections = false\nlog_disconnections = false\n"
         f'log_level = "WARNING"\nauth_type = "scram-sha-256"\nauth_file = "{auth_file}"\n'
-        'server_tls_sslmode = "disable"\n'
+        'server_tls_sslmode = "disable"\nmetrics_port = 0\n'
         f"{tls_lines}"
         f'\n[databases.{DEFAULT_DBNAME}]\nhost = "{postgres.host}"\nport = {postgres.port}\n'
     )
@@ -267,6 +281,70 @@ def failed_login_seconds(port: int, user: str) -> float:
         return elapsed
 
 
+async def _login_once(port: int) -> None:
+    reader, writer = await asyncio.open_connection(LOOPBACK, port)
+    messages = codec.MessageReader()
+    queue: list[tuple[int, bytes]] = []
+
+    async def until(msg_type: int) -> bytes:
+        while True:
+            while queue:
+                got, body = queue.pop(0)
+                if got == c.B_ERROR_RESPONSE:
+                    raise RuntimeError(codec.parse_error_fields(body).get("M"))
+                if got == msg_type:
+                    return body
+            data = await reader.read(65536)
+            if not data:
+                raise ConnectionError("closed by the proxy")
+            queue.extend(messages.feed(data))
+
+    writer.write(codec.build_startup_message({"user": USER, "database": DEFAULT_DBNAME}))
+    await until(c.B_AUTHENTICATION)
+    # derived_keys() is cached per (password, salt, iterations): PBKDF2 runs once per salt here.
+    scram = ScramClientExchange(password=PASSWORD)
+    writer.write(codec.build_sasl_initial_response(MECHANISM, scram.client_first()))
+    server_first = codec.parse_authentication(await until(c.B_AUTHENTICATION))[1]
+    writer.write(codec.build_sasl_response(scram.server_first(server_first)))
+    await until(c.B_READY_FOR_QUERY)
+    writer.write(codec.build_query("SELECT 1"))
+    await until(c.B_READY_FOR_QUERY)
+    writer.write(codec.TERMINATE)
+    writer.close()
+
+
+async def _login_loop(port: int, seconds: float) -> int:
+    deadline = time.monotonic() + seconds
+    done = 0
+
+    async def connection() -> None:
+        nonlocal done
+        while time.monotonic() < deadline:
+            await _login_once(port)
+            done += 1
+
+    await asyncio.gather(*(connection() for _ in range(CLIENTS)))
+    return done
+
+
+def login_loop(proxy: Proxy, duration: int) -> Run:
+    """The login-loop client in its own process (its CPU must not be the proxy's)."""
+    run = Run(proxy.name)
+    cpu_before = process_cpu_seconds(proxy.process.pid)
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.auth_connect", "login-loop", str(proxy.port), str(duration)],
+        capture_output=True, text=True, timeout=duration + PGBENCH_GRACE_S, env=clean_env(),
+        cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    run.cpu_s = process_cpu_seconds(proxy.process.pid) - cpu_before
+    if result.returncode != 0 or not result.stdout.strip().isdigit():
+        run.error = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        return run
+    run.xacts = int(result.stdout.strip())
+    run.tps = run.xacts / duration
+    return run
+
+
 def enumeration_timing(port: int) -> tuple[float, float]:
     known, unknown = [], []
     for _ in range(TIMING_ATTEMPTS):  # interleaved, so drift hits both alike
@@ -287,26 +365,62 @@ def fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def report(scram: Results, plain: Results, timing: tuple[float, float], duration: int, rounds: int) -> str:
-    lines = [
-        f"### SCRAM-SHA-256 logins: `pgbench -n -S -C -T {duration} -c {CLIENTS} -j {THREADS}`,"
-        f" {rounds} rounds (medians)",
-        "",
-        "| proxy | tps | proxy CPU µs / connection | runs |",
-        "|---|---:|---:|---|",
-    ]
+def login_table(title: str, results: Results, unit: str) -> list[str]:
+    lines = [title, "", f"| proxy | {unit} | proxy CPU µs / login | runs |", "|---|---:|---:|---|"]
     for target in ("PgBouncer", "pypooler"):
-        runs = scram.of(target)
+        runs = results.of(target)
         lines.append(
             f"| {target} | {fmt(median([r.tps for r in runs]), ',.0f')} |"
             f" {fmt(median([r.cpu_us_per_connection for r in runs]), ',.0f')} |"
             f" {', '.join(fmt(r.tps, ',.0f') for r in runs) or 'failed'} |"
         )
-    ours = median([r.tps for r in scram.of("pypooler")])
-    theirs = median([r.tps for r in scram.of("PgBouncer")])
-    if ours and theirs:
-        lines += ["", f"pypooler / PgBouncer tps: **{ours / theirs:.2f}**"]
-    errors = [f"- {run.target}: {run.error}" for run in scram.runs + plain.runs if run.error]
+    ours = median([r.tps for r in results.of("pypooler")])
+    theirs = median([r.tps for r in results.of("PgBouncer")])
+    cpu_ours = median([r.cpu_us_per_connection for r in results.of("pypooler")])
+    cpu_theirs = median([r.cpu_us_per_connection for r in results.of("PgBouncer")])
+    if ours and theirs and cpu_ours and cpu_theirs:
+        lines += [
+            "",
+            f"pypooler / PgBouncer: {unit} **{ours / theirs:.2f}**, CPU per login"
+            f" **{cpu_ours / cpu_theirs:.2f}**",
+        ]
+    return lines
+
+
+def report(
+    scram: Results,
+    loop: Results,
+    loop_plain: Results,
+    plain: Results,
+    timing: tuple[float, float],
+    duration: int,
+    rounds: int,
+) -> str:
+    lines = login_table(
+        f"### SCRAM-SHA-256 logins: `pgbench -n -S -C -T {duration} -c {CLIENTS} -j {THREADS}`,"
+        f" {rounds} rounds (medians)",
+        scram,
+        "tps",
+    )
+    lines.append("")
+    lines += login_table(
+        f"### SCRAM-SHA-256 logins from a client that keeps its keys (`login-loop`, {CLIENTS}"
+        f" connections, {duration} s), {rounds} rounds (medians)",
+        loop,
+        "logins/s",
+    )
+    lines.append("")
+    lines += login_table(
+        "### The same with the plain password in both auth_files (SCRAM keys derived by the"
+        " proxy)",
+        loop_plain,
+        "logins/s",
+    )
+    errors = [
+        f"- {run.target}: {run.error}"
+        for run in scram.runs + loop.runs + loop_plain.runs + plain.runs
+        if run.error
+    ]
     lines += [
         "",
         f"### No enumeration by timing: FATAL after a wrong SCRAM proof, median of {TIMING_ATTEMPTS}",
@@ -315,24 +429,35 @@ def report(scram: Results, plain: Results, timing: tuple[float, float], duration
         "",
         f"### TLS configured vs not, plaintext `pgbench -n -S -T {duration} -c {CLIENTS}` (medians)",
         "",
-        "| pypooler | tps |",
-        "|---|---:|",
+        "| pypooler | tps | runs |",
+        "|---|---:|---|",
     ]
     for target in ("no client TLS", "client TLS prefer"):
-        lines.append(f"| {target} | {fmt(median([r.tps for r in plain.of(target)]), ',.0f')} |")
+        runs = plain.of(target)
+        lines.append(
+            f"| {target} | {fmt(median([r.tps for r in runs]), ',.0f')} |"
+            f" {', '.join(fmt(r.tps, ',.0f') for r in runs)} |"
+        )
     if errors:
         lines += ["", "Errors:", *errors]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.auth_connect", description=__doc__.splitlines()[0])
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["login-loop"]:  # the client process of login_loop()
+        port, seconds = argv[1:3]
+        print(uvloop.run(_login_loop(int(port), float(seconds))))
+        return 0
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.auth_connect", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--duration", type=int, default=DEFAULT_DURATION_S, help="seconds per run")
     parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help="interleaved rounds")
     args = parser.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="pypooler-authbench-"))
     os.chmod(workdir, 0o755)  # PgBouncer, as nobody, must reach its directory
-    scram, plain = Results(), Results()
+    scram, loop, loop_plain, plain = Results(), Results(), Results(), Results()
     with EmbeddedPostgres(max_connections=50) as postgres:
         progress("pgbench -i -s 1")
         subprocess.run(
@@ -344,21 +469,35 @@ def main(argv: list[str] | None = None) -> int:
         with running([]) as proxies:
             proxies.append(start_pgbouncer(workdir / "pgbouncer", postgres, verifier))
             proxies.append(start_pypooler(workdir / "pypooler", postgres, verifier))
-            proxies.append(start_pypooler(workdir / "pypooler-tls", postgres, verifier, name="tls", tls=True))
-            bouncer, pooler, with_tls = proxies
+            proxies.append(
+                start_pypooler(workdir / "pypooler-tls", postgres, verifier, name="tls", tls=True)
+            )
+            # The same two with the plain password in auth_file: each must build SCRAM keys.
+            proxies.append(start_pgbouncer(workdir / "pgbouncer-plain", postgres, PASSWORD))
+            proxies.append(start_pypooler(workdir / "pypooler-plain", postgres, PASSWORD))
+            bouncer, pooler, with_tls, bouncer_plain, pooler_plain = proxies
             for round_no in range(1, args.rounds + 1):
-                for proxy in (bouncer, pooler):
+                # ABBA: the order flips every round, so a load that drifts during the run
+                # (a shared machine) does not always favour the one measured first.
+                flip = round_no % 2 == 0
+                for proxy in (pooler, bouncer) if flip else (bouncer, pooler):
                     progress(f"round {round_no}: -C against {proxy.name}")
                     scram.runs.append(pgbench(postgres, proxy, args.duration, reconnect=True))
+                    progress(f"round {round_no}: login-loop against {proxy.name}")
+                    loop.runs.append(login_loop(proxy, args.duration))
+                for proxy in (pooler_plain, bouncer_plain) if flip else (bouncer_plain, pooler_plain):
+                    progress(f"round {round_no}: login-loop against {proxy.name}, plain auth_file")
+                    loop_plain.runs.append(login_loop(proxy, args.duration))
             progress("timing of failed logins")
             timing = enumeration_timing(pooler.port)
             for round_no in range(1, args.rounds + 1):
-                for proxy, label in ((pooler, "no client TLS"), (with_tls, "client TLS prefer")):
+                pair = [(pooler, "no client TLS"), (with_tls, "client TLS prefer")]
+                for proxy, label in pair[::-1] if round_no % 2 == 0 else pair:
                     progress(f"round {round_no}: plaintext -S against pypooler, {label}")
                     run = pgbench(postgres, proxy, args.duration, reconnect=False)
                     run.target = label
                     plain.runs.append(run)
-    print(report(scram, plain, timing, args.duration, args.rounds))
+    print(report(scram, loop, loop_plain, plain, timing, args.duration, args.rounds))
     return 0
 
 
