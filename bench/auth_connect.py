@@ -34,6 +34,7 @@ import contextlib
 import os
 import pwd
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -58,6 +59,8 @@ PGBOUNCER = "/usr/sbin/pgbouncer"
 UNPRIVILEGED_USER = "nobody"
 USER, PASSWORD = "pp_scram", "scrampass"
 POOL_SIZE = 10
+# Five proxies with POOL_SIZE servers each, plus psql and pgbench -i, with room to spare.
+PG_MAX_CONNECTIONS = 100
 CLIENTS = 10
 THREADS = 2
 DEFAULT_DURATION_S = 8
@@ -458,7 +461,23 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="pypooler-authbench-"))
     os.chmod(workdir, 0o755)  # PgBouncer, as nobody, must reach its directory
     scram, loop, loop_plain, plain = Results(), Results(), Results(), Results()
-    with EmbeddedPostgres(max_connections=50) as postgres:
+    try:
+        timing = measure(args, workdir, scram, loop, loop_plain, plain)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(report(scram, loop, loop_plain, plain, timing, args.duration, args.rounds))
+    return 0
+
+
+def measure(
+    args: argparse.Namespace,
+    workdir: Path,
+    scram: Results,
+    loop: Results,
+    loop_plain: Results,
+    plain: Results,
+) -> tuple[float, float]:
+    with EmbeddedPostgres(max_connections=PG_MAX_CONNECTIONS) as postgres:
         progress("pgbench -i -s 1")
         subprocess.run(
             [postgres.bin("pgbench"), "-i", "-q", "-s", "1", DEFAULT_DBNAME],
@@ -497,8 +516,7 @@ def main(argv: list[str] | None = None) -> int:
                     run = pgbench(postgres, proxy, args.duration, reconnect=False)
                     run.target = label
                     plain.runs.append(run)
-    print(report(scram, loop, loop_plain, plain, timing, args.duration, args.rounds))
-    return 0
+    return timing
 
 
 if __name__ == "__main__":
