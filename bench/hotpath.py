@@ -108,6 +108,28 @@ async def main() -> None:
         xact.append((time.perf_counter_ns() - start) / n / 1000)
     assert client.server is None and pool.idle == [server]
 
+    # TPC-B-like: BEGIN, five statements, END, each its own round trip inside one hold.
+    in_xact = codec.build_message(ord("Z"), b"T")
+    begin_reply = codec.build_command_complete("BEGIN") + in_xact
+    statement_reply = codec.build_command_complete("UPDATE 1") + in_xact
+    end_reply = codec.build_command_complete("COMMIT") + codec.build_ready_for_query()
+    statement = codec.build_query("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid = 7;")
+    begin, end = codec.build_query("BEGIN;"), codec.build_query("END;")
+    k = 10_000
+    tpcb: list[float] = []
+    for _ in range(ROUNDS):
+        start = time.perf_counter_ns()
+        for _ in range(k):
+            client.data_received(begin)
+            server.data_received(begin_reply)
+            for _ in range(5):
+                client.data_received(statement)
+                server.data_received(statement_reply)
+            client.data_received(end)
+            server.data_received(end_reply)
+        tpcb.append((time.perf_counter_ns() - start) / k / 1000)
+    assert client.server is None
+
     m = 5_000
     login: list[float] = []
     for _ in range(ROUNDS):
@@ -123,6 +145,7 @@ async def main() -> None:
             other.connection_lost(None)
         login.append((time.perf_counter_ns() - start) / m / 1000)
     print(f"transaction (Query -> 4 messages -> release): {best_us(xact)}")
+    print(f"TPC-B-like (7 round trips in one hold):       {best_us(tpcb)}")
     print(f"connect + login + 1 transaction + Terminate:   {best_us(login)}")
 
 
