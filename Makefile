@@ -26,6 +26,8 @@ run: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pypooler tests bench
 	$(VENV)/bin/mypy
+	$(VENV)/bin/hadolint Dockerfile
+	$(VENV)/bin/shellcheck docker/entrypoint.sh
 
 bench: $(BENCH_STAMP)
 	$(VENV)/bin/python -m bench.run $(BENCH_ARGS)
