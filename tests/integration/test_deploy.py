@@ -8,7 +8,6 @@ import json
 import os
 import re
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -226,8 +225,12 @@ def test_entrypoint_runs_the_image_config_with_databases_from_the_environment(
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
     assert result.stdout.strip() == "42", result.stderr
-    proc.send_signal(signal.SIGTERM)
+    # The preStop hook: SIGTERM through the pid file, then it waits until pypooler is gone
+    # (we reap it meanwhile, as a container runtime would).
+    drain = subprocess.Popen([str(ENTRYPOINT), "drain"], env=env, stderr=subprocess.PIPE, text=True)
     assert proc.wait(20) == 0
+    _, drain_stderr = drain.communicate(timeout=10)
+    assert drain.returncode == 0, drain_stderr
 
 
 def test_entrypoint_refuses_to_start_without_databases(tmp_path: Path) -> None:
