@@ -1,7 +1,7 @@
 # Two commands for a fresh machine:
 #   make run    start pypooler (an embedded throwaway PostgreSQL when none is configured)
 #   make test   run the whole test suite (lint, types, unit and integration tests)
-#   make bench  direct vs PgBouncer vs pypooler, report and plots in bench/results/ (~20 min;
+#   make bench  direct vs PgBouncer vs pypooler, report and plots in bench/results/ (<= 20 min;
 #               BENCH_ARGS=--quick for a few minutes)
 PYTHON ?= python3
 VENV := .venv

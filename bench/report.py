@@ -187,7 +187,7 @@ def hold_table(results: Sequence[LoadResult], pool_size: int) -> str:
             f" | {per_round([row['little'] for row in rows], '.1f')}"
             f" | {per_round([row['active'] for row in rows], '.1f')} | {pool_size}"
             f" | {fmt(col('waited'), '.0%')}"
-            f" | {fmt(col('wait_p50'), ',.1f', 1000)} / {fmt(col('wait_p99'), ',.0f', 1000)}"
+            f" | {fmt(col('wait_p50'), ',.1f', 1000)} / {fmt(col('wait_p99'), ',.1f', 1000)}"
             f" | {fmt(col('waiting_peak'), '.0f')} | {fmt(col('p99'), ',.0f', 1000)} | {errors_cell(runs)} |"
         )
     return "\n".join(lines)
@@ -382,7 +382,7 @@ def plot_hold(results: Sequence[LoadResult], pool_size: int, path: Path) -> None
         axes[0].set_xticks(range(len(labels)), labels, rotation=60, fontsize=7)
     axes[0].set_title("pypooler checkout wait (% of checkouts per bucket)")
     axes[0].legend()
-    axes[1].axhline(pool_size, color="black", linestyle="--", linewidth=1, label=f"pool_size {pool_size}")
+    axes[1].axhline(pool_size, color="gray", linestyle="--", linewidth=0.8, label=f"pool_size {pool_size}")
     axes[1].set_title("pypooler /metrics during the run")
     axes[1].set_xlabel("seconds into the run")
     axes[1].legend(fontsize=7)

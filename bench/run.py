@@ -569,8 +569,9 @@ def proxy_log_notes(proxies: Sequence[Proxy]) -> list[str]:
         other = [line for line in trouble if not HOG_DETECTION_RE.search(line)]
         if hog:
             notes.append(
-                f"- {proxy.name} log: {len(hog)} hog-detection warnings (expected: the hold"
-                f" scenario's 200 ms holds make clients wait), e.g. `{compare.short(hog[0], 300)}`"
+                f"- {proxy.name} log: {len(hog)} hog-detection warnings (expected wherever clients"
+                " queue for the pool: the big fan-outs and the 200 ms holds), e.g."
+                f" `{compare.short(hog[0], 300)}`"
             )
         if other:
             notes.append(f"- {proxy.name} log: {len(other)} other warning/error lines, first ones:")
@@ -698,6 +699,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def jsonable(value: object) -> object:
+    """json.dumps' fallback: dataclasses field by field (dataclasses.asdict would rebuild a
+    Counter from pairs and count the pairs), anything else as text."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    return str(value)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     compare.raise_fd_limit()
@@ -706,6 +715,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     from bench import report  # matplotlib is imported only once there is something to draw
 
+    # The raw measurements too, so a report can be checked or re-plotted later.
+    (out_dir / "run.json").write_text(json.dumps(run, default=jsonable))
     text = report.write(run, out_dir, machine=machine, elapsed_s=elapsed_s, started=started, quick=args.quick)
     print(text, end="")
     progress(f"wrote {out_dir / 'report.md'} and its plots")
