@@ -254,3 +254,28 @@ def test_entrypoint_passes_other_commands_through(tmp_path: Path) -> None:
     assert entrypoint("echo", "hello", env=env).stdout.strip() == "hello"
     # Nothing listens there: the healthcheck fails instead of hanging.
     assert entrypoint("healthcheck", env={**env, "PYPOOLER_METRICS_PORT": str(free_port())}).returncode != 0
+
+
+def test_userlist_example_secrets_match_the_passwords_it_names() -> None:
+    """The example's comments name each password; its secrets must really be theirs."""
+    import base64
+    import hashlib
+
+    import scramp
+
+    def fields(pattern: str, text: str) -> tuple[str, ...]:
+        match = re.fullmatch(pattern, text)
+        assert match, text
+        return match.groups()
+
+    lines = (ROOT / "config" / "userlist.txt").read_text().splitlines()
+    entries = dict(fields(r'"([^"]+)" "([^"]+)"', line) for line in lines if line and line[0] not in "#;")
+    assert set(entries) == {"app", "reporting", "batch"}
+    assert entries["reporting"] == "md5" + hashlib.md5(b"example-md5-passwordreporting").hexdigest()
+    assert entries["batch"] == "example-cleartext-password"
+    iterations, salt, keys = fields(r"SCRAM-SHA-256\$(\d+):([^$]+)\$(.+)", entries["app"])
+    stored_key, server_key = (base64.b64decode(key) for key in keys.split(":"))
+    _, expected_stored, expected_server, _ = scramp.ScramMechanism("SCRAM-SHA-256").make_auth_info(
+        "example-scram-password", iteration_count=int(iterations), salt=base64.b64decode(salt)
+    )
+    assert (stored_key, server_key) == (expected_stored, expected_server)
