@@ -1,22 +1,33 @@
-"""Wiring: the listener, the pools, the maintenance timer and orderly shutdown.
+"""Wiring: the listener, the pools, the maintenance timer, reload and orderly shutdown.
 
 `Pooler` is what `pypooler run` (and the tests) start: it owns the listening socket, the
 `PoolManager`, the `ClientRegistry`, and one periodic maintenance callback (query_wait_timeout,
 server_idle_timeout) shared by every pool, so no per-client timers exist on the hot path.
+
+Reload and shutdown are methods here so every trigger shares one code path (SIGHUP and the admin
+console's RELOAD call `reload()`; SIGTERM, SIGINT and SHUTDOWN call `drain()` then `stop()`):
+- `reload()` never drops a client: settings apply to the next checkout, a changed server login
+  or a smaller pool closes servers as their transactions release them, and the listening and
+  metrics addresses (which would need a new socket) stay until a restart, with a warning.
+- `drain()` is PgBouncer's "wait for servers" shutdown, per client: stop accepting, close
+  clients that are between transactions at once (safe: nothing of theirs is running, and they
+  reconnect elsewhere), refuse new transactions with SQLSTATE 57P01, let transactions already
+  running finish, and close each such client as its transaction ends. It returns when no client
+  is left inside a transaction, or at the timeout; `stop()` then closes whatever is left.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from pypooler import advisor
 from pypooler.client import ClientConnection, ClientRegistry
-from pypooler.config import Settings
+from pypooler.config import ConfigError, Settings
 from pypooler.metrics import MetricsServer
-from pypooler.pool import PoolManager
+from pypooler.pool import PoolManager, shutdown_refused
 
 log = logging.getLogger("pypooler")
 
@@ -24,6 +35,11 @@ log = logging.getLogger("pypooler")
 MAINTENANCE_MIN_INTERVAL = 0.05
 MAINTENANCE_MAX_INTERVAL = 1.0
 LISTEN_BACKLOG = 4096  # serverless bursts open many connections at once
+# How often a drain looks for clients whose transaction ended; a client waits at most this long
+# past its commit to be closed, and nothing is added to the hot path.
+DRAIN_POLL_S = 0.05
+# Settings bound to sockets opened at start: a reload keeps the old value and says so.
+RESTART_ONLY_SETTINGS = ("listen_addr", "listen_port", "metrics_addr", "metrics_port")
 
 
 def maintenance_interval(settings: Settings) -> float:
@@ -34,8 +50,12 @@ def maintenance_interval(settings: Settings) -> float:
 
 
 class Pooler:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, reread: Callable[[], Settings] | None = None) -> None:
+        """`reread`: how reload() gets a fresh configuration (the CLI re-reads its file and
+        the environment); without it reload() needs the new settings passed in."""
         self.settings = settings
+        self._reread = reread
+        self.draining = False
         self.manager = PoolManager(settings)
         self.registry = ClientRegistry(settings, self.manager)
         self._listener: asyncio.Server | None = None
@@ -93,6 +113,101 @@ class Pooler:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ reload
+
+    def reload(self, new: Settings | None = None) -> bool:
+        """Apply a new configuration without dropping clients; False (old config kept, every
+        problem logged) if it cannot be read."""
+        if new is None:
+            if self._reread is None:
+                log.warning("reload: no configuration source to re-read")
+                return False
+            try:
+                new = self._reread()
+            except ConfigError as exc:
+                for problem in exc.problems:
+                    log.error("reload failed, old configuration kept: %s", problem)
+                return False
+        old = self.settings
+        kept = {name: getattr(old, name) for name in RESTART_ONLY_SETTINGS}
+        for name, value in kept.items():
+            if getattr(new, name) != value:
+                log.warning(
+                    "reload: %s stays %r until a restart (the file says %r)", name, value, getattr(new, name)
+                )
+        new = new.model_copy(update=kept)
+        changes = [
+            f"{name} {getattr(old, name)!r} -> {getattr(new, name)!r}"
+            for name in type(new).model_fields
+            if name != "databases" and getattr(old, name) != getattr(new, name)
+        ]
+        added = sorted(set(new.databases) - set(old.databases))
+        removed = sorted(set(old.databases) - set(new.databases))
+        changed = sorted(
+            name
+            for name in set(old.databases) & set(new.databases)
+            if old.databases[name] != new.databases[name]
+        )
+        changes += [f"database {name} added" for name in added]
+        changes += [f"database {name} removed (its connected clients stay)" for name in removed]
+        changes += [f"database {name} changed" for name in changed]
+        self.settings = new
+        self.registry.settings = new
+        changes += self.manager.reload(new)
+        if new.log_level != old.log_level:
+            logging.getLogger("pypooler").setLevel(new.log_level)
+        log.info("reloaded configuration: %s", "; ".join(changes) or "no changes")
+        if self._listener is not None and not self.draining:
+            self._background(advisor.check_capacity(self.manager, new))
+        return True
+
+    # ------------------------------------------------------------------ shutdown
+
+    async def drain(self, timeout: float) -> int:
+        """Stop accepting, refuse new transactions, let running ones finish for up to
+        `timeout` seconds; return how many clients were still inside one at the end."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        self.draining = True
+        self.metrics.draining = True
+        self.registry.accepting = False
+        if self._listener is not None:
+            self._listener.close()
+        self.manager.drain()
+        log.info(
+            "draining: %d clients, %d inside a transaction; up to %g s",
+            len(self.registry.clients), self._close_clients_at_rest(), timeout,
+        )
+        while True:
+            busy = self._close_clients_at_rest()
+            if not busy:
+                log.info("drained: no transaction running")
+                return 0
+            if loop.time() >= deadline:
+                log.warning("drain timeout (%g s): closing %d clients inside a transaction", timeout, busy)
+                return busy
+            await asyncio.sleep(DRAIN_POLL_S)
+
+    def _close_clients_at_rest(self) -> int:
+        """Close every client that has no transaction running; return how many do."""
+        busy = 0
+        for client in list(self.registry.clients):
+            if client.closed:
+                continue
+            server = client.server
+            if server is None:
+                client.fail(shutdown_refused())  # logging in, or between transactions
+            elif (
+                client.pool.mode == "session"
+                and client.idle_since_ns  # the server answered everything
+                and not client.idle_in_xact
+                and client.frontend.at_rest
+            ):
+                client.fail(shutdown_refused())  # a session between transactions
+            else:
+                busy += 1
+        return busy
 
     async def stop(self) -> None:
         """Stop listening, end every client and server connection."""

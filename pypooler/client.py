@@ -51,6 +51,9 @@ PENDING_LIMIT = 256 * 1024
 _TX_IDLE = c.TX_IDLE
 
 
+_FAIL_LOG_LEVELS = {"no_such_database": logging.INFO, "shutdown": logging.DEBUG}
+
+
 class ClientRegistry:
     """What every client connection shares: settings, pools, live clients and their cancel keys."""
 
@@ -550,7 +553,8 @@ class ClientConnection(asyncio.Protocol):
         else:
             self.registry.errors[exc.reason] += 1
         log.log(
-            logging.INFO if exc.reason in ("no_such_database",) else logging.WARNING,
+            # A drain closes every client with "shutdown": one summary line says so instead.
+            _FAIL_LOG_LEVELS.get(exc.reason, logging.WARNING),
             "client %s db=%s user=%s app=%s: %s",
             self.peer, self.database or "-", self.user or "-", self.application_name or "-",
             exc.message,

@@ -144,6 +144,9 @@ class Settings(BaseSettings):
     server_idle_timeout: float = Field(default=600.0, ge=0, allow_inf_nan=False)
     # Close servers older than this many seconds when they are released; 0 keeps them.
     server_lifetime: float = Field(default=3600.0, ge=0, allow_inf_nan=False)
+    # SIGTERM: seconds running transactions get to finish before every connection is closed
+    # (SIGINT allows at most FAST_DRAIN_S of it); 0 closes at once.
+    shutdown_drain_timeout: float = Field(default=20.0, ge=0, allow_inf_nan=False)
     tcp_keepalive: bool = True
     log_connections: bool = True
     log_disconnections: bool = True

@@ -41,6 +41,15 @@ NS_PER_S = 1_000_000_000
 SNAPSHOTS_KEPT = 2  # the window is one to two stats periods long
 
 
+def shutdown_refused() -> ShuttingDown:
+    """What a client that wants a new transaction during a drain is told (SQLSTATE 57P01,
+    which drivers and pools take as "reconnect")."""
+    return ShuttingDown(
+        "pypooler is shutting down: no new transactions are started",
+        hint="reconnect; this pooler is draining",
+    )
+
+
 class Pool:
     def __init__(
         self,
@@ -77,6 +86,9 @@ class Pool:
         self.snapshots: deque[Snapshot] = deque(maxlen=SNAPSHOTS_KEPT)
         self._last_wait_warning_ns = 0
         self.closed = False
+        # Set when released servers may be unwanted (draining, a reload changed the login or
+        # shrank the pool): release() then looks closer, and costs one attribute read otherwise.
+        self.retiring = False
 
     def __repr__(self) -> str:
         return f"<Pool {self.database}/{self.user} {self.lent}/{self.size} lent, {self.waiting} waiting>"
@@ -90,7 +102,7 @@ class Pool:
     def checkout(self, client: ClientConnection) -> ServerConnection | None:
         """An idle server now, or None with the client queued (it will get `link` called)."""
         if self.closed:
-            raise ShuttingDown("pypooler is shutting down")
+            raise shutdown_refused()
         idle = self.idle
         while idle:
             server = idle.pop()
@@ -107,6 +119,8 @@ class Pool:
         """Take back a clean server (ReadyForQuery 'I', nothing pending) and lend it on."""
         if server.closed:
             return
+        if self.retiring and self._retire(server):
+            return
         lifetime = self.settings.server_lifetime
         if lifetime and time.monotonic_ns() - server.created_ns > lifetime * NS_PER_S:
             server.close()
@@ -121,6 +135,15 @@ class Pool:
                 return
         server.last_used_ns = time.monotonic_ns()
         self.idle.append(server)
+
+    def _retire(self, server: ServerConnection) -> bool:
+        """Close a released server the pool no longer wants; False if it may be lent again."""
+        if self.closed or not same_login(server.login, self.login) or len(self.servers) > self.size:
+            server.close()
+            return True
+        if len(self.servers) <= self.size and all(same_login(s.login, self.login) for s in self.servers):
+            self.retiring = False  # every server left is wanted again
+        return False
 
     def cancel_wait(self, client: ClientConnection) -> None:
         if client.waiting:
@@ -295,6 +318,44 @@ class Pool:
             "; ".join(describe_holder(c, now) for c in holders[:3]) or "none",
         )
 
+    def reconfigure(self, settings: Settings, login: ServerLogin, size: int) -> list[str]:
+        """Apply a reloaded configuration; return what changed, for the log.
+
+        Lent servers are never taken from their clients: one the pool no longer wants (old
+        login, too many for a smaller size) is closed when its transaction releases it.
+        """
+        changes: list[str] = []
+        self.settings = settings
+        if not same_login(login, self.login):
+            changes.append(f"server {self.login.describe()} -> {login.describe()}")
+            self.login = login
+            self.retiring = True
+        if size != self.size:
+            changes.append(f"pool_size {self.size} -> {size}")
+            self.retiring = self.retiring or size < self.size
+            self.size = size
+        if self.retiring:
+            for server in [s for s in self.idle if not same_login(s.login, login)]:
+                server.close()
+            while len(self.servers) > self.size and self.idle:
+                self.idle.pop(0).close()  # the longest idle first
+        self._open_servers_for_waiters()  # a bigger pool serves its queue at once
+        return changes
+
+    def drain(self) -> None:
+        """Shutdown, first step: refuse new transactions (waiters now, checkouts from here
+        on) and close idle servers; lent servers are closed as their transactions end."""
+        self.closed = True
+        self.retiring = True
+        while self.idle:
+            self.idle.pop().close()
+        while self.waiters:
+            client = self.waiters.popleft()
+            if client.waiting:
+                client.waiting = False
+                self.waiting -= 1
+                client.fail(shutdown_refused())
+
     def close(self) -> None:
         self.closed = True
         for server in list(self.servers):
@@ -305,6 +366,13 @@ class Pool:
                 client.waiting = False
                 self.waiting -= 1
                 client.fail(ShuttingDown("pypooler is shutting down"))
+
+
+def same_login(a: ServerLogin, b: ServerLogin) -> bool:
+    def key(login: ServerLogin) -> tuple[str, int, str, str, str | None]:
+        return (login.host, login.port, login.database, login.user, login.password)
+
+    return key(a) == key(b)
 
 
 def describe_holder(client: ClientConnection, now_ns: int) -> str:
@@ -361,6 +429,32 @@ class PoolManager:
             self.pools[key] = pool
             log.debug("new pool %s/%s -> %s (entry %s)", database, user, login.describe(), entry)
         return pool
+
+    def reload(self, settings: Settings) -> list[str]:
+        """Use `settings` from now on; reconfigure live pools; return what changed per pool.
+
+        A pool whose database entry is gone keeps serving the clients it has (new clients get
+        "no such database"); pool_mode and stats limits apply to pools created from now on.
+        """
+        self.settings = settings
+        changes: list[str] = []
+        for pool in self.pools.values():
+            found = self.database_config(pool.database)
+            if found is None:
+                pool.settings = settings
+                continue
+            _, db = found
+            login = ServerLogin(db.host, db.port, db.dbname or pool.database, pool.user, db.password)
+            size = db.pool_size or settings.default_pool_size
+            changes += [
+                f"pool {pool.database}/{pool.user}: {change}"
+                for change in pool.reconfigure(settings, login, size)
+            ]
+        return changes
+
+    def drain(self) -> None:
+        for pool in self.pools.values():
+            pool.drain()
 
     def expire(self) -> None:
         now = time.monotonic_ns()
