@@ -286,7 +286,6 @@ class ClientConnection(asyncio.Protocol):
         self.server = server
         server.client = self
         self.lent_ns = self.query_start_ns = now
-        self.frontend.xact_statement = None
         if self.writing_paused:
             server.pause_reading()
         if not self.xact_count:
@@ -326,7 +325,10 @@ class ClientConnection(asyncio.Protocol):
         traffic.xact_count += 1
         traffic.hold.observe(held)
         traffic.idle_in_xact.observe(idle)
+        # Taken here, not cleared at the lend: the statement that asked for the server was read
+        # (and noted by the tracker) before the server was lent.
         statement = self.frontend.xact_statement
+        self.frontend.xact_statement = None
         if statement is not None:
             stats = self.pool.stats.for_statement(fingerprint(statement), statement)
             stats.count += 1

@@ -128,6 +128,7 @@ class ServerConnection(asyncio.Protocol):
             except ProtocolViolation as exc:
                 self._protocol_error(exc)
                 return
+            client.traffic.bytes_sent += len(data)  # type: ignore[union-attr]  # set when linked
             if end < 0:
                 client.transport.write(data)
             else:
