@@ -10,6 +10,10 @@ Rules:
 - A waiter that gave up (disconnected or timed out) stays in the deque with `waiting` cleared and is
   skipped when reached; removing from the middle of a deque would be O(n).
 - The pool never touches sockets itself; it asks `open_server_connection` for new servers.
+- Admin states cost the hot path one attribute test: `release` looks closer only when `draining`
+  is set (PAUSE: every server is closed as it comes back; RECONNECT/RELOAD: servers marked
+  `close_needed` are). While paused the idle list is kept empty, so `checkout` needs no test at
+  all: it queues, and `_open_servers_for_waiters` opens nothing until RESUME.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from pypooler.errors import (
     ShuttingDown,
 )
 from pypooler.server import ServerConnection, ServerLogin, open_server_connection
-from pypooler.stats import PoolStats
+from pypooler.stats import PoolStats, Snapshot
 
 if TYPE_CHECKING:
     from pypooler.client import ClientConnection
@@ -37,6 +41,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("pypooler.pool")
 
 NS_PER_S = 1_000_000_000
+# Stats snapshots kept per pool: the latest two bound the last complete stats_period.
+SNAPSHOTS_KEPT = 2
 
 
 class Pool:
@@ -72,6 +78,12 @@ class Pool:
         self.clients: set[ClientConnection] = set()  # welcomed clients of this pool
         self._last_wait_warning_ns = 0
         self.closed = False
+        # Admin console states (see the module rules): PAUSE/KILL set `paused` until RESUME;
+        # `draining` tells `release` to look for servers to close instead of lending them.
+        self.paused = False
+        self.draining = False
+        self._resumed: asyncio.Future[None] | None = None  # logins waiting for RESUME
+        self.snapshots: list[Snapshot] = [Snapshot(self.stats)]
 
     def __repr__(self) -> str:
         return f"<Pool {self.database}/{self.user} {self.lent}/{self.size} lent, {self.waiting} waiting>"
@@ -101,6 +113,8 @@ class Pool:
     def release(self, server: ServerConnection) -> None:
         """Take back a clean server (ReadyForQuery 'I', nothing pending) and lend it on."""
         if server.closed:
+            return
+        if self.draining and self._retire(server):
             return
         lifetime = self.settings.server_lifetime
         if lifetime and time.monotonic_ns() - server.created_ns > lifetime * NS_PER_S:
@@ -133,7 +147,7 @@ class Pool:
     # ------------------------------------------------------------------ opening servers
 
     def _open_servers_for_waiters(self) -> None:
-        if self.closed or (self._retry_at_ns and time.monotonic_ns() < self._retry_at_ns):
+        if self.closed or self.paused or (self._retry_at_ns and time.monotonic_ns() < self._retry_at_ns):
             return
         wanted = self.waiting - self.connecting
         room = self.size - len(self.servers) - self.connecting
@@ -143,8 +157,9 @@ class Pool:
 
     async def _open_server(self) -> None:
         started = time.monotonic_ns()
+        login = self.login
         try:
-            server = await open_server_connection(self.login, self.settings.server_connect_timeout)
+            server = await open_server_connection(login, self.settings.server_connect_timeout)
         except PoolerError as exc:
             self.connecting -= 1
             self._connect_failed(exc)
@@ -156,8 +171,10 @@ class Pool:
         self.stats.server_connects += 1
         self.stats.server_connect.observe(time.monotonic_ns() - started)
         self.last_connect_error = None
-        if self.closed or server.closed:
+        if self.closed or server.closed or login is not self.login:
+            # The pool closed, the server died, or RELOAD changed the address meanwhile.
             server.close()
+            self._open_servers_for_waiters()
             return
         self.servers.add(server)
         server.on_close = self.server_closed
@@ -198,6 +215,11 @@ class Pool:
     async def ensure_parameters(self) -> dict[str, str]:
         """The server ParameterStatus set new clients are welcomed with (opens a server if needed)."""
         while self.parameters is None:
+            if self.paused:  # PgBouncer's rule: logins to a paused database wait for RESUME
+                if self._resumed is None:
+                    self._resumed = asyncio.get_running_loop().create_future()
+                await asyncio.shield(self._resumed)
+                continue
             if self._parameters_ready is None:
                 self._parameters_ready = asyncio.get_running_loop().create_future()
                 if len(self.servers) + self.connecting >= self.size:
@@ -225,8 +247,12 @@ class Pool:
                         QueryWaitTimeout(
                             f"query_wait_timeout: no server connection for {self.database}/"
                             f"{self.user} became free within {timeout:g} s",
-                            detail=f"pool_size {self.size}: all {self.lent} servers were busy",
-                            hint="transactions hold servers too long, or pool_size is too small",
+                            detail="the database is paused (PAUSE or KILL on the admin console)"
+                            if self.paused
+                            else f"pool_size {self.size}: all {self.lent} servers were busy",
+                            hint="RESUME it on the admin console"
+                            if self.paused
+                            else "transactions hold servers too long, or pool_size is too small",
                         )
                     )
         if self.lent and (self.settings.hold_warn_ms or self.settings.idle_transaction_timeout):
@@ -292,6 +318,103 @@ class Pool:
                 self.waiting -= 1
                 client.fail(ShuttingDown("pypooler is shutting down"))
 
+    # ------------------------------------------------------------------ admin console
+
+    def pause(self) -> None:
+        """Lend nothing more; close idle servers now and lent ones as they are released."""
+        self.paused = self.draining = True
+        while self.idle:
+            self.idle.pop().close()
+
+    def resume(self) -> None:
+        self.paused = False
+        self._update_draining()
+        resumed = self._resumed
+        if resumed is not None:
+            self._resumed = None
+            resumed.set_result(None)
+        self._open_servers_for_waiters()
+
+    @property
+    def drained(self) -> bool:
+        """No server open or connecting: what PAUSE waits for."""
+        return not self.servers and not self.connecting
+
+    def reconnect(self) -> None:
+        """Close every server: idle ones now, lent ones when released (new ones open as needed)."""
+        for server in self.servers:
+            server.close_needed = True
+        self.draining = True
+        for server in list(self.idle):
+            server.close()
+        self._update_draining()
+
+    @property
+    def close_pending(self) -> bool:
+        """Some server is marked close_needed and not closed yet: what WAIT_CLOSE waits for."""
+        return any(server.close_needed for server in self.servers)
+
+    def kill(self, error: PoolerError) -> None:
+        """KILL: end every client with `error` and close every server; the pool stays paused."""
+        self.pause()
+        for client in list(self.clients):
+            client.fail(error)  # a linked client's server is closed as the client goes
+        for server in list(self.servers):
+            server.close()
+
+    def reconfigure(self, login: ServerLogin, *, size: int, mode: PoolMode, settings: Settings) -> None:
+        """RELOAD: take a new server address, bound, mode and settings.
+
+        Servers logged in with the old address or beyond the new bound are closed when released
+        (idle ones at once); a larger bound serves the waiters at once.
+        """
+        self.settings = settings
+        self.stats.max_applications = settings.stats_max_applications
+        self.stats.max_statements = settings.stats_max_statements
+        self.mode = mode
+        if _login_key(login) != _login_key(self.login):
+            self.login = login
+            for server in self.servers:
+                server.close_needed = True
+        self.size = size
+        excess = len(self.servers) - size
+        if excess > 0:
+            # Idle ones first (the coldest, at the front); then lent ones when released.
+            for server in self.idle[:excess]:
+                server.close_needed = True
+            excess -= min(excess, len(self.idle))
+            for server in self.servers:
+                if excess <= 0:
+                    break
+                if not server.close_needed:
+                    server.close_needed = True
+                    excess -= 1
+        if any(server.close_needed for server in self.servers):
+            self.draining = True
+            for server in [s for s in self.idle if s.close_needed]:
+                server.close()
+        self._open_servers_for_waiters()
+
+    def _retire(self, server: ServerConnection) -> bool:
+        """Close a released server that must not be lent again; False if it may be."""
+        if not (self.paused or server.close_needed):
+            self._update_draining()  # what needed closing went away by itself
+            return False
+        server.close()  # server_closed() forgets it and may open a replacement for waiters
+        self._update_draining()
+        return True
+
+    def _update_draining(self) -> None:
+        self.draining = self.paused or self.close_pending
+
+    def take_snapshot(self) -> None:
+        self.snapshots.append(Snapshot(self.stats))
+        del self.snapshots[:-SNAPSHOTS_KEPT]
+
+
+def _login_key(login: ServerLogin) -> tuple[str, int, str, str, str | None]:
+    return (login.host, login.port, login.database, login.user, login.password)
+
 
 def describe_holder(client: ClientConnection, now_ns: int) -> str:
     """One holder for a log line: who, for how long, doing what."""
@@ -310,11 +433,19 @@ def describe_holder(client: ClientConnection, now_ns: int) -> str:
 
 
 class PoolManager:
-    """Finds or creates the pool for a (database, user) from the configuration."""
+    """Finds or creates the pool for a (database, user) from the configuration.
+
+    Also holds the admin console's per-database states, so a pool created later (a new user of
+    a paused database) starts in the same state: `paused_all` / `paused_databases` (PAUSE, KILL)
+    and `disabled` (DISABLE: new logins refused).
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.pools: dict[tuple[str, str], Pool] = {}
+        self.paused_all = False
+        self.paused_databases: set[str] = set()
+        self.disabled: set[str] = set()
 
     def database_config(self, database: str) -> tuple[str, DatabaseConfig] | None:
         """The [databases] entry serving `database`: its own, else the '*' fallback."""
@@ -325,6 +456,9 @@ class PoolManager:
             return "*", databases["*"]
         return None
 
+    def _server_login(self, database: str, db: DatabaseConfig, user: str) -> ServerLogin:
+        return ServerLogin(db.host, db.port, db.dbname or database, user, db.password)
+
     def get_pool(self, database: str, client_user: str) -> Pool | None:
         found = self.database_config(database)
         if found is None:
@@ -334,8 +468,7 @@ class PoolManager:
         key = (database, user)
         pool = self.pools.get(key)
         if pool is None:
-            dbname = db.dbname or database
-            login = ServerLogin(db.host, db.port, dbname, user, db.password)
+            login = self._server_login(database, db, user)
             pool = Pool(
                 database,
                 user,
@@ -344,6 +477,8 @@ class PoolManager:
                 mode=db.pool_mode or self.settings.pool_mode,
                 settings=self.settings,
             )
+            if self.is_paused(database):
+                pool.pause()
             self.pools[key] = pool
             log.debug("new pool %s/%s -> %s (entry %s)", database, user, login.describe(), entry)
         return pool
@@ -356,3 +491,79 @@ class PoolManager:
     def close(self) -> None:
         for pool in self.pools.values():
             pool.close()
+
+    # ------------------------------------------------------------------ admin console
+
+    def databases(self) -> list[str]:
+        """Database names clients can ask for by name: configured entries, then pools served
+        by the '*' fallback."""
+        names = [name for name in self.settings.databases if name != "*"]
+        for database, _ in self.pools:
+            if database not in names:
+                names.append(database)
+        return names
+
+    def pools_of(self, database: str | None) -> list[Pool]:
+        """The pools of one database, or of all when `database` is None."""
+        return [p for p in self.pools.values() if database is None or p.database == database]
+
+    def is_paused(self, database: str) -> bool:
+        return self.paused_all or database in self.paused_databases
+
+    def pause(self, database: str | None) -> list[Pool]:
+        """PAUSE: the pools now draining (PAUSE returns when they are drained)."""
+        if database is None:
+            self.paused_all = True
+        else:
+            self.paused_databases.add(database)
+        pools = self.pools_of(database)
+        for pool in pools:
+            pool.pause()
+        return pools
+
+    def resume(self, database: str | None) -> None:
+        if database is None:
+            self.paused_all = False
+            self.paused_databases.clear()
+        else:
+            self.paused_databases.discard(database)
+        for pool in self.pools_of(database):
+            if not self.is_paused(pool.database):
+                pool.resume()
+
+    def kill(self, database: str, error: PoolerError) -> None:
+        """KILL: close the database's clients and servers; it stays paused until RESUME."""
+        self.paused_databases.add(database)
+        for pool in self.pools_of(database):
+            pool.kill(error)
+
+    def reconnect(self, database: str | None) -> list[Pool]:
+        pools = self.pools_of(database)
+        for pool in pools:
+            pool.reconnect()
+        return pools
+
+    def apply_settings(self, settings: Settings) -> None:
+        """RELOAD: new settings for every pool; new databases work from the next login.
+
+        Pools whose database left the configuration (or now logs in as another user) keep
+        serving the clients they have while new logins go elsewhere, so a RELOAD never cuts
+        connections by itself.
+        """
+        self.settings = settings
+        for (database, user), pool in self.pools.items():
+            found = self.database_config(database)
+            if found is None or (found[1].user is not None and found[1].user != user):
+                pool.settings = settings  # no longer reachable: new logins go elsewhere
+                continue
+            _, db = found
+            pool.reconfigure(
+                self._server_login(database, db, user),
+                size=db.pool_size or settings.default_pool_size,
+                mode=db.pool_mode or settings.pool_mode,
+                settings=settings,
+            )
+
+    def take_snapshots(self) -> None:
+        for pool in self.pools.values():
+            pool.take_snapshot()
