@@ -2,7 +2,8 @@
 
 `run` with no database configured starts an embedded throwaway PostgreSQL (the same as `demo`), so
 a newcomer gets a working pooler from one command. Configuration problems print one line each and
-exit with status 2.
+exit with status 2. SIGHUP re-reads the configuration (RELOAD on the admin console does the same);
+SIGINT and SIGTERM, or SHUTDOWN on the console, stop the pooler.
 """
 
 from __future__ import annotations
@@ -55,20 +56,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     embedded = args.command == "demo" or not settings.databases
-    return uvloop.run(_serve(settings, embedded=embedded))
+    return uvloop.run(_serve(settings, args.config, embedded=embedded))
 
 
-async def _serve(settings: Settings, *, embedded: bool) -> int:
+async def _serve(settings: Settings, config: str | None, *, embedded: bool) -> int:
     postgres = None
+    embedded_databases: dict[str, DatabaseConfig] = {}
     if embedded:
         from pypooler.embedded import EmbeddedPostgres
 
         postgres = EmbeddedPostgres(max_connections=100)
         await asyncio.to_thread(postgres.start)
-        settings = settings.model_copy(
-            update={"databases": {"*": DatabaseConfig(host=postgres.host, port=postgres.port)}}
-        )
-    pooler = Pooler(settings)
+        embedded_databases = {"*": DatabaseConfig(host=postgres.host, port=postgres.port)}
+        settings = settings.model_copy(update={"databases": embedded_databases})
+
+    def reload_settings() -> Settings:
+        # The same sources as at start (file, environment); the embedded server stays in place.
+        fresh = load_settings(config)
+        if embedded:
+            fresh = fresh.model_copy(update={"databases": embedded_databases})
+        return fresh
+
+    stop = asyncio.Event()
+    pooler = Pooler(settings, reload_settings=reload_settings, on_shutdown=stop.set)
     try:
         await pooler.start()
         if postgres is not None:
@@ -78,10 +88,10 @@ async def _serve(settings: Settings, *, embedded: bool) -> int:
                 f"  psql 'postgresql://postgres@{settings.listen_addr}:{pooler.port}/pypooler_test'",
                 flush=True,
             )
-        stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, _reload_on_signal, pooler)
         await stop.wait()
         log.info("shutting down")
     finally:
@@ -89,6 +99,15 @@ async def _serve(settings: Settings, *, embedded: bool) -> int:
         if postgres is not None:
             await asyncio.to_thread(postgres.stop)
     return 0
+
+
+def _reload_on_signal(pooler: Pooler) -> None:
+    """SIGHUP: RELOAD, as PgBouncer does; a bad file is logged and the running config kept."""
+    try:
+        pooler.reload()
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("reload failed, configuration unchanged: %s", problem)
 
 
 if __name__ == "__main__":

@@ -22,11 +22,12 @@ import logging
 import secrets
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, cast
 
-from pypooler.config import Settings
+from pypooler.config import ADMIN_DATABASE_NAMES, Settings
 from pypooler.errors import (
+    DatabaseDisabled,
     NoSuchDatabase,
     PoolerError,
     ProtocolViolation,
@@ -48,17 +49,31 @@ PENDING_LIMIT = 256 * 1024
 _TX_IDLE = c.TX_IDLE
 
 
+AdminLogin = Callable[["ClientConnection", codec.StartupMessage, bytes], None]
+
+
 class ClientRegistry:
-    """What every client connection shares: settings, pools, live clients and their cancel keys."""
+    """What every client connection shares: settings, pools, live clients and their cancel keys.
+
+    The hooks are set by app.Pooler, so this module never imports the admin console or the app:
+    `admin_login(client, startup, early_bytes)` takes over a client that asked for database
+    pgbouncer/pypooler; `reload()` re-reads the configuration (raising ConfigError, the old one
+    staying in force); `shutdown()` stops the pooler.
+    """
 
     def __init__(self, settings: Settings, manager: PoolManager) -> None:
         self.settings = settings
         self.manager = manager
+        # Live client connections, admin console sessions included (they count against
+        # max_client_conn like any other client).
         self.clients: set[ClientConnection] = set()
         self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}
         self.errors: Counter[str] = Counter()  # errors before a pool was chosen, by reason
         self.connects = 0  # TCP connections accepted
         self.accepting = True
+        self.admin_login: AdminLogin | None = None
+        self.reload: Callable[[], None] | None = None
+        self.shutdown: Callable[[], None] | None = None
 
     def new_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
         while True:
@@ -446,6 +461,17 @@ class ClientConnection(asyncio.Protocol):
                     "no more connections allowed (max_client_conn)",
                     detail=f"max_client_conn is {registry.settings.max_client_conn}",
                 )
+            if self.database in ADMIN_DATABASE_NAMES and registry.admin_login is not None:
+                self._negotiate_protocol(startup)
+                early, self._early = self._early, b""
+                # From here on the console's protocol object gets this transport's callbacks.
+                registry.admin_login(self, startup, early)
+                return
+            if self.database in registry.manager.disabled:
+                raise DatabaseDisabled(
+                    f'database "{self.database}" does not allow connections now',
+                    hint="an administrator ran DISABLE on the admin console; ENABLE allows them again",
+                )
             pool = registry.manager.get_pool(self.database, self.user)
             if pool is None:
                 raise NoSuchDatabase(f'no such database: "{self.database}"')
@@ -453,14 +479,17 @@ class ClientConnection(asyncio.Protocol):
             self.fail(exc)
             return
         self.pool = pool
-        protocol_options = [name for name in startup.parameters if name.startswith("_pq_.")]
-        if startup.protocol_version != c.PROTOCOL_3_0 or protocol_options:
-            # A newer 3.x client: tell it we speak 3.0 and ignored its protocol options.
-            self.transport.write(codec.build_negotiate_protocol_version(0, protocol_options))
+        self._negotiate_protocol(startup)
         if pool.parameters is not None:
             self._welcome(pool.parameters)
         else:
             asyncio.get_running_loop().create_task(self._welcome_when_pool_ready())
+
+    def _negotiate_protocol(self, startup: codec.StartupMessage) -> None:
+        protocol_options = [name for name in startup.parameters if name.startswith("_pq_.")]
+        if startup.protocol_version != c.PROTOCOL_3_0 or protocol_options:
+            # A newer 3.x client: tell it we speak 3.0 and ignored its protocol options.
+            self.transport.write(codec.build_negotiate_protocol_version(0, protocol_options))
 
     async def _welcome_when_pool_ready(self) -> None:
         try:
