@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -453,3 +456,51 @@ async def test_who_may_use_the_console(start_pooler: Any) -> None:
     assert full.value.args[0]["C"] == "53300"
     await watcher.close()
     await admin.close()
+
+
+def test_cli_reloads_on_sighup_and_stops_on_shutdown(postgres: EmbeddedPostgres, tmp_path: Path) -> None:
+    """The CLI's wiring: SIGHUP is RELOAD, SHUTDOWN ends the process cleanly."""
+    config = tmp_path / "pypooler.toml"
+    entry = f"[databases.{DB}]\nhost = '{postgres.host}'\nport = {postgres.port}\n"
+    config.write_text(f"listen_port = 0\n{entry}pool_size = 2\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pypooler", "run", "--config", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        port = None
+        while port is None:
+            line = proc.stdout.readline()
+            assert line, "pypooler exited before listening"
+            found = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+            port = int(found.group(1)) if found else None
+
+        def console_psql(sql: str) -> str:
+            result = subprocess.run(
+                [postgres.bin("psql"), "-X", "-A", "-t", "-w",
+                 f"postgresql://postgres@127.0.0.1:{port}/pgbouncer", "-c", sql],
+                capture_output=True, text=True, env=postgres.env(), timeout=30,
+            )  # fmt: skip
+            assert result.returncode == 0, result.stderr
+            return result.stdout
+
+        def pool_size() -> str:
+            (row,) = console_psql("SHOW DATABASES").splitlines()
+            return row.split("|")[5]  # name|host|port|database|force_user|pool_size|...
+
+        assert pool_size() == "2"
+        config.write_text(f"listen_port = 0\n{entry}pool_size = 4\n")
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while pool_size() != "4":
+            assert time.monotonic() < deadline, "SIGHUP did not reload the configuration"
+            time.sleep(0.05)
+        console_psql("SHUTDOWN")
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
