@@ -281,12 +281,12 @@ class StatsFigures:
     query_rate: float = 0.0
     recv_rate: float = 0.0
     sent_rate: float = 0.0
-    _xacts: int = 0
-    _hold_ns: int = 0
-    _queries: int = 0
-    _query_ns: int = 0
-    _waits: int = 0
-    _wait_ns: int = 0
+    window_xacts: int = 0
+    window_hold_ns: int = 0
+    window_queries: int = 0
+    window_query_ns: int = 0
+    window_waits: int = 0
+    window_wait_ns: int = 0
 
     def add_pool(self, pool: Pool, now: TrafficStats) -> None:
         self.xact_count += now.xact_count
@@ -309,12 +309,12 @@ class StatsFigures:
         self.query_rate += (later.query_count - earlier.query_count) / seconds
         self.recv_rate += (later.bytes_received - earlier.bytes_received) / seconds
         self.sent_rate += (later.bytes_sent - earlier.bytes_sent) / seconds
-        self._xacts += later.hold.count - earlier.hold.count
-        self._hold_ns += later.hold.sum_ns - earlier.hold.sum_ns
-        self._queries += later.query.count - earlier.query.count
-        self._query_ns += later.query.sum_ns - earlier.query.sum_ns
-        self._waits += later.wait.count - earlier.wait.count
-        self._wait_ns += later.wait.sum_ns - earlier.wait.sum_ns
+        self.window_xacts += later.hold.count - earlier.hold.count
+        self.window_hold_ns += later.hold.sum_ns - earlier.hold.sum_ns
+        self.window_queries += later.query.count - earlier.query.count
+        self.window_query_ns += later.query.sum_ns - earlier.query.sum_ns
+        self.window_waits += later.wait.count - earlier.wait.count
+        self.window_wait_ns += later.wait.sum_ns - earlier.wait.sum_ns
 
     def totals(self) -> list[int]:
         return [
@@ -327,9 +327,9 @@ class StatsFigures:
         return [
             round(self.xact_rate), round(self.query_rate), round(self.recv_rate),
             round(self.sent_rate),
-            self._hold_ns // 1000 // self._xacts if self._xacts else 0,
-            self._query_ns // 1000 // self._queries if self._queries else 0,
-            self._wait_ns // 1000 // self._waits if self._waits else 0,
+            self.window_hold_ns // 1000 // self.window_xacts if self.window_xacts else 0,
+            self.window_query_ns // 1000 // self.window_queries if self.window_queries else 0,
+            self.window_wait_ns // 1000 // self.window_waits if self.window_waits else 0,
         ]  # fmt: skip
 
 
