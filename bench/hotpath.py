@@ -121,7 +121,9 @@ async def main() -> None:
     end_reply = codec.build_command_complete("COMMIT") + codec.build_ready_for_query()
     statements = [
         codec.build_query(f"UPDATE pgbench_accounts SET abalance = abalance + {delta} WHERE aid = {aid};")
-        for delta, aid in zip(range(-5000, 5000), random.Random(2).sample(range(1, 1_000_000), 10_000))
+        for delta, aid in zip(
+            range(-5000, 5000), random.Random(2).sample(range(1, 1_000_000), 10_000), strict=True
+        )
     ]
     begin, end = codec.build_query("BEGIN;"), codec.build_query("END;")
     k = 10_000

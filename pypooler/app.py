@@ -1,8 +1,9 @@
-"""Wiring: the listener, the pools, the maintenance timer, reload and orderly shutdown.
+"""Wiring: the listener, the pools, the maintenance timers, the admin console, reload and shutdown.
 
 `Pooler` is what `pypooler run` (and the tests) start: it owns the listening socket, the
-`PoolManager`, the `ClientRegistry`, and one periodic maintenance callback (query_wait_timeout,
-server_idle_timeout) shared by every pool, so no per-client timers exist on the hot path.
+`PoolManager`, the `ClientRegistry`, the `AdminConsole`, one periodic maintenance callback
+(query_wait_timeout, server_idle_timeout) shared by every pool, so no per-client timers exist on
+the hot path, and one stats-snapshot callback every `stats_period` (averages, rates, advice).
 
 Reload and shutdown are methods here so every trigger shares one code path (SIGHUP and the admin
 console's RELOAD call `reload()`; SIGTERM, SIGINT and SHUTDOWN call `drain()` then `stop()`):
@@ -24,8 +25,9 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from pypooler import advisor
+from pypooler.admin import AdminConsole
 from pypooler.client import ClientConnection, ClientRegistry
-from pypooler.config import ConfigError, Settings
+from pypooler.config import RESTART_ONLY_SETTINGS, ConfigError, Settings
 from pypooler.metrics import MetricsServer
 from pypooler.pool import PoolManager, shutdown_refused
 
@@ -38,8 +40,6 @@ LISTEN_BACKLOG = 4096  # serverless bursts open many connections at once
 # How often a drain looks for clients whose transaction ended; a client waits at most this long
 # past its commit to be closed, and nothing is added to the hot path.
 DRAIN_POLL_S = 0.05
-# Settings bound to sockets opened at start: a reload keeps the old value and says so.
-RESTART_ONLY_SETTINGS = ("listen_addr", "listen_port", "metrics_addr", "metrics_port")
 
 
 def maintenance_interval(settings: Settings) -> float:
@@ -50,19 +50,32 @@ def maintenance_interval(settings: Settings) -> float:
 
 
 class Pooler:
-    def __init__(self, settings: Settings, reread: Callable[[], Settings] | None = None) -> None:
-        """`reread`: how reload() gets a fresh configuration (the CLI re-reads its file and
-        the environment); without it reload() needs the new settings passed in."""
+    def __init__(
+        self,
+        settings: Settings,
+        reload_settings: Callable[[], Settings] | None = None,
+        *,
+        on_shutdown: Callable[[], None] | None = None,
+    ) -> None:
+        """`reload_settings`: how reload() re-reads the configuration (the CLI re-reads its file
+        and the environment; it raises ConfigError). `on_shutdown`: what the console's SHUTDOWN
+        triggers (the CLI's drain); without it SHUTDOWN stops the pooler at once."""
         self.settings = settings
-        self._reread = reread
+        self.reload_settings = reload_settings
+        self.on_shutdown = on_shutdown
         self.draining = False
         self.manager = PoolManager(settings)
         self.registry = ClientRegistry(settings, self.manager)
+        self.console = AdminConsole(self.registry)
+        self.registry.admin_login = self.console.login
+        self.registry.reload = self._reload_for_console
+        self.registry.shutdown = self.request_shutdown
         self._listener: asyncio.Server | None = None
         self._maintenance: asyncio.TimerHandle | None = None
+        self._snapshots: asyncio.TimerHandle | None = None
+        self._stopping = False
         self.port = settings.listen_port
         self.metrics = MetricsServer(self.manager, self.registry)
-        self._snapshots: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
@@ -103,10 +116,13 @@ class Pooler:
 
     def _schedule_snapshots(self) -> None:
         loop = asyncio.get_running_loop()
-        self._snapshots = loop.call_later(self.settings.stats_period, self._snapshot)
+        self._snapshots = loop.call_later(self.settings.stats_period, self._take_snapshots)
 
-    def _snapshot(self) -> None:
-        self.manager.take_snapshots()
+    def _take_snapshots(self) -> None:
+        try:
+            self.manager.take_snapshots()
+        except Exception:  # snapshots must never stop being taken
+            log.exception("stats snapshot failed")
         self._schedule_snapshots()
 
     def _background(self, coro: Coroutine[Any, Any, Any]) -> None:
@@ -116,16 +132,24 @@ class Pooler:
 
     # ------------------------------------------------------------------ reload
 
-    def reload(self, new: Settings | None = None) -> bool:
+    def _reload_for_console(self) -> None:
+        """RELOAD on the admin console: like SIGHUP, but problems go back to the console user."""
+        self.reload(raise_errors=True)
+
+    def reload(self, new: Settings | None = None, *, raise_errors: bool = False) -> bool:
         """Apply a new configuration without dropping clients; False (old config kept, every
-        problem logged) if it cannot be read."""
+        problem logged, or raised as ConfigError with `raise_errors`) if it cannot be read."""
         if new is None:
-            if self._reread is None:
+            if self.reload_settings is None:
+                if raise_errors:
+                    raise ConfigError(["pypooler was started without a configuration source to re-read"])
                 log.warning("reload: no configuration source to re-read")
                 return False
             try:
-                new = self._reread()
+                new = self.reload_settings()
             except ConfigError as exc:
+                if raise_errors:
+                    raise
                 for problem in exc.problems:
                     log.error("reload failed, old configuration kept: %s", problem)
                 return False
@@ -157,6 +181,9 @@ class Pooler:
         changes += self.manager.reload(new)
         if new.log_level != old.log_level:
             logging.getLogger("pypooler").setLevel(new.log_level)
+        if new.stats_period != old.stats_period and self._snapshots is not None:
+            self._snapshots.cancel()
+            self._schedule_snapshots()
         log.info("reloaded configuration: %s", "; ".join(changes) or "no changes")
         if self._listener is not None and not self.draining:
             self._background(advisor.check_capacity(self.manager, new))
@@ -209,8 +236,18 @@ class Pooler:
                 busy += 1
         return busy
 
+    def request_shutdown(self) -> None:
+        """SHUTDOWN on the admin console."""
+        if self.on_shutdown is not None:
+            self.on_shutdown()
+        else:
+            asyncio.get_running_loop().create_task(self.stop())
+
     async def stop(self) -> None:
         """Stop listening, end every client and server connection."""
+        if self._stopping:
+            return
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
         if self._snapshots is not None:

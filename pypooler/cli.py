@@ -7,8 +7,9 @@ exit with status 2.
 Signals while running:
 - SIGHUP re-reads the config file and the environment and applies them without dropping a client
   (`Pooler.reload`); a file with errors is logged and the old configuration kept.
-- SIGTERM drains (`Pooler.drain`): stop accepting, close clients between transactions, refuse
-  new transactions, let running ones finish within `shutdown_drain_timeout`, exit 0.
+- SIGTERM (or SHUTDOWN on the admin console) drains (`Pooler.drain`): stop accepting, close
+  clients between transactions, refuse new transactions, let running ones finish within
+  `shutdown_drain_timeout`, exit 0.
 - SIGINT does the same with at most FAST_DRAIN_S for running transactions (Ctrl-C at a terminal).
 - A second SIGTERM or SIGINT during the drain closes everything at once and exits 1.
 """
@@ -119,7 +120,7 @@ async def _serve(settings: Settings, *, embedded: bool, config_path: str | None 
             fresh = fresh.model_copy(update={"databases": embedded_databases})
         return fresh
 
-    pooler = Pooler(settings, reread=reread)
+    pooler = Pooler(settings, reread)
     exit_code = 0
     try:
         await pooler.start()
@@ -151,6 +152,7 @@ async def _run_until_signalled(pooler: Pooler) -> int:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_stop_signal, signum)
+    pooler.on_shutdown = lambda: on_stop_signal(signal.SIGTERM)  # the console's SHUTDOWN
     loop.add_signal_handler(signal.SIGHUP, pooler.reload)
     try:
         await first.wait()

@@ -24,10 +24,12 @@ import struct
 import time
 from bisect import bisect_left
 from collections import Counter
+from collections.abc import Callable
 from typing import Any, cast
 
-from pypooler.config import Settings
+from pypooler.config import ADMIN_DATABASE_NAMES, Settings
 from pypooler.errors import (
+    DatabaseDisabled,
     NoSuchDatabase,
     PoolerError,
     ProtocolViolation,
@@ -40,7 +42,7 @@ from pypooler.protocol import codec
 from pypooler.protocol import constants as c
 from pypooler.protocol.transaction import FrontendStream
 from pypooler.server import ServerConnection, tune_transport
-from pypooler.stats import BOUNDS_NS, TrafficStats, bucket_of, fingerprint
+from pypooler.stats import BOUNDS_NS, TrafficStats, bucket_of
 
 log = logging.getLogger("pypooler.client")
 
@@ -52,20 +54,32 @@ _TX_IDLE = c.TX_IDLE
 
 
 _FAIL_LOG_LEVELS = {"no_such_database": logging.INFO, "shutdown": logging.DEBUG}
+AdminLogin = Callable[["ClientConnection", codec.StartupMessage, bytes], None]
 
 
 class ClientRegistry:
-    """What every client connection shares: settings, pools, live clients and their cancel keys."""
+    """What every client connection shares: settings, pools, live clients and their cancel keys.
+
+    The hooks are set by app.Pooler, so this module never imports the admin console or the app:
+    `admin_login(client, startup, early_bytes)` takes over a client that asked for database
+    pgbouncer/pypooler; `reload()` re-reads the configuration (raising ConfigError, the old one
+    staying in force); `shutdown()` stops the pooler.
+    """
 
     def __init__(self, settings: Settings, manager: PoolManager) -> None:
         self.settings = settings
         self.manager = manager
+        # Live client connections, admin console sessions included (they count against
+        # max_client_conn like any other client).
         self.clients: set[ClientConnection] = set()
         self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}
         self._random_keys: list[tuple[int, int]] = []
         self.errors: Counter[str] = Counter()  # errors before a pool was chosen, by reason
         self.connects = 0  # TCP connections accepted
         self.accepting = True
+        self.admin_login: AdminLogin | None = None
+        self.reload: Callable[[], None] | None = None
+        self.shutdown: Callable[[], None] | None = None
 
     def new_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
         """A fresh random BackendKeyData for a client (unguessable, so nobody cancels others)."""
@@ -311,9 +325,6 @@ class ClientConnection(asyncio.Protocol):
         self.server = server
         server.client = self
         self.lent_ns = self.query_start_ns = now
-        frontend = self.frontend
-        frontend.xact_statement = None
-        frontend.xact_statement_final = False
         if self.writing_paused:
             server.pause_reading()
         if not self.xact_count:
@@ -365,11 +376,14 @@ class ClientConnection(asyncio.Protocol):
         if self.waited_ns:
             traffic.wait_nonzero.observe(self.waited_ns)
             self.waited_ns = 0
-        statement = self.frontend.xact_statement
+        # Taken here, not cleared at the lend: the statement that asked for the server was read
+        # (and noted by the tracker) before the server was lent.
+        frontend = self.frontend
+        statement = frontend.xact_statement
         if statement is not None:
-            stats = self.pool.stats.for_statement(fingerprint(statement), statement)
-            stats.count += 1
-            stats.hold.observe_at(bucket, held)
+            frontend.xact_statement = None
+            frontend.xact_statement_final = False
+            self.pool.stats.account_statement(statement, bucket, held, idle)
 
     def server_ready_for_query(self, data: bytes, end: int) -> None:
         """The server answered the client's last outstanding request (`end` is just past it)."""
@@ -490,6 +504,17 @@ class ClientConnection(asyncio.Protocol):
                     "no more connections allowed (max_client_conn)",
                     detail=f"max_client_conn is {registry.settings.max_client_conn}",
                 )
+            if self.database in ADMIN_DATABASE_NAMES and registry.admin_login is not None:
+                self._negotiate_protocol(startup)
+                early, self._early = self._early, b""
+                # From here on the console's protocol object gets this transport's callbacks.
+                registry.admin_login(self, startup, early)
+                return
+            if self.database in registry.manager.disabled:
+                raise DatabaseDisabled(
+                    f'database "{self.database}" does not allow connections now',
+                    hint="an administrator ran DISABLE on the admin console; ENABLE allows them again",
+                )
             pool = registry.manager.get_pool(self.database, self.user)
             if pool is None:
                 raise NoSuchDatabase(f'no such database: "{self.database}"')
@@ -497,14 +522,17 @@ class ClientConnection(asyncio.Protocol):
             self.fail(exc)
             return
         self.pool = pool
-        protocol_options = [name for name in startup.parameters if name.startswith("_pq_.")]
-        if startup.protocol_version != c.PROTOCOL_3_0 or protocol_options:
-            # A newer 3.x client: tell it we speak 3.0 and ignored its protocol options.
-            self.transport.write(codec.build_negotiate_protocol_version(0, protocol_options))
+        self._negotiate_protocol(startup)
         if pool.parameters is not None:
             self._welcome()
         else:
             asyncio.get_running_loop().create_task(self._welcome_when_pool_ready())
+
+    def _negotiate_protocol(self, startup: codec.StartupMessage) -> None:
+        protocol_options = [name for name in startup.parameters if name.startswith("_pq_.")]
+        if startup.protocol_version != c.PROTOCOL_3_0 or protocol_options:
+            # A newer 3.x client: tell it we speak 3.0 and ignored its protocol options.
+            self.transport.write(codec.build_negotiate_protocol_version(0, protocol_options))
 
     async def _welcome_when_pool_ready(self) -> None:
         try:

@@ -10,6 +10,10 @@ Rules:
 - A waiter that gave up (disconnected or timed out) stays in the deque with `waiting` cleared and is
   skipped when reached; removing from the middle of a deque would be O(n).
 - The pool never touches sockets itself; it asks `open_server_connection` for new servers.
+- Admin states cost the hot path one attribute test: `release` looks closer only when `draining`
+  is set (PAUSE: every server is closed as it comes back; RECONNECT/RELOAD: servers marked
+  `close_needed` are). While paused the idle list is kept empty, so `checkout` needs no test at
+  all: it queues, and `_open_servers_for_waiters` opens nothing until RESUME.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from pypooler.errors import (
 )
 from pypooler.protocol import codec
 from pypooler.server import ServerConnection, ServerLogin, open_server_connection
-from pypooler.stats import PoolStats, Snapshot
+from pypooler.stats import STATEMENT_EXACT_PER_PASS, PoolStats, Snapshot
 
 if TYPE_CHECKING:
     from pypooler.client import ClientConnection
@@ -38,7 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("pypooler.pool")
 
 NS_PER_S = 1_000_000_000
-SNAPSHOTS_KEPT = 2  # the window is one to two stats periods long
+# Stats snapshots kept per pool: the latest two bound the last complete stats_period.
+SNAPSHOTS_KEPT = 2
 
 
 def shutdown_refused() -> ShuttingDown:
@@ -82,13 +87,15 @@ class Pool:
             max_statements=settings.stats_max_statements,
         )
         self.clients: set[ClientConnection] = set()  # welcomed clients of this pool
-        # Taken every stats_period; [0] starts the window that averages and advice cover.
-        self.snapshots: deque[Snapshot] = deque(maxlen=SNAPSHOTS_KEPT)
         self._last_wait_warning_ns = 0
         self.closed = False
-        # Set when released servers may be unwanted (draining, a reload changed the login or
-        # shrank the pool): release() then looks closer, and costs one attribute read otherwise.
-        self.retiring = False
+        # Admin console and shutdown states (see the module rules): PAUSE/KILL set `paused` until
+        # RESUME; `draining` tells `release` to look for servers to close instead of lending them.
+        self.paused = False
+        self.draining = False
+        self._resumed: asyncio.Future[None] | None = None  # logins waiting for RESUME
+        # Taken every stats_period; [0] starts the window that averages and advice cover.
+        self.snapshots: list[Snapshot] = [Snapshot(self.stats)]
 
     def __repr__(self) -> str:
         return f"<Pool {self.database}/{self.user} {self.lent}/{self.size} lent, {self.waiting} waiting>"
@@ -119,7 +126,7 @@ class Pool:
         """Take back a clean server (ReadyForQuery 'I', nothing pending) and lend it on."""
         if server.closed:
             return
-        if self.retiring and self._retire(server):
+        if self.draining and self._retire(server):
             return
         lifetime = self.settings.server_lifetime
         if lifetime and time.monotonic_ns() - server.created_ns > lifetime * NS_PER_S:
@@ -135,15 +142,6 @@ class Pool:
                 return
         server.last_used_ns = time.monotonic_ns()
         self.idle.append(server)
-
-    def _retire(self, server: ServerConnection) -> bool:
-        """Close a released server the pool no longer wants; False if it may be lent again."""
-        if self.closed or not same_login(server.login, self.login) or len(self.servers) > self.size:
-            server.close()
-            return True
-        if len(self.servers) <= self.size and all(same_login(s.login, self.login) for s in self.servers):
-            self.retiring = False  # every server left is wanted again
-        return False
 
     def cancel_wait(self, client: ClientConnection) -> None:
         if client.waiting:
@@ -161,7 +159,7 @@ class Pool:
     # ------------------------------------------------------------------ opening servers
 
     def _open_servers_for_waiters(self) -> None:
-        if self.closed or (self._retry_at_ns and time.monotonic_ns() < self._retry_at_ns):
+        if self.closed or self.paused or (self._retry_at_ns and time.monotonic_ns() < self._retry_at_ns):
             return
         wanted = self.waiting - self.connecting
         room = self.size - len(self.servers) - self.connecting
@@ -171,8 +169,9 @@ class Pool:
 
     async def _open_server(self) -> None:
         started = time.monotonic_ns()
+        login = self.login
         try:
-            server = await open_server_connection(self.login, self.settings.server_connect_timeout)
+            server = await open_server_connection(login, self.settings.server_connect_timeout)
         except PoolerError as exc:
             self.connecting -= 1
             self._connect_failed(exc)
@@ -184,8 +183,10 @@ class Pool:
         self.stats.server_connects += 1
         self.stats.server_connect.observe(time.monotonic_ns() - started)
         self.last_connect_error = None
-        if self.closed or server.closed:
+        if self.closed or server.closed or login is not self.login:
+            # The pool closed, the server died, or RELOAD changed the address meanwhile.
             server.close()
+            self._open_servers_for_waiters()
             return
         self.servers.add(server)
         server.on_close = self.server_closed
@@ -235,6 +236,11 @@ class Pool:
     async def ensure_parameters(self) -> dict[str, str]:
         """The server ParameterStatus set new clients are welcomed with (opens a server if needed)."""
         while self.parameters is None:
+            if self.paused:  # PgBouncer's rule: logins to a paused database wait for RESUME
+                if self._resumed is None:
+                    self._resumed = asyncio.get_running_loop().create_future()
+                await asyncio.shield(self._resumed)
+                continue
             if self._parameters_ready is None:
                 self._parameters_ready = asyncio.get_running_loop().create_future()
                 if len(self.servers) + self.connecting >= self.size:
@@ -248,6 +254,7 @@ class Pool:
 
     def expire(self, now_ns: int) -> None:
         """Time out waiters past query_wait_timeout and close servers idle too long."""
+        self.stats.statement_budget = STATEMENT_EXACT_PER_PASS
         timeout = self.settings.query_wait_timeout
         if timeout and self.waiting:
             limit = now_ns - int(timeout * NS_PER_S)
@@ -262,8 +269,12 @@ class Pool:
                         QueryWaitTimeout(
                             f"query_wait_timeout: no server connection for {self.database}/"
                             f"{self.user} became free within {timeout:g} s",
-                            detail=f"pool_size {self.size}: all {self.lent} servers were busy",
-                            hint="transactions hold servers too long, or pool_size is too small",
+                            detail="the database is paused (PAUSE or KILL on the admin console)"
+                            if self.paused
+                            else f"pool_size {self.size}: all {self.lent} servers were busy",
+                            hint="RESUME it on the admin console"
+                            if self.paused
+                            else "transactions hold servers too long, or pool_size is too small",
                         )
                     )
         if self.lent and (self.settings.hold_warn_ms or self.settings.idle_transaction_timeout):
@@ -318,35 +329,10 @@ class Pool:
             "; ".join(describe_holder(c, now) for c in holders[:3]) or "none",
         )
 
-    def reconfigure(self, settings: Settings, login: ServerLogin, size: int) -> list[str]:
-        """Apply a reloaded configuration; return what changed, for the log.
-
-        Lent servers are never taken from their clients: one the pool no longer wants (old
-        login, too many for a smaller size) is closed when its transaction releases it.
-        """
-        changes: list[str] = []
-        self.settings = settings
-        if not same_login(login, self.login):
-            changes.append(f"server {self.login.describe()} -> {login.describe()}")
-            self.login = login
-            self.retiring = True
-        if size != self.size:
-            changes.append(f"pool_size {self.size} -> {size}")
-            self.retiring = self.retiring or size < self.size
-            self.size = size
-        if self.retiring:
-            for server in [s for s in self.idle if not same_login(s.login, login)]:
-                server.close()
-            while len(self.servers) > self.size and self.idle:
-                self.idle.pop(0).close()  # the longest idle first
-        self._open_servers_for_waiters()  # a bigger pool serves its queue at once
-        return changes
-
     def drain(self) -> None:
         """Shutdown, first step: refuse new transactions (waiters now, checkouts from here
         on) and close idle servers; lent servers are closed as their transactions end."""
-        self.closed = True
-        self.retiring = True
+        self.closed = self.draining = True
         while self.idle:
             self.idle.pop().close()
         while self.waiters:
@@ -366,6 +352,103 @@ class Pool:
                 client.waiting = False
                 self.waiting -= 1
                 client.fail(ShuttingDown("pypooler is shutting down"))
+
+    # ------------------------------------------------------------------ admin console
+
+    def pause(self) -> None:
+        """Lend nothing more; close idle servers now and lent ones as they are released."""
+        self.paused = self.draining = True
+        while self.idle:
+            self.idle.pop().close()
+
+    def resume(self) -> None:
+        self.paused = False
+        self._update_draining()
+        resumed = self._resumed
+        if resumed is not None:
+            self._resumed = None
+            resumed.set_result(None)
+        self._open_servers_for_waiters()
+
+    @property
+    def drained(self) -> bool:
+        """No server open or connecting: what PAUSE waits for."""
+        return not self.servers and not self.connecting
+
+    def reconnect(self) -> None:
+        """Close every server: idle ones now, lent ones when released (new ones open as needed)."""
+        for server in self.servers:
+            server.close_needed = True
+        self.draining = True
+        for server in list(self.idle):
+            server.close()
+        self._update_draining()
+
+    @property
+    def close_pending(self) -> bool:
+        """Some server is marked close_needed and not closed yet: what WAIT_CLOSE waits for."""
+        return any(server.close_needed for server in self.servers)
+
+    def kill(self, error: PoolerError) -> None:
+        """KILL: end every client with `error` and close every server; the pool stays paused."""
+        self.pause()
+        for client in list(self.clients):
+            client.fail(error)  # a linked client's server is closed as the client goes
+        for server in list(self.servers):
+            server.close()
+
+    def reconfigure(self, login: ServerLogin, *, size: int, mode: PoolMode, settings: Settings) -> None:
+        """RELOAD: take a new server address, bound, mode and settings.
+
+        Servers logged in with the old address or beyond the new bound are closed when released
+        (idle ones at once); a larger bound serves the waiters at once.
+        """
+        self.settings = settings
+        self.stats.max_applications = settings.stats_max_applications
+        self.stats.max_statements = settings.stats_max_statements
+        self.mode = mode
+        if _login_key(login) != _login_key(self.login):
+            self.login = login
+            for server in self.servers:
+                server.close_needed = True
+        self.size = size
+        excess = len(self.servers) - size
+        if excess > 0:
+            # Idle ones first (the coldest, at the front); then lent ones when released.
+            for server in self.idle[:excess]:
+                server.close_needed = True
+            excess -= min(excess, len(self.idle))
+            for server in self.servers:
+                if excess <= 0:
+                    break
+                if not server.close_needed:
+                    server.close_needed = True
+                    excess -= 1
+        if any(server.close_needed for server in self.servers):
+            self.draining = True
+            for server in [s for s in self.idle if s.close_needed]:
+                server.close()
+        self._open_servers_for_waiters()
+
+    def _retire(self, server: ServerConnection) -> bool:
+        """Close a released server that must not be lent again; False if it may be."""
+        if not (self.paused or self.closed or server.close_needed):
+            self._update_draining()  # what needed closing went away by itself
+            return False
+        server.close()  # server_closed() forgets it and may open a replacement for waiters
+        self._update_draining()
+        return True
+
+    def _update_draining(self) -> None:
+        self.draining = self.paused or self.closed or self.close_pending
+
+    def take_snapshot(self) -> None:
+        self.snapshots.append(Snapshot(self.stats))
+        del self.snapshots[:-SNAPSHOTS_KEPT]
+
+
+def _login_key(login: ServerLogin) -> tuple[str, int, str, str, str | None]:
+    return (login.host, login.port, login.database, login.user, login.password)
 
 
 def same_login(a: ServerLogin, b: ServerLogin) -> bool:
@@ -392,11 +475,19 @@ def describe_holder(client: ClientConnection, now_ns: int) -> str:
 
 
 class PoolManager:
-    """Finds or creates the pool for a (database, user) from the configuration."""
+    """Finds or creates the pool for a (database, user) from the configuration.
+
+    Also holds the admin console's per-database states, so a pool created later (a new user of
+    a paused database) starts in the same state: `paused_all` / `paused_databases` (PAUSE, KILL)
+    and `disabled` (DISABLE: new logins refused).
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.pools: dict[tuple[str, str], Pool] = {}
+        self.paused_all = False
+        self.paused_databases: set[str] = set()
+        self.disabled: set[str] = set()
 
     def database_config(self, database: str) -> tuple[str, DatabaseConfig] | None:
         """The [databases] entry serving `database`: its own, else the '*' fallback."""
@@ -407,6 +498,9 @@ class PoolManager:
             return "*", databases["*"]
         return None
 
+    def _server_login(self, database: str, db: DatabaseConfig, user: str) -> ServerLogin:
+        return ServerLogin(db.host, db.port, db.dbname or database, user, db.password)
+
     def get_pool(self, database: str, client_user: str) -> Pool | None:
         found = self.database_config(database)
         if found is None:
@@ -416,8 +510,7 @@ class PoolManager:
         key = (database, user)
         pool = self.pools.get(key)
         if pool is None:
-            dbname = db.dbname or database
-            login = ServerLogin(db.host, db.port, dbname, user, db.password)
+            login = self._server_login(database, db, user)
             pool = Pool(
                 database,
                 user,
@@ -426,31 +519,23 @@ class PoolManager:
                 mode=db.pool_mode or self.settings.pool_mode,
                 settings=self.settings,
             )
+            if self.is_paused(database):
+                pool.pause()
             self.pools[key] = pool
             log.debug("new pool %s/%s -> %s (entry %s)", database, user, login.describe(), entry)
         return pool
 
     def reload(self, settings: Settings) -> list[str]:
-        """Use `settings` from now on; reconfigure live pools; return what changed per pool.
-
-        A pool whose database entry is gone keeps serving the clients it has (new clients get
-        "no such database"); pool_mode and stats limits apply to pools created from now on.
-        """
-        self.settings = settings
-        changes: list[str] = []
-        for pool in self.pools.values():
-            found = self.database_config(pool.database)
-            if found is None:
-                pool.settings = settings
-                continue
-            _, db = found
-            login = ServerLogin(db.host, db.port, db.dbname or pool.database, pool.user, db.password)
-            size = db.pool_size or settings.default_pool_size
-            changes += [
-                f"pool {pool.database}/{pool.user}: {change}"
-                for change in pool.reconfigure(settings, login, size)
-            ]
-        return changes
+        """Use `settings` from now on (SIGHUP and RELOAD): see `apply_settings`; returns a line
+        per pool whose server address or bound changed, for the log."""
+        before = {key: (_login_key(p.login), p.size) for key, p in self.pools.items()}
+        self.apply_settings(settings)
+        return [
+            f"pool {db}/{user}: " + ("server changed" if before[(db, user)][0] != _login_key(p.login)
+                                     else f"pool_size {before[(db, user)][1]} -> {p.size}")
+            for (db, user), p in self.pools.items()
+            if before[(db, user)] != (_login_key(p.login), p.size)
+        ]
 
     def drain(self) -> None:
         for pool in self.pools.values():
@@ -461,10 +546,82 @@ class PoolManager:
         for pool in self.pools.values():
             pool.expire(now)
 
-    def take_snapshots(self) -> None:
-        for pool in self.pools.values():
-            pool.snapshots.append(Snapshot(pool.stats))
-
     def close(self) -> None:
         for pool in self.pools.values():
             pool.close()
+
+    # ------------------------------------------------------------------ admin console
+
+    def databases(self) -> list[str]:
+        """Database names clients can ask for by name: configured entries, then pools served
+        by the '*' fallback."""
+        names = [name for name in self.settings.databases if name != "*"]
+        for database, _ in self.pools:
+            if database not in names:
+                names.append(database)
+        return names
+
+    def pools_of(self, database: str | None) -> list[Pool]:
+        """The pools of one database, or of all when `database` is None."""
+        return [p for p in self.pools.values() if database is None or p.database == database]
+
+    def is_paused(self, database: str) -> bool:
+        return self.paused_all or database in self.paused_databases
+
+    def pause(self, database: str | None) -> list[Pool]:
+        """PAUSE: the pools now draining (PAUSE returns when they are drained)."""
+        if database is None:
+            self.paused_all = True
+        else:
+            self.paused_databases.add(database)
+        pools = self.pools_of(database)
+        for pool in pools:
+            pool.pause()
+        return pools
+
+    def resume(self, database: str | None) -> None:
+        if database is None:
+            self.paused_all = False
+            self.paused_databases.clear()
+        else:
+            self.paused_databases.discard(database)
+        for pool in self.pools_of(database):
+            if not self.is_paused(pool.database):
+                pool.resume()
+
+    def kill(self, database: str, error: PoolerError) -> None:
+        """KILL: close the database's clients and servers; it stays paused until RESUME."""
+        self.paused_databases.add(database)
+        for pool in self.pools_of(database):
+            pool.kill(error)
+
+    def reconnect(self, database: str | None) -> list[Pool]:
+        pools = self.pools_of(database)
+        for pool in pools:
+            pool.reconnect()
+        return pools
+
+    def apply_settings(self, settings: Settings) -> None:
+        """RELOAD: new settings for every pool; new databases work from the next login.
+
+        Pools whose database left the configuration (or now logs in as another user) keep
+        serving the clients they have while new logins go elsewhere, so a RELOAD never cuts
+        connections by itself.
+        """
+        self.settings = settings
+        for (database, user), pool in self.pools.items():
+            found = self.database_config(database)
+            if found is None or (found[1].user is not None and found[1].user != user):
+                pool.settings = settings  # no longer reachable: new logins go elsewhere
+                continue
+            _, db = found
+            pool.reconfigure(
+                self._server_login(database, db, user),
+                size=db.pool_size or settings.default_pool_size,
+                mode=db.pool_mode or settings.pool_mode,
+                settings=settings,
+            )
+
+    def take_snapshots(self) -> None:
+        for pool in self.pools.values():
+            pool.take_snapshot()

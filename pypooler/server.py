@@ -79,6 +79,7 @@ class ServerConnection(asyncio.Protocol):
         "_scram",
         "backend",
         "client",
+        "close_needed",
         "closed",
         "created_ns",
         "last_used_ns",
@@ -108,6 +109,8 @@ class ServerConnection(asyncio.Protocol):
         self.secret_key = 0
         self.reading_paused = False
         self.closed = False
+        # Close at the next release instead of lending again (RECONNECT, RELOAD, a smaller pool).
+        self.close_needed = False
         self.created_ns = time.monotonic_ns()
         self.last_used_ns = self.created_ns
         # Set by the owning pool; servers do not import pools (imports point one way).

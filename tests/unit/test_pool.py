@@ -39,6 +39,7 @@ class FakeServer:
         self.login = login or default_login()
         self.name = f"s{FakeServer.count}"
         self.closed = False
+        self.close_needed = False
         self.created_ns = time.monotonic_ns() - int(age_s * NS)
         self.last_used_ns = 0
         self.on_close: Any = None
@@ -626,7 +627,7 @@ async def test_reconfigure_to_a_bigger_pool_serves_waiters_at_once(connector: Fa
     checkout(pool, waiter)
     assert connector.calls == 0  # the pool is full: the waiter queues
 
-    assert pool.reconfigure(make_settings(), default_login(), 2) == ["pool_size 1 -> 2"]
+    pool.reconfigure(default_login(), size=2, mode="transaction", settings=make_settings())
     (s2,) = await connector.succeed()
 
     assert waiter.server is s2
@@ -641,14 +642,15 @@ async def test_reconfigure_to_a_smaller_pool_closes_idle_now_and_lent_at_release
     assert checkout(pool, FakeClient()) is s3
     assert checkout(pool, FakeClient()) is s2
 
-    pool.reconfigure(make_settings(), default_login(), 1)
+    pool.reconfigure(default_login(), size=1, mode="transaction", settings=make_settings())
 
     assert s1.closed and not s2.closed and not s3.closed  # lent servers finish their transactions
     release(pool, s3)
-    assert s3.closed  # one more than the new size: closed instead of idling
     release(pool, s2)
-    assert not s2.closed and pool.servers == {s2} and pool.idle == [s2]
-    assert not pool.retiring
+    # One more than the new size is closed instead of idling; the other stays.
+    assert [s2.closed, s3.closed].count(True) == 1
+    assert len(pool.servers) == 1 and pool.idle == list(pool.servers)
+    assert not pool.draining
     assert_bounded(pool)
 
 
@@ -661,9 +663,8 @@ async def test_reconfigure_to_a_new_server_retires_old_servers_without_cutting_t
     assert checkout(pool, client) is old_lent
     new_login = ServerLogin("10.0.0.9", 5433, "app", "alice", "secret")
 
-    changes = pool.reconfigure(make_settings(), new_login, 2)
+    pool.reconfigure(new_login, size=2, mode="transaction", settings=make_settings())
 
-    assert changes == ["server alice@127.0.0.1:5432/app -> alice@10.0.0.9:5433/app"]
     assert old_idle.closed and not old_lent.closed  # the transaction goes on
     release(pool, old_lent)
     assert old_lent.closed
@@ -671,7 +672,7 @@ async def test_reconfigure_to_a_new_server_retires_old_servers_without_cutting_t
     (fresh,) = await connector.succeed()
     assert fresh.login is new_login
     release(pool, fresh)
-    assert not fresh.closed and pool.idle == [fresh] and not pool.retiring
+    assert not fresh.closed and pool.idle == [fresh] and not pool.draining
 
 
 async def test_drain_refuses_new_transactions_and_lets_lent_servers_finish(
