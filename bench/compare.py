@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import datetime
 import importlib.metadata
+import json
 import os
 import platform
 import pwd
@@ -41,7 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,10 +116,13 @@ class Point:
 
     clients: int
     reconnect: bool
+    # pgbench's built-in TPC-B-like script (5 statements in BEGIN..END) instead of -S.
+    tpcb: bool = False
 
     @property
     def label(self) -> str:
-        return f"-S -C c={self.clients}" if self.reconnect else f"-S c={self.clients}"
+        script = "TPC-B" if self.tpcb else "-S"
+        return f"{script} -C c={self.clients}" if self.reconnect else f"{script} c={self.clients}"
 
 
 def parse_points(text: str) -> list[Point]:
@@ -330,12 +334,20 @@ def start_proxy(
     raise AssertionError("unreachable")
 
 
-def start_pgbouncer(workdir: Path, postgres: EmbeddedPostgres, binary: str) -> Proxy:
+def start_pgbouncer(
+    workdir: Path,
+    postgres: EmbeddedPostgres,
+    binary: str,
+    *,
+    name: str = "PgBouncer",
+    settings: Mapping[str, str | int] | None = None,
+) -> Proxy:
+    """Start PgBouncer; `settings` adds to or replaces keys of its [pgbouncer] section."""
     run_as: pwd.struct_passwd | None = None
     if os.geteuid() == 0:
         # PgBouncer refuses to run as root.
         run_as = pwd.getpwnam(UNPRIVILEGED_USER)
-    home = workdir / "pgbouncer"
+    home = workdir / name.lower()
     home.mkdir(mode=0o700)
     if run_as is not None:
         os.chown(home, run_as.pw_uid, run_as.pw_gid)
@@ -347,26 +359,30 @@ def start_pgbouncer(workdir: Path, postgres: EmbeddedPostgres, binary: str) -> P
 
     def launch(port: int) -> tuple[subprocess.Popen[bytes], Path]:
         ini = home / "pgbouncer.ini"
+        section: dict[str, str | int] = {
+            "listen_addr": LOOPBACK,
+            "listen_port": port,
+            "unix_socket_dir": "",
+            "auth_type": "trust",
+            "auth_file": str(auth_file),
+            "pool_mode": "transaction",
+            "default_pool_size": POOL_SIZE,
+            "max_client_conn": MAX_CLIENT_CONN,
+            "logfile": str(home / "pgbouncer.log"),
+            "pidfile": str(home / "pgbouncer.pid"),
+            "ignore_startup_parameters": "extra_float_digits",
+            # Same as pypooler's log_connections/log_disconnections = false below.
+            "log_connections": 0,
+            "log_disconnections": 0,
+            "server_idle_timeout": SERVER_IDLE_TIMEOUT_S,
+            **(settings or {}),
+        }
         ini.write_text(
             "[databases]\n"
             f"{DEFAULT_DBNAME} = host={postgres.host} port={postgres.port} "
             f"dbname={DEFAULT_DBNAME}\n"
             "\n[pgbouncer]\n"
-            f"listen_addr = {LOOPBACK}\n"
-            f"listen_port = {port}\n"
-            "unix_socket_dir =\n"
-            "auth_type = trust\n"
-            f"auth_file = {auth_file}\n"
-            "pool_mode = transaction\n"
-            f"default_pool_size = {POOL_SIZE}\n"
-            f"max_client_conn = {MAX_CLIENT_CONN}\n"
-            f"logfile = {home / 'pgbouncer.log'}\n"
-            f"pidfile = {home / 'pgbouncer.pid'}\n"
-            "ignore_startup_parameters = extra_float_digits\n"
-            # Same as pypooler's log_connections/log_disconnections = false below.
-            "log_connections = 0\n"
-            "log_disconnections = 0\n"
-            f"server_idle_timeout = {SERVER_IDLE_TIMEOUT_S}\n"
+            + "".join(f"{key} = {value}\n" for key, value in section.items())
         )
         if run_as is not None:
             os.chown(ini, run_as.pw_uid, run_as.pw_gid)
@@ -390,13 +406,19 @@ def start_pgbouncer(workdir: Path, postgres: EmbeddedPostgres, binary: str) -> P
 
     # SIGTERM is PgBouncer's immediate shutdown ("fast exit", status 1); SIGINT would wait
     # for clients.
-    return start_proxy("PgBouncer", launch, postgres, signal.SIGTERM, frozenset({1}))
+    return start_proxy(name, launch, postgres, signal.SIGTERM, frozenset({1}))
 
 
 def start_pypooler(
-    workdir: Path, postgres: EmbeddedPostgres, *, name: str = "pypooler", source: Path | None = None
+    workdir: Path,
+    postgres: EmbeddedPostgres,
+    *,
+    name: str = "pypooler",
+    source: Path | None = None,
+    settings: Mapping[str, str | int | float | bool] | None = None,
 ) -> Proxy:
-    """Start pypooler; `source`: a checkout of another revision to run instead of this tree."""
+    """Start pypooler; `source`: a checkout of another revision to run instead of this tree;
+    `settings`: top-level config keys added or replaced."""
     home = workdir / name.replace("@", "-")
     home.mkdir(mode=0o700)
     env = clean_env()
@@ -405,19 +427,23 @@ def start_pypooler(
 
     def launch(port: int) -> tuple[subprocess.Popen[bytes], Path]:
         config = home / "pypooler.toml"
+        top: dict[str, str | int | float | bool] = {
+            "listen_addr": LOOPBACK,
+            "listen_port": port,
+            "pool_mode": "transaction",
+            "default_pool_size": POOL_SIZE,
+            "max_client_conn": MAX_CLIENT_CONN,
+            "log_connections": False,
+            "log_disconnections": False,
+            "log_level": "WARNING",
+            "server_idle_timeout": SERVER_IDLE_TIMEOUT_S,
+        }
+        if source is None or _has_metrics(source):
+            top["metrics_port"] = 0
+        top.update(settings or {})
         config.write_text(
-            f'listen_addr = "{LOOPBACK}"\n'
-            f"listen_port = {port}\n"
-            'pool_mode = "transaction"\n'
-            f"default_pool_size = {POOL_SIZE}\n"
-            f"max_client_conn = {MAX_CLIENT_CONN}\n"
-            "log_connections = false\n"
-            "log_disconnections = false\n"
-            'log_level = "WARNING"\n'
-            f"server_idle_timeout = {SERVER_IDLE_TIMEOUT_S}\n"
-            + ("metrics_port = 0\n" if source is None or _has_metrics(source) else "")
-            +
-            f"\n[databases.{DEFAULT_DBNAME}]\n"
+            "".join(f"{key} = {toml_value(value)}\n" for key, value in top.items())
+            + f"\n[databases.{DEFAULT_DBNAME}]\n"
             f'host = "{postgres.host}"\n'
             f"port = {postgres.port}\n"
         )
@@ -435,6 +461,14 @@ def start_pypooler(
         return process, log_path
 
     return start_proxy(name, launch, postgres, signal.SIGINT, frozenset({0}))
+
+
+def toml_value(value: str | int | float | bool) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    return repr(value)
 
 
 def _has_metrics(source: Path) -> bool:
@@ -525,7 +559,8 @@ def run_pgbench(
         run.error = f"{proxy.name} is not running (exit code {proxy.process.returncode})"
         return run
     argv = [
-        postgres.bin("pgbench"), "-n", "-S", "-M", "simple", "-T", str(duration_s),
+        postgres.bin("pgbench"), "-n", *(() if point.tpcb else ("-S",)), "-M", "simple",
+        "-T", str(duration_s),
         "-c", str(point.clients), "-j", str(min(threads, point.clients)),
     ]  # fmt: skip
     if point.reconnect:

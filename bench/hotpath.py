@@ -11,6 +11,7 @@ the hot path can be measured before and after on a busy machine:
 from __future__ import annotations
 
 import asyncio
+import random
 import statistics
 import time
 from typing import Any
@@ -99,14 +100,46 @@ async def main() -> None:
     assert client.ready
 
     n = 50_000
+    # Like pgbench: a random literal per query, so statement texts rarely repeat.
+    queries = [
+        codec.build_query(f"SELECT abalance FROM pgbench_accounts WHERE aid = {aid};")
+        for aid in random.Random(1).sample(range(1, 1_000_000), n)
+    ]
     xact: list[float] = []
     for _ in range(ROUNDS):
         start = time.perf_counter_ns()
-        for _ in range(n):
-            client.data_received(QUERY)
+        for query in queries:
+            client.data_received(query)
             server.data_received(REPLY)
         xact.append((time.perf_counter_ns() - start) / n / 1000)
     assert client.server is None and pool.idle == [server]
+
+    # TPC-B-like: BEGIN, five statements, END, each its own round trip inside one hold.
+    in_xact = codec.build_message(ord("Z"), b"T")
+    begin_reply = codec.build_command_complete("BEGIN") + in_xact
+    statement_reply = codec.build_command_complete("UPDATE 1") + in_xact
+    end_reply = codec.build_command_complete("COMMIT") + codec.build_ready_for_query()
+    statements = [
+        codec.build_query(f"UPDATE pgbench_accounts SET abalance = abalance + {delta} WHERE aid = {aid};")
+        for delta, aid in zip(
+            range(-5000, 5000), random.Random(2).sample(range(1, 1_000_000), 10_000), strict=True
+        )
+    ]
+    begin, end = codec.build_query("BEGIN;"), codec.build_query("END;")
+    k = 10_000
+    tpcb: list[float] = []
+    for _ in range(ROUNDS):
+        start = time.perf_counter_ns()
+        for i in range(k):
+            client.data_received(begin)
+            server.data_received(begin_reply)
+            for j in range(5):
+                client.data_received(statements[(i + j) % len(statements)])
+                server.data_received(statement_reply)
+            client.data_received(end)
+            server.data_received(end_reply)
+        tpcb.append((time.perf_counter_ns() - start) / k / 1000)
+    assert client.server is None
 
     m = 5_000
     login: list[float] = []
@@ -122,7 +155,8 @@ async def main() -> None:
             other.data_received(codec.TERMINATE)
             other.connection_lost(None)
         login.append((time.perf_counter_ns() - start) / m / 1000)
-    print(f"transaction (Query -> 4 messages -> release): {best_us(xact)}")
+    print(f"transaction (Query -> 4 messages -> release): {best_us(xact)}  (random literals, like pgbench)")
+    print(f"TPC-B-like (7 round trips in one hold):       {best_us(tpcb)}")
     print(f"connect + login + 1 transaction + Terminate:   {best_us(login)}")
 
 

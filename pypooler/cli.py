@@ -3,6 +3,15 @@
 `run` with no database configured starts an embedded throwaway PostgreSQL (the same as `demo`), so
 a newcomer gets a working pooler from one command. Configuration problems print one line each and
 exit with status 2.
+
+Signals while running:
+- SIGHUP re-reads the config file and the environment and applies them without dropping a client
+  (`Pooler.reload`); a file with errors is logged and the old configuration kept.
+- SIGTERM (or SHUTDOWN on the admin console) drains (`Pooler.drain`): stop accepting, close
+  clients between transactions, refuse new transactions, let running ones finish within
+  `shutdown_drain_timeout`, exit 0.
+- SIGINT does the same with at most FAST_DRAIN_S for running transactions (Ctrl-C at a terminal).
+- A second SIGTERM or SIGINT during the drain closes everything at once and exits 1.
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ from pypooler.config import ConfigError, DatabaseConfig, Settings, load_settings
 log = logging.getLogger("pypooler")
 
 EXIT_CONFIG_ERROR = 2
+EXIT_DRAIN_ABANDONED = 1
+FAST_DRAIN_S = 1.0  # SIGINT's cap on the drain: a person pressing Ctrl-C wants it over quickly
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     embedded = args.command == "demo" or not settings.databases
-    return uvloop.run(_serve(settings, embedded=embedded))
+    return uvloop.run(_serve(settings, embedded=embedded, config_path=args.config))
 
 
 def _advise(args: argparse.Namespace, settings: Settings) -> int:
@@ -93,17 +104,25 @@ def _advise(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-async def _serve(settings: Settings, *, embedded: bool) -> int:
+async def _serve(settings: Settings, *, embedded: bool, config_path: str | None = None) -> int:
     postgres = None
+    embedded_databases: dict[str, DatabaseConfig] = {}
     if embedded:
         from pypooler.embedded import EmbeddedPostgres
 
         postgres = EmbeddedPostgres(max_connections=100)
         await asyncio.to_thread(postgres.start)
-        settings = settings.model_copy(
-            update={"databases": {"*": DatabaseConfig(host=postgres.host, port=postgres.port)}}
-        )
-    pooler = Pooler(settings)
+        embedded_databases = {"*": DatabaseConfig(host=postgres.host, port=postgres.port)}
+        settings = settings.model_copy(update={"databases": embedded_databases})
+
+    def reread() -> Settings:
+        fresh = load_settings(config_path)
+        if embedded:  # the throwaway server stays what the pooler points at
+            fresh = fresh.model_copy(update={"databases": embedded_databases})
+        return fresh
+
+    pooler = Pooler(settings, reread)
+    exit_code = 0
     try:
         await pooler.start()
         if postgres is not None:
@@ -113,17 +132,47 @@ async def _serve(settings: Settings, *, embedded: bool) -> int:
                 f"  psql 'postgresql://postgres@{settings.listen_addr}:{pooler.port}/pypooler_test'",
                 flush=True,
             )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        await stop.wait()
-        log.info("shutting down")
+        exit_code = await _run_until_signalled(pooler)
     finally:
         await pooler.stop()
         if postgres is not None:
             await asyncio.to_thread(postgres.stop)
-    return 0
+    return exit_code
+
+
+async def _run_until_signalled(pooler: Pooler) -> int:
+    """Serve until SIGTERM/SIGINT, drain, and return the exit status (see the module doc)."""
+    loop = asyncio.get_running_loop()
+    received: list[signal.Signals] = []
+    first = asyncio.Event()
+    second = asyncio.Event()
+
+    def on_stop_signal(signum: signal.Signals) -> None:
+        received.append(signum)
+        (first if len(received) == 1 else second).set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_stop_signal, signum)
+    pooler.on_shutdown = lambda: on_stop_signal(signal.SIGTERM)  # the console's SHUTDOWN
+    loop.add_signal_handler(signal.SIGHUP, pooler.reload)
+    try:
+        await first.wait()
+        timeout = pooler.settings.shutdown_drain_timeout
+        if received[0] == signal.SIGINT:
+            timeout = min(timeout, FAST_DRAIN_S)
+        log.info("%s: shutting down", received[0].name)
+        drain = asyncio.ensure_future(pooler.drain(timeout))
+        interrupt = asyncio.ensure_future(second.wait())
+        await asyncio.wait({drain, interrupt}, return_when=asyncio.FIRST_COMPLETED)
+        if not drain.done():
+            drain.cancel()
+            log.warning("%s again: closing every connection now", received[-1].name)
+            return EXIT_DRAIN_ABANDONED
+        interrupt.cancel()
+        return 0
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(signum)
 
 
 if __name__ == "__main__":

@@ -29,13 +29,15 @@ import struct
 import time
 from bisect import bisect_left
 from collections import Counter
+from collections.abc import Callable
 from typing import Any, cast
 
 from pypooler.auth import AUTH_MESSAGE_LIMIT, Authenticator, AuthOutcome, ClientAuthExchange
-from pypooler.config import Settings
+from pypooler.config import ADMIN_DATABASE_NAMES, Settings
 from pypooler.errors import (
     AuthRejected,
     ClientLoginTimeout,
+    DatabaseDisabled,
     NoSuchDatabase,
     PoolerError,
     ProtocolViolation,
@@ -49,7 +51,7 @@ from pypooler.protocol import constants as c
 from pypooler.protocol.scram import Secret
 from pypooler.protocol.transaction import FrontendStream
 from pypooler.server import ServerConnection, tune_transport
-from pypooler.stats import BOUNDS_NS, TrafficStats, bucket_of, fingerprint
+from pypooler.stats import BOUNDS_NS, TrafficStats, bucket_of
 from pypooler.tls import ClientTls
 
 log = logging.getLogger("pypooler.client")
@@ -62,8 +64,18 @@ _TX_IDLE = c.TX_IDLE
 NS_PER_S = 1_000_000_000
 
 
+_FAIL_LOG_LEVELS = {"no_such_database": logging.INFO, "shutdown": logging.DEBUG}
+AdminLogin = Callable[["ClientConnection", codec.StartupMessage, bytes], None]
+
+
 class ClientRegistry:
-    """What every client connection shares: settings, pools, live clients and their cancel keys."""
+    """What every client connection shares: settings, pools, live clients and their cancel keys.
+
+    The hooks are set by app.Pooler, so this module never imports the admin console or the app:
+    `admin_login(client, startup, early_bytes)` takes over a client that asked for database
+    pgbouncer/pypooler; `reload()` re-reads the configuration (raising ConfigError, the old one
+    staying in force); `shutdown()` stops the pooler.
+    """
 
     def __init__(
         self,
@@ -77,6 +89,8 @@ class ClientRegistry:
         self.manager = manager
         self.auth = auth if auth is not None else Authenticator(settings)
         self.tls = tls
+        # Live client connections, admin console sessions included (they count against
+        # max_client_conn like any other client).
         self.clients: set[ClientConnection] = set()
         # Clients not logged in yet, oldest first (dicts keep insertion order): the login
         # timeout pass stops at the first one still within its time.
@@ -86,6 +100,9 @@ class ClientRegistry:
         self.errors: Counter[str] = Counter()  # errors before a pool was chosen, by reason
         self.connects = 0  # TCP connections accepted
         self.accepting = True
+        self.admin_login: AdminLogin | None = None
+        self.reload: Callable[[], None] | None = None
+        self.shutdown: Callable[[], None] | None = None
 
     def expire_logins(self, now_ns: int) -> None:
         """Close clients that did not log in within client_login_timeout (slowloris)."""
@@ -144,6 +161,7 @@ async def send_cancel(host: str, port: int, process_id: int, secret_key: int) ->
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
+        "_admin_startup",
         "_auth",
         "_auth_reader",
         "_early",
@@ -214,6 +232,7 @@ class ClientConnection(asyncio.Protocol):
         self.writing_paused = False
         self._startup_reader: codec.StartupPacketReader | None = codec.StartupPacketReader()
         self._early = b""  # bytes that arrived before the welcome was sent
+        self._admin_startup: codec.StartupMessage | None = None  # a console login in progress
         self._auth: ClientAuthExchange | None = None
         self._auth_reader: codec.MessageReader | None = None
         self._tls_handshake = False  # between our 'S' and the end of the TLS handshake
@@ -366,9 +385,6 @@ class ClientConnection(asyncio.Protocol):
         self.server = server
         server.client = self
         self.lent_ns = self.query_start_ns = now
-        frontend = self.frontend
-        frontend.xact_statement = None
-        frontend.xact_statement_final = False
         if self.writing_paused:
             server.pause_reading()
         if not self.xact_count:
@@ -420,11 +436,14 @@ class ClientConnection(asyncio.Protocol):
         if self.waited_ns:
             traffic.wait_nonzero.observe(self.waited_ns)
             self.waited_ns = 0
-        statement = self.frontend.xact_statement
+        # Taken here, not cleared at the lend: the statement that asked for the server was read
+        # (and noted by the tracker) before the server was lent.
+        frontend = self.frontend
+        statement = frontend.xact_statement
         if statement is not None:
-            stats = self.pool.stats.for_statement(fingerprint(statement), statement)
-            stats.count += 1
-            stats.hold.observe_at(bucket, held)
+            frontend.xact_statement = None
+            frontend.xact_statement_final = False
+            self.pool.stats.account_statement(statement, bucket, held, idle)
 
     def server_ready_for_query(self, data: bytes, end: int) -> None:
         """The server answered the client's last outstanding request (`end` is just past it)."""
@@ -611,9 +630,20 @@ class ClientConnection(asyncio.Protocol):
                     "no more connections allowed (max_client_conn)",
                     detail=f"max_client_conn is {registry.settings.max_client_conn}",
                 )
-            found = registry.manager.database_config(self.database)
-            if found is None:
-                raise NoSuchDatabase(f'no such database: "{self.database}"')
+            # The admin console authenticates like any database, then takes the connection over.
+            admin = self.database in ADMIN_DATABASE_NAMES and registry.admin_login is not None
+            database_config = None
+            if not admin:
+                if self.database in registry.manager.disabled:
+                    raise DatabaseDisabled(
+                        f'database "{self.database}" does not allow connections now',
+                        hint="an administrator ran DISABLE on the admin console; ENABLE allows them"
+                        " again",
+                    )
+                found = registry.manager.database_config(self.database)
+                if found is None:
+                    raise NoSuchDatabase(f'no such database: "{self.database}"')
+                database_config = found[1]
             if tls is not None and tls.required and not self.tls:
                 raise AuthRejected(
                     "SSL connection is required",
@@ -622,20 +652,21 @@ class ClientConnection(asyncio.Protocol):
                 )
             if tls is not None and tls.mode == "verify-full":
                 auth.check_certificate(self.user, self._peer_certificate())
-            method = auth.method_for(found[1], self.database, self.user, self.address, tls=self.tls)
+            method = auth.method_for(
+                database_config, self.database, self.user, self.address, tls=self.tls
+            )
             if method == "cert":
                 auth.check_certificate(self.user, self._peer_certificate())
         except PoolerError as exc:
             self.fail(exc)
             return
-        protocol_options = [name for name in startup.parameters if name.startswith("_pq_.")]
-        if startup.protocol_version != c.PROTOCOL_3_0 or protocol_options:
-            # A newer 3.x client: tell it we speak 3.0 and ignored its protocol options.
-            self.transport.write(codec.build_negotiate_protocol_version(0, protocol_options))
+        self._admin_startup = startup if admin else None
+        self._negotiate_protocol(startup)
         secret: Secret | None = None
         if auth.needs_secret(method):
             known, secret = auth.cached_secret(self.database, self.user)
-            if not known:
+            # auth_query needs a pool of the database: console users come from auth_file only.
+            if not known and not admin:
                 asyncio.get_running_loop().create_task(self._fetch_secret_then_authenticate(method))
                 return
         self._begin_auth(method, secret)
@@ -702,6 +733,18 @@ class ClientConnection(asyncio.Protocol):
             self.fail(exc)
 
     def _authenticated(self, outcome: AuthOutcome, last_reply: bytes = b"") -> None:
+        startup = self._admin_startup
+        if startup is not None:
+            self._admin_startup = None
+            admin_login = self.registry.admin_login
+            assert admin_login is not None
+            self.registry.logging_in.pop(self, None)  # the console owns the connection now
+            if last_reply:
+                self.transport.write(last_reply)
+            early, self._early = self._early, b""
+            # From here on the console's protocol object gets this transport's callbacks.
+            admin_login(self, startup, early)
+            return
         pool = self.registry.manager.get_pool(self.database, self.user)
         if pool is None:  # the configuration cannot change under a login, but be exact
             self.fail(NoSuchDatabase(f'no such database: "{self.database}"'))
@@ -727,6 +770,12 @@ class ClientConnection(asyncio.Protocol):
                 f"client_login_timeout: login not completed within {timeout:g} s",
             )
         )
+
+    def _negotiate_protocol(self, startup: codec.StartupMessage) -> None:
+        protocol_options = [name for name in startup.parameters if name.startswith("_pq_.")]
+        if startup.protocol_version != c.PROTOCOL_3_0 or protocol_options:
+            # A newer 3.x client: tell it we speak 3.0 and ignored its protocol options.
+            self.transport.write(codec.build_negotiate_protocol_version(0, protocol_options))
 
     async def _welcome_when_pool_ready(self) -> None:
         try:
@@ -777,7 +826,8 @@ class ClientConnection(asyncio.Protocol):
         else:
             self.registry.errors[exc.reason] += 1
         log.log(
-            logging.INFO if exc.reason in ("no_such_database",) else logging.WARNING,
+            # A drain closes every client with "shutdown": one summary line says so instead.
+            _FAIL_LOG_LEVELS.get(exc.reason, logging.WARNING),
             "client %s db=%s user=%s app=%s: %s%s",
             self.peer, self.database or "-", self.user or "-", self.application_name or "-",
             exc.message, f" ({exc.log_detail})" if exc.log_detail else "",

@@ -52,6 +52,7 @@ __all__ = [
     "ADMIN_DATABASE_NAMES",
     "CONFIG_PATH_ENV",
     "DEFAULT_AUTH_QUERY",
+    "RESTART_ONLY_SETTINGS",
     "AuthType",
     "ClientTlsMode",
     "ConfigError",
@@ -87,6 +88,11 @@ ENV_NESTED_DELIMITER = "__"
 CONFIG_PATH_ENV = "PYPOOLER_CONFIG"
 # A client asking for one of these databases reaches the admin console, never a server.
 ADMIN_DATABASE_NAMES = frozenset({"pgbouncer", "pypooler"})
+# Settings a RELOAD cannot change (they take effect at the next start): the listening sockets
+# and the logging set up at start.
+RESTART_ONLY_SETTINGS = frozenset(
+    {"listen_addr", "listen_port", "metrics_addr", "metrics_port", "log_level"}
+)
 
 MAX_PORT = 65535
 
@@ -169,6 +175,9 @@ class Settings(BaseSettings):
     server_idle_timeout: float = Field(default=600.0, ge=0, allow_inf_nan=False)
     # Close servers older than this many seconds when they are released; 0 keeps them.
     server_lifetime: float = Field(default=3600.0, ge=0, allow_inf_nan=False)
+    # SIGTERM: seconds running transactions get to finish before every connection is closed
+    # (SIGINT allows at most FAST_DRAIN_S of it); 0 closes at once.
+    shutdown_drain_timeout: float = Field(default=20.0, ge=0, allow_inf_nan=False)
     tcp_keepalive: bool = True
     log_connections: bool = True
     log_disconnections: bool = True

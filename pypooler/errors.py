@@ -150,3 +150,54 @@ class AuthLookupFailed(ServerConnectFailed):
     """auth_query could not be run (its server is down or the query failed)."""
 
     reason = "auth_query_failed"
+
+
+class KilledByAdmin(PoolerError):
+    """KILL on the admin console ended this client's database."""
+
+    sqlstate = SQLState.ADMIN_SHUTDOWN
+    reason = "admin_kill"
+
+
+class DatabaseDisabled(PoolerError):
+    """DISABLE on the admin console: the database refuses new logins."""
+
+    # PostgreSQL's own code for a database that does not allow connections (datallowconn).
+    sqlstate = SQLState.OBJECT_NOT_IN_PREREQUISITE_STATE
+    reason = "database_disabled"
+
+
+class AdminNotAllowed(PoolerError):
+    """A user in neither admin_users nor stats_users asked for the admin console."""
+
+    sqlstate = SQLState.INVALID_AUTHORIZATION
+    reason = "admin_not_allowed"
+
+
+class AdminCommandError(PoolerError):
+    """A console command that cannot run; the console session goes on."""
+
+    severity = "ERROR"
+    sqlstate = SQLState.SYNTAX_ERROR
+    reason = "admin_command"
+
+
+class AdminPermissionDenied(AdminCommandError):
+    """A stats_users member asked for more than SHOW."""
+
+    sqlstate = SQLState.INSUFFICIENT_PRIVILEGE
+    reason = "admin_permission"
+
+
+class AdminUnsupported(AdminCommandError):
+    """Extended query protocol (or anything else but a simple Query) on the console."""
+
+    sqlstate = SQLState.FEATURE_NOT_SUPPORTED
+    reason = "admin_unsupported"
+
+
+class AdminInvalidValue(AdminCommandError):
+    """A command naming an unknown database, or a RELOAD of a bad configuration."""
+
+    sqlstate = SQLState.INVALID_PARAMETER_VALUE
+    reason = "admin_invalid_value"

@@ -206,6 +206,7 @@ class MetricsServer:
         self.prometheus = CollectorRegistry(auto_describe=False)
         self.prometheus.register(PoolCollector(manager, registry))
         self.listening = False  # set by the app once the client listener is up
+        self.draining = False  # set by the app when shutdown begins: not ready any more
         self._server: asyncio.Server | None = None
         self._ready_until = 0.0
         self.port = 0
@@ -252,6 +253,8 @@ class MetricsServer:
 
     async def ready(self) -> tuple[bool, str]:
         """Ready: clients are accepted and at least one pool can reach its server."""
+        if self.draining:
+            return False, "draining: shutting down"
         if not self.listening:
             return False, "not listening yet"
         if any(pool.servers for pool in self.manager.pools.values()):

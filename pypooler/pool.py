@@ -12,6 +12,10 @@ Rules:
 - The pool never touches sockets itself; it asks `open_server_connection` for new servers.
 - A waiter is anything with `waiting`, `wait_started_ns`, `link` and `fail`: a ClientConnection,
   or a `Borrower` when pypooler needs a server for itself (auth_query).
+- Admin states cost the hot path one attribute test: `release` looks closer only when `draining`
+  is set (PAUSE: every server is closed as it comes back; RECONNECT/RELOAD: servers marked
+  `close_needed` are). While paused the idle list is kept empty, so `checkout` needs no test at
+  all: it queues, and `_open_servers_for_waiters` opens nothing until RESUME.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from pypooler.errors import (
 from pypooler.protocol import codec
 from pypooler.protocol.scram import Secret
 from pypooler.server import ServerConnection, ServerLogin, open_server_connection
-from pypooler.stats import PoolStats, Snapshot
+from pypooler.stats import STATEMENT_EXACT_PER_PASS, PoolStats, Snapshot
 from pypooler.tls import server_ssl_context
 
 if TYPE_CHECKING:
@@ -87,7 +91,17 @@ class Borrower:
 
 NS_PER_S = 1_000_000_000
 SHUTDOWN_POLL_S = 0.005
-SNAPSHOTS_KEPT = 2  # the window is one to two stats periods long
+# Stats snapshots kept per pool: the latest two bound the last complete stats_period.
+SNAPSHOTS_KEPT = 2
+
+
+def shutdown_refused() -> ShuttingDown:
+    """What a client that wants a new transaction during a drain is told (SQLSTATE 57P01,
+    which drivers and pools take as "reconnect")."""
+    return ShuttingDown(
+        "pypooler is shutting down: no new transactions are started",
+        hint="reconnect; this pooler is draining",
+    )
 
 
 class Pool:
@@ -122,13 +136,18 @@ class Pool:
             max_statements=settings.stats_max_statements,
         )
         self.clients: set[ClientConnection] = set()  # welcomed clients of this pool
-        # Taken every stats_period; [0] starts the window that averages and advice cover.
-        self.snapshots: deque[Snapshot] = deque(maxlen=SNAPSHOTS_KEPT)
         self._last_wait_warning_ns = 0
         self.closed = False
         # In-flight connects and the servers close() closed: what PoolManager.wait_closed() ends.
         self._opening: set[asyncio.Task[None]] = set()
         self._closing: list[ServerConnection] = []
+        # Admin console and shutdown states (see the module rules): PAUSE/KILL set `paused` until
+        # RESUME; `draining` tells `release` to look for servers to close instead of lending them.
+        self.paused = False
+        self.draining = False
+        self._resumed: asyncio.Future[None] | None = None  # logins waiting for RESUME
+        # Taken every stats_period; [0] starts the window that averages and advice cover.
+        self.snapshots: list[Snapshot] = [Snapshot(self.stats)]
 
     def __repr__(self) -> str:
         return f"<Pool {self.database}/{self.user} {self.lent}/{self.size} lent, {self.waiting} waiting>"
@@ -142,7 +161,7 @@ class Pool:
     def checkout(self, client: Waiter) -> ServerConnection | None:
         """An idle server now, or None with the client queued (it will get `link` called)."""
         if self.closed:
-            raise ShuttingDown("pypooler is shutting down")
+            raise shutdown_refused()
         idle = self.idle
         while idle:
             server = idle.pop()
@@ -158,6 +177,8 @@ class Pool:
     def release(self, server: ServerConnection) -> None:
         """Take back a clean server (ReadyForQuery 'I', nothing pending) and lend it on."""
         if server.closed:
+            return
+        if self.draining and self._retire(server):
             return
         lifetime = self.settings.server_lifetime
         if lifetime and time.monotonic_ns() - server.created_ns > lifetime * NS_PER_S:
@@ -203,7 +224,7 @@ class Pool:
     # ------------------------------------------------------------------ opening servers
 
     def _open_servers_for_waiters(self) -> None:
-        if self.closed or (self._retry_at_ns and time.monotonic_ns() < self._retry_at_ns):
+        if self.closed or self.paused or (self._retry_at_ns and time.monotonic_ns() < self._retry_at_ns):
             return
         wanted = self.waiting - self.connecting
         room = self.size - len(self.servers) - self.connecting
@@ -218,8 +239,9 @@ class Pool:
 
     async def _open_server(self) -> None:
         started = time.monotonic_ns()
+        login = self.login
         try:
-            server = await open_server_connection(self.login, self.settings.server_connect_timeout)
+            server = await open_server_connection(login, self.settings.server_connect_timeout)
         except PoolerError as exc:
             self.connecting -= 1
             self._connect_failed(exc)
@@ -231,8 +253,10 @@ class Pool:
         self.stats.server_connects += 1
         self.stats.server_connect.observe(time.monotonic_ns() - started)
         self.last_connect_error = None
-        if self.closed or server.closed:
+        if self.closed or server.closed or login is not self.login:
+            # The pool closed, the server died, or RELOAD changed the address meanwhile.
             server.close()
+            self._open_servers_for_waiters()
             return
         self.servers.add(server)
         server.on_close = self.server_closed
@@ -282,6 +306,11 @@ class Pool:
     async def ensure_parameters(self) -> dict[str, str]:
         """The server ParameterStatus set new clients are welcomed with (opens a server if needed)."""
         while self.parameters is None:
+            if self.paused:  # PgBouncer's rule: logins to a paused database wait for RESUME
+                if self._resumed is None:
+                    self._resumed = asyncio.get_running_loop().create_future()
+                await asyncio.shield(self._resumed)
+                continue
             if self._parameters_ready is None:
                 self._parameters_ready = asyncio.get_running_loop().create_future()
                 if len(self.servers) + self.connecting >= self.size:
@@ -295,6 +324,7 @@ class Pool:
 
     def expire(self, now_ns: int) -> None:
         """Time out waiters past query_wait_timeout and close servers idle too long."""
+        self.stats.statement_budget = STATEMENT_EXACT_PER_PASS
         timeout = self.settings.query_wait_timeout
         if timeout and self.waiting:
             limit = now_ns - int(timeout * NS_PER_S)
@@ -309,8 +339,12 @@ class Pool:
                         QueryWaitTimeout(
                             f"query_wait_timeout: no server connection for {self.database}/"
                             f"{self.user} became free within {timeout:g} s",
-                            detail=f"pool_size {self.size}: all {self.lent} servers were busy",
-                            hint="transactions hold servers too long, or pool_size is too small",
+                            detail="the database is paused (PAUSE or KILL on the admin console)"
+                            if self.paused
+                            else f"pool_size {self.size}: all {self.lent} servers were busy",
+                            hint="RESUME it on the admin console"
+                            if self.paused
+                            else "transactions hold servers too long, or pool_size is too small",
                         )
                     )
         if self.lent and (self.settings.hold_warn_ms or self.settings.idle_transaction_timeout):
@@ -365,6 +399,19 @@ class Pool:
             "; ".join(describe_holder(c, now) for c in holders[:3]) or "none",
         )
 
+    def drain(self) -> None:
+        """Shutdown, first step: refuse new transactions (waiters now, checkouts from here
+        on) and close idle servers; lent servers are closed as their transactions end."""
+        self.closed = self.draining = True
+        while self.idle:
+            self.idle.pop().close()
+        while self.waiters:
+            client = self.waiters.popleft()
+            if client.waiting:
+                client.waiting = False
+                self.waiting -= 1
+                client.fail(shutdown_refused())
+
     def close(self) -> None:
         self.closed = True
         self._closing = list(self.servers)
@@ -376,6 +423,111 @@ class Pool:
                 client.waiting = False
                 self.waiting -= 1
                 client.fail(ShuttingDown("pypooler is shutting down"))
+
+    # ------------------------------------------------------------------ admin console
+
+    def pause(self) -> None:
+        """Lend nothing more; close idle servers now and lent ones as they are released."""
+        self.paused = self.draining = True
+        while self.idle:
+            self.idle.pop().close()
+
+    def resume(self) -> None:
+        self.paused = False
+        self._update_draining()
+        resumed = self._resumed
+        if resumed is not None:
+            self._resumed = None
+            resumed.set_result(None)
+        self._open_servers_for_waiters()
+
+    @property
+    def drained(self) -> bool:
+        """No server open or connecting: what PAUSE waits for."""
+        return not self.servers and not self.connecting
+
+    def reconnect(self) -> None:
+        """Close every server: idle ones now, lent ones when released (new ones open as needed)."""
+        for server in self.servers:
+            server.close_needed = True
+        self.draining = True
+        for server in list(self.idle):
+            server.close()
+        self._update_draining()
+
+    @property
+    def close_pending(self) -> bool:
+        """Some server is marked close_needed and not closed yet: what WAIT_CLOSE waits for."""
+        return any(server.close_needed for server in self.servers)
+
+    def kill(self, error: PoolerError) -> None:
+        """KILL: end every client with `error` and close every server; the pool stays paused."""
+        self.pause()
+        for client in list(self.clients):
+            client.fail(error)  # a linked client's server is closed as the client goes
+        for server in list(self.servers):
+            server.close()
+
+    def reconfigure(self, login: ServerLogin, *, size: int, mode: PoolMode, settings: Settings) -> None:
+        """RELOAD: take a new server address, bound, mode and settings.
+
+        Servers logged in with the old address or beyond the new bound are closed when released
+        (idle ones at once); a larger bound serves the waiters at once.
+        """
+        self.settings = settings
+        self.stats.max_applications = settings.stats_max_applications
+        self.stats.max_statements = settings.stats_max_statements
+        self.mode = mode
+        if _login_key(login) != _login_key(self.login):
+            self.login = login
+            for server in self.servers:
+                server.close_needed = True
+        else:
+            # Same server and configured secret: keep what clients taught the login (a
+            # password, a SCRAM ClientKey), take a TLS context rebuilt from the files.
+            self.login.ssl_context = login.ssl_context
+        self.size = size
+        excess = len(self.servers) - size
+        if excess > 0:
+            # Idle ones first (the coldest, at the front); then lent ones when released.
+            for server in self.idle[:excess]:
+                server.close_needed = True
+            excess -= min(excess, len(self.idle))
+            for server in self.servers:
+                if excess <= 0:
+                    break
+                if not server.close_needed:
+                    server.close_needed = True
+                    excess -= 1
+        if any(server.close_needed for server in self.servers):
+            self.draining = True
+            for server in [s for s in self.idle if s.close_needed]:
+                server.close()
+        self._open_servers_for_waiters()
+
+    def _retire(self, server: ServerConnection) -> bool:
+        """Close a released server that must not be lent again; False if it may be."""
+        if not (self.paused or self.closed or server.close_needed):
+            self._update_draining()  # what needed closing went away by itself
+            return False
+        server.close()  # server_closed() forgets it and may open a replacement for waiters
+        self._update_draining()
+        return True
+
+    def _update_draining(self) -> None:
+        self.draining = self.paused or self.closed or self.close_pending
+
+    def take_snapshot(self) -> None:
+        self.snapshots.append(Snapshot(self.stats))
+        del self.snapshots[:-SNAPSHOTS_KEPT]
+
+
+def _login_key(login: ServerLogin) -> tuple[object, ...]:
+    return login.config_key()
+
+
+def same_login(a: ServerLogin, b: ServerLogin) -> bool:
+    return a.config_key() == b.config_key()
 
 
 def describe_holder(client: ClientConnection, now_ns: int) -> str:
@@ -398,6 +550,10 @@ class PoolManager:
     """Finds or creates the pool for a (database, user) from the configuration.
 
     `stored_secret(user)` (auth_file) supplies server login secrets that [databases] does not.
+
+    Also holds the admin console's per-database states, so a pool created later (a new user of
+    a paused database) starts in the same state: `paused_all` / `paused_databases` (PAUSE, KILL)
+    and `disabled` (DISABLE: new logins refused).
     """
 
     def __init__(
@@ -412,6 +568,9 @@ class PoolManager:
         self.stored_secret = stored_secret
         # Built once: loading CA files per connection would cost more than the login.
         self.server_tls = server_tls if server_tls is not None else server_ssl_context(settings)
+        self.paused_all = False
+        self.paused_databases: set[str] = set()
+        self.disabled: set[str] = set()
 
     def database_config(self, database: str) -> tuple[str, DatabaseConfig] | None:
         """The [databases] entry serving `database`: its own, else the '*' fallback."""
@@ -437,7 +596,7 @@ class PoolManager:
         entry, db = found
         return self._pool(database, entry, db, self.settings.auth_user)
 
-    def _login(self, database: str, db: DatabaseConfig, user: str) -> ServerLogin:
+    def _server_login(self, database: str, db: DatabaseConfig, user: str) -> ServerLogin:
         # [databases] password belongs to the forced user (or to every user when none is forced).
         password = db.password if db.user in (None, user) else None
         secret = None
@@ -459,7 +618,7 @@ class PoolManager:
         key = (database, user)
         pool = self.pools.get(key)
         if pool is None:
-            login = self._login(database, db, user)
+            login = self._server_login(database, db, user)
             pool = Pool(
                 database,
                 user,
@@ -468,6 +627,8 @@ class PoolManager:
                 mode=db.pool_mode or self.settings.pool_mode,
                 settings=self.settings,
             )
+            if self.is_paused(database):
+                pool.pause()
             self.pools[key] = pool
             log.debug("new pool %s/%s -> %s (entry %s)", database, user, login.describe(), entry)
         return pool
@@ -508,14 +669,36 @@ class PoolManager:
         except UnicodeDecodeError:
             return None
 
+    def reload(
+        self,
+        settings: Settings,
+        *,
+        stored_secret: Callable[[str], Secret | None] | None = None,
+        server_tls: ssl.SSLContext | None = None,
+    ) -> list[str]:
+        """Use `settings` from now on (SIGHUP and RELOAD): see `apply_settings`; returns a line
+        per pool whose server address or bound changed, for the log."""
+        before = {key: (_login_key(p.login), p.size) for key, p in self.pools.items()}
+        if stored_secret is not None:
+            self.stored_secret = stored_secret
+        if server_tls is not None or settings.server_tls_sslmode == "disable":
+            self.server_tls = server_tls
+        self.apply_settings(settings)
+        return [
+            f"pool {db}/{user}: " + ("server changed" if before[(db, user)][0] != _login_key(p.login)
+                                     else f"pool_size {before[(db, user)][1]} -> {p.size}")
+            for (db, user), p in self.pools.items()
+            if before[(db, user)] != (_login_key(p.login), p.size)
+        ]
+
+    def drain(self) -> None:
+        for pool in self.pools.values():
+            pool.drain()
+
     def expire(self) -> None:
         now = time.monotonic_ns()
         for pool in self.pools.values():
             pool.expire(now)
-
-    def take_snapshots(self) -> None:
-        for pool in self.pools.values():
-            pool.snapshots.append(Snapshot(pool.stats))
 
     def close(self) -> None:
         for pool in self.pools.values():
@@ -523,8 +706,8 @@ class PoolManager:
 
     async def wait_closed(self, deadline: float) -> None:
         """After close(): cancel in-flight connects, wait (until loop time `deadline`) for them to
-        unwind and for closed servers to be gone (a TLS close needs a few round trips), then abort stragglers,
-        so the loop can be closed with no transport left."""
+        unwind and for closed servers to be gone (a TLS close needs a few round trips), then
+        abort stragglers, so the loop can be closed with no transport left."""
         loop = asyncio.get_running_loop()
         opening = [task for pool in self.pools.values() for task in pool._opening]
         for task in opening:
@@ -537,3 +720,79 @@ class PoolManager:
         for server in closing:
             if not server.lost and server.transport is not None:
                 server.transport.abort()
+
+    # ------------------------------------------------------------------ admin console
+
+    def databases(self) -> list[str]:
+        """Database names clients can ask for by name: configured entries, then pools served
+        by the '*' fallback."""
+        names = [name for name in self.settings.databases if name != "*"]
+        for database, _ in self.pools:
+            if database not in names:
+                names.append(database)
+        return names
+
+    def pools_of(self, database: str | None) -> list[Pool]:
+        """The pools of one database, or of all when `database` is None."""
+        return [p for p in self.pools.values() if database is None or p.database == database]
+
+    def is_paused(self, database: str) -> bool:
+        return self.paused_all or database in self.paused_databases
+
+    def pause(self, database: str | None) -> list[Pool]:
+        """PAUSE: the pools now draining (PAUSE returns when they are drained)."""
+        if database is None:
+            self.paused_all = True
+        else:
+            self.paused_databases.add(database)
+        pools = self.pools_of(database)
+        for pool in pools:
+            pool.pause()
+        return pools
+
+    def resume(self, database: str | None) -> None:
+        if database is None:
+            self.paused_all = False
+            self.paused_databases.clear()
+        else:
+            self.paused_databases.discard(database)
+        for pool in self.pools_of(database):
+            if not self.is_paused(pool.database):
+                pool.resume()
+
+    def kill(self, database: str, error: PoolerError) -> None:
+        """KILL: close the database's clients and servers; it stays paused until RESUME."""
+        self.paused_databases.add(database)
+        for pool in self.pools_of(database):
+            pool.kill(error)
+
+    def reconnect(self, database: str | None) -> list[Pool]:
+        pools = self.pools_of(database)
+        for pool in pools:
+            pool.reconnect()
+        return pools
+
+    def apply_settings(self, settings: Settings) -> None:
+        """RELOAD: new settings for every pool; new databases work from the next login.
+
+        Pools whose database left the configuration (or now logs in as another user) keep
+        serving the clients they have while new logins go elsewhere, so a RELOAD never cuts
+        connections by itself.
+        """
+        self.settings = settings
+        for (database, user), pool in self.pools.items():
+            found = self.database_config(database)
+            if found is None or (found[1].user is not None and found[1].user != user):
+                pool.settings = settings  # no longer reachable: new logins go elsewhere
+                continue
+            _, db = found
+            pool.reconfigure(
+                self._server_login(database, db, user),
+                size=db.pool_size or settings.default_pool_size,
+                mode=db.pool_mode or settings.pool_mode,
+                settings=settings,
+            )
+
+    def take_snapshots(self) -> None:
+        for pool in self.pools.values():
+            pool.take_snapshot()

@@ -82,6 +82,7 @@ class ServerLogin:
     __slots__ = (
         "client_key",
         "configured",
+        "configured_secret",
         "database",
         "host",
         "password",
@@ -113,7 +114,9 @@ class ServerLogin:
         self.client_key: bytes | None = None
         # A password from [databases] is the operator's choice; clients never replace it.
         self.configured = password is not None
-        self._store(parse_secret(password) if password is not None else secret)
+        # What the configuration says ([databases] password or auth_file), before any learning.
+        self.configured_secret = parse_secret(password) if password is not None else secret
+        self._store(self.configured_secret)
         self.tls_mode: ServerTlsMode = tls_mode if ssl_context is not None else "disable"
         self.ssl_context = ssl_context
 
@@ -139,6 +142,12 @@ class ServerLogin:
             if client_key is not None:
                 self.client_key = client_key
 
+    def config_key(self) -> tuple[object, ...]:
+        """What the configuration decides: a RELOAD with a different key replaces the login."""
+        return (
+            self.host, self.port, self.database, self.user, self.configured_secret, self.tls_mode,
+        )  # fmt: skip
+
     def describe(self) -> str:
         return f"{self.user}@{self.host}:{self.port}/{self.database}"
 
@@ -154,6 +163,7 @@ class ServerConnection(asyncio.Protocol):
         "_tls_answer",
         "backend",
         "client",
+        "close_needed",
         "closed",
         "created_ns",
         "last_used_ns",
@@ -188,6 +198,8 @@ class ServerConnection(asyncio.Protocol):
         self.reading_paused = False
         self.closed = False
         self.lost = False  # connection_lost has run: the transport is really gone
+        # Close at the next release instead of lending again (RECONNECT, RELOAD, a smaller pool).
+        self.close_needed = False
         self.created_ns = time.monotonic_ns()
         self.last_used_ns = self.created_ns
         # Set by the owning pool; servers do not import pools (imports point one way).

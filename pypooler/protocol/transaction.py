@@ -59,8 +59,8 @@ class FrontendStream:
         self._syncs_since_execute = 0
         self._extended = False  # was the latest Execute more recent than the latest Query?
         # The start of the latest Query/Parse text, and the first one of the current transaction
-        # that is not transaction control (the client clears it at each lend): for statement
-        # stats and SHOW HOLDERS. A slice of at most STATEMENT_SAMPLE bytes, taken per statement.
+        # that is not transaction control (the client takes and clears it when the hold ends):
+        # for statement stats and SHOW HOLDERS. At most STATEMENT_SAMPLE bytes, per statement.
         self.last_statement = b""
         self.xact_statement: bytes | None = None
         self.xact_statement_final = False  # xact_statement is not transaction control

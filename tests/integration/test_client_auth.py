@@ -28,7 +28,7 @@ import pytest
 from pypooler.embedded import EmbeddedPostgres
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
-from pypooler.protocol.scram import ScramVerifier, md5_hash
+from pypooler.protocol.scram import ScramClientExchange, ScramVerifier, md5_hash
 from tests.pgwire import RawClient, error_fields
 
 PASSWORDS = {"pp_md5": "md5pass", "pp_scram": "scrampass", "pp_plain": "plainpass"}
@@ -376,3 +376,53 @@ def test_check_config_reports_auth_file_hba_and_certificate_problems(tmp_path: P
     assert "auth_file" in problems[0] and "line 2" in problems[0]
     assert "auth_hba_file" in problems[1] and "ident" in problems[1]
     assert "client_tls_cert_file" in problems[2]
+
+
+async def scram_login_raw(pooler: Any, user: str, password: str, database: str) -> RawClient:
+    """Log in with SCRAM over a raw connection; AssertionError carrying the error fields."""
+    client = await RawClient.connect(pooler.host, pooler.port)
+    client.send(codec.build_startup_message({"user": user, "database": database}))
+    scram = ScramClientExchange(password=password)
+    _, body = await client.next_message()
+    assert codec.parse_authentication(body)[0] == c.AUTH_SASL
+    client.send(codec.build_sasl_initial_response("SCRAM-SHA-256", scram.client_first()))
+    _, body = await client.next_message()
+    client.send(codec.build_sasl_response(scram.server_first(codec.parse_authentication(body)[1])))
+    messages = await client.until_ready()
+    fields = error_fields(messages)
+    if fields is not None:
+        await client.close()
+        raise AssertionError(fields)
+    return client
+
+
+async def test_admin_console_logins_are_authenticated(start_pooler: Runner, tmp_path: Path) -> None:
+    pooler = start_pooler(
+        auth_type="scram-sha-256", auth_file=write_auth_file(tmp_path, {"postgres": "adminpass"})
+    )
+
+    with pytest.raises(AssertionError, match="28P01"):
+        await scram_login_raw(pooler, "postgres", "wrong", "pgbouncer")
+    console = await scram_login_raw(pooler, "postgres", "adminpass", "pgbouncer")
+    try:
+        assert error_fields(await console.query("SHOW POOLS")) is None
+    finally:
+        await console.close()
+    assert pooler.call(lambda: len(pooler.pooler.registry.logging_in)) == 0
+
+
+async def test_reload_rereads_auth_file_and_keeps_it_when_broken(
+    start_pooler: Runner, stored: dict[str, str], tmp_path: Path
+) -> None:
+    auth_file = Path(write_auth_file(tmp_path, {"pp_scram": stored["pp_scram"]}))
+    pooler = start_pooler(auth_type="scram-sha-256", auth_file=str(auth_file))
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await asyncpg_login(pooler, "pp_plain", "plainpass")
+
+    auth_file.write_text(f'"pp_scram" "{stored["pp_scram"]}"\n"pp_plain" "plainpass"\n')
+    assert pooler.call(lambda: pooler.pooler.reload(pooler.settings)) is True
+    assert await asyncpg_login(pooler, "pp_plain", "plainpass") == "pp_plain"
+
+    auth_file.write_text('"pp_plain" "SCRAM-SHA-256$broken"\n')
+    assert pooler.call(lambda: pooler.pooler.reload(pooler.settings)) is False
+    assert await asyncpg_login(pooler, "pp_plain", "plainpass") == "pp_plain"  # old file kept

@@ -49,6 +49,7 @@ def test_defaults() -> None:
     assert settings.server_reset_query == "DISCARD ALL"
     assert settings.server_idle_timeout == 600.0
     assert settings.server_lifetime == 3600.0
+    assert settings.shutdown_drain_timeout == 20.0
     assert settings.tcp_keepalive is True
     assert settings.log_connections is True
     assert settings.log_disconnections is True

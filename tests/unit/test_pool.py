@@ -25,15 +25,21 @@ from pypooler.server import ServerLogin
 NS = 1_000_000_000
 
 
+def default_login() -> ServerLogin:
+    return ServerLogin("127.0.0.1", 5432, "app", "alice", None)
+
+
 class FakeServer:
     """What the pool uses of a ServerConnection."""
 
     count = 0
 
-    def __init__(self, *, age_s: float = 0.0) -> None:
+    def __init__(self, *, age_s: float = 0.0, login: ServerLogin | None = None) -> None:
         FakeServer.count += 1
+        self.login = login or default_login()
         self.name = f"s{FakeServer.count}"
         self.closed = False
+        self.close_needed = False
         self.created_ns = time.monotonic_ns() - int(age_s * NS)
         self.last_used_ns = 0
         self.on_close: Any = None
@@ -92,10 +98,12 @@ class FakeConnector:
 
     def __init__(self) -> None:
         self.pending: list[asyncio.Future[FakeServer]] = []
+        self.logins: list[ServerLogin] = []  # what each pending connect was asked to log in as
         self.calls = 0
 
     async def __call__(self, login: ServerLogin, timeout: float) -> FakeServer:
         self.calls += 1
+        self.logins.append(login)
         future: asyncio.Future[FakeServer] = asyncio.get_running_loop().create_future()
         self.pending.append(future)
         return await future
@@ -104,7 +112,7 @@ class FakeConnector:
         await settle()
         servers = []
         for _ in range(count):
-            server = FakeServer(**server_args)
+            server = FakeServer(login=self.logins.pop(0), **server_args)
             self.pending.pop(0).set_result(server)
             servers.append(server)
         await settle()
@@ -112,6 +120,7 @@ class FakeConnector:
 
     async def fail(self, exc: PoolerError) -> None:
         await settle()
+        self.logins.pop(0)
         self.pending.pop(0).set_exception(exc)
         await settle()
 
@@ -137,8 +146,8 @@ def make_settings(**overrides: Any) -> Settings:
 
 
 def make_pool(size: int = 2, **overrides: Any) -> Pool:
-    login = ServerLogin("127.0.0.1", 5432, "app", "alice", None)
-    return Pool("app", "alice", login, size=size, mode="transaction", settings=make_settings(**overrides))
+    settings = make_settings(**overrides)
+    return Pool("app", "alice", default_login(), size=size, mode="transaction", settings=settings)
 
 
 def add_idle(pool: Pool, count: int) -> list[FakeServer]:
@@ -605,6 +614,87 @@ async def test_server_opened_after_close_is_closed(connector: FakeConnector) -> 
 
     assert server.closed
     assert pool.servers == set()
+
+
+# --------------------------------------------------------------------------- reload and drain
+
+
+async def test_reconfigure_to_a_bigger_pool_serves_waiters_at_once(connector: FakeConnector) -> None:
+    pool = make_pool(size=1)
+    add_idle(pool, 1)
+    checkout(pool, FakeClient())
+    waiter = FakeClient()
+    checkout(pool, waiter)
+    assert connector.calls == 0  # the pool is full: the waiter queues
+
+    pool.reconfigure(default_login(), size=2, mode="transaction", settings=make_settings())
+    (s2,) = await connector.succeed()
+
+    assert waiter.server is s2
+    assert_bounded(pool)
+
+
+async def test_reconfigure_to_a_smaller_pool_closes_idle_now_and_lent_at_release(
+    connector: FakeConnector,
+) -> None:
+    pool = make_pool(size=3)
+    s1, s2, s3 = add_idle(pool, 3)
+    assert checkout(pool, FakeClient()) is s3
+    assert checkout(pool, FakeClient()) is s2
+
+    pool.reconfigure(default_login(), size=1, mode="transaction", settings=make_settings())
+
+    assert s1.closed and not s2.closed and not s3.closed  # lent servers finish their transactions
+    release(pool, s3)
+    release(pool, s2)
+    # One more than the new size is closed instead of idling; the other stays.
+    assert [s2.closed, s3.closed].count(True) == 1
+    assert len(pool.servers) == 1 and pool.idle == list(pool.servers)
+    assert not pool.draining
+    assert_bounded(pool)
+
+
+async def test_reconfigure_to_a_new_server_retires_old_servers_without_cutting_transactions(
+    connector: FakeConnector,
+) -> None:
+    pool = make_pool(size=2)
+    old_idle, old_lent = add_idle(pool, 2)
+    client = FakeClient()
+    assert checkout(pool, client) is old_lent
+    new_login = ServerLogin("10.0.0.9", 5433, "app", "alice", "secret")
+
+    pool.reconfigure(new_login, size=2, mode="transaction", settings=make_settings())
+
+    assert old_idle.closed and not old_lent.closed  # the transaction goes on
+    release(pool, old_lent)
+    assert old_lent.closed
+    checkout(pool, FakeClient())
+    (fresh,) = await connector.succeed()
+    assert fresh.login is new_login
+    release(pool, fresh)
+    assert not fresh.closed and pool.idle == [fresh] and not pool.draining
+
+
+async def test_drain_refuses_new_transactions_and_lets_lent_servers_finish(
+    connector: FakeConnector,
+) -> None:
+    pool = make_pool(size=2)
+    idle, lent = add_idle(pool, 2)
+    holder = FakeClient()
+    assert checkout(pool, holder) is lent
+    checkout(pool, FakeClient())  # takes `idle`
+    waiter = FakeClient()
+    checkout(pool, waiter)
+
+    pool.drain()
+
+    assert [type(e) for e in waiter.failures] == [ShuttingDown] and pool.waiting == 0
+    assert not lent.closed and not idle.closed  # both still inside their transactions
+    with pytest.raises(ShuttingDown):
+        checkout(pool, FakeClient())
+    release(pool, lent)
+    assert lent.closed  # a drained pool keeps nothing idle
+    assert connector.calls == 0
 
 
 # --------------------------------------------------------------------------- random operations
