@@ -17,7 +17,8 @@ Two more measurements, because they are claims the README makes:
 - no user enumeration by timing: the median time from SASLResponse to the FATAL error for an
   unknown user and for a known user with a wrong proof;
 - TLS costs the plaintext path nothing: `pgbench -S` (no -C) over plaintext against pypooler with
-  client TLS disabled and with client TLS configured (`prefer`), interleaved.
+  client TLS disabled and with client TLS configured (`prefer`), interleaved; the proxy's CPU per
+  transaction is the number to read (tps moves with the machine's load).
 
 Rules: it measures and prints, never asserts. Rounds alternate the order of the compared
 targets (ABBA), because the load of a shared machine drifts during a run. Everything listens on
@@ -65,6 +66,7 @@ CLIENTS = 10
 THREADS = 2
 DEFAULT_DURATION_S = 8
 DEFAULT_ROUNDS = 2
+WARMUP_S = 2
 TIMING_ATTEMPTS = 300
 START_TIMEOUT_S = 30
 STOP_TIMEOUT_S = 10
@@ -432,13 +434,14 @@ def report(
         "",
         f"### TLS configured vs not, plaintext `pgbench -n -S -T {duration} -c {CLIENTS}` (medians)",
         "",
-        "| pypooler | tps | runs |",
-        "|---|---:|---|",
+        "| pypooler | tps | proxy CPU µs / transaction | runs (tps) |",
+        "|---|---:|---:|---|",
     ]
     for target in ("no client TLS", "client TLS prefer"):
         runs = plain.of(target)
         lines.append(
             f"| {target} | {fmt(median([r.tps for r in runs]), ',.0f')} |"
+            f" {fmt(median([r.cpu_us_per_connection for r in runs]), '.1f')} |"
             f" {', '.join(fmt(r.tps, ',.0f') for r in runs)} |"
         )
     if errors:
@@ -509,6 +512,8 @@ def measure(
                     loop_plain.runs.append(login_loop(proxy, args.duration))
             progress("timing of failed logins")
             timing = enumeration_timing(pooler.port)
+            for proxy in (pooler, with_tls):  # both pools opened to full size before measuring
+                pgbench(postgres, proxy, WARMUP_S, reconnect=False)
             for round_no in range(1, args.rounds + 1):
                 pair = [(pooler, "no client TLS"), (with_tls, "client TLS prefer")]
                 for proxy, label in pair[::-1] if round_no % 2 == 0 else pair:
