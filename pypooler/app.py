@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import socket
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -111,6 +112,11 @@ class Pooler:
         sockets = self._listener.sockets
         if sockets:
             self.port = sockets[0].getsockname()[1]
+        if self.settings.tcp_keepalive:
+            # Accepted sockets inherit SO_KEEPALIVE from the listener (Linux): one setsockopt
+            # here instead of a socket object and a syscall per client connection.
+            for sock in sockets:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         self._schedule_maintenance()
         self._schedule_snapshots()
         self.metrics.listening = True
