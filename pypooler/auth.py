@@ -362,6 +362,11 @@ class ClientAuthExchange:
         self._scram: ScramServerExchange | None = None
         self._mock = secret is None
         self._stored = secret  # as stored, before any mock or derived verifier stands in
+        if method in ("trust", "cert"):  # no secret is checked: build no stand-in either
+            self.method = method
+            self._secret = secret or PlainPassword("")  # never compared with anything
+            self._state = "start"
+            return
         if secret is None:
             self.failure = "no such user or no password"
             secret = mock(user, False)
