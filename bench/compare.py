@@ -33,10 +33,8 @@ import platform
 import pwd
 import re
 import resource
-import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pypooler import __version__ as pypooler_version
-from pypooler.embedded import DEFAULT_DBNAME, EmbeddedPostgres
+from pypooler.embedded import DEFAULT_DBNAME, EmbeddedPostgres, random_free_port
 
 LOOPBACK = "127.0.0.1"
 # Below the Linux ephemeral range (32768-60999), like pypooler.embedded.
@@ -177,24 +175,6 @@ def clean_env() -> dict[str, str]:
     }
     env.update(LC_ALL="C", LANG="C")
     return env
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((LOOPBACK, port))
-        except OSError:
-            return False
-    return True
-
-
-def random_free_port() -> int:
-    low, high = PORT_RANGE
-    for _ in range(100):
-        port = low + secrets.randbelow(high - low)
-        if port_is_free(port):
-            return port
-    raise RuntimeError(f"no free port on {LOOPBACK} in [{low}, {high})")
 
 
 def process_cpu_seconds(pid: int) -> float:

@@ -183,7 +183,8 @@ def _hba_name(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _port_is_free(port: int) -> bool:
+def port_is_free(port: int) -> bool:
+    """Nothing listens on 127.0.0.1:port (bench/ uses this too)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         try:
             probe.bind((LOOPBACK, port))
@@ -192,12 +193,13 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
-def _random_free_port() -> int:
+def random_free_port() -> int:
+    """A free loopback port below the ephemeral range (bench/ uses this too)."""
     # SystemRandom-backed: forked test workers must not share a PRNG state and pick alike.
     low, high = _PORT_RANGE
     for _ in range(100):
         port = low + secrets.randbelow(high - low)
-        if _port_is_free(port):
+        if port_is_free(port):
             return port
     raise EmbeddedPostgresError(f"no free port on {LOOPBACK} in [{low}, {high})")
 
@@ -544,7 +546,7 @@ class EmbeddedPostgres:
         attempts = 1 if self._fixed_port is not None else _START_ATTEMPTS
         for attempt in range(1, attempts + 1):
             self.port = (
-                self._fixed_port if self._fixed_port is not None else _random_free_port()
+                self._fixed_port if self._fixed_port is not None else random_free_port()
             )
             self._write_conf(self.port)
             log_size = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
