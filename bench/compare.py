@@ -48,8 +48,6 @@ from pypooler import __version__ as pypooler_version
 from pypooler.embedded import DEFAULT_DBNAME, EmbeddedPostgres, random_free_port
 
 LOOPBACK = "127.0.0.1"
-# Below the Linux ephemeral range (32768-60999), like pypooler.embedded.
-PORT_RANGE = (20000, 32000)
 PG_MAX_CONNECTIONS = 100
 POOL_SIZE = 20
 MAX_CLIENT_CONN = 2000
