@@ -7,21 +7,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from pypooler.config import load_settings
-from pypooler.embedded import EmbeddedPostgres
+from pypooler.embedded import EmbeddedPostgres, random_free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
@@ -29,19 +26,9 @@ IMAGE_CONFIG = ROOT / "docker" / "pypooler.toml"
 KUBERNETES = sorted((ROOT / "config" / "kubernetes").glob("*.yaml"))
 DASHBOARD = ROOT / "config" / "grafana" / "pypooler.json"
 METRIC_NAME = re.compile(r"\bpypooler_[a-z0-9_]+")
-PORT_RANGE = (20000, 32000)  # below the ephemeral range
 
 
-def free_port() -> int:
-    for _ in range(100):
-        port = PORT_RANGE[0] + secrets.randbelow(PORT_RANGE[1] - PORT_RANGE[0])
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port")
+free_port = random_free_port  # below the ephemeral range
 
 
 def kubernetes_documents() -> list[dict[str, Any]]:
@@ -180,18 +167,6 @@ def entrypoint(*args: str, env: dict[str, str], timeout: float = 30) -> subproce
     )
 
 
-@pytest.fixture
-def started() -> Iterator[list[subprocess.Popen[str]]]:
-    procs: list[subprocess.Popen[str]] = []
-    yield procs
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        if proc.stdout is not None:
-            proc.stdout.close()
-
-
 def wait_until(check: Callable[[], bool], timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -200,7 +175,7 @@ def wait_until(check: Callable[[], bool], timeout: float = 20) -> None:
 
 
 def test_entrypoint_runs_the_image_config_with_databases_from_the_environment(
-    tmp_path: Path, postgres: EmbeddedPostgres, started: list[subprocess.Popen[str]]
+    tmp_path: Path, postgres: EmbeddedPostgres, processes: list[subprocess.Popen[str]]
 ) -> None:
     port, metrics_port = free_port(), free_port()
     env = entrypoint_env(
@@ -213,7 +188,7 @@ def test_entrypoint_runs_the_image_config_with_databases_from_the_environment(
     proc = subprocess.Popen(
         [str(ENTRYPOINT)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    started.append(proc)
+    processes.append(proc)
     pidfile = tmp_path / "pypooler.pid"
     wait_until(lambda: entrypoint("healthcheck", env=env).returncode == 0)
     # exec kept the shell's PID: the pid file names the pooler itself, signals reach it.

@@ -6,9 +6,7 @@ from __future__ import annotations
 import os
 import queue
 import re
-import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,22 +21,12 @@ import psycopg
 import pytest
 
 from pypooler.config import load_settings
-from pypooler.embedded import EmbeddedPostgres
+from pypooler.embedded import EmbeddedPostgres, random_free_port
 
-PORT_RANGE = (20000, 32000)  # below the ephemeral range
 ADMIN_SHUTDOWN = "57P01"
 
 
-def free_port() -> int:
-    for _ in range(100):
-        port = PORT_RANGE[0] + secrets.randbelow(PORT_RANGE[1] - PORT_RANGE[0])
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port")
+free_port = random_free_port  # below the ephemeral range
 
 
 class PoolerProcess:
