@@ -526,10 +526,6 @@ def _login_key(login: ServerLogin) -> tuple[object, ...]:
     return login.config_key()
 
 
-def same_login(a: ServerLogin, b: ServerLogin) -> bool:
-    return a.config_key() == b.config_key()
-
-
 def describe_holder(client: ClientConnection, now_ns: int) -> str:
     """One holder for a log line: who, for how long, doing what."""
     held_ms = (now_ns - client.lent_ns) / 1e6
