@@ -27,30 +27,27 @@ import argparse
 import contextlib
 import datetime
 import importlib.metadata
+import json
 import os
 import platform
 import pwd
 import re
 import resource
-import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from pypooler import __version__ as pypooler_version
-from pypooler.embedded import DEFAULT_DBNAME, EmbeddedPostgres
+from pypooler.embedded import DEFAULT_DBNAME, EmbeddedPostgres, random_free_port
 
 LOOPBACK = "127.0.0.1"
-# Below the Linux ephemeral range (32768-60999), like pypooler.embedded.
-PORT_RANGE = (20000, 32000)
 PG_MAX_CONNECTIONS = 100
 POOL_SIZE = 20
 MAX_CLIENT_CONN = 2000
@@ -77,6 +74,12 @@ PROXY_START_TIMEOUT_S = 30.0
 PROXY_STOP_TIMEOUT_S = 10.0
 PROXY_START_ATTEMPTS = 3
 CLIENT_TIMEOUT_S = 30
+# Both proxies close server connections idle this long, so between runs their pools hand
+# PostgreSQL's slots back: otherwise 2 x 20 idle pooled servers leave direct -c 100 only 60
+# of max_connections 100. A server busy in a run is never idle this long.
+SERVER_IDLE_TIMEOUT_S = 2
+# How long a direct run waits for the pools to drain before it starts anyway.
+DRAIN_TIMEOUT_S = 15.0
 LOG_TAIL_LINES = 20
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # /proc/PID/stat fields after "(comm) ": state is field 3, utime 14 and stime 15 (1-based).
@@ -109,10 +112,13 @@ class Point:
 
     clients: int
     reconnect: bool
+    # pgbench's built-in TPC-B-like script (5 statements in BEGIN..END) instead of -S.
+    tpcb: bool = False
 
     @property
     def label(self) -> str:
-        return f"-S -C c={self.clients}" if self.reconnect else f"-S c={self.clients}"
+        script = "TPC-B" if self.tpcb else "-S"
+        return f"{script} -C c={self.clients}" if self.reconnect else f"{script} c={self.clients}"
 
 
 def parse_points(text: str) -> list[Point]:
@@ -169,24 +175,6 @@ def clean_env() -> dict[str, str]:
     return env
 
 
-def port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        try:
-            probe.bind((LOOPBACK, port))
-        except OSError:
-            return False
-    return True
-
-
-def random_free_port() -> int:
-    low, high = PORT_RANGE
-    for _ in range(100):
-        port = low + secrets.randbelow(high - low)
-        if port_is_free(port):
-            return port
-    raise RuntimeError(f"no free port on {LOOPBACK} in [{low}, {high})")
-
-
 def process_cpu_seconds(pid: int) -> float:
     """utime + stime of `pid` (all its threads), in seconds."""
     with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat_file:
@@ -206,7 +194,15 @@ def read_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
 class Proxy:
     """A pooler process we started: stopped by its PID, its output kept in `log_path`."""
 
-    __slots__ = ("exit_note", "log_path", "name", "port", "process", "stop_signal")
+    __slots__ = (
+        "clean_exit_codes",
+        "exit_notes",
+        "log_path",
+        "name",
+        "port",
+        "process",
+        "stop_signal",
+    )
 
     def __init__(
         self,
@@ -215,13 +211,15 @@ class Proxy:
         port: int,
         log_path: Path,
         stop_signal: signal.Signals,
+        clean_exit_codes: frozenset[int],
     ) -> None:
         self.name = name
         self.process = process
         self.port = port
         self.log_path = log_path
         self.stop_signal = stop_signal
-        self.exit_note: str | None = None  # set when stopping it took SIGKILL
+        self.clean_exit_codes = clean_exit_codes  # after stop_signal
+        self.exit_notes: list[str] = []  # anything unusual about how it ended
 
     @property
     def pid(self) -> int:
@@ -232,28 +230,46 @@ class Proxy:
 
     def stop(self) -> None:
         """The proxy's own shutdown signal, then SIGKILL after a timeout. Idempotent."""
+        if self.process.returncode is not None:
+            return  # stopped already
         if not self.alive():
+            self.exit_notes.append(
+                f"exited on its own (code {self.process.returncode}) before we stopped it"
+            )
             return
         with contextlib.suppress(ProcessLookupError):
             self.process.send_signal(self.stop_signal)
         try:
-            self.process.wait(timeout=PROXY_STOP_TIMEOUT_S)
+            code = self.process.wait(timeout=PROXY_STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            self.exit_note = (
+            self.exit_notes.append(
                 f"did not exit {PROXY_STOP_TIMEOUT_S:.0f} s after {self.stop_signal.name}; "
                 "killed"
             )
             self.process.kill()
             self.process.wait()
+            return
+        if code not in self.clean_exit_codes:
+            self.exit_notes.append(f"exit code {code} after {self.stop_signal.name}")
 
 
-def psql_select_one(postgres: EmbeddedPostgres, port: int) -> subprocess.CompletedProcess[str]:
+def client_env(postgres: EmbeddedPostgres, port: int) -> dict[str, str]:
+    """pgbench/psql as postgres over TCP to 127.0.0.1:`port`."""
     env = postgres.env()
     env["PGPORT"] = str(port)
+    # The cluster's env says PGPASSFILE=/dev/null, which libpq warns about on every connection
+    # (500 lines at -c 500); a file that does not exist is silently ignored.
+    env["PGPASSFILE"] = os.path.join(postgres.tmp_dir, "no-such-pgpass")
+    return env
+
+
+def run_psql(
+    postgres: EmbeddedPostgres, port: int, sql: str
+) -> subprocess.CompletedProcess[str]:
+    env = client_env(postgres, port)
     env["PGCONNECT_TIMEOUT"] = "2"
     return subprocess.run(
-        [postgres.bin("psql"), "-X", "-A", "-t", "-w", "-c",
-         "SELECT count(*) FROM pgbench_branches"],
+        [postgres.bin("psql"), "-X", "-A", "-t", "-w", "-c", sql],
         capture_output=True,
         text=True,
         env=env,
@@ -267,6 +283,7 @@ def start_proxy(
     launch: Callable[[int], tuple[subprocess.Popen[bytes], Path]],
     postgres: EmbeddedPostgres,
     stop_signal: signal.Signals,
+    clean_exit_codes: frozenset[int],
 ) -> Proxy:
     """Launch on a random free port until one answers a query end to end (a port race or a
     slow start is retried; anything else is raised with the proxy's log)."""
@@ -274,10 +291,10 @@ def start_proxy(
     for attempt in range(1, PROXY_START_ATTEMPTS + 1):
         port = random_free_port()
         process, log_path = launch(port)
-        proxy = Proxy(name, process, port, log_path, stop_signal)
+        proxy = Proxy(name, process, port, log_path, stop_signal, clean_exit_codes)
         deadline = time.monotonic() + PROXY_START_TIMEOUT_S
         while time.monotonic() < deadline and proxy.alive():
-            result = psql_select_one(postgres, port)
+            result = run_psql(postgres, port, "SELECT count(*) FROM pgbench_branches")
             if result.returncode == 0:
                 progress(f"{name} is up on {LOOPBACK}:{port} (pid {proxy.pid})")
                 return proxy
@@ -295,12 +312,20 @@ def start_proxy(
     raise AssertionError("unreachable")
 
 
-def start_pgbouncer(workdir: Path, postgres: EmbeddedPostgres, binary: str) -> Proxy:
+def start_pgbouncer(
+    workdir: Path,
+    postgres: EmbeddedPostgres,
+    binary: str,
+    *,
+    name: str = "PgBouncer",
+    settings: Mapping[str, str | int] | None = None,
+) -> Proxy:
+    """Start PgBouncer; `settings` adds to or replaces keys of its [pgbouncer] section."""
     run_as: pwd.struct_passwd | None = None
     if os.geteuid() == 0:
         # PgBouncer refuses to run as root.
         run_as = pwd.getpwnam(UNPRIVILEGED_USER)
-    home = workdir / "pgbouncer"
+    home = workdir / name.lower()
     home.mkdir(mode=0o700)
     if run_as is not None:
         os.chown(home, run_as.pw_uid, run_as.pw_gid)
@@ -312,25 +337,30 @@ def start_pgbouncer(workdir: Path, postgres: EmbeddedPostgres, binary: str) -> P
 
     def launch(port: int) -> tuple[subprocess.Popen[bytes], Path]:
         ini = home / "pgbouncer.ini"
+        section: dict[str, str | int] = {
+            "listen_addr": LOOPBACK,
+            "listen_port": port,
+            "unix_socket_dir": "",
+            "auth_type": "trust",
+            "auth_file": str(auth_file),
+            "pool_mode": "transaction",
+            "default_pool_size": POOL_SIZE,
+            "max_client_conn": MAX_CLIENT_CONN,
+            "logfile": str(home / "pgbouncer.log"),
+            "pidfile": str(home / "pgbouncer.pid"),
+            "ignore_startup_parameters": "extra_float_digits",
+            # Same as pypooler's log_connections/log_disconnections = false below.
+            "log_connections": 0,
+            "log_disconnections": 0,
+            "server_idle_timeout": SERVER_IDLE_TIMEOUT_S,
+            **(settings or {}),
+        }
         ini.write_text(
             "[databases]\n"
             f"{DEFAULT_DBNAME} = host={postgres.host} port={postgres.port} "
             f"dbname={DEFAULT_DBNAME}\n"
             "\n[pgbouncer]\n"
-            f"listen_addr = {LOOPBACK}\n"
-            f"listen_port = {port}\n"
-            "unix_socket_dir =\n"
-            "auth_type = trust\n"
-            f"auth_file = {auth_file}\n"
-            "pool_mode = transaction\n"
-            f"default_pool_size = {POOL_SIZE}\n"
-            f"max_client_conn = {MAX_CLIENT_CONN}\n"
-            f"logfile = {home / 'pgbouncer.log'}\n"
-            f"pidfile = {home / 'pgbouncer.pid'}\n"
-            "ignore_startup_parameters = extra_float_digits\n"
-            # Same as pypooler's log_connections/log_disconnections = false below.
-            "log_connections = 0\n"
-            "log_disconnections = 0\n"
+            + "".join(f"{key} = {value}\n" for key, value in section.items())
         )
         if run_as is not None:
             os.chown(ini, run_as.pw_uid, run_as.pw_gid)
@@ -352,26 +382,46 @@ def start_pgbouncer(workdir: Path, postgres: EmbeddedPostgres, binary: str) -> P
             )
         return process, log_path
 
-    # SIGTERM is PgBouncer's immediate shutdown; SIGINT would wait for clients.
-    return start_proxy("PgBouncer", launch, postgres, signal.SIGTERM)
+    # SIGTERM is PgBouncer's immediate shutdown ("fast exit", status 1); SIGINT would wait
+    # for clients.
+    return start_proxy(name, launch, postgres, signal.SIGTERM, frozenset({1}))
 
 
-def start_pypooler(workdir: Path, postgres: EmbeddedPostgres) -> Proxy:
-    home = workdir / "pypooler"
+def start_pypooler(
+    workdir: Path,
+    postgres: EmbeddedPostgres,
+    *,
+    name: str = "pypooler",
+    source: Path | None = None,
+    settings: Mapping[str, str | int | float | bool] | None = None,
+) -> Proxy:
+    """Start pypooler; `source`: a checkout of another revision to run instead of this tree;
+    `settings`: top-level config keys added or replaced."""
+    home = workdir / name.replace("@", "-")
     home.mkdir(mode=0o700)
+    env = clean_env()
+    if source is not None:
+        env["PYTHONPATH"] = str(source)
 
     def launch(port: int) -> tuple[subprocess.Popen[bytes], Path]:
         config = home / "pypooler.toml"
+        top: dict[str, str | int | float | bool] = {
+            "listen_addr": LOOPBACK,
+            "listen_port": port,
+            "pool_mode": "transaction",
+            "default_pool_size": POOL_SIZE,
+            "max_client_conn": MAX_CLIENT_CONN,
+            "log_connections": False,
+            "log_disconnections": False,
+            "log_level": "WARNING",
+            "server_idle_timeout": SERVER_IDLE_TIMEOUT_S,
+        }
+        if source is None or _has_metrics(source):
+            top["metrics_port"] = 0
+        top.update(settings or {})
         config.write_text(
-            f'listen_addr = "{LOOPBACK}"\n'
-            f"listen_port = {port}\n"
-            'pool_mode = "transaction"\n'
-            f"default_pool_size = {POOL_SIZE}\n"
-            f"max_client_conn = {MAX_CLIENT_CONN}\n"
-            "log_connections = false\n"
-            "log_disconnections = false\n"
-            'log_level = "WARNING"\n'
-            f"\n[databases.{DEFAULT_DBNAME}]\n"
+            "".join(f"{key} = {toml_value(value)}\n" for key, value in top.items())
+            + f"\n[databases.{DEFAULT_DBNAME}]\n"
             f'host = "{postgres.host}"\n'
             f"port = {postgres.port}\n"
         )
@@ -383,12 +433,43 @@ def start_pypooler(workdir: Path, postgres: EmbeddedPostgres) -> Proxy:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=home,
-                env=clean_env(),
+                env=env,
                 start_new_session=True,
             )
         return process, log_path
 
-    return start_proxy("pypooler", launch, postgres, signal.SIGINT)
+    return start_proxy(name, launch, postgres, signal.SIGINT, frozenset({0}))
+
+
+def toml_value(value: str | int | float | bool) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    return repr(value)
+
+
+def _has_metrics(source: Path) -> bool:
+    return (source / "pypooler" / "metrics.py").exists()
+
+
+def checkout_revision(workdir: Path, revision: str) -> Path:
+    """A detached worktree of `revision` of this repository, removed with `workdir`."""
+    target = workdir / f"src-{revision}"
+    repo = Path(__file__).resolve().parent.parent
+    subprocess.run(
+        ["git", "-C", str(repo), "worktree", "add", "--detach", "-q", str(target), revision],
+        check=True,
+    )
+    return target
+
+
+def remove_checkout(path: Path) -> None:
+    repo = Path(__file__).resolve().parent.parent
+    subprocess.run(
+        ["git", "-C", str(repo), "worktree", "remove", "--force", str(path)],
+        check=False, capture_output=True,
+    )
 
 
 # -- pgbench ---------------------------------------------------------------------------------
@@ -399,12 +480,34 @@ def pgbench_init(postgres: EmbeddedPostgres, scale: int) -> None:
         [postgres.bin("pgbench"), "-i", "-q", "-s", str(scale), DEFAULT_DBNAME],
         capture_output=True,
         text=True,
-        env=postgres.env(),  # user postgres, TCP 127.0.0.1, straight to the server
+        env=client_env(postgres, postgres.port),  # straight to the server
         timeout=PGBENCH_INIT_TIMEOUT_S,
         check=False,
     )
     if result.returncode != 0:
         raise RuntimeError(f"pgbench -i failed ({result.returncode}): {result.stderr.strip()}")
+
+
+def other_backends(postgres: EmbeddedPostgres) -> int:
+    """Client backends connected to PostgreSQL other than the one asking."""
+    return int(
+        postgres.psql(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()",
+            dbname="postgres",
+        )
+    )
+
+
+def wait_for_drained_pools(postgres: EmbeddedPostgres) -> str | None:
+    """Wait until the proxies' idle servers are closed, so a direct run gets all of
+    max_connections; return a note if they were not within DRAIN_TIMEOUT_S."""
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    while (busy := other_backends(postgres)) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    if busy:
+        return f"{busy} other connections still open after {DRAIN_TIMEOUT_S:.0f} s"
+    return None
 
 
 def failure_reason(stderr: str, returncode: int) -> str:
@@ -434,14 +537,14 @@ def run_pgbench(
         run.error = f"{proxy.name} is not running (exit code {proxy.process.returncode})"
         return run
     argv = [
-        postgres.bin("pgbench"), "-n", "-S", "-M", "simple", "-T", str(duration_s),
+        postgres.bin("pgbench"), "-n", *(() if point.tpcb else ("-S",)), "-M", "simple",
+        "-T", str(duration_s),
         "-c", str(point.clients), "-j", str(min(threads, point.clients)),
     ]  # fmt: skip
     if point.reconnect:
         argv.append("-C")
     argv.append(DEFAULT_DBNAME)
-    env = postgres.env()
-    env["PGPORT"] = str(port)
+    env = client_env(postgres, port)
     cpu_before = process_cpu_seconds(proxy.pid) if proxy is not None else None
     try:
         result = subprocess.run(
@@ -498,18 +601,34 @@ def cpu_model() -> str:
     return platform.processor() or "?"
 
 
+def pypooler_revision() -> str:
+    """The git commit the pypooler under test is at, and whether its sources differ from it
+    (numbers from a dirty tree belong to no commit)."""
+    package_dir = Path(__file__).resolve().parent.parent / "pypooler"
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(package_dir), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=CLIENT_TIMEOUT_S, check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(package_dir), "status", "--porcelain", "--", "."],
+            capture_output=True, text=True, timeout=CLIENT_TIMEOUT_S, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "not a git checkout"
+    return f"git {head}" + (" + uncommitted changes" if dirty else "")
+
+
 def describe_machine(postgres: EmbeddedPostgres, pgbouncer_binary: str) -> str:
     try:
         loop = f", uvloop {importlib.metadata.version('uvloop')}"
     except importlib.metadata.PackageNotFoundError:
         loop = ""
-    load = os.getloadavg()[0]
     return (
         f"{os.cpu_count()} CPUs ({cpu_model()}), Linux {platform.release()}; "
-        f"Python {platform.python_version()}{loop}, pypooler {pypooler_version}; "
+        f"Python {platform.python_version()}{loop}, pypooler {pypooler_version} ({pypooler_revision()}); "
         f"{command_version([pgbouncer_binary, '--version'])}; "
-        f"{command_version([postgres.bin('postgres'), '--version'])}; "
-        f"load average {load:.2f} at start"
+        f"{command_version([postgres.bin('postgres'), '--version'])}"
     )
 
 
@@ -523,10 +642,18 @@ def short(reason: str, limit: int = 40) -> str:
     return reason if len(reason) <= limit else reason[: limit - 1] + "…"
 
 
-def cell(runs: Sequence[RunResult], value: Callable[[RunResult], float | None], fmt: str) -> str:
+def cell(
+    runs: Sequence[RunResult],
+    value: Callable[[RunResult], float | None],
+    fmt: str,
+    *,
+    with_reason: bool = False,
+) -> str:
     """Median over the rounds that completed; "failed" when none did."""
     ok = [run for run in runs if run.ok]
     if not ok:
+        if not with_reason:
+            return "failed"
         reasons = sorted({run.error or "?" for run in runs})
         return "failed: " + short("; ".join(reasons))
     median = median_or_none([value(run) for run in ok])
@@ -536,12 +663,14 @@ def cell(runs: Sequence[RunResult], value: Callable[[RunResult], float | None], 
     return text
 
 
-def round_ratios(runs: Sequence[RunResult], rounds: int) -> list[float | None]:
-    """pypooler tps / PgBouncer tps within each round (None where either failed)."""
+def round_ratios(
+    runs: Sequence[RunResult], rounds: int, ours_name: str = "pypooler", theirs_name: str = "PgBouncer"
+) -> list[float | None]:
+    """ours tps / theirs tps within each round (None where either failed)."""
     ratios: list[float | None] = []
     for round_no in range(1, rounds + 1):
         by_target = {run.target: run for run in runs if run.round_no == round_no}
-        ours, theirs = by_target.get("pypooler"), by_target.get("PgBouncer")
+        ours, theirs = by_target.get(ours_name), by_target.get(theirs_name)
         if ours and theirs and ours.ok and theirs.ok and theirs.tps and ours.tps is not None:
             ratios.append(ours.tps / theirs.tps)
         else:
@@ -574,7 +703,7 @@ def render_table(results: Sequence[RunResult], points: Sequence[Point], rounds: 
             if not runs:
                 row += ["-", "-"] + ([] if target == "direct" else ["-"])
                 continue
-            row.append(cell(runs, lambda run: run.tps, ",.0f"))
+            row.append(cell(runs, lambda run: run.tps, ",.0f", with_reason=True))
             row.append(cell(runs, lambda run: run.latency_ms, ".3f"))
             if target != "direct":
                 row.append(cell(runs, lambda run: run.cpu_us_per_xact, ".1f"))
@@ -587,8 +716,35 @@ def render_table(results: Sequence[RunResult], points: Sequence[Point], rounds: 
     return "\n".join(lines)
 
 
-def render_notes(results: Sequence[RunResult], proxies: Sequence[Proxy]) -> list[str]:
-    notes: list[str] = []
+def render_baseline_table(
+    results: Sequence[RunResult], points: Sequence[Point], rounds: int, baseline: str
+) -> str:
+    """This tree against an older build, both measured against PgBouncer in the same rounds."""
+    lines = [
+        f"| pgbench | {baseline} µs/xact | pypooler µs/xact | {baseline}/PgBouncer"
+        " | pypooler/PgBouncer | pypooler / baseline ratio |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for point in points:
+        at_point = [run for run in results if run.point == point]
+        base_runs = [run for run in at_point if run.target == baseline]
+        our_runs = [run for run in at_point if run.target == "pypooler"]
+        base = median_or_none(round_ratios(at_point, rounds, baseline))
+        ours = median_or_none(round_ratios(at_point, rounds))
+        change = "-" if not base or ours is None else f"{ours / base:.2f}"
+        lines.append(
+            f"| {point.label} | {cell(base_runs, lambda r: r.cpu_us_per_xact, '.1f')}"
+            f" | {cell(our_runs, lambda r: r.cpu_us_per_xact, '.1f')}"
+            f" | {'-' if base is None else f'{base:.2f}'} | {'-' if ours is None else f'{ours:.2f}'}"
+            f" | {change} |"
+        )
+    return "\n".join(lines)
+
+
+def render_notes(
+    results: Sequence[RunResult], proxies: Sequence[Proxy], drain_notes: Sequence[str]
+) -> list[str]:
+    notes = [f"- {note}" for note in drain_notes]
     for run in results:
         if run.error is not None:
             stderr_lines = [line for line in run.stderr.splitlines() if line.strip()]
@@ -604,10 +760,7 @@ def render_notes(results: Sequence[RunResult], proxies: Sequence[Proxy]) -> list
                 f"{run.failed_xacts} failed transactions"
             )
     for proxy in proxies:
-        if proxy.exit_note:
-            notes.append(f"- {proxy.name}: {proxy.exit_note}")
-        if proxy.process.returncode not in (None, 0, -signal.SIGTERM, -signal.SIGINT):
-            notes.append(f"- {proxy.name} exit code {proxy.process.returncode}")
+        notes += [f"- {proxy.name}: {note}" for note in proxy.exit_notes]
         trouble = [
             line
             for line in read_tail(proxy.log_path, 10_000).splitlines()
@@ -668,6 +821,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--scale", type=int, default=DEFAULT_SCALE, help="pgbench -i -s")
     parser.add_argument("--pgbouncer", default=PGBOUNCER, help="PgBouncer binary")
     parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run pypooler at this git revision in every round (e.g. the build before a"
+        " hot-path change) and print its ratio beside the current tree's",
+    )
+    parser.add_argument(
         "--results-dir",
         type=Path,
         default=Path(__file__).resolve().parent / "results",
@@ -693,9 +852,14 @@ def benchmark(args: argparse.Namespace) -> str:
     points: list[Point] = args.points
     started = datetime.datetime.now(datetime.UTC)
     clock = time.monotonic()
+    # Other work on the machine skews every number; the 1-minute load average before we start
+    # anything shows some of it (later readings would mostly show our own pgbench and backends).
+    load_start = os.getloadavg()[0]
     results: list[RunResult] = []
     proxies: list[Proxy] = []
+    drain_notes: list[str] = []
     postgres = EmbeddedPostgres(max_connections=PG_MAX_CONNECTIONS)
+    baseline_source: Path | None = None
     workdir = Path(tempfile.mkdtemp(prefix="pypooler-bench-"))
     os.chmod(workdir, 0o755)  # PgBouncer, as nobody, must reach its subdirectory
     try:
@@ -705,12 +869,19 @@ def benchmark(args: argparse.Namespace) -> str:
         pgbench_init(postgres, args.scale)
         proxies.append(start_pgbouncer(workdir, postgres, args.pgbouncer))
         proxies.append(start_pypooler(workdir, postgres))
-        pgbouncer, pypooler = proxies
+        pgbouncer, pypooler = proxies[0], proxies[1]
         targets: list[tuple[str, int, Proxy | None]] = [
             ("direct", postgres.port, None),
             ("PgBouncer", pgbouncer.port, pgbouncer),
             ("pypooler", pypooler.port, pypooler),
         ]
+        if args.baseline:
+            baseline_source = checkout_revision(workdir, args.baseline)
+            baseline = start_pypooler(
+                workdir, postgres, name=f"pypooler@{args.baseline}", source=baseline_source
+            )
+            proxies.append(baseline)
+            targets.append((baseline.name, baseline.port, baseline))
         machine = describe_machine(postgres, args.pgbouncer)
         progress(machine)
         warmup = Point(WARMUP_CLIENTS, reconnect=False)
@@ -724,6 +895,11 @@ def benchmark(args: argparse.Namespace) -> str:
         for round_no in range(1, args.rounds + 1):
             for point in points:
                 for name, port, proxy in targets:
+                    if proxy is None:
+                        drain_note = wait_for_drained_pools(postgres)
+                        if drain_note is not None:
+                            drain_notes.append(f"round {round_no}, {point.label}: {drain_note}")
+                            progress(f"direct run starts with {drain_note}")
                     run = run_pgbench(
                         postgres, port, point, duration_s=args.duration,
                         threads=args.threads, proxy=proxy, round_no=round_no, target=name,
@@ -743,28 +919,35 @@ def benchmark(args: argparse.Namespace) -> str:
                     )
         for proxy in proxies:
             proxy.stop()
-        notes = render_notes(results, proxies)
+        notes = render_notes(results, proxies, drain_notes)
     finally:
         for proxy in reversed(proxies):
             try:
                 proxy.stop()
             except Exception as exc:
                 progress(f"stopping {proxy.name} (pid {proxy.pid}) failed: {exc}")
+        if baseline_source is not None:
+            remove_checkout(baseline_source)
         try:
             postgres.stop()
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
     settings = (
         f"pool_size {POOL_SIZE}, transaction mode, PostgreSQL max_connections "
-        f"{PG_MAX_CONNECTIONS}; `pgbench -n -S -M simple -T {args.duration} -j "
+        f"{PG_MAX_CONNECTIONS}, server_idle_timeout {SERVER_IDLE_TIMEOUT_S} s (direct runs wait"
+        " for the pools to drain); "
+        f"`pgbench -n -S -M simple -T {args.duration} -j "
         f"min({args.threads}, c)`, scale {args.scale}; {args.rounds} rounds, each running"
         " every row direct, PgBouncer, pypooler back to back"
     )
+    table = render_table(results, points, args.rounds)
+    if args.baseline:
+        table += "\n\n" + render_baseline_table(results, points, args.rounds, f"pypooler@{args.baseline}")
     return render_report(
         started=started,
-        machine=machine,
+        machine=f"{machine}; load average {load_start:.2f} at start",
         settings=settings,
-        table=render_table(results, points, args.rounds),
+        table=table,
         notes=notes,
         elapsed_s=time.monotonic() - clock,
     )
@@ -777,7 +960,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(report, end="")
     results_dir: Path = args.results_dir
     results_dir.mkdir(parents=True, exist_ok=True)
-    path = results_dir / f"compare-{datetime.datetime.now():%Y%m%d-%H%M%S}.md"
+    path = results_dir / f"compare-{datetime.datetime.now(datetime.UTC):%Y%m%d-%H%M%S}.md"
     path.write_text(report)
     progress(f"wrote {path}")
     return 0

@@ -3,6 +3,15 @@
 `run` with no database configured starts an embedded throwaway PostgreSQL (the same as `demo`), so
 a newcomer gets a working pooler from one command. Configuration problems print one line each and
 exit with status 2.
+
+Signals while running:
+- SIGHUP re-reads the config file and the environment and applies them without dropping a client
+  (`Pooler.reload`); a file with errors is logged and the old configuration kept.
+- SIGTERM (or SHUTDOWN on the admin console) drains (`Pooler.drain`): stop accepting, close
+  clients between transactions, refuse new transactions, let running ones finish within
+  `shutdown_drain_timeout`, exit 0.
+- SIGINT does the same with at most FAST_DRAIN_S for running transactions (Ctrl-C at a terminal).
+- A second SIGTERM or SIGINT during the drain closes everything at once and exits 1.
 """
 
 from __future__ import annotations
@@ -17,12 +26,14 @@ from collections.abc import Sequence
 import uvloop
 
 from pypooler import __version__
-from pypooler.app import Pooler
+from pypooler.app import Pooler, check_files
 from pypooler.config import ConfigError, DatabaseConfig, Settings, load_settings
 
 log = logging.getLogger("pypooler")
 
 EXIT_CONFIG_ERROR = 2
+EXIT_DRAIN_ABANDONED = 1
+FAST_DRAIN_S = 1.0  # SIGINT's cap on the drain: a person pressing Ctrl-C wants it over quickly
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,6 +46,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--config", "-c", help="TOML config file for pooler settings")
     check = commands.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("--config", "-c", help="TOML config file (default: $PYPOOLER_CONFIG)")
+    advise = commands.add_parser("advise", help="ask a running pypooler why its pools wait")
+    advise.add_argument("--config", "-c", help="its config file (for listen address and port)")
+    advise.add_argument("--host", help="pypooler host (default: listen_addr from the config)")
+    advise.add_argument("--port", type=int, help="pypooler port (default: listen_port)")
+    advise.add_argument("--user", default="postgres", help="an admin_users/stats_users name")
+    advise.add_argument("--password", help="that user's password, if the console asks")
     return parser
 
 
@@ -42,6 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = load_settings(args.config)
+        check_files(settings)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"pypooler: config error: {problem}", file=sys.stderr)
@@ -49,26 +67,62 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "check-config":
         print(f"config ok: {len(settings.databases)} database entries")
         return 0
+    if args.command == "advise":
+        return _advise(args, settings)
     logging.basicConfig(
         level=settings.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     embedded = args.command == "demo" or not settings.databases
-    return uvloop.run(_serve(settings, embedded=embedded))
+    return uvloop.run(_serve(settings, embedded=embedded, config_path=args.config))
 
 
-async def _serve(settings: Settings, *, embedded: bool) -> int:
+def _advise(args: argparse.Namespace, settings: Settings) -> int:
+    """Print SHOW ADVICE from a running pypooler as a report a person reads top to bottom."""
+    from pypooler.console_client import ConsoleError, simple_query
+
+    host = args.host or settings.listen_addr
+    port = args.port or settings.listen_port
+    try:
+        columns, rows = uvloop.run(
+            simple_query(host, port, "SHOW ADVICE", user=args.user, password=args.password)
+        )
+    except (OSError, TimeoutError, ConsoleError) as exc:
+        print(f"pypooler advise: cannot read the console at {host}:{port}: {exc}", file=sys.stderr)
+        return 1
+    if not rows:
+        print("no pools yet: no client has connected through this pypooler")
+    for row in rows:
+        record = dict(zip(columns, row, strict=True))
+        print(f"pool {record['database']}/{record['user']} (last {record['window_s']} s)")
+        for name in columns[2:-1]:
+            print(f"  {name:30} {record[name] if record[name] is not None else '-'}")
+        for verdict in (record["verdict"] or "").split(" | "):
+            print(f"  => {verdict}")
+        print()
+    return 0
+
+
+async def _serve(settings: Settings, *, embedded: bool, config_path: str | None = None) -> int:
     postgres = None
+    embedded_databases: dict[str, DatabaseConfig] = {}
     if embedded:
         from pypooler.embedded import EmbeddedPostgres
 
         postgres = EmbeddedPostgres(max_connections=100)
         await asyncio.to_thread(postgres.start)
-        settings = settings.model_copy(
-            update={"databases": {"*": DatabaseConfig(host=postgres.host, port=postgres.port)}}
-        )
-    pooler = Pooler(settings)
+        embedded_databases = {"*": DatabaseConfig(host=postgres.host, port=postgres.port)}
+        settings = settings.model_copy(update={"databases": embedded_databases})
+
+    def reread() -> Settings:
+        fresh = load_settings(config_path)
+        if embedded:  # the throwaway server stays what the pooler points at
+            fresh = fresh.model_copy(update={"databases": embedded_databases})
+        return fresh
+
+    pooler = Pooler(settings, reread)
+    exit_code = 0
     try:
         await pooler.start()
         if postgres is not None:
@@ -78,17 +132,47 @@ async def _serve(settings: Settings, *, embedded: bool) -> int:
                 f"  psql 'postgresql://postgres@{settings.listen_addr}:{pooler.port}/pypooler_test'",
                 flush=True,
             )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        await stop.wait()
-        log.info("shutting down")
+        exit_code = await _run_until_signalled(pooler)
     finally:
         await pooler.stop()
         if postgres is not None:
             await asyncio.to_thread(postgres.stop)
-    return 0
+    return exit_code
+
+
+async def _run_until_signalled(pooler: Pooler) -> int:
+    """Serve until SIGTERM/SIGINT, drain, and return the exit status (see the module doc)."""
+    loop = asyncio.get_running_loop()
+    received: list[signal.Signals] = []
+    first = asyncio.Event()
+    second = asyncio.Event()
+
+    def on_stop_signal(signum: signal.Signals) -> None:
+        received.append(signum)
+        (first if len(received) == 1 else second).set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_stop_signal, signum)
+    pooler.on_shutdown = lambda: on_stop_signal(signal.SIGTERM)  # the console's SHUTDOWN
+    loop.add_signal_handler(signal.SIGHUP, pooler.reload)
+    try:
+        await first.wait()
+        timeout = pooler.settings.shutdown_drain_timeout
+        if received[0] == signal.SIGINT:
+            timeout = min(timeout, FAST_DRAIN_S)
+        log.info("%s: shutting down", received[0].name)
+        drain = asyncio.ensure_future(pooler.drain(timeout))
+        interrupt = asyncio.ensure_future(second.wait())
+        await asyncio.wait({drain, interrupt}, return_when=asyncio.FIRST_COMPLETED)
+        if not drain.done():
+            drain.cancel()
+            log.warning("%s again: closing every connection now", received[-1].name)
+            return EXIT_DRAIN_ABANDONED
+        interrupt.cancel()
+        return 0
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(signum)
 
 
 if __name__ == "__main__":

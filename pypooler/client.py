@@ -1,9 +1,14 @@
 """ClientConnection: one application connection to pypooler.
 
-States: startup (SSLRequest/GSSENCRequest answered 'N', CancelRequest routed, StartupMessage read),
-welcome (AuthenticationOk, the pool's ParameterStatus set, our own BackendKeyData, ReadyForQuery),
-then ready. When ready, every read is fed to the `FrontendStream` tracker and either forwarded to
-the linked server in one `write` of the very bytes received, or held while the pool finds a server.
+States: startup (SSLRequest answered 'S' and the transport upgraded with `start_tls` when client
+TLS is configured, else 'N'; GSSENCRequest answered 'N'; CancelRequest routed; StartupMessage
+read), authentication (the method from auth_type or hba, the user's secret from auth_file or
+auth_query, then the `auth.ClientAuthExchange` fed message by message), welcome
+(AuthenticationOk, the pool's ParameterStatus set, our own BackendKeyData, ReadyForQuery), then
+ready. Until ready, `client_login_timeout` (checked by the shared maintenance pass, no timer per
+client) bounds the whole login; nothing of it touches the ready path. When ready, every read is
+fed to the `FrontendStream` tracker and either forwarded to the linked server in one `write` of
+the very bytes received, or held while the pool finds a server.
 
 Lending, by pool mode:
 - transaction: a server is linked at the first message after the client is at rest and released
@@ -28,12 +33,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import struct
 import time
-from collections.abc import Mapping
+from bisect import bisect_left
+from collections import Counter
+from collections.abc import Callable
 from typing import Any, cast
 
-from pypooler.config import Settings
+from pypooler.auth import AUTH_MESSAGE_LIMIT, Authenticator, AuthOutcome, ClientAuthExchange
+from pypooler.config import ADMIN_DATABASE_NAMES, Settings
 from pypooler.errors import (
+    AuthRejected,
+    ClientLoginTimeout,
+    DatabaseDisabled,
     NoSuchDatabase,
     PoolerError,
     ProtocolViolation,
@@ -46,41 +58,98 @@ from pypooler.pool import Pool, PoolManager
 from pypooler.prepared import ClientStatements
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
+from pypooler.protocol.scram import Secret
 from pypooler.protocol.transaction import FrontendStream
 from pypooler.rewriting import RewritingBackend, RewritingFrontend
 from pypooler.server import ServerConnection, intern_parameters, tune_transport
 from pypooler.session_parameters import same_value, settings_sql, startup_settings
 from pypooler.session_state import EXPLANATIONS, HINTS
+from pypooler.stats import BOUNDS_NS, TrafficStats, bucket_of
+from pypooler.tls import ClientTls
 
 log = logging.getLogger("pypooler.client")
 
+CANCEL_KEY = struct.Struct("!ii")
+CANCEL_KEYS_PER_BATCH = 256
 # Bytes a client may send while it waits for a server before we stop reading from it.
 PENDING_LIMIT = 256 * 1024
 # Seconds to wait for the postmaster to take a CancelRequest (it closes the connection when done).
 CANCEL_TIMEOUT = 5.0
 _TX_IDLE = c.TX_IDLE
 _X = c.F_TERMINATE
-# Distinct (kind, application_name) pairs counted per pool; beyond, one "(other)" per kind.
-MAX_SESSION_STATE_KEYS = 1000
-OTHER_APPLICATIONS = "(other)"
+# (application_name, kind) pairs warned about at most; beyond, the set starts again.
+MAX_WARNED_KEYS = 1000
 _MIN_LENGTH = b"\x00\x00\x00\x04"  # a message length word below this is garbage
+NS_PER_S = 1_000_000_000
+
+
+_FAIL_LOG_LEVELS = {"no_such_database": logging.INFO, "shutdown": logging.DEBUG}
+AdminLogin = Callable[["ClientConnection", codec.StartupMessage, bytes], None]
 
 
 class ClientRegistry:
-    """What every client connection shares: settings, pools, live clients and their cancel keys."""
+    """What every client connection shares: settings, pools, live clients and their cancel keys.
 
-    def __init__(self, settings: Settings, manager: PoolManager) -> None:
+    The hooks are set by app.Pooler, so this module never imports the admin console or the app:
+    `admin_login(client, startup, early_bytes)` takes over a client that asked for database
+    pgbouncer/pypooler; `reload()` re-reads the configuration (raising ConfigError, the old one
+    staying in force); `shutdown()` stops the pooler.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        manager: PoolManager,
+        *,
+        auth: Authenticator | None = None,
+        tls: ClientTls | None = None,
+    ) -> None:
         self.settings = settings
         self.manager = manager
+        self.auth = auth if auth is not None else Authenticator(settings)
+        self.tls = tls
+        # Live client connections, admin console sessions included (they count against
+        # max_client_conn like any other client).
         self.clients: set[ClientConnection] = set()
+        # Clients not logged in yet, oldest first (dicts keep insertion order): the login
+        # timeout pass stops at the first one still within its time.
+        self.logging_in: dict[ClientConnection, None] = {}
         self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}
+        self._random_keys: list[tuple[int, int]] = []
+        self.errors: Counter[str] = Counter()  # errors before a pool was chosen, by reason
+        self.connects = 0  # TCP connections accepted
         self.accepting = True
+        self.admin_login: AdminLogin | None = None
         # (application_name, kind) pairs already warned about (session_state_policy = "log").
         self.warned: set[tuple[str, str]] = set()
+        self.reload: Callable[[], None] | None = None
+        self.shutdown: Callable[[], None] | None = None
+
+    def expire_logins(self, now_ns: int) -> None:
+        """Close clients that did not log in within client_login_timeout (slowloris)."""
+        timeout = self.settings.client_login_timeout
+        if not timeout or not self.logging_in:
+            return
+        limit = now_ns - int(timeout * NS_PER_S)
+        expired = []
+        for client in self.logging_in:
+            if client.connected_ns > limit:
+                break
+            expired.append(client)
+        for client in expired:
+            self.logging_in.pop(client, None)
+            client.login_timed_out(timeout)
 
     def new_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
+        """A fresh random BackendKeyData for a client (unguessable, so nobody cancels others)."""
         while True:
-            key = (secrets.randbits(31), secrets.randbits(32) - (1 << 31))
+            if not self._random_keys:
+                # One getrandom() call per CANCEL_KEYS_PER_BATCH logins, not two per login.
+                self._random_keys = list(
+                    CANCEL_KEY.iter_unpack(secrets.token_bytes(CANCEL_KEY.size * CANCEL_KEYS_PER_BATCH))
+                )
+            pid, secret = self._random_keys.pop()
+            key = (pid & 0x7FFFFFFF, secret)
             if key not in self.cancel_keys:
                 self.cancel_keys[key] = client
                 return key
@@ -130,35 +199,51 @@ async def send_cancel(client: ClientConnection, server: ServerConnection, pool: 
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
+        "_admin_startup",
+        "_auth",
+        "_auth_reader",
         "_early",
+        "_lost",
+        "_peer",
         "_startup_reader",
+        "_tls_handshake",
         "application_name",
         "apply_first",
+        "bytes_received",
+        "bytes_sent",
         "cancel_key",
         "closed",
         "connected_ns",
         "database",
         "frontend",
+        "hog_warned",
+        "idle_in_xact",
+        "idle_ns",
+        "idle_since_ns",
         "lent_ns",
         "linking",
         "other_settings",
         "parameters",
-        "peer",
         "pending",
         "pending_bytes",
         "pinned",
         "pool",
+        "query_start_ns",
         "reading_paused",
         "ready",
         "registry",
         "rewriter",
         "server",
         "startup",
+        "tls",
+        "traffic",
         "transport",
         "user",
         "wait_started_ns",
+        "waited_ns",
         "waiting",
         "writing_paused",
+        "xact_count",
     )
 
     def __init__(self, registry: ClientRegistry) -> None:
@@ -171,15 +256,35 @@ class ClientConnection(asyncio.Protocol):
         self.closed = False
         self.waiting = False  # queued in pool.waiters
         self.wait_started_ns = 0
+        self.waited_ns = 0  # how long the current hold's checkout waited
         self.lent_ns = 0
+        # Timing of the current hold (see stats.py): the server answered everything and waits on
+        # the client since idle_since_ns (0: it does not); idle_in_xact says whether that wait is
+        # inside a transaction; idle_ns sums such waits over the hold.
+        self.query_start_ns = 0
+        self.idle_since_ns = 0
+        self.idle_in_xact = False
+        self.idle_ns = 0
+        self.hog_warned = False
+        self.xact_count = 0
+        self.traffic: TrafficStats | None = None  # set at the welcome
+        # Counted here per read, added to `traffic` once per hold (cheaper than per read there).
+        self.bytes_received = 0
+        self.bytes_sent = 0
         self.pending: list[bytes] | None = None  # bytes held while waiting for a server
         self.pending_bytes = 0
         self.reading_paused = False
         self.writing_paused = False
         self._startup_reader: codec.StartupPacketReader | None = codec.StartupPacketReader()
         self._early = b""  # bytes that arrived before the welcome was sent
+        self._admin_startup: codec.StartupMessage | None = None  # a console login in progress
+        self._auth: ClientAuthExchange | None = None
+        self._auth_reader: codec.MessageReader | None = None
+        self._tls_handshake = False  # between our 'S' and the end of the TLS handshake
+        self._lost = False
+        self.tls = False
         self.cancel_key: tuple[int, int] | None = None
-        self.peer = "?"
+        self._peer: str | None = None  # asked of the socket only when a log line needs it
         self.user = ""
         self.database = ""
         self.application_name = ""
@@ -194,22 +299,36 @@ class ClientConnection(asyncio.Protocol):
         self.linking: ServerConnection | None = None  # a server applying those values
         self.pinned = False  # keeps its server until it leaves (session_state_policy = "pin")
 
+    @property
+    def peer(self) -> str:
+        """The client's address, for logs and the console (a getpeername() call, done once)."""
+        if self._peer is None:
+            peer: Any = self.transport.get_extra_info("peername") if self.transport else None
+            if isinstance(peer, tuple):
+                self._peer = f"{peer[0]}:{peer[1]}"
+            else:
+                self._peer = str(peer) if peer else "?"
+        return self._peer
+
+    def address(self) -> str:
+        """The client's IP address, for hba matching (asked of the socket only then)."""
+        peer: Any = self.transport.get_extra_info("peername") if self.transport else None
+        return str(peer[0]) if isinstance(peer, tuple) else ""
+
     # ------------------------------------------------------------------ asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        tune_transport(self.transport, keepalive=self.registry.settings.tcp_keepalive)
-        peer: Any = transport.get_extra_info("peername")
-        if isinstance(peer, tuple):
-            self.peer = f"{peer[0]}:{peer[1]}"
-        elif peer:
-            self.peer = str(peer)
+        tune_transport(self.transport, keepalive=False)  # inherited from the listener (app.py)
         self.registry.clients.add(self)
+        self.registry.connects += 1
+        self.registry.logging_in[self] = None
 
     def data_received(self, data: bytes) -> None:
         if self.ready:
             rewriter = self.rewriter
             if rewriter is not None:
+                self.bytes_received += len(data)
                 server = self.server
                 if server is None:
                     if data[0] == _X and self.pending is None:
@@ -219,6 +338,8 @@ class ClientConnection(asyncio.Protocol):
                         return
                     self._needs_server(data)
                     return
+                if self.idle_since_ns:
+                    self._resumes_after_idle()
                 try:
                     out = rewriter.feed_to(data, server.statements)
                 except PoolerError as exc:
@@ -235,8 +356,11 @@ class ClientConnection(asyncio.Protocol):
                 self.fail(exc)
                 return
             if terminate < 0:
+                self.bytes_received += len(data)
                 server = self.server
                 if server is not None:
+                    if self.idle_since_ns:
+                        self._resumes_after_idle()
                     server.transport.write(data)
                 else:
                     self._needs_server(data)
@@ -246,19 +370,28 @@ class ClientConnection(asyncio.Protocol):
         self._startup_data(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._lost:  # a failed TLS handshake may report the loss twice
+            return
+        self._lost = True
         self.closed = True
         self.ready = False
         registry = self.registry
         registry.clients.discard(self)
+        registry.logging_in.pop(self, None)
         if self.cancel_key is not None:
             registry.cancel_keys.pop(self.cancel_key, None)
         if self.waiting:
             self.pool.cancel_wait(self)
         server = self.server
         if server is not None:
+            self.account_hold(time.monotonic_ns())
             self._give_back_on_exit(server)
-        if self.pinned:
-            self.pool.stats.pinned -= 1
+        if self.traffic is not None:
+            self.pool.clients.discard(self)
+            if not self.xact_count:
+                self.traffic.clients_without_xact += 1
+            if self.pinned:
+                self.traffic.pinned -= 1
         rewriter = self.rewriter
         if rewriter is not None and rewriter.statements is not None:
             rewriter.statements.clear()
@@ -309,18 +442,47 @@ class ClientConnection(asyncio.Protocol):
         except PoolerError as exc:
             self.fail(exc)
             return
+        if server is None:
+            self.pending = [data]
+            self.pending_bytes = len(data)
+            if self.rewriter is not None and len(data) >= 5 and data[1:5] < _MIN_LENGTH:
+                # Read when it goes to a server; but a client that is not speaking the protocol
+                # is refused now rather than after waiting for one.
+                self.fail(ProtocolViolation("invalid message length"))
+            return
+        if self.parameters is server.parameters and not (self.other_settings or server.other_settings):
+            # The common case: the server has this client's settings already.
+            self._lend(server, time.monotonic_ns())
+            rewriter = self.rewriter
+            if rewriter is None:
+                server.transport.write(data)
+                return
+            try:
+                out = rewriter.feed_to(data, server.statements)
+            except PoolerError as exc:
+                self.fail(exc)
+                return
+            if out:
+                server.transport.write(out)
+            if rewriter.noted:
+                self._rewriter_noted(server)
+            return
         self.pending = [data]
         self.pending_bytes = len(data)
-        if server is not None:
-            self.link(server)
-        elif self.rewriter is not None and len(data) >= 5 and data[1:5] < _MIN_LENGTH:
-            # Read when it goes to a server; but a client that is not speaking the protocol
-            # is refused now rather than after waiting for one.
-            self.fail(ProtocolViolation("invalid message length"))
+        self._link(server, time.monotonic_ns())
 
     def link(self, server: ServerConnection) -> None:
-        """Lend `server` to this client and send it what the client has sent meanwhile (called by
-        the pool when a server frees up for this waiting client)."""
+        """Called by the pool when a server frees up for this waiting client."""
+        now = time.monotonic_ns()
+        waited = self.waited_ns = now - self.wait_started_ns
+        warn_ms = self.pool.settings.wait_warn_ms
+        if warn_ms and waited > warn_ms * 1e6:
+            self.pool.warn_wait(self, waited)
+        self._link(server, now)
+
+    def _link(self, server: ServerConnection, now: int) -> None:
+        """Lend `server` to this client and send it what the client has sent meanwhile, with the
+        settings the server lacks in front (see session_parameters.py)."""
         other_settings = self.other_settings
         if self.parameters is server.parameters and not (other_settings or server.other_settings):
             sql = ""
@@ -336,7 +498,7 @@ class ClientConnection(asyncio.Protocol):
         pending = self.pending
         self.pending = None
         self.pending_bytes = 0
-        self._lend(server)
+        self._lend(server, now)
         if self.reading_paused:
             self.resume_reading()  # before the write, whose backpressure may pause us again
         data = b"" if not pending else pending[0] if len(pending) == 1 else b"".join(pending)
@@ -407,52 +569,108 @@ class ClientConnection(asyncio.Protocol):
                     self.transport.write(
                         b"".join(codec.build_message(c.B_PARAMETER_STATUS, body) for body in statuses)
                     )
-                self.link(server)
+                self._link(server, time.monotonic_ns())
                 return True
             return False
 
         server.run_internal(sql, on_message)
 
-    def _lend(self, server: ServerConnection) -> None:
+    def _lend(self, server: ServerConnection, now: int) -> None:
+        if (self.rewriter is None) is server.rewriting:  # only after RELOAD changed pool_mode
+            self.pool.fit_stream(server, rewriting=self.rewriter is not None)
         self.server = server
         server.client = self
-        self.lent_ns = time.monotonic_ns()
+        self.lent_ns = self.query_start_ns = now
         statements = server.statements
         if statements is not None:
             statements.in_use.clear()  # ServerStatements.begin_lend, without a call
         if self.writing_paused:
             server.pause_reading()
+        if not self.xact_count:
+            self.traffic.connect_to_first_query.observe(now - self.connected_ns)  # type: ignore[union-attr]
 
-    def release_server(self) -> None:
+    def _resumes_after_idle(self) -> None:
+        """The client speaks again while holding a server that waited on it."""
+        now = time.monotonic_ns()
+        if self.idle_in_xact:
+            self.idle_ns += now - self.idle_since_ns
+        self.idle_since_ns = 0
+        self.query_start_ns = now
+
+    def release_server(self, now: int, bucket: int = -1) -> None:
         server = self.server
         assert server is not None
         self.server = None
         server.client = None
         self.parameters = server.parameters  # what the client was last told
-        pool = self.pool
-        stats = pool.stats
-        stats.xact_count += 1
-        stats.total_hold_ns += time.monotonic_ns() - self.lent_ns
+        self.account_hold(now, bucket)
         if server.reading_paused:
             server.resume_reading()
-        pool.release(server)
+        self.pool.release(server)
+
+    def account_hold(self, now: int, bucket: int = -1) -> None:
+        """Count the hold that ends now: the transaction as the pool saw it.
+
+        `bucket`: the histogram bucket of this hold if the caller already found it.
+        """
+        held = now - self.lent_ns
+        if bucket < 0:
+            bucket = bucket_of(held)
+        idle = self.idle_ns
+        if self.idle_since_ns:
+            if self.idle_in_xact:
+                idle += now - self.idle_since_ns
+            self.idle_since_ns = 0
+        self.idle_ns = 0
+        self.hog_warned = False
+        self.xact_count += 1
+        traffic = self.traffic
+        assert traffic is not None
+        traffic.xact_count += 1
+        traffic.bytes_received += self.bytes_received
+        traffic.bytes_sent += self.bytes_sent
+        self.bytes_received = self.bytes_sent = 0
+        traffic.hold.observe_at(bucket, held)
+        if idle:
+            traffic.idle_nonzero.observe(idle)
+        if self.waited_ns:
+            traffic.wait_nonzero.observe(self.waited_ns)
+            self.waited_ns = 0
+        # Taken here, not cleared at the lend: the statement that asked for the server was read
+        # (and noted by the tracker) before the server was lent.
+        frontend = self.frontend
+        statement = frontend.xact_statement
+        if statement is not None:
+            frontend.xact_statement = None
+            frontend.xact_statement_final = False
+            self.pool.stats.account_statement(statement, bucket, held, idle)
 
     def server_ready_for_query(self, data: bytes, end: int) -> None:
         """The server answered the client's last outstanding request (`end` is just past it)."""
         server = self.server
         assert server is not None
+        now = time.monotonic_ns()
+        traffic = self.traffic
+        assert traffic is not None
+        traffic.query_count += 1
+        query_ns = now - self.query_start_ns
+        bucket = bisect_left(BOUNDS_NS, query_ns)
+        traffic.query.observe_at(bucket, query_ns)
         mode = self.pool.mode
-        if server.backend.tx_status == _TX_IDLE or mode == "session":
+        backend = server.backend
+        status = backend.tx_status
+        if status == _TX_IDLE or mode == "session":
             self.transport.write(data)
             if (
                 mode != "session"
                 and not self.pinned
                 and self.frontend.at_rest
-                and server.backend.at_message_boundary
+                and not (backend._skip or backend._head)  # at a message boundary
             ):
-                self.release_server()
-            return
-        if mode == "statement":
+                # A one-request transaction: its hold is its query time, same bucket.
+                self.release_server(now, bucket if self.query_start_ns == self.lent_ns else -1)
+                return
+        elif mode == "statement":
             # Keep the ReadyForQuery back: the client must not think its transaction is open.
             if end > 6:
                 self.transport.write(data[: end - 6])
@@ -463,7 +681,11 @@ class ClientConnection(asyncio.Protocol):
                 )
             )
             return
-        self.transport.write(data)
+        else:
+            self.transport.write(data)
+        # The server answered everything; from now on it waits on the client.
+        self.idle_since_ns = now
+        self.idle_in_xact = status != _TX_IDLE
 
     def server_lost(self, server: ServerConnection) -> None:
         """The linked server's connection ended under this client."""
@@ -516,29 +738,27 @@ class ClientConnection(asyncio.Protocol):
         if not kinds:
             return
         rewriter.session_state = []
-        pool = self.pool
+        traffic = self.traffic
+        assert traffic is not None
         policy = self.registry.settings.session_state_policy
         application = self.parameters.get("application_name", self.application_name)
-        counts = pool.stats.session_state
         for kind in kinds:
-            key = (kind, application)
-            if key not in counts and len(counts) >= MAX_SESSION_STATE_KEYS:
-                key = (kind, OTHER_APPLICATIONS)  # bounded: these become metrics labels
-            counts[key] += 1
+            traffic.session_state[kind] += 1  # bounded: stats_max_applications x kinds
             if policy == "pin":
                 if not self.pinned:
                     self.pinned = True
-                    pool.stats.pinned += 1
-                    pool.stats.pinned_total += 1
+                    traffic.pinned += 1
+                    traffic.pinned_total += 1
                     log.info(
                         "client %s db=%s user=%s app=%s keeps its server until it disconnects:"
                         " %s (session_state_policy pin)",
                         self.peer, self.database, self.user, application, EXPLANATIONS[kind],
                     )
             elif policy == "log" and (application, kind) not in self.registry.warned:
-                if len(self.registry.warned) >= MAX_SESSION_STATE_KEYS:
-                    self.registry.warned.clear()  # bounded: warn again rather than grow
-                self.registry.warned.add((application, kind))
+                warned = self.registry.warned
+                if len(warned) >= MAX_WARNED_KEYS:
+                    warned.clear()  # bounded: warn again rather than grow
+                warned.add((application, kind))
                 log.warning(
                     "db=%s user=%s app=%s: %s, so in transaction pooling the next client of that"
                     " server inherits it (%s; logged once per application and kind)",
@@ -554,8 +774,14 @@ class ClientConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ startup
 
     def _startup_data(self, data: bytes) -> None:
+        if self._auth_reader is not None:
+            self._auth_data(data)
+            return
         reader = self._startup_reader
-        if reader is None:  # welcome in progress; keep what the client sent for later
+        if reader is None:  # secret lookup or welcome in progress; keep what the client sent
+            if len(self._early) + len(data) > PENDING_LIMIT:
+                self.fail(ProtocolViolation("too much data sent before the login completed"))
+                return
             self._early += data
             return
         try:
@@ -565,8 +791,10 @@ class ClientConnection(asyncio.Protocol):
             return
         if packet is None:
             return
-        if isinstance(packet, codec.SSLRequest | codec.GSSENCRequest):
-            self.transport.write(b"N")  # no TLS / GSS encryption (yet): the client goes on in clear
+        if isinstance(packet, codec.SSLRequest):
+            self._ssl_request(reader)
+        elif isinstance(packet, codec.GSSENCRequest):
+            self.transport.write(b"N")  # no GSS encryption: the client goes on in clear (or TLS)
             rest = reader.take_rest()
             if rest:
                 self._startup_data(rest)
@@ -578,12 +806,70 @@ class ClientConnection(asyncio.Protocol):
             self._early = reader.take_rest()
             self._start_session(packet)
 
+    # ------------------------------------------------------------------ TLS
+
+    def _ssl_request(self, reader: codec.StartupPacketReader) -> None:
+        tls = self.registry.tls
+        rest = reader.take_rest()
+        if tls is None:
+            self.transport.write(b"N")  # no TLS here: the client goes on in clear (or gives up)
+            if rest:
+                self._startup_data(rest)
+            return
+        if self.tls:
+            self.fail(ProtocolViolation("SSLRequest received on a connection that is already TLS"))
+            return
+        if rest:
+            # Bytes sent before our answer would be taken as if they came through TLS.
+            self.fail(ProtocolViolation("received unencrypted data after SSL request"))
+            return
+        self.transport.write(b"S")
+        # Nothing may be read in clear from here: start_tls takes over the transport.
+        self.transport.pause_reading()
+        self._tls_handshake = True
+        asyncio.get_running_loop().create_task(self._start_tls(tls))
+
+    async def _start_tls(self, tls: ClientTls) -> None:
+        raw = self.transport
+        timeout = self.registry.settings.client_login_timeout or None
+        try:
+            transport = await asyncio.get_running_loop().start_tls(
+                raw, self, tls.context, server_side=True, ssl_handshake_timeout=timeout
+            )
+        except Exception as exc:  # any handshake failure ends this client only
+            self._tls_failed(raw, exc)
+            return
+        if transport is None or self.closed:
+            self._tls_failed(raw, None)
+            if transport is not None:
+                transport.close()
+            return
+        self.transport = transport
+        tune_transport(transport, keepalive=False)  # inherited from the listener (app.py)
+        self.tls = True
+        self._tls_handshake = False
+
+    def _tls_failed(self, raw: asyncio.Transport, exc: Exception | None) -> None:
+        self._tls_handshake = False
+        if exc is not None:
+            log.info("client %s: TLS handshake failed: %s", self.peer, exc)
+        raw.close()
+        self.connection_lost(exc)
+
+    def _peer_certificate(self) -> object:
+        ssl_object: Any = self.transport.get_extra_info("ssl_object") if self.tls else None
+        return ssl_object.getpeercert() if ssl_object is not None else None
+
+    # ------------------------------------------------------------------ authentication
+
     def _start_session(self, startup: codec.StartupMessage) -> None:
         self.startup = startup
         self.user = startup.user
         self.database = startup.database
         self.application_name = startup.parameters.get("application_name", "")
         registry = self.registry
+        auth = registry.auth
+        tls = registry.tls
         try:
             if not self.user:
                 raise ProtocolViolation("no PostgreSQL user name specified in startup packet")
@@ -592,48 +878,180 @@ class ClientConnection(asyncio.Protocol):
                     "no more connections allowed (max_client_conn)",
                     detail=f"max_client_conn is {registry.settings.max_client_conn}",
                 )
-            pool = registry.manager.get_pool(self.database, self.user)
-            if pool is None:
-                raise NoSuchDatabase(f'no such database: "{self.database}"')
+            # The admin console authenticates like any database, then takes the connection over.
+            admin = self.database in ADMIN_DATABASE_NAMES and registry.admin_login is not None
+            database_config = None
+            if not admin:
+                if self.database in registry.manager.disabled:
+                    raise DatabaseDisabled(
+                        f'database "{self.database}" does not allow connections now',
+                        hint="an administrator ran DISABLE on the admin console; ENABLE allows them"
+                        " again",
+                    )
+                found = registry.manager.database_config(self.database)
+                if found is None:
+                    raise NoSuchDatabase(f'no such database: "{self.database}"')
+                database_config = found[1]
+            if tls is not None and tls.required and not self.tls:
+                raise AuthRejected(
+                    "SSL connection is required",
+                    detail=f"client_tls_sslmode is {tls.mode}",
+                    hint="connect with sslmode=require (or verify-ca / verify-full)",
+                )
+            if tls is not None and tls.mode == "verify-full":
+                auth.check_certificate(self.user, self._peer_certificate())
+            method = auth.method_for(
+                database_config, self.database, self.user, self.address, tls=self.tls
+            )
+            if method == "cert":
+                auth.check_certificate(self.user, self._peer_certificate())
         except PoolerError as exc:
             self.fail(exc)
             return
+        self._admin_startup = startup if admin else None
+        self._negotiate_protocol(startup)
+        secret: Secret | None = None
+        if auth.needs_secret(method):
+            known, secret = auth.cached_secret(self.database, self.user)
+            # auth_query needs a pool of the database: console users come from auth_file only.
+            if not known and not admin:
+                asyncio.get_running_loop().create_task(self._fetch_secret_then_authenticate(method))
+                return
+        self._begin_auth(method, secret)
+
+    async def _fetch_secret_then_authenticate(self, method: str) -> None:
+        try:
+            secret = await self.registry.auth.fetch_secret(self.database, self.user)
+        except PoolerError as exc:
+            self.fail(exc)
+            return
+        except Exception as exc:  # a bug must end this login, not leave it hanging
+            log.exception("auth_query for user %r failed", self.user)
+            self.fail(PoolerError(f"internal error while looking up the password: {exc}"))
+            return
+        if not self.closed:
+            self._begin_auth(method, secret)
+
+    def _begin_auth(self, method: str, secret: Secret | None) -> None:
+        tls = self.registry.tls
+        exchange = self.registry.auth.exchange(
+            method,
+            self.user,
+            secret,
+            channel_binding=tls.channel_binding if tls is not None and self.tls else None,
+        )
+        request = exchange.start()
+        if exchange.done:
+            self._authenticated(exchange.outcome)
+            return
+        self._auth = exchange
+        self._auth_reader = codec.MessageReader(max_message=AUTH_MESSAGE_LIMIT)
+        self.transport.write(request)
+        early = self._early
+        if early:
+            self._early = b""
+            self._auth_data(early)
+
+    def _auth_data(self, data: bytes) -> None:
+        exchange = self._auth
+        reader = self._auth_reader
+        assert exchange is not None and reader is not None
+        try:
+            messages = reader.feed(data)
+            for index, (msg_type, body) in enumerate(messages):
+                if msg_type == c.F_TERMINATE:  # e.g. psql going to ask the user for a password
+                    self.transport.close()
+                    return
+                reply = exchange.receive(msg_type, body)
+                if exchange.done:
+                    # Whatever the client pipelined after its last auth message waits for the
+                    # welcome, in the order it was sent.
+                    after = b"".join(codec.build_message(t, b) for t, b in messages[index + 1 :])
+                    self._early = after + reader.take_rest()
+                    self._auth = None
+                    self._auth_reader = None
+                    # The last reply (SASLFinal) goes out with the welcome: one write, not two.
+                    self._authenticated(exchange.outcome, reply)
+                    return
+                if reply:
+                    self.transport.write(reply)
+        except PoolerError as exc:
+            self._auth = None
+            self._auth_reader = None
+            self.fail(exc)
+
+    def _authenticated(self, outcome: AuthOutcome, last_reply: bytes = b"") -> None:
+        startup = self._admin_startup
+        if startup is not None:
+            self._admin_startup = None
+            admin_login = self.registry.admin_login
+            assert admin_login is not None
+            self.registry.logging_in.pop(self, None)  # the console owns the connection now
+            if last_reply:
+                self.transport.write(last_reply)
+            early, self._early = self._early, b""
+            # From here on the console's protocol object gets this transport's callbacks.
+            admin_login(self, startup, early)
+            return
+        pool = self.registry.manager.get_pool(self.database, self.user)
+        if pool is None:  # the configuration cannot change under a login, but be exact
+            self.fail(NoSuchDatabase(f'no such database: "{self.database}"'))
+            return
+        if pool.login.user == self.user:
+            pool.login.learn(outcome.password, outcome.secret, outcome.client_key)
         self.pool = pool
+        if pool.parameters is not None:
+            self._welcome(last_reply)
+        else:
+            if last_reply:
+                self.transport.write(last_reply)
+            asyncio.get_running_loop().create_task(self._welcome_when_pool_ready())
+
+    def login_timed_out(self, timeout: float) -> None:
+        if self.closed:
+            return
+        if self._tls_handshake:  # nothing can be said in clear now
+            self.transport.close()
+            return
+        self.fail(
+            ClientLoginTimeout(
+                f"client_login_timeout: login not completed within {timeout:g} s",
+            )
+        )
+
+    def _negotiate_protocol(self, startup: codec.StartupMessage) -> None:
         protocol_options = [name for name in startup.parameters if name.startswith("_pq_.")]
         if startup.protocol_version != c.PROTOCOL_3_0 or protocol_options:
             # A newer 3.x client: tell it we speak 3.0 and ignored its protocol options.
             self.transport.write(codec.build_negotiate_protocol_version(0, protocol_options))
-        if pool.parameters is not None:
-            self._welcome(pool.parameters)
-        else:
-            asyncio.get_running_loop().create_task(self._welcome_when_pool_ready())
 
     async def _welcome_when_pool_ready(self) -> None:
         try:
-            parameters = await self.pool.ensure_parameters()
+            await self.pool.ensure_parameters()
         except PoolerError as exc:
             self.fail(exc)
             return
         if not self.closed:
-            self._welcome(parameters)
+            self._welcome()
 
-    def _welcome(self, parameters: Mapping[str, str]) -> None:
-        settings = self.registry.settings
+    def _welcome(self, last_reply: bytes = b"") -> None:
         pool = self.pool
+        traffic = self.traffic = pool.stats.for_application(self.application_name)
+        traffic.logins += 1
+        traffic.login.observe(time.monotonic_ns() - self.connected_ns)
+        settings = self.registry.settings
         startup = self.startup
-        assert startup is not None
+        parameters = pool.parameters
+        assert startup is not None and parameters is not None
         try:
             overrides, others = startup_settings(
-                startup.parameters,
-                {name.lower(): name for name in parameters},
-                settings.ignore_startup_parameters,
+                startup.parameters, pool.parameter_names(), settings.ignore_startup_parameters
             )
         except PoolerError as exc:
             self.fail(exc)
             return
         wanted = dict(parameters)
-        if "application_name" in parameters:
-            wanted["application_name"] = self.application_name
+        wanted["application_name"] = self.application_name
         # Values no server has accepted yet are applied once, waiting for the answer.
         apply_first = bool(others)
         for name, value in overrides.items():
@@ -652,15 +1070,25 @@ class ClientConnection(asyncio.Protocol):
                 verdicts=pool.verdicts,
             )
             self.frontend = self.rewriter
+        pool.clients.add(self)
         self.cancel_key = self.registry.new_cancel_key(self)
+        self.registry.logging_in.pop(self, None)
+        if any(name != "application_name" for name in overrides):
+            statuses = codec.AUTHENTICATION_OK + codec.build_parameter_statuses(self.parameters)
+        else:
+            statuses = pool.welcome_prefix() + codec.build_parameter_status(
+                "application_name", self.application_name
+            )
         self.transport.write(
-            codec.AUTHENTICATION_OK
-            + codec.build_parameter_statuses(self.parameters)
+            last_reply
+            + statuses
             + codec.build_backend_key_data(*self.cancel_key)
             + codec.READY_FOR_QUERY_IDLE
         )
         self.ready = True
-        if self.registry.settings.log_connections:
+        if settings.log_disconnections:
+            _ = self.peer  # read it while the socket is open, for the line at disconnection
+        if settings.log_connections:
             log.info(
                 "login: %s db=%s user=%s app=%s",
                 self.peer, self.database, self.user, self.application_name,
@@ -675,12 +1103,17 @@ class ClientConnection(asyncio.Protocol):
     def fail(self, exc: PoolerError) -> None:
         """Send `exc` as an ErrorResponse and close (all of pypooler's own errors are FATAL)."""
         if self.pool is not None:
-            self.pool.stats.errors[exc.reason] += 1
+            (self.traffic or self.pool.stats.for_application(self.application_name)).errors[
+                exc.reason
+            ] += 1
+        else:
+            self.registry.errors[exc.reason] += 1
         log.log(
-            logging.INFO if exc.reason in ("no_such_database",) else logging.WARNING,
-            "client %s db=%s user=%s app=%s: %s",
+            # A drain closes every client with "shutdown": one summary line says so instead.
+            _FAIL_LOG_LEVELS.get(exc.reason, logging.WARNING),
+            "client %s db=%s user=%s app=%s: %s%s",
             self.peer, self.database or "-", self.user or "-", self.application_name or "-",
-            exc.message,
+            exc.message, f" ({exc.log_detail})" if exc.log_detail else "",
         )
         if not self.closed and not self.transport.is_closing():
             self.transport.write(exc.to_error_response())

@@ -18,6 +18,10 @@
   `ValidationError` never escapes this module.
 - The database names `pgbouncer` and `pypooler` belong to the admin console.
 - A server password never appears in a repr, an error line or a chained traceback.
+- Settings that name a file take "" for "not set" (TOML has no null); a file that is set must
+  exist when the configuration is loaded. Checks that involve several settings (auth_type md5
+  needs somewhere to read passwords from, TLS needs a certificate) run after the schema's own and
+  are reported the same way, one line each.
 """
 
 from __future__ import annotations
@@ -47,18 +51,38 @@ from pydantic_settings import (
 __all__ = [
     "ADMIN_DATABASE_NAMES",
     "CONFIG_PATH_ENV",
+    "DEFAULT_AUTH_QUERY",
+    "RESTART_ONLY_SETTINGS",
+    "AuthType",
+    "ClientTlsMode",
     "ConfigError",
     "DatabaseConfig",
     "LogLevel",
     "PoolMode",
+    "ServerTlsMode",
     "SessionStatePolicy",
     "Settings",
+    "check_settings",
     "load_settings",
 ]
 
 PoolMode = Literal["session", "transaction", "statement"]
 SessionStatePolicy = Literal["log", "error", "pin"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+# How clients prove who they are. "plain" is PostgreSQL's "password" (cleartext); "hba" reads the
+# method per connection from auth_hba_file; "cert" takes the user from the client certificate.
+AuthType = Literal["trust", "plain", "md5", "scram-sha-256", "cert", "hba"]
+# Methods that check a password, hence need auth_file or auth_query.
+PASSWORD_AUTH_TYPES = frozenset({"plain", "md5", "scram-sha-256"})
+ClientTlsMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+ServerTlsMode = Literal["disable", "prefer", "require", "verify-ca", "verify-full"]
+
+# Reads the secret PostgreSQL itself would check; NULL once VALID UNTIL has passed, no row for a
+# role that cannot log in. Schema-qualified so a search_path cannot substitute other objects.
+DEFAULT_AUTH_QUERY = (
+    "SELECT rolname, CASE WHEN rolvaliduntil IS NULL OR rolvaliduntil > pg_catalog.now()"
+    " THEN rolpassword END FROM pg_catalog.pg_authid WHERE rolname = $1 AND rolcanlogin"
+)
 
 ENV_PREFIX = "PYPOOLER_"
 ENV_NESTED_DELIMITER = "__"
@@ -66,6 +90,11 @@ ENV_NESTED_DELIMITER = "__"
 CONFIG_PATH_ENV = "PYPOOLER_CONFIG"
 # A client asking for one of these databases reaches the admin console, never a server.
 ADMIN_DATABASE_NAMES = frozenset({"pgbouncer", "pypooler"})
+# Settings a RELOAD cannot change (they take effect at the next start): the listening sockets
+# and the logging set up at start.
+RESTART_ONLY_SETTINGS = frozenset(
+    {"listen_addr", "listen_port", "metrics_addr", "metrics_port", "log_level"}
+)
 
 MAX_PORT = 65535
 
@@ -113,6 +142,8 @@ class DatabaseConfig(BaseModel):
     pool_size: int | None = Field(default=None, ge=1)
     # None means Settings.pool_mode.
     pool_mode: PoolMode | None = None
+    # None means Settings.auth_type.
+    auth_type: AuthType | None = None
 
 
 class Settings(BaseSettings):
@@ -146,6 +177,9 @@ class Settings(BaseSettings):
     server_idle_timeout: float = Field(default=600.0, ge=0, allow_inf_nan=False)
     # Close servers older than this many seconds when they are released; 0 keeps them.
     server_lifetime: float = Field(default=3600.0, ge=0, allow_inf_nan=False)
+    # SIGTERM: seconds running transactions get to finish before every connection is closed
+    # (SIGINT allows at most FAST_DRAIN_S of it); 0 closes at once.
+    shutdown_drain_timeout: float = Field(default=20.0, ge=0, allow_inf_nan=False)
     tcp_keepalive: bool = True
     # Protocol-level named prepared statements kept per server in transaction and statement
     # mode (least recently used ones are closed beyond it); 0 passes them through untracked.
@@ -160,6 +194,53 @@ class Settings(BaseSettings):
     log_connections: bool = True
     log_disconnections: bool = True
     log_level: LogLevel = "INFO"
+
+    # Client authentication. A path of "" means not set.
+    auth_type: AuthType = "trust"
+    auth_file: str = ""  # PgBouncer's userlist.txt format: "user" "secret" per line
+    auth_hba_file: str = ""  # pg_hba.conf-style rules, for auth_type = "hba"
+    auth_user: str = ""  # runs auth_query for users missing from auth_file; "" disables it
+    auth_query: str = DEFAULT_AUTH_QUERY
+    # Seconds an auth_query answer (found or not) is reused; 0 asks every time.
+    auth_cache_seconds: float = Field(default=5.0, ge=0, allow_inf_nan=False)
+    # Seconds a client may take from connecting to being logged in; 0 waits forever.
+    client_login_timeout: float = Field(default=60.0, ge=0, allow_inf_nan=False)
+
+    # TLS between clients and pypooler.
+    client_tls_sslmode: ClientTlsMode = "disable"
+    client_tls_cert_file: str = ""
+    client_tls_key_file: str = ""
+    client_tls_ca_file: str = ""  # verifies client certificates (verify-ca, verify-full, cert)
+    # TLS between pypooler and PostgreSQL.
+    server_tls_sslmode: ServerTlsMode = "prefer"
+    server_tls_ca_file: str = ""  # "" trusts the system's CA store for verify-ca / verify-full
+    server_tls_cert_file: str = ""  # client certificate presented to servers, optional
+    server_tls_key_file: str = ""
+
+    # --- Observability: stats, Prometheus, admin console, advisor, hog detection.
+    # Seconds between stats snapshots; averages, rates and SHOW ADVICE cover the last period.
+    stats_period: float = Field(default=60.0, gt=0, allow_inf_nan=False)
+    # application_name values tracked per pool; later names are counted as "other".
+    stats_max_applications: int = Field(default=20, ge=1)
+    # Statement fingerprints tracked per pool; later ones are counted as "other".
+    stats_max_statements: int = Field(default=100, ge=1)
+    # Prometheus /metrics, /healthz, /readyz; port 0 picks a free port, None turns HTTP off.
+    metrics_addr: str = Field(default="127.0.0.1", min_length=1)
+    metrics_port: int | None = Field(default=9127, ge=0, le=MAX_PORT)
+    # Users allowed in the admin console (database "pgbouncer" or "pypooler").
+    admin_users: list[str] = Field(default_factory=lambda: ["postgres"])
+    # Users allowed to run SHOW commands only.
+    stats_users: list[str] = Field(default_factory=list)
+    # Log a warning when a held server sits idle in a transaction longer than this; 0: never.
+    hold_warn_ms: float = Field(default=1000.0, ge=0, allow_inf_nan=False)
+    # Log the top holders when a client waited longer than this for a server; 0: never.
+    wait_warn_ms: float = Field(default=1000.0, ge=0, allow_inf_nan=False)
+    # Close a client idle inside a transaction longer than this many seconds; 0: never.
+    idle_transaction_timeout: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    # Instances of this pooler (or of the app's own pools) sharing the same servers, for the
+    # max_connections check: pool bounds x expected_instances must fit the server.
+    expected_instances: int = Field(default=1, ge=1)
+
     databases: dict[DatabaseName, DatabaseConfig] = Field(default_factory=dict)
 
     @field_validator("log_level", mode="before")
@@ -333,7 +414,7 @@ def load_settings(
     plan = _LoadPlan(environ=environ, toml_file=None if path is None else Path(path))
     token = _load_plan.set(plan)
     try:
-        return Settings(**given)
+        settings = Settings(**given)
     except ValidationError as exc:
         # from None: the ValidationError's own text would show rejected inputs, passwords too.
         raise ConfigError([_describe_error(error) for error in exc.errors()]) from None
@@ -342,6 +423,72 @@ def load_settings(
         raise ConfigError([f"environment: {_describe_settings_error(exc)}"]) from None
     finally:
         _load_plan.reset(token)
+    problems = check_settings(settings)
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def check_settings(settings: Settings) -> list[str]:
+    """Problems that involve several settings or the file system, one line each."""
+    problems: list[str] = []
+    auth_types = {("auth_type", settings.auth_type)} | {
+        (f"databases.{_dotted((name,))}.auth_type", db.auth_type)
+        for name, db in settings.databases.items()
+        if db.auth_type is not None
+    }
+    for where, auth_type in sorted(auth_types):
+        if auth_type in PASSWORD_AUTH_TYPES and not settings.auth_file and not settings.auth_user:
+            problems.append(
+                f"{where}: {auth_type} needs auth_file or auth_user (auth_query) to find passwords"
+            )
+        if auth_type == "hba" and not settings.auth_hba_file:
+            problems.append(f"{where}: hba needs auth_hba_file")
+        if auth_type == "cert" and not settings.client_tls_ca_file:
+            problems.append(f"{where}: cert needs client_tls_ca_file to verify client certificates")
+        if auth_type == "cert" and settings.client_tls_sslmode == "disable":
+            problems.append(f"{where}: cert needs TLS (client_tls_sslmode is disable)")
+    if settings.auth_user and not settings.auth_query.strip():
+        problems.append("auth_query: must not be empty when auth_user is set")
+    mode = settings.client_tls_sslmode
+    if mode != "disable":
+        for name in ("client_tls_cert_file", "client_tls_key_file"):
+            if not getattr(settings, name):
+                problems.append(f"{name}: is required when client_tls_sslmode is {mode}")
+    if mode in ("verify-ca", "verify-full") and not settings.client_tls_ca_file:
+        problems.append(f"client_tls_ca_file: is required when client_tls_sslmode is {mode}")
+    if bool(settings.server_tls_cert_file) != bool(settings.server_tls_key_file):
+        problems.append("server_tls_cert_file and server_tls_key_file: set both or neither")
+    for name in _FILE_SETTINGS:
+        path = getattr(settings, name)
+        if path:
+            problem = _file_problem(Path(path))
+            if problem:
+                problems.append(f"{name}: {path}: {problem}")
+    return problems
+
+
+_FILE_SETTINGS = (
+    "auth_file",
+    "auth_hba_file",
+    "client_tls_cert_file",
+    "client_tls_key_file",
+    "client_tls_ca_file",
+    "server_tls_ca_file",
+    "server_tls_cert_file",
+    "server_tls_key_file",
+)
+
+
+def _file_problem(path: Path) -> str | None:
+    try:
+        if not path.expanduser().is_file():
+            return "not found" if not path.expanduser().exists() else "not a regular file"
+        with path.expanduser().open("rb"):
+            pass
+    except OSError as exc:
+        return f"cannot read ({exc.strerror or exc})"
+    return None
 
 
 # pydantic-settings says: error parsing value for field "databases" from source "...".

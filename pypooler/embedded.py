@@ -14,6 +14,9 @@ Rules this module keeps:
   as whoever we are: they never touch the data directory.
 - Subprocesses get a clean environment: no inherited PG* variables, no ~/.psqlrc, no
   ~/.pgpass, no password prompts, C locale (so server messages can be matched in English).
+- TLS is optional (`ssl_cert_file`/`ssl_key_file`, optionally `ssl_ca_file`): the files are copied
+  into the cluster's directory, owned by the user the server runs as with mode 0600, because
+  PostgreSQL refuses a key readable by others and `nobody` cannot read the caller's copies.
 - A start that fails leaves no postmaster running; a started cluster is stopped at interpreter
   exit if its owner forgot, but only by the process that started it (not by forked children).
 """
@@ -180,7 +183,8 @@ def _hba_name(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _port_is_free(port: int) -> bool:
+def port_is_free(port: int) -> bool:
+    """Nothing listens on 127.0.0.1:port (bench/ uses this too)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         try:
             probe.bind((LOOPBACK, port))
@@ -189,12 +193,13 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
-def _random_free_port() -> int:
+def random_free_port() -> int:
+    """A free loopback port below the ephemeral range (bench/ uses this too)."""
     # SystemRandom-backed: forked test workers must not share a PRNG state and pick alike.
     low, high = _PORT_RANGE
     for _ in range(100):
         port = low + secrets.randbelow(high - low)
-        if _port_is_free(port):
+        if port_is_free(port):
             return port
     raise EmbeddedPostgresError(f"no free port on {LOOPBACK} in [{low}, {high})")
 
@@ -228,7 +233,12 @@ class EmbeddedPostgres:
         port: int | None = None,
         extra_conf: Mapping[str, str] | None = None,
         base_dir: str | None = None,
+        ssl_cert_file: str | None = None,
+        ssl_key_file: str | None = None,
+        ssl_ca_file: str | None = None,
     ) -> None:
+        if (ssl_cert_file is None) != (ssl_key_file is None):
+            raise ValueError("give both ssl_cert_file and ssl_key_file, or neither")
         if max_connections < 2:
             raise ValueError("max_connections must be at least 2")
         names = [role.name for role in roles]
@@ -237,6 +247,12 @@ class EmbeddedPostgres:
         self.max_connections = max_connections
         self.roles: dict[str, Role] = {role.name: role for role in roles}
         self.extra_conf: dict[str, str] = dict(extra_conf or {})
+        # name in the cluster directory -> source file
+        self._tls_files: dict[str, str] = {}
+        if ssl_cert_file is not None and ssl_key_file is not None:
+            self._tls_files = {"server.crt": ssl_cert_file, "server.key": ssl_key_file}
+            if ssl_ca_file is not None:
+                self._tls_files["root.crt"] = ssl_ca_file
         self.base_dir = base_dir
         self.host = LOOPBACK
         self.superuser = SUPERUSER
@@ -270,6 +286,7 @@ class EmbeddedPostgres:
         try:
             self._make_dir()
             self._initdb()
+            self._install_tls_files()
             self._write_hba()
             self._start_postmaster()
             self._owner_pid = os.getpid()
@@ -490,6 +507,12 @@ class EmbeddedPostgres:
             "log_line_prefix": "%m [%p] %q%u@%d ",
             "lc_messages": "C",
         }
+        if self._tls_files:
+            settings["ssl"] = "on"
+            settings["ssl_cert_file"] = os.path.join(self.tmp_dir, "server.crt")
+            settings["ssl_key_file"] = os.path.join(self.tmp_dir, "server.key")
+            if "root.crt" in self._tls_files:
+                settings["ssl_ca_file"] = os.path.join(self.tmp_dir, "root.crt")
         settings.update(self.extra_conf)
         lines = [f"{key} = {_quote_literal(value)}" for key, value in settings.items()]
         # A separate include file, rewritten on every attempt (the port changes on retry).
@@ -500,6 +523,11 @@ class EmbeddedPostgres:
         include = "include 'pypooler.conf'\n"
         if include not in text:
             self._write_owned(main_conf, text + "\n" + include)
+
+    def _install_tls_files(self) -> None:
+        for name, source in self._tls_files.items():
+            with open(source, encoding="ascii") as pem:
+                self._write_owned(os.path.join(self.tmp_dir, name), pem.read())
 
     def _write_hba(self) -> None:
         lines = [
@@ -518,7 +546,7 @@ class EmbeddedPostgres:
         attempts = 1 if self._fixed_port is not None else _START_ATTEMPTS
         for attempt in range(1, attempts + 1):
             self.port = (
-                self._fixed_port if self._fixed_port is not None else _random_free_port()
+                self._fixed_port if self._fixed_port is not None else random_free_port()
             )
             self._write_conf(self.port)
             log_size = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0

@@ -24,6 +24,8 @@ class PoolerError(Exception):
         self.message = message
         self.detail = detail
         self.hint = hint
+        # Said in pypooler's log, never to the client (e.g. why a password check failed).
+        self.log_detail: str | None = None
 
     def to_error_response(self) -> bytes:
         from pypooler.protocol.codec import build_error_response
@@ -57,6 +59,11 @@ class TooManyClients(PoolerError):
 class QueryWaitTimeout(PoolerError):
     sqlstate = SQLState.CONNECTION_FAILURE
     reason = "query_wait_timeout"
+
+
+class IdleTransactionTimeout(PoolerError):
+    sqlstate = "25P03"  # idle_in_transaction_session_timeout, as PostgreSQL's own
+    reason = "idle_transaction_timeout"
 
 
 class ServerConnectFailed(PoolerError):
@@ -156,3 +163,97 @@ class StartupParameterRejected(PoolerError):
 class ShuttingDown(PoolerError):
     sqlstate = SQLState.ADMIN_SHUTDOWN
     reason = "shutdown"
+
+
+class PasswordAuthFailed(PoolerError):
+    """Wrong password, unknown user, or no usable secret: one message for all three, so a client
+    cannot tell which (no user enumeration)."""
+
+    sqlstate = SQLState.INVALID_PASSWORD
+    reason = "auth_failed"
+
+    @classmethod
+    def for_user(cls, user: str, why: str) -> PasswordAuthFailed:
+        """PostgreSQL's wording; `why` goes to pypooler's log only."""
+        error = cls(f'password authentication failed for user "{user}"')
+        error.log_detail = why
+        return error
+
+
+class AuthRejected(PoolerError):
+    """The connection is not allowed at all: an hba `reject` or no matching hba line, plaintext
+    where TLS is required, a missing or wrong client certificate."""
+
+    sqlstate = SQLState.INVALID_AUTHORIZATION
+    reason = "auth_rejected"
+
+
+class ChannelBindingError(AuthRejected):
+    """SCRAM channel binding negotiation or check failed."""
+
+    reason = "channel_binding"
+
+
+class ClientLoginTimeout(PoolerError):
+    """The client did not finish startup and authentication within client_login_timeout."""
+
+    # PostgreSQL reports its authentication_timeout with this code too.
+    sqlstate = SQLState.QUERY_CANCELED
+    reason = "client_login_timeout"
+
+
+class AuthLookupFailed(ServerConnectFailed):
+    """auth_query could not be run (its server is down or the query failed)."""
+
+    reason = "auth_query_failed"
+
+
+class KilledByAdmin(PoolerError):
+    """KILL on the admin console ended this client's database."""
+
+    sqlstate = SQLState.ADMIN_SHUTDOWN
+    reason = "admin_kill"
+
+
+class DatabaseDisabled(PoolerError):
+    """DISABLE on the admin console: the database refuses new logins."""
+
+    # PostgreSQL's own code for a database that does not allow connections (datallowconn).
+    sqlstate = SQLState.OBJECT_NOT_IN_PREREQUISITE_STATE
+    reason = "database_disabled"
+
+
+class AdminNotAllowed(PoolerError):
+    """A user in neither admin_users nor stats_users asked for the admin console."""
+
+    sqlstate = SQLState.INVALID_AUTHORIZATION
+    reason = "admin_not_allowed"
+
+
+class AdminCommandError(PoolerError):
+    """A console command that cannot run; the console session goes on."""
+
+    severity = "ERROR"
+    sqlstate = SQLState.SYNTAX_ERROR
+    reason = "admin_command"
+
+
+class AdminPermissionDenied(AdminCommandError):
+    """A stats_users member asked for more than SHOW."""
+
+    sqlstate = SQLState.INSUFFICIENT_PRIVILEGE
+    reason = "admin_permission"
+
+
+class AdminUnsupported(AdminCommandError):
+    """Extended query protocol (or anything else but a simple Query) on the console."""
+
+    sqlstate = SQLState.FEATURE_NOT_SUPPORTED
+    reason = "admin_unsupported"
+
+
+class AdminInvalidValue(AdminCommandError):
+    """A command naming an unknown database, or a RELOAD of a bad configuration."""
+
+    sqlstate = SQLState.INVALID_PARAMETER_VALUE
+    reason = "admin_invalid_value"

@@ -14,30 +14,102 @@ Rules:
   the cancel must never reach the next borrower's query.
 - In transaction and statement mode each server gets a `RewritingBackend` and a bounded
   `ServerStatements`; the pool's `StatementRegistry` names statements for all its servers.
+- A waiter is anything with `waiting`, `wait_started_ns`, `link` and `fail`: a ClientConnection,
+  or a `Borrower` when pypooler needs a server for itself (auth_query).
+- Admin states cost the hot path one attribute test: `release` looks closer only when `draining`
+  is set (PAUSE: every server is closed as it comes back; RECONNECT/RELOAD: servers marked
+  `close_needed` are). While paused the idle list is kept empty, so `checkout` needs no test at
+  all: it queues, and `_open_servers_for_waiters` opens nothing until RESUME.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 from pypooler.config import DatabaseConfig, PoolMode, Settings
-from pypooler.errors import PoolerError, QueryWaitTimeout, ServerConnectFailed, ShuttingDown
+from pypooler.errors import (
+    AuthLookupFailed,
+    IdleTransactionTimeout,
+    PoolerError,
+    QueryWaitTimeout,
+    ServerConnectFailed,
+    ShuttingDown,
+)
 from pypooler.prepared import ServerStatements, StatementRegistry
+from pypooler.protocol import codec
+from pypooler.protocol.scram import Secret
+from pypooler.protocol.transaction import BackendStream
 from pypooler.rewriting import RewritingBackend
 from pypooler.server import ServerConnection, ServerLogin, intern_parameters, open_server_connection
 from pypooler.session_parameters import READ_ONLY
-from pypooler.stats import PoolStats
+from pypooler.stats import STATEMENT_EXACT_PER_PASS, PoolStats, Snapshot
+from pypooler.tls import server_ssl_context
 
 if TYPE_CHECKING:
     from pypooler.client import ClientConnection
 
 log = logging.getLogger("pypooler.pool")
 
+
+class Waiter(Protocol):
+    """Who may queue for a server: `link` hands one over, `fail` says none will come."""
+
+    waiting: bool
+    wait_started_ns: int
+
+    @property
+    def peer(self) -> str: ...  # for log lines about waits
+
+    @property
+    def application_name(self) -> str: ...
+
+    def link(self, server: ServerConnection) -> None: ...
+
+    def fail(self, exc: PoolerError) -> None: ...
+
+
+class Borrower:
+    """A waiter for pypooler's own use of a server (auth_query): resolves a future."""
+
+    __slots__ = ("future", "pool", "wait_started_ns", "waiting")
+    peer = "pypooler"
+    application_name = "auth_query"
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.future: asyncio.Future[ServerConnection] = asyncio.get_running_loop().create_future()
+        self.waiting = False
+        self.wait_started_ns = 0
+
+    def link(self, server: ServerConnection) -> None:
+        if self.future.done():  # the borrower gave up in the meantime
+            self.pool.release(server)
+        else:
+            self.future.set_result(server)
+
+    def fail(self, exc: PoolerError) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
 NS_PER_S = 1_000_000_000
+SHUTDOWN_POLL_S = 0.005
+# Stats snapshots kept per pool: the latest two bound the last complete stats_period.
+SNAPSHOTS_KEPT = 2
+
+
+def shutdown_refused() -> ShuttingDown:
+    """What a client that wants a new transaction during a drain is told (SQLSTATE 57P01,
+    which drivers and pools take as "reconnect")."""
+    return ShuttingDown(
+        "pypooler is shutting down: no new transactions are started",
+        hint="reconnect; this pooler is draining",
+    )
 
 
 class Pool:
@@ -60,7 +132,7 @@ class Pool:
         self.idle: list[ServerConnection] = []
         self.servers: set[ServerConnection] = set()  # every logged-in server, idle or lent
         self.connecting = 0
-        self.waiters: deque[ClientConnection] = deque()
+        self.waiters: deque[Waiter] = deque()
         self.waiting = 0  # waiters still wanting a server (the deque may hold ones that left)
         self.parameters: dict[str, str] | None = None  # the first server's ParameterStatus set
         # Lower-case names of those parameters a session can change: a client's SET of one is
@@ -70,10 +142,27 @@ class Pool:
         self.statements = StatementRegistry()
         self.verdicts: dict[bytes, tuple[str, ...]] = {}  # see RewritingFrontend
         self._parameters_ready: asyncio.Future[None] | None = None
+        self._welcome: bytes | None = None  # built from `parameters` on first use
+        self._parameter_names: dict[str, str] | None = None
         self.last_connect_error: PoolerError | None = None
         self._retry_at_ns = 0  # no new server connects before this (server_login_retry)
-        self.stats = PoolStats()
+        self.stats = PoolStats(
+            max_applications=settings.stats_max_applications,
+            max_statements=settings.stats_max_statements,
+        )
+        self.clients: set[ClientConnection] = set()  # welcomed clients of this pool
+        self._last_wait_warning_ns = 0
         self.closed = False
+        # In-flight connects and the servers close() closed: what PoolManager.wait_closed() ends.
+        self._opening: set[asyncio.Task[None]] = set()
+        self._closing: list[ServerConnection] = []
+        # Admin console and shutdown states (see the module rules): PAUSE/KILL set `paused` until
+        # RESUME; `draining` tells `release` to look for servers to close instead of lending them.
+        self.paused = False
+        self.draining = False
+        self._resumed: asyncio.Future[None] | None = None  # logins waiting for RESUME
+        # Taken every stats_period; [0] starts the window that averages and advice cover.
+        self.snapshots: list[Snapshot] = [Snapshot(self.stats)]
 
     def __repr__(self) -> str:
         return f"<Pool {self.database}/{self.user} {self.lent}/{self.size} lent, {self.waiting} waiting>"
@@ -84,10 +173,10 @@ class Pool:
 
     # ------------------------------------------------------------------ lending
 
-    def checkout(self, client: ClientConnection) -> ServerConnection | None:
+    def checkout(self, client: Waiter) -> ServerConnection | None:
         """An idle server now, or None with the client queued (it will get `link` called)."""
         if self.closed:
-            raise ShuttingDown("pypooler is shutting down")
+            raise shutdown_refused()
         idle = self.idle
         while idle:
             server = idle.pop()
@@ -107,6 +196,8 @@ class Pool:
         if server.cancels:
             server.release_after_cancel = True  # see the module rules; send_cancel releases it
             return
+        if self.draining and self._retire(server):
+            return
         lifetime = self.settings.server_lifetime
         if lifetime and time.monotonic_ns() - server.created_ns > lifetime * NS_PER_S:
             server.close()
@@ -117,14 +208,25 @@ class Pool:
             if client.waiting:
                 client.waiting = False
                 self.waiting -= 1
-                self.stats.wait_count += 1
-                self.stats.total_wait_ns += time.monotonic_ns() - client.wait_started_ns
                 client.link(server)
                 return
         server.last_used_ns = time.monotonic_ns()
         self.idle.append(server)
 
-    def cancel_wait(self, client: ClientConnection) -> None:
+    async def borrow(self) -> ServerConnection:
+        """A server for pypooler itself, waiting in line like a client; give it back with
+        `release` (clean) or `close` it."""
+        borrower = Borrower(self)
+        server = self.checkout(borrower)
+        if server is not None:
+            return server
+        try:
+            return await borrower.future
+        except asyncio.CancelledError:
+            self.cancel_wait(borrower)
+            raise
+
+    def cancel_wait(self, client: Waiter) -> None:
         if client.waiting:
             client.waiting = False
             self.waiting -= 1
@@ -142,18 +244,24 @@ class Pool:
     # ------------------------------------------------------------------ opening servers
 
     def _open_servers_for_waiters(self) -> None:
-        if self.closed or (self._retry_at_ns and time.monotonic_ns() < self._retry_at_ns):
+        if self.closed or self.paused or (self._retry_at_ns and time.monotonic_ns() < self._retry_at_ns):
             return
         wanted = self.waiting - self.connecting
         room = self.size - len(self.servers) - self.connecting
         for _ in range(min(wanted, room)):
             self.connecting += 1
-            asyncio.get_running_loop().create_task(self._open_server())
+            self._spawn_open_server()
+
+    def _spawn_open_server(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._open_server())
+        self._opening.add(task)
+        task.add_done_callback(self._opening.discard)
 
     async def _open_server(self) -> None:
         started = time.monotonic_ns()
+        login = self.login
         try:
-            server = await open_server_connection(self.login, self.settings.server_connect_timeout)
+            server = await open_server_connection(login, self.settings.server_connect_timeout)
         except PoolerError as exc:
             self.connecting -= 1
             self._connect_failed(exc)
@@ -163,18 +271,18 @@ class Pool:
             raise
         self.connecting -= 1
         self.stats.server_connects += 1
-        self.stats.server_connect_ns += time.monotonic_ns() - started
+        self.stats.server_connect.observe(time.monotonic_ns() - started)
         self.last_connect_error = None
-        if self.closed or server.closed:
+        if self.closed or server.closed or login is not self.login:
+            # The pool closed, the server died, or RELOAD changed the address meanwhile.
             server.close()
+            self._open_servers_for_waiters()
             return
         self.servers.add(server)
         server.on_close = self.server_closed
         server.parameters = intern_parameters(server.parameters)
         if self.rewriting:
-            server.backend = RewritingBackend(server.parameter_status)
-            if self.settings.max_prepared_statements:
-                server.statements = ServerStatements(self.statements, self.settings.max_prepared_statements)
+            self.fit_stream(server, rewriting=True)
         if self.parameters is None:
             self.parameters = server.parameters
             self.tracked = frozenset(
@@ -183,6 +291,19 @@ class Pool:
             if self._parameters_ready is not None and not self._parameters_ready.done():
                 self._parameters_ready.set_result(None)
         self.release(server)
+
+    def fit_stream(self, server: ServerConnection, *, rewriting: bool) -> None:
+        """Give an idle server the stream its next client speaks: a `RewritingBackend` and a
+        statement LRU for transaction and statement mode, the plain tracker for session mode.
+        A RELOAD that moves a pool across that line leaves clients of both kinds for a while."""
+        server.rewriting = rewriting
+        if rewriting:
+            server.backend = RewritingBackend(server.parameter_status)
+            size = self.settings.max_prepared_statements
+            server.statements = ServerStatements(self.statements, size) if size else None
+        else:
+            server.backend = BackendStream()
+            server.statements = None
 
     def _connect_failed(self, exc: PoolerError) -> None:
         self.last_connect_error = exc
@@ -212,15 +333,37 @@ class Pool:
         self._retry_at_ns = 0
         self._open_servers_for_waiters()
 
+    def welcome_prefix(self) -> bytes:
+        """AuthenticationOk and the ParameterStatus set minus application_name, built once."""
+        if self._welcome is None:
+            parameters = self.parameters or {}
+            self._welcome = codec.AUTHENTICATION_OK + codec.build_parameter_statuses(
+                {k: v for k, v in parameters.items() if k != "application_name"}
+            )
+        return self._welcome
+
+    def parameter_names(self) -> dict[str, str]:
+        """Lower-case names of the reported parameters, mapped to their spelling (for startup
+        parameters such as `datestyle=ISO`), built once."""
+        names = self._parameter_names
+        if names is None:
+            names = self._parameter_names = {name.lower(): name for name in self.parameters or {}}
+        return names
+
     async def ensure_parameters(self) -> dict[str, str]:
         """The server ParameterStatus set new clients are welcomed with (opens a server if needed)."""
         while self.parameters is None:
+            if self.paused:  # PgBouncer's rule: logins to a paused database wait for RESUME
+                if self._resumed is None:
+                    self._resumed = asyncio.get_running_loop().create_future()
+                await asyncio.shield(self._resumed)
+                continue
             if self._parameters_ready is None:
                 self._parameters_ready = asyncio.get_running_loop().create_future()
                 if len(self.servers) + self.connecting >= self.size:
                     raise ServerConnectFailed("pool is full but has no server parameters yet")
                 self.connecting += 1
-                asyncio.get_running_loop().create_task(self._open_server())
+                self._spawn_open_server()
             await asyncio.shield(self._parameters_ready)
         return self.parameters
 
@@ -228,6 +371,7 @@ class Pool:
 
     def expire(self, now_ns: int) -> None:
         """Time out waiters past query_wait_timeout and close servers idle too long."""
+        self.stats.statement_budget = STATEMENT_EXACT_PER_PASS
         timeout = self.settings.query_wait_timeout
         if timeout and self.waiting:
             limit = now_ns - int(timeout * NS_PER_S)
@@ -237,14 +381,21 @@ class Pool:
                 if client.waiting:
                     client.waiting = False
                     self.waiting -= 1
+                    self.warn_wait(client, now_ns - client.wait_started_ns, timed_out=True)
                     client.fail(
                         QueryWaitTimeout(
                             f"query_wait_timeout: no server connection for {self.database}/"
                             f"{self.user} became free within {timeout:g} s",
-                            detail=f"pool_size {self.size}: all {self.lent} servers were busy",
-                            hint="transactions hold servers too long, or pool_size is too small",
+                            detail="the database is paused (PAUSE or KILL on the admin console)"
+                            if self.paused
+                            else f"pool_size {self.size}: all {self.lent} servers were busy",
+                            hint="RESUME it on the admin console"
+                            if self.paused
+                            else "transactions hold servers too long, or pool_size is too small",
                         )
                     )
+        if self.lent and (self.settings.hold_warn_ms or self.settings.idle_transaction_timeout):
+            self._watch_holders(now_ns)
         idle_timeout = self.settings.server_idle_timeout
         if idle_timeout and self.idle:
             limit = now_ns - int(idle_timeout * NS_PER_S)
@@ -252,9 +403,66 @@ class Pool:
             while self.idle and self.idle[0].last_used_ns <= limit:
                 self.idle.pop(0).close()
 
+    def holders(self, now_ns: int) -> list[ClientConnection]:
+        """Clients holding a server right now, longest hold first."""
+        clients = [s.client for s in self.servers if s.client is not None]
+        return sorted(clients, key=lambda c: c.lent_ns)
+
+    def _watch_holders(self, now_ns: int) -> None:
+        """Hog detection: warn about, or end, clients that sit idle inside a transaction."""
+        warn_ns = self.settings.hold_warn_ms * 1e6
+        timeout_ns = self.settings.idle_transaction_timeout * NS_PER_S
+        for client in self.holders(now_ns):
+            if not (client.idle_since_ns and client.idle_in_xact):
+                continue
+            idle = now_ns - client.idle_since_ns
+            if timeout_ns and idle > timeout_ns:
+                client.fail(
+                    IdleTransactionTimeout(
+                        "terminating connection due to idle_transaction_timeout: idle in a"
+                        f" transaction for {idle / 1e9:.1f} s while holding a server",
+                        hint="commit or roll back before doing non-database work",
+                    )
+                )
+            elif warn_ns and idle > warn_ns and not client.hog_warned:
+                client.hog_warned = True
+                log.warning(
+                    "pool %s/%s: %s has held a server idle in transaction for %.0f ms",
+                    self.database, self.user, describe_holder(client, now_ns), idle / 1e6,
+                )
+
+    def warn_wait(self, client: Waiter, waited_ns: int, *, timed_out: bool = False) -> None:
+        """Say why a client waited: name the top holders (at most one line a second per pool)."""
+        now = time.monotonic_ns()
+        if not timed_out and now - self._last_wait_warning_ns < NS_PER_S:
+            return
+        self._last_wait_warning_ns = now
+        holders = self.holders(now)
+        log.warning(
+            "pool %s/%s: client %s app=%s %s %.0f ms for a server (pool_size %d, %d waiting);"
+            " top holders: %s",
+            self.database, self.user, client.peer, client.application_name or "-",
+            "gave up after" if timed_out else "waited", waited_ns / 1e6, self.size, self.waiting,
+            "; ".join(describe_holder(c, now) for c in holders[:3]) or "none",
+        )
+
+    def drain(self) -> None:
+        """Shutdown, first step: refuse new transactions (waiters now, checkouts from here
+        on) and close idle servers; lent servers are closed as their transactions end."""
+        self.closed = self.draining = True
+        while self.idle:
+            self.idle.pop().close()
+        while self.waiters:
+            client = self.waiters.popleft()
+            if client.waiting:
+                client.waiting = False
+                self.waiting -= 1
+                client.fail(shutdown_refused())
+
     def close(self) -> None:
         self.closed = True
-        for server in list(self.servers):
+        self._closing = list(self.servers)
+        for server in self._closing:
             server.close()
         while self.waiters:
             client = self.waiters.popleft()
@@ -263,13 +471,152 @@ class Pool:
                 self.waiting -= 1
                 client.fail(ShuttingDown("pypooler is shutting down"))
 
+    # ------------------------------------------------------------------ admin console
+
+    def pause(self) -> None:
+        """Lend nothing more; close idle servers now and lent ones as they are released."""
+        self.paused = self.draining = True
+        while self.idle:
+            self.idle.pop().close()
+
+    def resume(self) -> None:
+        self.paused = False
+        self._update_draining()
+        resumed = self._resumed
+        if resumed is not None:
+            self._resumed = None
+            resumed.set_result(None)
+        self._open_servers_for_waiters()
+
+    @property
+    def drained(self) -> bool:
+        """No server open or connecting: what PAUSE waits for."""
+        return not self.servers and not self.connecting
+
+    def reconnect(self) -> None:
+        """Close every server: idle ones now, lent ones when released (new ones open as needed)."""
+        for server in self.servers:
+            server.close_needed = True
+        self.draining = True
+        for server in list(self.idle):
+            server.close()
+        self._update_draining()
+
+    @property
+    def close_pending(self) -> bool:
+        """Some server is marked close_needed and not closed yet: what WAIT_CLOSE waits for."""
+        return any(server.close_needed for server in self.servers)
+
+    def kill(self, error: PoolerError) -> None:
+        """KILL: end every client with `error` and close every server; the pool stays paused."""
+        self.pause()
+        for client in list(self.clients):
+            client.fail(error)  # a linked client's server is closed as the client goes
+        for server in list(self.servers):
+            server.close()
+
+    def reconfigure(self, login: ServerLogin, *, size: int, mode: PoolMode, settings: Settings) -> None:
+        """RELOAD: take a new server address, bound, mode and settings.
+
+        Servers logged in with the old address or beyond the new bound are closed when released
+        (idle ones at once); a larger bound serves the waiters at once.
+        """
+        self.settings = settings
+        self.stats.max_applications = settings.stats_max_applications
+        self.stats.max_statements = settings.stats_max_statements
+        self.mode = mode
+        if (mode != "session") is not self.rewriting:
+            # New clients get the other kind of stream; servers are refitted when lent.
+            self.rewriting = mode != "session"
+        if _login_key(login) != _login_key(self.login):
+            self.login = login
+            for server in self.servers:
+                server.close_needed = True
+        else:
+            # Same server and configured secret: keep what clients taught the login (a
+            # password, a SCRAM ClientKey), take a TLS context rebuilt from the files.
+            self.login.ssl_context = login.ssl_context
+        self.size = size
+        excess = len(self.servers) - size
+        if excess > 0:
+            # Idle ones first (the coldest, at the front); then lent ones when released.
+            for server in self.idle[:excess]:
+                server.close_needed = True
+            excess -= min(excess, len(self.idle))
+            for server in self.servers:
+                if excess <= 0:
+                    break
+                if not server.close_needed:
+                    server.close_needed = True
+                    excess -= 1
+        if any(server.close_needed for server in self.servers):
+            self.draining = True
+            for server in [s for s in self.idle if s.close_needed]:
+                server.close()
+        self._open_servers_for_waiters()
+
+    def _retire(self, server: ServerConnection) -> bool:
+        """Close a released server that must not be lent again; False if it may be."""
+        if not (self.paused or self.closed or server.close_needed):
+            self._update_draining()  # what needed closing went away by itself
+            return False
+        server.close()  # server_closed() forgets it and may open a replacement for waiters
+        self._update_draining()
+        return True
+
+    def _update_draining(self) -> None:
+        self.draining = self.paused or self.closed or self.close_pending
+
+    def take_snapshot(self) -> None:
+        self.snapshots.append(Snapshot(self.stats))
+        del self.snapshots[:-SNAPSHOTS_KEPT]
+
+
+def _login_key(login: ServerLogin) -> tuple[object, ...]:
+    return login.config_key()
+
+
+def describe_holder(client: ClientConnection, now_ns: int) -> str:
+    """One holder for a log line: who, for how long, doing what."""
+    held_ms = (now_ns - client.lent_ns) / 1e6
+    if client.idle_since_ns and client.idle_in_xact:
+        state = f"idle in transaction {(now_ns - client.idle_since_ns) / 1e6:.0f} ms"
+    elif client.idle_since_ns:
+        state = "idle"
+    else:
+        state = "active"
+    statement = client.frontend.last_statement[:80].decode("utf-8", "replace")
+    return (
+        f"{client.peer} app={client.application_name or '-'} held {held_ms:.0f} ms, {state},"
+        f" last statement: {statement!r}"
+    )
+
 
 class PoolManager:
-    """Finds or creates the pool for a (database, user) from the configuration."""
+    """Finds or creates the pool for a (database, user) from the configuration.
 
-    def __init__(self, settings: Settings) -> None:
+    `stored_secret(user)` (auth_file) supplies server login secrets that [databases] does not.
+
+    Also holds the admin console's per-database states, so a pool created later (a new user of
+    a paused database) starts in the same state: `paused_all` / `paused_databases` (PAUSE, KILL)
+    and `disabled` (DISABLE: new logins refused).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        stored_secret: Callable[[str], Secret | None] | None = None,
+        server_tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.settings = settings
         self.pools: dict[tuple[str, str], Pool] = {}
+        self.stored_secret = stored_secret
+        # Built once: loading CA files per connection would cost more than the login.
+        self.server_tls = server_tls if server_tls is not None else server_ssl_context(settings)
+        self.paused_all = False
+        self.paused_databases: set[str] = set()
+        self.disabled: set[str] = set()
 
     def database_config(self, database: str) -> tuple[str, DatabaseConfig] | None:
         """The [databases] entry serving `database`: its own, else the '*' fallback."""
@@ -285,12 +632,39 @@ class PoolManager:
         if found is None:
             return None
         entry, db = found
-        user = db.user or client_user
+        return self._pool(database, entry, db, db.user or client_user)
+
+    def auth_pool(self, database: str) -> Pool | None:
+        """The pool auth_query runs in: database `database`, logged in as auth_user."""
+        found = self.database_config(database)
+        if found is None or not self.settings.auth_user:
+            return None
+        entry, db = found
+        return self._pool(database, entry, db, self.settings.auth_user)
+
+    def _server_login(self, database: str, db: DatabaseConfig, user: str) -> ServerLogin:
+        # [databases] password belongs to the forced user (or to every user when none is forced).
+        password = db.password if db.user in (None, user) else None
+        secret = None
+        if password is None and self.stored_secret is not None:
+            secret = self.stored_secret(user)
+        settings = self.settings
+        return ServerLogin(
+            db.host,
+            db.port,
+            db.dbname or database,
+            user,
+            password,
+            secret=secret,
+            tls_mode=settings.server_tls_sslmode,
+            ssl_context=self.server_tls,
+        )
+
+    def _pool(self, database: str, entry: str, db: DatabaseConfig, user: str) -> Pool:
         key = (database, user)
         pool = self.pools.get(key)
         if pool is None:
-            dbname = db.dbname or database
-            login = ServerLogin(db.host, db.port, dbname, user, db.password)
+            login = self._server_login(database, db, user)
             pool = Pool(
                 database,
                 user,
@@ -299,9 +673,73 @@ class PoolManager:
                 mode=db.pool_mode or self.settings.pool_mode,
                 settings=self.settings,
             )
+            if self.is_paused(database):
+                pool.pause()
             self.pools[key] = pool
             log.debug("new pool %s/%s -> %s (entry %s)", database, user, login.describe(), entry)
         return pool
+
+    async def run_auth_query(self, database: str, user: str) -> str | None:
+        """auth_query for `user` on a server of the auth pool: the secret text, or None when the
+        user is unknown or has no password. AuthLookupFailed when it cannot be run."""
+        pool = self.auth_pool(database)
+        if pool is None:
+            raise AuthLookupFailed(f"auth_query cannot run: no database {database!r} or no auth_user")
+        request = codec.build_parameterized_query(self.settings.auth_query, [user])
+        try:
+            async with asyncio.timeout(self.settings.server_connect_timeout):
+                server = await pool.borrow()
+                try:
+                    row, clean = await server.query_first_row(request)
+                except BaseException:
+                    server.close()
+                    raise
+        except TimeoutError:
+            raise AuthLookupFailed(
+                f"auth_query for user {user!r} timed out after {self.settings.server_connect_timeout:g} s"
+            ) from None
+        except AuthLookupFailed:
+            raise
+        except PoolerError as exc:
+            failure = AuthLookupFailed(f"auth_query for user {user!r} failed: {exc.message}")
+            failure.log_detail = exc.detail
+            raise failure from None
+        if clean:
+            pool.release(server)
+        else:
+            server.close()
+        if not row or row[-1] is None:
+            return None
+        try:
+            return row[-1].decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+
+    def reload(
+        self,
+        settings: Settings,
+        *,
+        stored_secret: Callable[[str], Secret | None] | None = None,
+        server_tls: ssl.SSLContext | None = None,
+    ) -> list[str]:
+        """Use `settings` from now on (SIGHUP and RELOAD): see `apply_settings`; returns a line
+        per pool whose server address or bound changed, for the log."""
+        before = {key: (_login_key(p.login), p.size) for key, p in self.pools.items()}
+        if stored_secret is not None:
+            self.stored_secret = stored_secret
+        if server_tls is not None or settings.server_tls_sslmode == "disable":
+            self.server_tls = server_tls
+        self.apply_settings(settings)
+        return [
+            f"pool {db}/{user}: " + ("server changed" if before[(db, user)][0] != _login_key(p.login)
+                                     else f"pool_size {before[(db, user)][1]} -> {p.size}")
+            for (db, user), p in self.pools.items()
+            if before[(db, user)] != (_login_key(p.login), p.size)
+        ]
+
+    def drain(self) -> None:
+        for pool in self.pools.values():
+            pool.drain()
 
     def expire(self) -> None:
         now = time.monotonic_ns()
@@ -311,3 +749,96 @@ class PoolManager:
     def close(self) -> None:
         for pool in self.pools.values():
             pool.close()
+
+    async def wait_closed(self, deadline: float) -> None:
+        """After close(): cancel in-flight connects, wait (until loop time `deadline`) for them to
+        unwind and for closed servers to be gone (a TLS close needs a few round trips), then
+        abort stragglers, so the loop can be closed with no transport left."""
+        loop = asyncio.get_running_loop()
+        opening = [task for pool in self.pools.values() for task in pool._opening]
+        for task in opening:
+            task.cancel()
+        if opening:
+            await asyncio.wait(opening, timeout=max(0.0, deadline - loop.time()))
+        closing = [server for pool in self.pools.values() for server in pool._closing]
+        while any(not server.lost for server in closing) and loop.time() < deadline:
+            await asyncio.sleep(SHUTDOWN_POLL_S)
+        for server in closing:
+            if not server.lost and server.transport is not None:
+                server.transport.abort()
+
+    # ------------------------------------------------------------------ admin console
+
+    def databases(self) -> list[str]:
+        """Database names clients can ask for by name: configured entries, then pools served
+        by the '*' fallback."""
+        names = [name for name in self.settings.databases if name != "*"]
+        for database, _ in self.pools:
+            if database not in names:
+                names.append(database)
+        return names
+
+    def pools_of(self, database: str | None) -> list[Pool]:
+        """The pools of one database, or of all when `database` is None."""
+        return [p for p in self.pools.values() if database is None or p.database == database]
+
+    def is_paused(self, database: str) -> bool:
+        return self.paused_all or database in self.paused_databases
+
+    def pause(self, database: str | None) -> list[Pool]:
+        """PAUSE: the pools now draining (PAUSE returns when they are drained)."""
+        if database is None:
+            self.paused_all = True
+        else:
+            self.paused_databases.add(database)
+        pools = self.pools_of(database)
+        for pool in pools:
+            pool.pause()
+        return pools
+
+    def resume(self, database: str | None) -> None:
+        if database is None:
+            self.paused_all = False
+            self.paused_databases.clear()
+        else:
+            self.paused_databases.discard(database)
+        for pool in self.pools_of(database):
+            if not self.is_paused(pool.database):
+                pool.resume()
+
+    def kill(self, database: str, error: PoolerError) -> None:
+        """KILL: close the database's clients and servers; it stays paused until RESUME."""
+        self.paused_databases.add(database)
+        for pool in self.pools_of(database):
+            pool.kill(error)
+
+    def reconnect(self, database: str | None) -> list[Pool]:
+        pools = self.pools_of(database)
+        for pool in pools:
+            pool.reconnect()
+        return pools
+
+    def apply_settings(self, settings: Settings) -> None:
+        """RELOAD: new settings for every pool; new databases work from the next login.
+
+        Pools whose database left the configuration (or now logs in as another user) keep
+        serving the clients they have while new logins go elsewhere, so a RELOAD never cuts
+        connections by itself.
+        """
+        self.settings = settings
+        for (database, user), pool in self.pools.items():
+            found = self.database_config(database)
+            if found is None or (found[1].user is not None and found[1].user != user):
+                pool.settings = settings  # no longer reachable: new logins go elsewhere
+                continue
+            _, db = found
+            pool.reconfigure(
+                self._server_login(database, db, user),
+                size=db.pool_size or settings.default_pool_size,
+                mode=db.pool_mode or settings.pool_mode,
+                settings=settings,
+            )
+
+    def take_snapshots(self) -> None:
+        for pool in self.pools.values():
+            pool.take_snapshot()

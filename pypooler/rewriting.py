@@ -53,7 +53,7 @@ from pypooler.prepared import SERVER_NAME_PREFIX, ClientStatements, ServerStatem
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
 from pypooler.protocol.codec import pack_header, unpack_header
-from pypooler.protocol.transaction import BackendStream, FrontendStream
+from pypooler.protocol.transaction import STATEMENT_SAMPLE, BackendStream, FrontendStream
 from pypooler.session_state import (
     DEALLOCATE_ALL,
     DISCARD_ALL,
@@ -188,7 +188,7 @@ class RewritingFrontend(FrontendStream):
     def at_rest(self) -> bool:
         return not (self.outstanding or self.open_tail or self.copy_in or self._carry or self._skip)
 
-    def feed(self, data: bytes) -> int:
+    def feed(self, data: bytes, start: int = 0) -> int:
         raise TypeError("RewritingFrontend is fed with feed_to(data, server)")
 
     # ------------------------------------------------------------------ the scan
@@ -209,6 +209,9 @@ class RewritingFrontend(FrontendStream):
                 self.open_tail = False
                 self._syncs_since_execute = 0
                 self._extended = False
+                text = self.last_statement = data[5 : min(length, 5 + STATEMENT_SAMPLE)]
+                if not self.xact_statement_final:
+                    self._note_first_statement(text)
                 return data
         return self._rewrite(data, server)
 
@@ -278,6 +281,7 @@ class RewritingFrontend(FrontendStream):
                     else:
                         self._parses += 1
                         self._counted = True
+                        self._note_statement(text[:STATEMENT_SAMPLE])
                 else:
                     if msg_end > end:
                         if length > MAX_NAMED_PARSE:
@@ -366,6 +370,9 @@ class RewritingFrontend(FrontendStream):
                     held = pos
                     break
                 kinds = scan_sql(data[pos + 5 : text_end], self.tracked)
+                text = self.last_statement = data[pos + 5 : min(text_end, pos + 5 + STATEMENT_SAMPLE)]
+                if not self.xact_statement_final:
+                    self._note_first_statement(text)
                 refusal = self._session_state(kinds, server) if kinds else None
                 if refusal is not None:
                     # The replacement ends with a Sync, as the Query ended its batch.
@@ -484,6 +491,8 @@ class RewritingFrontend(FrontendStream):
         refusal = self._session_state(kinds, server) if kinds else None
         if refusal is not None:
             return self._refusal(refusal)
+        text_end = key.find(b"\0")
+        self._note_statement(key[: min(STATEMENT_SAMPLE, text_end if text_end >= 0 else len(key))])
         if name in statements.names:
             # PostgreSQL parses and analyzes the text before it finds the name taken, so a
             # broken text gets its own error first: parse it as the unnamed statement (which
@@ -622,27 +631,24 @@ class RewritingBackend(BackendStream):
     ParameterStatus messages are passed to `on_parameter_status` (and still forwarded).
     """
 
-    __slots__ = ("_carry", "_closes", "_dropping", "_fail_next", "_parses", "internal",
-                 "on_parameter_status")  # fmt: skip
+    # The held-back start of a message is BackendStream's `_head`, so the client's boundary
+    # test reads the same attributes whichever stream a server has.
+    __slots__ = ("_closes", "_dropping", "_fail_next", "_parses", "internal", "on_parameter_status")
 
     def __init__(self, on_parameter_status: Callable[[str, str], None] | None = None) -> None:
         super().__init__()
         self.on_parameter_status = on_parameter_status
-        self._carry = b""
         self._dropping = False
         self._parses = 0  # ParseComplete messages since the last ReadyForQuery
         self._closes = 0  # CloseComplete messages since the last ReadyForQuery
         self._fail_next = False  # drop the next ErrorResponse (a refusal's failing Describe)
         self.internal = 0  # replies to pypooler's own Queries still to drop, before the client's
 
-    @property
-    def at_message_boundary(self) -> bool:
-        return not (self._skip or self._carry)
-
-    def feed(self, data: bytes, frontend: FrontendStream) -> int:
+    def feed(self, data: bytes, frontend: FrontendStream, start: int = 0) -> int:
+        # `start` is always 0 here (BackendStream uses it internally).
         # Not typing.cast: that is a function call on every read.
         stream: RewritingFrontend = frontend  # type: ignore[assignment]
-        if self._carry or self._dropping or self.internal or self._fail_next or stream.batches:
+        if self._head or self._dropping or self.internal or self._fail_next or stream.batches:
             return self._rewrite(data, stream)
         # Nothing to drop or replace can come in this read (those need one of the above), so
         # it is forwarded as received, unless a message must be held back: then the general
@@ -700,10 +706,10 @@ class RewritingBackend(BackendStream):
             pos = start
             end = len(data)
         else:
-            carry = self._carry
+            carry = self._head
             if carry:
                 data = carry + data
-                self._carry = b""
+                self._head = b""
             end = len(data)
             pos = self._skip
             if pos:
@@ -805,7 +811,7 @@ class RewritingBackend(BackendStream):
             self._skip = pos - end
         limit = end
         if held >= 0:
-            self._carry = data[held:]
+            self._head = data[held:]
             limit = held
         if out is None:
             if limit != end or carry:

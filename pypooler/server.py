@@ -1,34 +1,37 @@
 """ServerConnection: one pypooler-owned connection to PostgreSQL.
 
-Lifecycle: `open_server_connection` connects and logs in (trust, cleartext, md5, SCRAM-SHA-256),
+Lifecycle: `open_server_connection` connects, negotiates TLS when `server_tls_sslmode` asks for it
+(SSLRequest, one answer byte, then `start_tls` on the same protocol object), and logs in (trust,
+cleartext, md5, SCRAM-SHA-256 with a password or by pass-through of a client's ClientKey),
 capturing ParameterStatus and BackendKeyData; the pool then lends it to clients. While lent
 (`client` set) every read is fed to the `BackendStream` tracker and forwarded as-is to the client;
 the client decides at each ReadyForQuery whether the transaction ended. While not lent, the server
 should be silent: a FATAL error or EOF retires it, notices are dropped, parameter changes recorded.
 
+Rules: the forwarding branch comes first in `data_received` and does no allocation when nothing
+is rewritten; everything else (login, internal queries such as the session-mode reset or
+auth_query) goes through `MessageReader`. TLS changes which transport object we hold, never the
+forwarding code. Nothing may follow the server's 'S' answer in clear: such bytes would be injected
+into the TLS session (CVE-2021-23222), so they end the connection.
+
 In transaction and statement mode the pool gives each server a `RewritingBackend` (see
 rewriting.py) and a `ServerStatements` LRU; the bytes forwarded may then differ from the bytes
-received (`backend.replaced`).
-
-Rules: the forwarding branch comes first in `data_received` and does no allocation when nothing
-is rewritten; everything else (login, internal queries such as the session-mode reset) goes
-through `MessageReader`. `parameters` is replaced, never mutated, once logged in, and interned,
-so a client can keep a reference to the set it last saw and compare it by identity.
+received (`backend.replaced`). `parameters` is replaced, never mutated, once logged in, and
+interned, so a client can keep a reference to the set it last saw and compare it by identity.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import socket
+import ssl
 import time
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
-from scramp import ScramClient, ScramException
-
+from pypooler.config import ServerTlsMode
 from pypooler.errors import (
     PoolerError,
     ProtocolViolation,
@@ -39,6 +42,20 @@ from pypooler.errors import (
 from pypooler.prepared import ServerStatements
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
+from pypooler.protocol.scram import (
+    MECHANISM,
+    MECHANISM_PLUS,
+    Md5Hash,
+    PlainPassword,
+    ScramClientExchange,
+    ScramProofMismatch,
+    ScramVerifier,
+    Secret,
+    certificate_hash,
+    md5_hash,
+    md5_response,
+    parse_secret,
+)
 from pypooler.protocol.transaction import BackendStream
 
 if TYPE_CHECKING:
@@ -53,11 +70,14 @@ WRITE_LOW_WATER = 64 * 1024
 
 
 def tune_transport(transport: asyncio.BaseTransport, *, keepalive: bool = True) -> None:
-    """TCP_NODELAY (we forward small messages and must not wait for Nagle) and buffer marks."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if keepalive:
+    """Keepalive and write-buffer marks.
+
+    No TCP_NODELAY here: uvloop sets it on every TCP transport it creates (checked on 0.23), and
+    the product runs on uvloop, so setting it again would cost a syscall per connection.
+    """
+    if keepalive:
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     cast(asyncio.WriteTransport, transport).set_write_buffer_limits(
         high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER
@@ -87,16 +107,81 @@ def intern_parameters(parameters: dict[str, str]) -> ParameterSet:
 
 
 class ServerLogin:
-    """Where and as whom to log in."""
+    """Where and as whom to log in, with what we know of the user's password.
 
-    __slots__ = ("database", "host", "password", "port", "user")
+    `password` is the cleartext when known (configured, from auth_file, or learned from a client
+    that logged in with it); `secret` a hashed form (md5 hash, SCRAM verifier); `client_key` the
+    SCRAM ClientKey recovered from a client's proof against that verifier (pass-through).
+    """
 
-    def __init__(self, host: str, port: int, database: str, user: str, password: str | None) -> None:
+    __slots__ = (
+        "client_key",
+        "configured",
+        "configured_secret",
+        "database",
+        "host",
+        "password",
+        "port",
+        "secret",
+        "ssl_context",
+        "tls_mode",
+        "user",
+    )
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        database: str,
+        user: str,
+        password: str | None,
+        *,
+        secret: Secret | None = None,
+        tls_mode: ServerTlsMode = "disable",
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.host = host
         self.port = port
         self.database = database
         self.user = user
-        self.password = password
+        self.password: str | None = None
+        self.secret: Md5Hash | ScramVerifier | None = None
+        self.client_key: bytes | None = None
+        # A password from [databases] is the operator's choice; clients never replace it.
+        self.configured = password is not None
+        # What the configuration says ([databases] password or auth_file), before any learning.
+        self.configured_secret = parse_secret(password) if password is not None else secret
+        self._store(self.configured_secret)
+        self.tls_mode: ServerTlsMode = tls_mode if ssl_context is not None else "disable"
+        self.ssl_context = ssl_context
+
+    def _store(self, secret: Secret | None) -> None:
+        if isinstance(secret, PlainPassword):
+            self.password = secret.password
+        elif secret is not None:
+            self.secret = secret
+
+    def learn(self, password: str | None, secret: Secret | None, client_key: bytes | None) -> None:
+        """What a client's successful login as this same user taught us (see auth.AuthOutcome)."""
+        if self.configured:
+            # A configured verifier still needs the key a client proved against it.
+            if client_key is not None and self.password is None and secret == self.secret:
+                self.client_key = client_key
+            return
+        if password is not None:
+            self.password = password
+        elif isinstance(secret, Md5Hash | ScramVerifier):
+            if secret != self.secret:
+                self.secret = secret
+                self.client_key = None
+            if client_key is not None:
+                self.client_key = client_key
+
+    def config_key(self) -> tuple[object, ...]:
+        """What the configuration decides: a RELOAD with a different key replaces the login."""
+        return (
+            self.host, self.port, self.database, self.user, self.configured_secret, self.tls_mode,
+        )  # fmt: skip
 
     def describe(self) -> str:
         return f"{self.user}@{self.host}:{self.port}/{self.database}"
@@ -110,14 +195,17 @@ class ServerConnection(asyncio.Protocol):
         "_logging_in",
         "_login_reader",
         "_scram",
+        "_tls_answer",
         "backend",
         "cancels",
         "client",
+        "close_needed",
         "closed",
         "created_ns",
         "last_used_ns",
         "login",
         "login_done",
+        "lost",
         "on_close",
         "other_settings",
         "other_settings_unknown",
@@ -125,8 +213,10 @@ class ServerConnection(asyncio.Protocol):
         "process_id",
         "reading_paused",
         "release_after_cancel",
+        "rewriting",
         "secret_key",
         "statements",
+        "tls",
         "transport",
     )
 
@@ -134,7 +224,9 @@ class ServerConnection(asyncio.Protocol):
         self.login = login
         self._logging_in = True
         self._login_reader = codec.MessageReader()
-        self._scram: ScramClient | None = None
+        self._scram: ScramClientExchange | None = None
+        self._tls_answer: asyncio.Future[bytes] | None = None
+        self.tls = False
         self._internal: Callable[[int, bytes], bool] | None = None
         self._internal_reader: codec.MessageReader | None = None
         self.login_done = login_done
@@ -143,6 +235,7 @@ class ServerConnection(asyncio.Protocol):
         self.backend = BackendStream()
         self.parameters: dict[str, str] = {}
         self.statements: ServerStatements | None = None  # transaction-mode prepared statements
+        self.rewriting = False  # backend is a RewritingBackend (Pool.fit_stream)
         # Settings pypooler set here for clients that are not reported back (see
         # session_parameters.py); unknown once a client ran RESET, DISCARD ALL or SET.
         self.other_settings: dict[str, str] = {}
@@ -153,6 +246,9 @@ class ServerConnection(asyncio.Protocol):
         self.secret_key = 0
         self.reading_paused = False
         self.closed = False
+        self.lost = False  # connection_lost has run: the transport is really gone
+        # Close at the next release instead of lending again (RECONNECT, RELOAD, a smaller pool).
+        self.close_needed = False
         self.created_ns = time.monotonic_ns()
         self.last_used_ns = self.created_ns
         # Set by the owning pool; servers do not import pools (imports point one way).
@@ -161,12 +257,50 @@ class ServerConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.transport is not None:  # start_tls hands us the TLS transport: keep ours
+            return
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         tune_transport(self.transport)
+
+    def send_startup(self) -> None:
         login = self.login
         self.transport.write(
             codec.build_startup_message({"user": login.user, "database": login.database})
         )
+
+    async def negotiate_tls(self) -> None:
+        """SSLRequest, then TLS on 'S'; on 'N' go on in clear only when the mode is prefer."""
+        login = self.login
+        loop = asyncio.get_running_loop()
+        self._tls_answer = loop.create_future()
+        self.transport.write(codec.build_ssl_request())
+        answer = await self._tls_answer
+        self._tls_answer = None
+        if answer != b"S":
+            if login.tls_mode == "prefer":
+                return
+            raise ServerConnectFailed(
+                f"server {login.describe()} does not support SSL, but server_tls_sslmode is"
+                f" {login.tls_mode}"
+            )
+        assert login.ssl_context is not None
+        try:
+            transport = await loop.start_tls(
+                self.transport,
+                self,
+                login.ssl_context,
+                server_hostname=login.host if login.tls_mode == "verify-full" else None,
+            )
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            raise ServerConnectFailed(
+                f"TLS with server {login.describe()} failed: {exc}",
+                hint="check server_tls_sslmode and server_tls_ca_file",
+            ) from None
+        if transport is None:
+            raise ServerConnectFailed(f"server {login.describe()} closed the connection during TLS")
+        self.transport = transport
+        tune_transport(transport)
+        self.tls = True
 
     def data_received(self, data: bytes) -> None:
         client = self.client
@@ -186,6 +320,7 @@ class ServerConnection(asyncio.Protocol):
                 data = replaced
                 if not data:
                     return
+            client.bytes_sent += len(data)
             if end < 0:
                 client.transport.write(data)
             else:
@@ -200,7 +335,15 @@ class ServerConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.lost = True
         self._notify_closed()
+        answer = self._tls_answer
+        if answer is not None and not answer.done():
+            answer.set_exception(
+                ServerConnectFailed(
+                    f"server closed the connection before answering SSLRequest: {exc or 'EOF'}"
+                )
+            )
         if not self.login_done.done():
             self.login_done.set_exception(
                 ServerConnectFailed(f"server closed the connection during login: {exc or 'EOF'}")
@@ -237,6 +380,18 @@ class ServerConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ login
 
     def _login_data(self, data: bytes) -> None:
+        answer = self._tls_answer
+        if answer is not None:
+            if answer.done():
+                self._login_failed(ProtocolViolation("server sent data during the TLS handshake"))
+            elif len(data) != 1:
+                # Bytes after 'S' would be read as if they came through TLS.
+                self._login_failed(
+                    ProtocolViolation("server sent unencrypted data after its answer to SSLRequest")
+                )
+            else:
+                answer.set_result(data)
+            return
         try:
             for msg_type, body in self._login_reader.feed(data):
                 self._login_message(msg_type, body)
@@ -244,8 +399,13 @@ class ServerConnection(asyncio.Protocol):
                     break
         except PoolerError as exc:
             self._login_failed(exc)
-        except (ScramException, ValueError) as exc:  # ValueError: undecodable SASL payload
-            self._login_failed(ServerLoginFailed(f"SCRAM authentication with the server failed: {exc}"))
+        except ScramProofMismatch as exc:
+            self._login_failed(
+                ServerLoginFailed(
+                    f"SCRAM pass-through for user {self.login.user!r} cannot work: {exc}",
+                    hint="the auth_file verifier must be the one stored in the server's pg_authid",
+                )
+            )
 
     def _login_message(self, msg_type: int, body: bytes) -> None:
         login = self.login
@@ -278,42 +438,75 @@ class ServerConnection(asyncio.Protocol):
     def _authenticate(self, login: ServerLogin, code: int, payload: bytes) -> None:
         if code == c.AUTH_OK:
             return
-        if code in (c.AUTH_CLEARTEXT, c.AUTH_MD5, c.AUTH_SASL) and login.password is None:
+        password = login.password
+        if code in (c.AUTH_CLEARTEXT, c.AUTH_MD5, c.AUTH_SASL) and password is None and login.secret is None:
             raise ServerLoginFailed(
                 f"server asks for a password for user {login.user!r} but none is configured",
-                hint="set password in the [databases] entry",
+                hint="set password in the [databases] entry or the user's secret in auth_file",
             )
-        password = login.password or ""
         if code == c.AUTH_CLEARTEXT:
+            if password is None:
+                raise _only_hashed(login, "a cleartext password")
             self.transport.write(codec.build_password_message(password.encode()))
         elif code == c.AUTH_MD5:
-            inner = hashlib.md5((password + login.user).encode()).hexdigest()
-            outer = hashlib.md5(inner.encode() + payload[:4]).hexdigest()
-            self.transport.write(codec.build_password_message(b"md5" + outer.encode()))
+            if password is not None:
+                hashed = md5_hash(password, login.user)
+            elif isinstance(login.secret, Md5Hash):
+                hashed = login.secret.hashed
+            else:
+                raise _only_hashed(login, "MD5 password authentication")
+            self.transport.write(codec.build_password_message(md5_response(hashed, payload[:4])))
         elif code == c.AUTH_SASL:
-            mechanisms = codec.parse_sasl_mechanisms(payload)
-            if "SCRAM-SHA-256" not in mechanisms:
-                raise ServerLoginFailed(
-                    f"server offers SASL mechanisms {mechanisms}, pypooler supports SCRAM-SHA-256"
-                )
-            self._scram = ScramClient(["SCRAM-SHA-256"], login.user, password)
-            first = self._scram.get_client_first().encode()
-            self.transport.write(codec.build_sasl_initial_response("SCRAM-SHA-256", first))
+            self._start_scram(login, codec.parse_sasl_mechanisms(payload))
         elif code == c.AUTH_SASL_CONTINUE:
             if self._scram is None:
                 raise ProtocolViolation("server sent SASLContinue without SASL")
-            self._scram.set_server_first(payload.decode())
-            self.transport.write(codec.build_sasl_response(self._scram.get_client_final().encode()))
+            self.transport.write(codec.build_sasl_response(self._scram.server_first(payload)))
         elif code == c.AUTH_SASL_FINAL:
             if self._scram is None:
                 raise ProtocolViolation("server sent SASLFinal without SASL")
-            self._scram.set_server_final(payload.decode())  # verifies the server's signature
+            self._scram.server_final(payload)  # verifies the server's signature
         else:
             method = c.AUTH_METHOD_NAMES.get(code, f"code {code}")
             raise ServerLoginFailed(
                 f"server requested authentication method {method}, which pypooler does not support",
                 hint="allow md5, scram-sha-256, password or trust for pypooler in pg_hba.conf",
             )
+
+    def _start_scram(self, login: ServerLogin, mechanisms: list[str]) -> None:
+        if MECHANISM not in mechanisms:
+            raise ServerLoginFailed(
+                f"server offers SASL mechanisms {mechanisms}, pypooler supports {MECHANISM}"
+            )
+        binding = None
+        if self.tls and MECHANISM_PLUS in mechanisms:
+            ssl_object: Any = self.transport.get_extra_info("ssl_object")
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+            binding = certificate_hash(der) if der else None
+        if login.password is not None:
+            self._scram = ScramClientExchange(
+                password=login.password, channel_binding=binding, tls=self.tls
+            )
+        elif isinstance(login.secret, ScramVerifier) and login.client_key is not None:
+            self._scram = ScramClientExchange(
+                pass_through=(login.secret, login.client_key), channel_binding=binding, tls=self.tls
+            )
+        elif isinstance(login.secret, ScramVerifier):
+            raise ServerLoginFailed(
+                f"server asks for SCRAM-SHA-256 for user {login.user!r}: pypooler has only its SCRAM"
+                " verifier, and no client has logged in with SCRAM yet to pass its key through",
+                hint="let clients authenticate with scram-sha-256 (or md5) first, or store the"
+                " plain password in auth_file or [databases]",
+            )
+        else:
+            raise _only_hashed(login, "SCRAM-SHA-256 authentication")
+        log.debug(
+            "server %s: %s login as %r%s", login.describe(), self._scram.mechanism, login.user,
+            " by pass-through" if login.password is None else "",
+        )
+        self.transport.write(
+            codec.build_sasl_initial_response(self._scram.mechanism, self._scram.client_first())
+        )
 
     def _login_failed(self, exc: PoolerError) -> None:
         if not self.login_done.done():
@@ -325,9 +518,54 @@ class ServerConnection(asyncio.Protocol):
     def run_internal(self, sql: str, on_message: Callable[[int, bytes], bool]) -> None:
         """Send `sql` for pypooler's own use; `on_message(type, body)` gets each reply message
         (type 0 when the connection dies) and returns True when it wants no more."""
+        self.run_internal_request(codec.build_query(sql), on_message)
+
+    def run_internal_request(self, request: bytes, on_message: Callable[[int, bytes], bool]) -> None:
+        """`run_internal` for prebuilt messages (e.g. Parse/Bind/Execute/Sync)."""
         self._internal = on_message
         self._internal_reader = codec.MessageReader()
-        self.transport.write(codec.build_query(sql))
+        self.transport.write(request)
+
+    async def query_first_row(self, request: bytes) -> tuple[list[bytes | None] | None, bool]:
+        """Run `request` (ending in Sync or a Query) and return its first DataRow, or None, and
+        whether the server is reusable (idle, no error). Raises ServerConnectFailed if the
+        connection dies, or ServerLoginFailed carrying the server's error."""
+        done: asyncio.Future[tuple[list[bytes | None] | None, bool]] = (
+            asyncio.get_running_loop().create_future()
+        )
+        first_row: list[bytes | None] | None = None
+        error: dict[str, str] | None = None
+
+        def on_message(msg_type: int, body: bytes) -> bool:
+            nonlocal first_row, error
+            if done.done():
+                return True
+            if msg_type == 0:
+                done.set_exception(ServerConnectFailed("server connection closed during the query"))
+                return True
+            if msg_type == c.B_DATA_ROW and first_row is None:
+                try:
+                    first_row = codec.parse_data_row(body)
+                except ProtocolViolation as exc:
+                    done.set_exception(exc)
+                    self.close()
+                    return True
+            elif msg_type == c.B_ERROR_RESPONSE:
+                error = codec.parse_error_fields(body)
+            elif msg_type == c.B_READY_FOR_QUERY:
+                if error is not None:
+                    done.set_exception(
+                        ServerLoginFailed(
+                            f"query failed: {error.get('M', 'unknown error')}", sqlstate=error.get("C")
+                        )
+                    )
+                else:
+                    done.set_result((first_row, body == b"I"))
+                return True
+            return False
+
+        self.run_internal_request(request, on_message)
+        return await done
 
     def _internal_data(self, data: bytes) -> None:
         assert self._internal is not None and self._internal_reader is not None
@@ -422,6 +660,16 @@ class ServerConnection(asyncio.Protocol):
             on_close(self)
 
 
+def _only_hashed(login: ServerLogin, what: str) -> ServerLoginFailed:
+    kind = "an MD5 hash" if isinstance(login.secret, Md5Hash) else "a SCRAM verifier"
+    return ServerLoginFailed(
+        f"server asks for {what} for user {login.user!r}, but pypooler knows only {kind} of its"
+        " password, which cannot answer that",
+        hint="store the plain password in auth_file or [databases], or change the server's"
+        " pg_hba.conf method to match the stored secret",
+    )
+
+
 async def open_server_connection(login: ServerLogin, timeout: float) -> ServerConnection:
     """Connect and log in; raise ServerConnectFailed / ServerLoginFailed with a clear message."""
     loop = asyncio.get_running_loop()
@@ -432,9 +680,15 @@ async def open_server_connection(login: ServerLogin, timeout: float) -> ServerCo
                 lambda: ServerConnection(login, login_done), login.host, login.port
             )
             try:
+                if login.tls_mode != "disable":
+                    await server.negotiate_tls()
+                server.send_startup()
                 await login_done
             except BaseException:
                 server.close()
+                # Nobody will await it now: its exception, now or later, is not news.
+                if not login_done.cancel() and not login_done.cancelled():
+                    login_done.exception()
                 raise
     except TimeoutError:
         raise ServerConnectFailed(

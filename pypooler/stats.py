@@ -1,50 +1,336 @@
-"""Per-pool counters fed by connection events.
+"""Counters and histograms fed by connection events; the source for logs, the console and metrics.
 
-Hot-path rule: updating a counter is a plain attribute increment on a `__slots__` object; nothing
-here formats text, allocates labels or takes a lock. Readers (logs, admin console, metrics) compute
-averages and rates from these totals when asked.
+Hot-path rules:
+- An event costs attribute increments and, for a duration, one `bisect` into preallocated bucket
+  bounds. Nothing here formats text, builds labels, takes a lock or allocates per event.
+- Stats are kept per (pool, application_name) in a `TrafficStats`; pool totals are merged when
+  someone reads them, so each event updates exactly one object.
+- Cardinality is bounded: the first `max_applications` names a pool sees get their own
+  `TrafficStats`, later ones share `OTHER`; statement fingerprints likewise (`max_statements`).
+
+Readers (admin console, Prometheus collector, advisor) work from cumulative totals; rates and
+windowed percentiles come from differences between periodic `Snapshot`s.
 """
 
 from __future__ import annotations
 
+import re
+import time
+from bisect import bisect_left
 from collections import Counter
+from typing import Final
+
+# Histogram bucket upper bounds in seconds, 100 µs to 60 s (the issue's range); one more
+# bucket catches everything above.
+BUCKET_BOUNDS_S: Final = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)  # fmt: skip
+BOUNDS_NS: Final = [int(b * 1e9) for b in BUCKET_BOUNDS_S]
 
 
-class PoolStats:
+def bucket_of(ns: int) -> int:
+    return bisect_left(BOUNDS_NS, ns)
+OTHER: Final = "other"
+
+
+class Histogram:
+    """Cumulative duration histogram with fixed buckets; durations in nanoseconds."""
+
+    __slots__ = ("count", "counts", "sum_ns")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(BOUNDS_NS) + 1)
+        self.count = 0
+        self.sum_ns = 0
+
+    def observe(self, ns: int) -> None:
+        self.counts[bisect_left(BOUNDS_NS, ns)] += 1
+        self.count += 1
+        self.sum_ns += ns
+
+    def observe_at(self, index: int, ns: int) -> None:
+        """observe(ns) with its bucket already found (one search serves several histograms)."""
+        self.counts[index] += 1
+        self.count += 1
+        self.sum_ns += ns
+
+    def observe_weighted(self, index: int, ns: int, weight: int) -> None:
+        """`weight` observations of `ns` (a sample standing for that many)."""
+        self.counts[index] += weight
+        self.count += weight
+        self.sum_ns += ns * weight
+
+    def observe_zero(self) -> None:
+        """observe(0) without the search: the common case of no wait, no idle time."""
+        self.counts[0] += 1
+        self.count += 1
+
+    def merge(self, other: Histogram) -> None:
+        counts = self.counts
+        for i, n in enumerate(other.counts):
+            counts[i] += n
+        self.count += other.count
+        self.sum_ns += other.sum_ns
+
+    def copy(self) -> Histogram:
+        clone = Histogram()
+        clone.merge(self)
+        return clone
+
+    def with_zeros(self, zeros: int) -> Histogram:
+        """A copy with `zeros` more observations of 0."""
+        clone = self.copy()
+        clone.counts[0] += max(0, zeros)
+        clone.count += max(0, zeros)
+        return clone
+
+    def minus(self, earlier: Histogram) -> Histogram:
+        """What was observed since `earlier` (a copy taken from this histogram)."""
+        diff = Histogram()
+        diff.counts = [a - b for a, b in zip(self.counts, earlier.counts, strict=True)]
+        diff.count = self.count - earlier.count
+        diff.sum_ns = self.sum_ns - earlier.sum_ns
+        return diff
+
+    def mean_s(self) -> float:
+        return self.sum_ns / self.count / 1e9 if self.count else 0.0
+
+    def quantile_s(self, q: float) -> float:
+        """Estimated q-quantile in seconds: linear within the bucket, like PromQL's."""
+        if not self.count:
+            return 0.0
+        rank = q * self.count
+        seen = 0
+        for i, n in enumerate(self.counts):
+            if n and seen + n >= rank:
+                lower = BUCKET_BOUNDS_S[i - 1] if i else 0.0
+                if i == len(BUCKET_BOUNDS_S):  # above the last bound: report that bound
+                    return BUCKET_BOUNDS_S[-1]
+                return lower + (BUCKET_BOUNDS_S[i] - lower) * (rank - seen) / n
+            seen += n
+        return BUCKET_BOUNDS_S[-1]
+
+
+class TrafficStats:
+    """What clients of one pool with one application_name did."""
+
     __slots__ = (
         "bytes_received",
         "bytes_sent",
+        "clients_without_xact",
+        "connect_to_first_query",
         "errors",
+        "hold",
+        "idle_nonzero",
+        "login",
+        "logins",
         "pinned",
         "pinned_total",
-        "server_connect_failures",
-        "server_connect_ns",
-        "server_connects",
+        "query",
+        "query_count",
         "session_state",
-        "total_hold_ns",
-        "total_wait_ns",
-        "wait_count",
+        "wait_nonzero",
         "xact_count",
     )
 
     def __init__(self) -> None:
-        self.xact_count = 0  # transactions (lend..release) completed
-        self.total_hold_ns = 0  # sum of lend..release durations
-        self.wait_count = 0  # checkouts that had to queue
-        self.total_wait_ns = 0  # sum of queue durations
-        self.server_connects = 0
-        self.server_connect_ns = 0
-        self.server_connect_failures = 0
-        self.bytes_received = 0
-        self.bytes_sent = 0
+        self.xact_count = 0  # transactions: lend .. release
+        self.query_count = 0  # requests answered: client sends .. ReadyForQuery with nothing due
+        self.bytes_received = 0  # from clients
+        self.bytes_sent = 0  # to clients
+        self.hold = Histogram()  # lend .. release
+        # Checkout waits and idle-in-transaction times are mostly 0; only the others are
+        # observed (at release, so they never outnumber holds) and the zeros are implied.
+        self.wait_nonzero = Histogram()
+        self.idle_nonzero = Histogram()
+        self.query = Histogram()  # client request .. ReadyForQuery
+        self.logins = 0
+        self.login = Histogram()  # TCP accept .. ReadyForQuery of the welcome
+        self.connect_to_first_query = Histogram()
+        self.clients_without_xact = 0  # connected and left without running anything
         self.errors: Counter[str] = Counter()  # errors sent to clients, by PoolerError.reason
-        # Statements that leave session state in transaction mode, by (kind, application_name).
-        self.session_state: Counter[tuple[str, str]] = Counter()
-        self.pinned = 0  # clients holding a server until they leave (session_state_policy pin)
+        self.session_state: Counter[str] = Counter()  # session-state statements, by kind
+        # Clients holding a server until they leave (session_state_policy pin): now, and ever.
+        self.pinned = 0
         self.pinned_total = 0
 
-    def average_hold_ms(self) -> float:
-        return self.total_hold_ns / self.xact_count / 1e6 if self.xact_count else 0.0
+    def merge(self, other: TrafficStats) -> None:
+        self.xact_count += other.xact_count
+        self.query_count += other.query_count
+        self.bytes_received += other.bytes_received
+        self.bytes_sent += other.bytes_sent
+        self.logins += other.logins
+        self.clients_without_xact += other.clients_without_xact
+        self.pinned += other.pinned
+        self.pinned_total += other.pinned_total
+        for mine, theirs in (
+            (self.wait_nonzero, other.wait_nonzero),
+            (self.hold, other.hold),
+            (self.idle_nonzero, other.idle_nonzero),
+            (self.query, other.query),
+            (self.login, other.login),
+            (self.connect_to_first_query, other.connect_to_first_query),
+        ):
+            mine.merge(theirs)
+        self.errors.update(other.errors)
+        self.session_state.update(other.session_state)
 
-    def average_wait_ms(self) -> float:
-        return self.total_wait_ns / self.wait_count / 1e6 if self.wait_count else 0.0
+    @property
+    def wait(self) -> Histogram:
+        """Checkout wait of every completed hold: from needing a server to getting one."""
+        return self.wait_nonzero.with_zeros(self.hold.count - self.wait_nonzero.count)
+
+    @property
+    def idle_in_xact(self) -> Histogram:
+        """Per completed hold, the time the server sat idle in a transaction waiting on the client."""
+        return self.idle_nonzero.with_zeros(self.hold.count - self.idle_nonzero.count)
+
+
+class StatementStats:
+    """Transactions attributed to one statement fingerprint (see PoolStats.account_statement)."""
+
+    __slots__ = ("count", "hold", "idle_ns", "sample")
+
+    def __init__(self, sample: str) -> None:
+        self.sample = sample  # one raw text (truncated) for people to recognise it
+        self.count = 0
+        self.hold = Histogram()
+        self.idle_ns = 0  # idle-in-transaction time summed over those transactions
+
+
+class PoolStats:
+    """Everything counted for one pool."""
+
+    def __init__(self, *, max_applications: int = 20, max_statements: int = 100) -> None:
+        self.apps: dict[str, TrafficStats] = {}
+        self.statements: dict[str, StatementStats] = {}
+        self.max_applications = max_applications
+        self.max_statements = max_statements
+        self.server_connects = 0
+        self.server_connect = Histogram()
+        self.server_connect_failures = 0
+        self.started_ns = time.monotonic_ns()
+        self._statement_misses = 0
+        # New statement texts fingerprinted exactly until the next maintenance pass refills it.
+        self.statement_budget = STATEMENT_EXACT_PER_PASS
+
+    def for_application(self, name: str) -> TrafficStats:
+        """The TrafficStats a client with this application_name updates (bounded cardinality)."""
+        stats = self.apps.get(name)
+        if stats is None:
+            if len(self.apps) >= self.max_applications and name != OTHER:
+                return self.for_application(OTHER)
+            stats = self.apps[name] = TrafficStats()
+        return stats
+
+    def for_statement(self, fingerprint: str, sample: bytes) -> StatementStats:
+        stats = self.statements.get(fingerprint)
+        if stats is None:
+            if len(self.statements) >= self.max_statements and fingerprint != OTHER:
+                return self.for_statement(OTHER, b"(statements past stats_max_statements)")
+            text = sample.decode("utf-8", "replace")
+            stats = self.statements[fingerprint] = StatementStats(text)
+        return stats
+
+    def account_statement(self, statement: bytes, bucket: int, held: int, idle: int) -> None:
+        """Attribute one transaction's hold to its statement's fingerprint.
+
+        Fingerprinting a text never seen before costs microseconds (regular expressions), and
+        with inline literals (pgbench, hand-written SQL) nearly every text is new. So: texts in
+        the fingerprint cache, holds of STATEMENT_ALWAYS_NS or more, and the first
+        `statement_budget` new texts of each maintenance pass are counted exactly; past that,
+        new texts are sampled one in STATEMENT_SAMPLE_EVERY and counted with that weight, which
+        keeps counts and hold totals unbiased while bounding the cost under load.
+        """
+        found = _fingerprint_cache.get(statement)
+        weight = 1
+        if found is None:
+            if held < STATEMENT_ALWAYS_NS:
+                if self.statement_budget > 0:
+                    self.statement_budget -= 1
+                else:
+                    self._statement_misses += 1
+                    if self._statement_misses % STATEMENT_SAMPLE_EVERY:
+                        return
+                    weight = STATEMENT_SAMPLE_EVERY
+            found = fingerprint(statement)
+        stats = self.for_statement(found, statement)
+        stats.count += weight
+        stats.idle_ns += idle * weight
+        if weight == 1:
+            stats.hold.observe_at(bucket, held)
+        else:
+            stats.hold.observe_weighted(bucket, held, weight)
+
+    def totals(self) -> TrafficStats:
+        total = TrafficStats()
+        for stats in self.apps.values():
+            total.merge(stats)
+        return total
+
+    # Shorthands used by the console, logs and tests.
+    @property
+    def xact_count(self) -> int:
+        return sum(s.xact_count for s in self.apps.values())
+
+    @property
+    def errors(self) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for stats in self.apps.values():
+            total.update(stats.errors)
+        return total
+
+
+class Snapshot:
+    """Pool totals (and per application) at one moment, for rates and windowed percentiles."""
+
+    __slots__ = ("apps", "at_ns", "totals")
+
+    def __init__(self, stats: PoolStats) -> None:
+        self.at_ns = time.monotonic_ns()
+        self.totals = stats.totals()
+        self.apps: dict[str, TrafficStats] = {}
+        for name, app in stats.apps.items():
+            copy = self.apps[name] = TrafficStats()
+            copy.merge(app)
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+_COMMENT = re.compile(rb"--[^\n]*|/\*.*?\*/", re.S)
+_STRING = re.compile(rb"'(?:[^']|'')*'|\$(\w*)\$.*?\$\1\$", re.S)
+_PARAM = re.compile(rb"\$\d+")
+_NUMBER = re.compile(rb"(?<![\w$.])-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
+_LIST = re.compile(rb"\(\s*\?(?:\s*,\s*\?)+\s*\)")
+_FINGERPRINT_CACHE_MAX: Final = 4096
+STATEMENT_ALWAYS_NS: Final = 10_000_000  # holds this long are always attributed (10 ms)
+STATEMENT_SAMPLE_EVERY: Final = 16
+STATEMENT_EXACT_PER_PASS: Final = 100  # maintenance runs every 0.05..1 s
+_fingerprint_cache: dict[bytes, str] = {}
+FINGERPRINT_MAX_CHARS: Final = 200
+
+
+def fingerprint(statement: bytes) -> str:
+    """The statement with literals and parameters replaced by '?', whitespace folded.
+
+    Called once per transaction, so it must be cheap even when every statement is new (inline
+    literals, as pgbench sends them): the passes for comments, quoted strings and $n run only
+    when their first character occurs at all, and repeated texts come from a cache.
+    """
+    found = _fingerprint_cache.get(statement)
+    if found is not None:
+        return found
+    text = statement
+    if b"'" in text or b"--" in text or b"/*" in text or b"$" in text:
+        text = _COMMENT.sub(b" ", text)
+        text = _STRING.sub(b"?", text)
+        text = _PARAM.sub(b"?", text)
+    text = _NUMBER.sub(b"?", text)
+    if b"," in text:
+        text = _LIST.sub(b"(...)", text)
+    result = b" ".join(text.split()).decode("utf-8", "replace")[:FINGERPRINT_MAX_CHARS]
+    if len(_fingerprint_cache) >= _FINGERPRINT_CACHE_MAX:
+        _fingerprint_cache.clear()
+    _fingerprint_cache[statement] = result
+    return result

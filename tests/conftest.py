@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -25,6 +26,19 @@ T = TypeVar("T")
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any]:
     return {"uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[str]]]:
+    """Subprocesses a test starts; killed (if still running) and their pipes closed at the end."""
+    procs: list[subprocess.Popen[str]] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 @pytest.fixture(scope="session")
@@ -46,6 +60,7 @@ class RunningPooler:
         self.call_async(self.pooler.start())
         self.port = self.pooler.port
         self.host = settings.listen_addr
+        self.metrics_url = f"http://{settings.metrics_addr}:{self.pooler.metrics.port}"
 
     def call_async(self, coro: Any, timeout: float = 30) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
@@ -103,6 +118,7 @@ def start_pooler(postgres: EmbeddedPostgres) -> Iterator[Callable[..., RunningPo
         db_keys = ("pool_size", "pool_mode", "user", "password")
         db = {k: overrides.pop(k) for k in db_keys if k in overrides}
         overrides.setdefault("listen_port", 0)
+        overrides.setdefault("metrics_port", 0)
         overrides.setdefault("log_connections", False)
         overrides.setdefault("log_disconnections", False)
         overrides.setdefault(

@@ -258,6 +258,50 @@ def parse_sasl_mechanisms(payload: bytes) -> list[str]:
     return [m.decode("ascii", "replace") for m in payload.split(b"\0") if m]
 
 
+def parse_data_row(body: bytes) -> list[bytes | None]:
+    """The column values of a DataRow (None for SQL NULL)."""
+    if len(body) < 2:
+        raise ProtocolViolation("invalid DataRow")
+    (count,) = INT16.unpack_from(body)
+    values: list[bytes | None] = []
+    pos = 2
+    for _ in range(count):
+        if len(body) - pos < 4:
+            raise ProtocolViolation("invalid DataRow: truncated")
+        (length,) = INT32.unpack_from(body, pos)
+        pos += 4
+        if length < 0:
+            values.append(None)
+            continue
+        if len(body) - pos < length:
+            raise ProtocolViolation("invalid DataRow: truncated")
+        values.append(body[pos : pos + length])
+        pos += length
+    return values
+
+
+def parse_password_message(body: bytes) -> bytes:
+    """The password of a PasswordMessage (cleartext or md5 response), without its NUL."""
+    end = body.find(b"\0")
+    if end < 0 or end != len(body) - 1:
+        raise ProtocolViolation("invalid password packet layout")
+    return body[:end]
+
+
+def parse_sasl_initial_response(body: bytes) -> tuple[str, bytes]:
+    """SASLInitialResponse: the selected mechanism and its initial data (empty when absent)."""
+    mechanism, pos = read_cstring(body, 0, "SASL mechanism name")
+    if len(body) - pos < 4:
+        raise ProtocolViolation("invalid SASLInitialResponse: no data length")
+    (length,) = INT32.unpack_from(body, pos)
+    pos += 4
+    if length == -1:
+        length = 0
+    if length < 0 or length != len(body) - pos:
+        raise ProtocolViolation("invalid SASLInitialResponse: data length does not match")
+    return mechanism, body[pos:]
+
+
 # --------------------------------------------------------------------------- builders
 
 
@@ -327,6 +371,11 @@ def build_authentication(code: int, payload: bytes = b"") -> bytes:
 
 
 AUTHENTICATION_OK: Final = build_authentication(c.AUTH_OK)
+AUTHENTICATION_CLEARTEXT_PASSWORD: Final = build_authentication(c.AUTH_CLEARTEXT)
+
+
+def build_authentication_sasl(mechanisms: Iterable[str]) -> bytes:
+    return build_authentication(c.AUTH_SASL, b"".join(_cstring(m) for m in mechanisms) + b"\0")
 
 
 def build_startup_message(parameters: Mapping[str, str]) -> bytes:
@@ -355,12 +404,14 @@ def build_sasl_response(data: bytes) -> bytes:
     return build_message(c.F_PASSWORD, data)
 
 
+TERMINATE: Final = build_message(c.F_TERMINATE)
+SYNC: Final = build_message(c.F_SYNC)
+
+
 def build_query(sql: str) -> bytes:
     return build_message(c.F_QUERY, _cstring(sql))
 
 
-TERMINATE: Final = build_message(c.F_TERMINATE)
-SYNC: Final = build_message(c.F_SYNC)
 PARSE_COMPLETE: Final = build_message(c.B_PARSE_COMPLETE)
 CLOSE_COMPLETE: Final = build_message(c.B_CLOSE_COMPLETE)
 
@@ -376,6 +427,22 @@ def build_close_statement(name: bytes) -> bytes:
 
 def build_describe_statement(name: bytes) -> bytes:
     return build_message(c.F_DESCRIBE, b"S" + name + b"\0")
+def build_parameterized_query(sql: str, parameters: Iterable[str | None]) -> bytes:
+    """Parse, Bind, Execute and Sync of one unnamed statement with text parameters: how pypooler
+    runs a query of its own (auth_query) without ever splicing values into SQL."""
+    values = list(parameters)
+    parse = build_message(c.F_PARSE, b"\0" + _cstring(sql) + INT16.pack(0))
+    bind_values = b"".join(
+        INT32.pack(-1) if value is None else INT32.pack(len(raw := value.encode())) + raw
+        for value in values
+    )
+    bind = build_message(
+        c.F_BIND,
+        b"\0\0" + INT16.pack(0) + INT16.pack(len(values)) + bind_values + INT16.pack(0),
+    )
+    execute = build_message(c.F_EXECUTE, b"\0" + INT32.pack(0))
+    return parse + bind + execute + SYNC
+
 
 
 def build_command_complete(tag: str) -> bytes:

@@ -56,6 +56,12 @@ B_PORTAL_SUSPENDED: Final = ord("s")
 B_READY_FOR_QUERY: Final = ord("Z")
 B_ROW_DESCRIPTION: Final = ord("T")
 
+# Type OIDs of the columns the admin console sends (all in text format).
+OID_INT8: Final = 20
+OID_INT4: Final = 23
+OID_TEXT: Final = 25
+OID_NUMERIC: Final = 1700
+
 # ReadyForQuery transaction status bytes.
 TX_IDLE: Final = ord("I")
 TX_IN_TRANSACTION: Final = ord("T")
@@ -101,6 +107,10 @@ class SQLState:
     DUPLICATE_PREPARED_STATEMENT: Final = "42P05"
     INVALID_SQL_STATEMENT_NAME: Final = "26000"
     UNDEFINED_OBJECT: Final = "42704"
+    SYNTAX_ERROR: Final = "42601"
+    INSUFFICIENT_PRIVILEGE: Final = "42501"
+    INVALID_PARAMETER_VALUE: Final = "22023"
+    OBJECT_NOT_IN_PREREQUISITE_STATE: Final = "55000"
     TOO_MANY_CONNECTIONS: Final = "53300"
     ACTIVE_SQL_TRANSACTION: Final = "25001"
     QUERY_CANCELED: Final = "57014"

@@ -37,13 +37,18 @@ _COPY_DATA: Final = c.F_COPY_DATA
 _COPY_DONE: Final = c.F_COPY_DONE
 _COPY_FAIL: Final = c.F_COPY_FAIL
 _Z: Final = c.B_READY_FOR_QUERY
+_P: Final = c.F_PARSE
+STATEMENT_SAMPLE: Final = 256  # bytes of statement text kept per statement
+# Statements that say nothing about what a transaction does (lower-case prefixes).
+_TRANSACTION_CONTROL: Final = (b"begin", b"start", b"set ", b"savepoint", b"\n", b" ")
+_CONTROL_FIRST_BYTES: Final = frozenset(b"bBsS \n\t")
 
 
 class FrontendStream:
     """Client -> server direction."""
 
-    __slots__ = ("_extended", "_head", "_skip", "_syncs_since_execute", "copy_in", "open_tail",
-                 "outstanding")
+    __slots__ = ("_extended", "_head", "_skip", "_syncs_since_execute", "copy_in", "last_statement",
+                 "open_tail", "outstanding", "xact_statement", "xact_statement_final")
 
     def __init__(self) -> None:
         self._skip = 0  # bytes of the current message body still to pass
@@ -53,30 +58,37 @@ class FrontendStream:
         self.copy_in = False
         self._syncs_since_execute = 0
         self._extended = False  # was the latest Execute more recent than the latest Query?
+        # The start of the latest Query/Parse text, and the first one of the current transaction
+        # that is not transaction control (the client takes and clears it when the hold ends):
+        # for statement stats and SHOW HOLDERS. At most STATEMENT_SAMPLE bytes, per statement.
+        self.last_statement = b""
+        self.xact_statement: bytes | None = None
+        self.xact_statement_final = False  # xact_statement is not transaction control
 
     @property
     def at_rest(self) -> bool:
         """Nothing sent by the client is pending on the server."""
         return not (self.outstanding or self.open_tail or self.copy_in or self._head or self._skip)
 
-    def feed(self, data: bytes) -> int:
-        """Account for client bytes; return the offset of a Terminate message, or -1."""
+    def _complete_head(self, data: bytes) -> int:
+        """feed() when the last read ended inside a message header."""
         head = self._head
-        if head:
-            need = 5 - len(head)
-            if len(data) < need:
-                self._head = head + data
-                return -1
-            self._head = b""
-            terminate = self._scan(head + data[:need], 0)
-            if terminate >= 0:
-                # Part of the Terminate already went to the server: it is no longer clean.
-                self.open_tail = True
-                return 0
-            return self._scan(data, need)
-        return self._scan(data, 0)
+        need = 5 - len(head)
+        if len(data) < need:
+            self._head = head + data
+            return -1
+        self._head = b""
+        terminate = self.feed(head + data[:need])
+        if terminate >= 0:
+            # Part of the Terminate already went to the server: it is no longer clean.
+            self.open_tail = True
+            return 0
+        return self.feed(data, need)
 
-    def _scan(self, data: bytes, start: int) -> int:
+    def feed(self, data: bytes, start: int = 0) -> int:
+        """Account for client bytes; return the offset of a Terminate message, or -1."""
+        if self._head:
+            return self._complete_head(data)
         end = len(data)
         pos = start + self._skip
         if pos > end:
@@ -91,6 +103,10 @@ class FrontendStream:
                 self.open_tail = False
                 self._syncs_since_execute = 0
                 self._extended = False
+                # The text ends one byte before the message (its NUL terminator).
+                text = self.last_statement = data[pos + 5 : min(pos + length, pos + 5 + STATEMENT_SAMPLE)]
+                if not self.xact_statement_final:
+                    self._note_first_statement(text)
             elif msg_type == _S:
                 if not self.copy_in:
                     self.outstanding += 1
@@ -112,6 +128,13 @@ class FrontendStream:
                 self.outstanding += 1
             else:  # Parse, Bind, Describe, Close, Flush: answered at the next Sync
                 self.open_tail = True
+                if msg_type == _P:
+                    # Skip the statement name to reach the query text.
+                    name_end = data.find(b"\0", pos + 5, pos + 1 + length)
+                    if name_end >= 0:
+                        text = data[name_end + 1 : min(pos + 1 + length, name_end + 1 + STATEMENT_SAMPLE)]
+                        nul = text.find(b"\0")
+                        self._note_statement(text[:nul] if nul >= 0 else text)
             pos += 1 + length
         if pos > end:
             self._skip = pos - end
@@ -120,6 +143,19 @@ class FrontendStream:
             if pos < end:
                 self._head = data[pos:]
         return -1
+
+    def _note_statement(self, text: bytes) -> None:
+        self.last_statement = text
+        if not self.xact_statement_final:
+            self._note_first_statement(text)
+
+    def _note_first_statement(self, text: bytes) -> None:
+        self.xact_statement = text
+        # Most statements fail the one-byte test; only b/s/blank ones get the full look.
+        self.xact_statement_final = not (
+            text and text[0] in _CONTROL_FIRST_BYTES
+            and text[:10].lower().startswith(_TRANSACTION_CONTROL)
+        )
 
     def _enter_copy_in(self) -> None:
         self.copy_in = True
@@ -147,31 +183,30 @@ class BackendStream:
     def at_message_boundary(self) -> bool:
         return not (self._skip or self._head)
 
-    def feed(self, data: bytes, frontend: FrontendStream) -> int:
+    def _complete_head(self, data: bytes, frontend: FrontendStream) -> int:
+        """feed() when the last read ended inside a message header."""
+        head = self._head
+        need = (6 if head[0] == _Z else 5) - len(head)
+        if len(data) < need:
+            head = self._head = head + data
+            if len(head) == 5 and unpack_header(head)[1] != 5:  # a ReadyForQuery header
+                raise ProtocolViolation(f"server sent ReadyForQuery of length {unpack_header(head)[1]}")
+            return -1
+        self._head = b""
+        first = self.feed(head + data[:need], frontend)
+        rest = self.feed(data, frontend, need)
+        if rest >= 0:
+            return rest
+        return first - len(head) if first >= 0 else -1
+
+    def feed(self, data: bytes, frontend: FrontendStream, start: int = 0) -> int:
         """Account for server bytes.
 
         Returns the offset just past the last ReadyForQuery in `data` that answered the client's
         last outstanding request, or -1. `tx_status` then holds the status of the latest one.
         """
-        head = self._head
-        if head:
-            need = (6 if head[0] == _Z else 5) - len(head)
-            if len(data) < need:
-                head = self._head = head + data
-                if len(head) == 5 and head[0] == _Z:
-                    length = unpack_header(head, 0)[1]
-                    if length != 5:  # say so now, as a whole read would, not at the next byte
-                        raise ProtocolViolation(f"server sent ReadyForQuery of length {length}")
-                return -1
-            self._head = b""
-            first = self._scan(head + data[:need], 0, frontend)
-            rest = self._scan(data, need, frontend)
-            if rest >= 0:
-                return rest
-            return first - len(head) if first >= 0 else -1
-        return self._scan(data, 0, frontend)
-
-    def _scan(self, data: bytes, start: int, frontend: FrontendStream) -> int:
+        if self._head:
+            return self._complete_head(data, frontend)
         end = len(data)
         pos = start + self._skip
         if pos > end:

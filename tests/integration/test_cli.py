@@ -8,10 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from pypooler.embedded import EmbeddedPostgres
 
@@ -24,7 +21,7 @@ def start_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "PYPOOLER_METRICS_PORT": "0", **(env or {})},
     )
 
 
@@ -53,18 +50,6 @@ def psql(dsn: str, sql: str) -> str:
     return result.stdout.strip()
 
 
-@pytest.fixture
-def stopped_at_end() -> Iterator[list[subprocess.Popen[str]]]:
-    procs: list[subprocess.Popen[str]] = []
-    yield procs
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        if proc.stdout is not None:
-            proc.stdout.close()
-
-
 def test_check_config_reports_every_problem(tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
     config.write_text('listen_port = -1\ndefault_pool_size = 0\nlisen_addr = "x"\n')
@@ -81,7 +66,7 @@ def test_check_config_reports_every_problem(tmp_path: Path) -> None:
 
 
 def test_run_with_config_and_sigint(
-    tmp_path: Path, postgres: EmbeddedPostgres, stopped_at_end: list[subprocess.Popen[str]]
+    tmp_path: Path, postgres: EmbeddedPostgres, processes: list[subprocess.Popen[str]]
 ) -> None:
     config = tmp_path / "pypooler.toml"
     config.write_text(
@@ -89,7 +74,7 @@ def test_run_with_config_and_sigint(
         f'[databases.pypooler_test]\nhost = "{postgres.host}"\nport = {postgres.port}\npool_size = 2\n'
     )
     proc = start_cli("run", "--config", str(config))
-    stopped_at_end.append(proc)
+    processes.append(proc)
     port = int(wait_for_line(proc, r"listening on 127\.0\.0\.1:(\d+)").group(1))
     dsn = f"postgresql://postgres@127.0.0.1:{port}/pypooler_test"
     assert psql(dsn, "select 6 * 7") == "42"
@@ -100,10 +85,10 @@ def test_run_with_config_and_sigint(
 
 
 def test_run_without_databases_starts_an_embedded_postgres(
-    stopped_at_end: list[subprocess.Popen[str]],
+    processes: list[subprocess.Popen[str]],
 ) -> None:
     proc = start_cli("run", env={"PYPOOLER_LISTEN_PORT": "0", "PYPOOLER_CONFIG": ""})
-    stopped_at_end.append(proc)
+    processes.append(proc)
     dsn = wait_for_line(proc, r"psql '(postgresql://\S+)'", timeout=60).group(1)
     assert psql(dsn, "select current_database()") == "pypooler_test"
     proc.send_signal(signal.SIGTERM)

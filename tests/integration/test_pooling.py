@@ -139,3 +139,20 @@ async def test_transaction_mode_shares_one_server(start_pooler: Any) -> None:
     assert pid_a == pid_b
     await a.close()
     await b.close()
+
+
+async def test_client_sockets_get_keepalive_from_the_listener(start_pooler: Any) -> None:
+    import socket
+
+    pooler = start_pooler()
+    client = await RawClient.login(pooler.host, pooler.port)
+    try:
+        def keepalive() -> list[int]:
+            return [
+                c.transport.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+                for c in pooler.pooler.registry.clients
+            ]
+
+        assert pooler.call(keepalive) == [1]
+    finally:
+        await client.close()

@@ -21,6 +21,7 @@ from psycopg import errors as pg_errors
 
 from pypooler.embedded import EmbeddedPostgres
 from tests.pgwire import RawClient, data_rows, error_fields
+from tests.prometheus import sample, scrape
 
 CONNECT_TIMEOUT_S = 30
 CANCEL_WITHIN_S = 1.0
@@ -284,7 +285,10 @@ async def test_session_state_policy_log(
         assert data_rows(await other.query(leaked)) == [["t"]]
         warnings = [r.getMessage() for r in caplog.records if "app=leaky" in r.getMessage()]
         assert len(warnings) == 1 and "inherits" in warnings[0]
-        assert pooler.call(lambda: pooler.pool().stats.session_state[(kind, "leaky")]) == 2
+        assert pooler.call(lambda: pooler.pool().stats.apps["leaky"].session_state[kind]) == 2
+        metrics = scrape(pooler.metrics_url)["pypooler_session_state_statements"]
+        assert sample(metrics, "pypooler_session_state_statements_total", application_name="leaky",
+                      kind=kind) == 2  # fmt: skip
     finally:
         await client.close()
         await other.close()
@@ -322,13 +326,15 @@ async def test_session_state_policy_pin(start_pooler: Any, kind: str) -> None:
         pinned_pid = data_rows(await client.query("SELECT pg_backend_pid()"))[0][0]
         assert error_fields(await client.query(statement)) is None
         assert data_rows(await client.query(leaked)) == [["t"]]  # the client keeps its state
-        assert pooler.call(lambda: pooler.pool().stats.pinned) == 1
+        assert pooler.call(lambda: pooler.pool().stats.totals().pinned) == 1
+        assert sample(scrape(pooler.metrics_url)["pypooler_pinned_clients_now"],
+                      "pypooler_pinned_clients_now") == 1  # fmt: skip
         for _ in range(3):
             reply = await other.query(f"SELECT pg_backend_pid()::text <> '{pinned_pid}', ({leaked})")
             assert data_rows(reply) == [["t", "f"]]  # never that server, never that state
         await client.close()
         await asyncio.sleep(0.2)  # the server is reset (DISCARD ALL) and goes back to the pool
-        assert pooler.call(lambda: pooler.pool().stats.pinned) == 0
+        assert pooler.call(lambda: pooler.pool().stats.totals().pinned) == 0
         second = await RawClient.login(pooler.host, pooler.port)
         try:
             await second.query("BEGIN")  # hold one server, so `other` gets the reset one next

@@ -160,6 +160,11 @@ def test_pooler_error_response_carries_class_sqlstate(cls: type[PoolerError]) ->
         (errors.ServerConnectionLost, "08006"),
         (errors.StatementModeTransaction, "25001"),
         (errors.ShuttingDown, "57P01"),
+        (errors.PasswordAuthFailed, "28P01"),
+        (errors.AuthRejected, "28000"),
+        (errors.ChannelBindingError, "28000"),
+        (errors.ClientLoginTimeout, "57014"),
+        (errors.AuthLookupFailed, "08001"),
     ],
 )
 def test_pooler_errors_are_fatal_with_their_sqlstate(cls: type[PoolerError], sqlstate: str) -> None:

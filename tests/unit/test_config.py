@@ -49,6 +49,7 @@ def test_defaults() -> None:
     assert settings.server_reset_query == "DISCARD ALL"
     assert settings.server_idle_timeout == 600.0
     assert settings.server_lifetime == 3600.0
+    assert settings.shutdown_drain_timeout == 20.0
     assert settings.tcp_keepalive is True
     assert settings.max_prepared_statements == 200
     assert settings.ignore_startup_parameters == ["extra_float_digits"]
@@ -152,7 +153,7 @@ def test_example_config_shows_every_setting_with_its_default() -> None:
     top_level = {key: value for key, value in example.items() if key != "databases"}
     assert set(top_level) == set(Settings.model_fields) - {"databases"}
     for key, value in top_level.items():
-        assert value == Settings.model_fields[key].default, key
+        assert value == Settings.model_fields[key].get_default(call_default_factory=True), key
     for field in DatabaseConfig.model_fields:
         # Optional database settings appear commented out.
         assert f"\n{field} = " in text or f"\n# {field} = " in text, field
@@ -537,6 +538,98 @@ def test_password_is_not_in_problems(tmp_path: Path) -> None:
     assert problems_of(excinfo) == ["databases.app.password: must be a string"]
     assert excinfo.value.__cause__ is None
     assert excinfo.value.__suppress_context__
+
+
+# --- authentication and TLS ------------------------------------------------------------------
+
+
+def test_auth_and_tls_defaults() -> None:
+    settings = load_settings(env={})
+
+    assert settings.auth_type == "trust"
+    assert settings.auth_file == settings.auth_hba_file == settings.auth_user == ""
+    assert settings.auth_query.startswith("SELECT rolname")
+    assert "pg_catalog.pg_authid" in settings.auth_query and "rolvaliduntil" in settings.auth_query
+    assert settings.auth_cache_seconds == 5.0
+    assert settings.client_login_timeout == 60.0
+    assert settings.client_tls_sslmode == "disable"
+    assert settings.server_tls_sslmode == "prefer"
+    assert DatabaseConfig().auth_type is None
+
+
+def test_password_auth_needs_a_secret_source(tmp_path: Path) -> None:
+    path = write_toml(
+        tmp_path,
+        'auth_type = "md5"\n[databases.app]\nauth_type = "scram-sha-256"\n[databases.other]\n',
+    )
+
+    with pytest.raises(ConfigError) as excinfo:
+        load_settings(path, env={})
+
+    assert problems_of(excinfo) == [
+        "auth_type: md5 needs auth_file or auth_user (auth_query) to find passwords",
+        "databases.app.auth_type: scram-sha-256 needs auth_file or auth_user (auth_query) to find"
+        " passwords",
+    ]
+
+
+def test_auth_user_is_enough_for_password_auth() -> None:
+    settings = load_settings(env={}, auth_type="scram-sha-256", auth_user="pgbouncer")
+
+    assert settings.auth_type == "scram-sha-256"
+
+
+def test_auth_problems_one_line_each(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.txt"
+    with pytest.raises(ConfigError) as excinfo:
+        load_settings(
+            env={},
+            auth_type="hba",
+            auth_file=str(missing),
+            auth_user="pgbouncer",
+            auth_query=" ",
+            client_tls_sslmode="verify-full",
+            server_tls_cert_file=str(tmp_path),
+        )
+
+    assert problems_of(excinfo) == [
+        "auth_type: hba needs auth_hba_file",
+        "auth_query: must not be empty when auth_user is set",
+        "client_tls_cert_file: is required when client_tls_sslmode is verify-full",
+        "client_tls_key_file: is required when client_tls_sslmode is verify-full",
+        "client_tls_ca_file: is required when client_tls_sslmode is verify-full",
+        "server_tls_cert_file and server_tls_key_file: set both or neither",
+        f"auth_file: {missing}: not found",
+        f"server_tls_cert_file: {tmp_path}: not a regular file",
+    ]
+
+
+def test_cert_auth_needs_tls_and_a_ca() -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        load_settings(env={}, auth_type="cert")
+
+    assert problems_of(excinfo) == [
+        "auth_type: cert needs client_tls_ca_file to verify client certificates",
+        "auth_type: cert needs TLS (client_tls_sslmode is disable)",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [
+        ("auth_type", "ldap", "auth_type: must be one of"),
+        ("client_tls_sslmode", "on", "client_tls_sslmode: must be one of"),
+        ("server_tls_sslmode", "allow", "server_tls_sslmode: must be one of"),
+        ("client_login_timeout", -1, "client_login_timeout: must be >= 0"),
+        ("auth_cache_seconds", -1, "auth_cache_seconds: must be >= 0"),
+    ],
+)
+def test_auth_setting_values_are_checked(key: str, value: object, problem: str) -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        load_settings(env={}, **{key: value})
+
+    assert len(problems_of(excinfo)) == 1
+    assert problems_of(excinfo)[0].startswith(problem)
 
 
 # --- transaction-mode settings -------------------------------------------------------------

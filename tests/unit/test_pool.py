@@ -19,9 +19,14 @@ from pypooler import pool as pool_module
 from pypooler.config import Settings, load_settings
 from pypooler.errors import PoolerError, QueryWaitTimeout, ServerConnectFailed, ShuttingDown
 from pypooler.pool import Pool
+from pypooler.protocol.transaction import FrontendStream
 from pypooler.server import ServerLogin
 
 NS = 1_000_000_000
+
+
+def default_login() -> ServerLogin:
+    return ServerLogin("127.0.0.1", 5432, "app", "alice", None)
 
 
 class FakeServer:
@@ -29,10 +34,12 @@ class FakeServer:
 
     count = 0
 
-    def __init__(self, *, age_s: float = 0.0) -> None:
+    def __init__(self, *, age_s: float = 0.0, login: ServerLogin | None = None) -> None:
         FakeServer.count += 1
+        self.login = login or default_login()
         self.name = f"s{FakeServer.count}"
         self.closed = False
+        self.close_needed = False
         self.created_ns = time.monotonic_ns() - int(age_s * NS)
         self.last_used_ns = 0
         self.on_close: Any = None
@@ -66,6 +73,14 @@ class FakeClient:
         self.wait_started_ns = 0
         self.linked: list[FakeServer] = []
         self.failures: list[PoolerError] = []
+        # What log lines about holders and waiters read.
+        self.peer = f"127.0.0.1:{name}"
+        self.application_name = name
+        self.lent_ns = 0
+        self.idle_since_ns = 0
+        self.idle_in_xact = False
+        self.hog_warned = False
+        self.frontend = FrontendStream()
 
     @property
     def server(self) -> FakeServer | None:
@@ -90,10 +105,12 @@ class FakeConnector:
 
     def __init__(self) -> None:
         self.pending: list[asyncio.Future[FakeServer]] = []
+        self.logins: list[ServerLogin] = []  # what each pending connect was asked to log in as
         self.calls = 0
 
     async def __call__(self, login: ServerLogin, timeout: float) -> FakeServer:
         self.calls += 1
+        self.logins.append(login)
         future: asyncio.Future[FakeServer] = asyncio.get_running_loop().create_future()
         self.pending.append(future)
         return await future
@@ -102,7 +119,7 @@ class FakeConnector:
         await settle()
         servers = []
         for _ in range(count):
-            server = FakeServer(**server_args)
+            server = FakeServer(login=self.logins.pop(0), **server_args)
             self.pending.pop(0).set_result(server)
             servers.append(server)
         await settle()
@@ -110,6 +127,7 @@ class FakeConnector:
 
     async def fail(self, exc: PoolerError) -> None:
         await settle()
+        self.logins.pop(0)
         self.pending.pop(0).set_exception(exc)
         await settle()
 
@@ -135,8 +153,8 @@ def make_settings(**overrides: Any) -> Settings:
 
 
 def make_pool(size: int = 2, **overrides: Any) -> Pool:
-    login = ServerLogin("127.0.0.1", 5432, "app", "alice", None)
-    return Pool("app", "alice", login, size=size, mode="transaction", settings=make_settings(**overrides))
+    settings = make_settings(**overrides)
+    return Pool("app", "alice", default_login(), size=size, mode="transaction", settings=settings)
 
 
 def add_idle(pool: Pool, count: int) -> list[FakeServer]:
@@ -215,8 +233,7 @@ async def test_checkout_opens_a_server_and_links_the_waiter(connector: FakeConne
     assert server.on_close == pool.server_closed
     assert pool.parameters == server.parameters
     assert pool.stats.server_connects == 1
-    assert pool.stats.server_connect_ns > 0
-    assert pool.stats.wait_count == 1
+    assert pool.stats.server_connect.count == 1 and pool.stats.server_connect.sum_ns > 0
 
 
 async def test_never_more_than_size_servers(connector: FakeConnector) -> None:
@@ -286,7 +303,6 @@ async def test_release_goes_idle_when_every_waiter_left(connector: FakeConnector
     assert client.linked == []
     assert pool.idle == [server]
     assert not pool.waiters
-    assert pool.stats.wait_count == 0
 
 
 async def test_release_of_a_closed_server_is_ignored(connector: FakeConnector) -> None:
@@ -561,21 +577,19 @@ async def test_server_lifetime_zero_keeps_servers(connector: FakeConnector) -> N
 # --------------------------------------------------------------------------- stats, shutdown
 
 
-async def test_wait_stats_count_only_queued_checkouts(connector: FakeConnector) -> None:
+async def test_release_hands_over_without_counting_itself(connector: FakeConnector) -> None:
+    # Waits and holds are counted by the client (it knows its application_name), not the pool.
     pool = make_pool(size=1)
     (server,) = add_idle(pool, 1)
-    assert checkout(pool, FakeClient()) is server  # immediate: not a wait
-    assert (pool.stats.wait_count, pool.stats.total_wait_ns) == (0, 0)
+    assert checkout(pool, FakeClient()) is server
 
     waiter = FakeClient()
     checkout(pool, waiter)
-    waiter.wait_started_ns -= 2 * NS  # it has waited two seconds
     release(pool, server)
 
     assert waiter.linked == [server]
-    assert pool.stats.wait_count == 1
-    assert 2 * NS <= pool.stats.total_wait_ns < 3 * NS
-    assert pool.stats.xact_count == 0  # counted by the client when it releases, not here
+    assert pool.stats.xact_count == 0
+    assert not pool.stats.apps
 
 
 async def test_close_fails_waiters_and_closes_servers(connector: FakeConnector) -> None:
@@ -607,6 +621,87 @@ async def test_server_opened_after_close_is_closed(connector: FakeConnector) -> 
 
     assert server.closed
     assert pool.servers == set()
+
+
+# --------------------------------------------------------------------------- reload and drain
+
+
+async def test_reconfigure_to_a_bigger_pool_serves_waiters_at_once(connector: FakeConnector) -> None:
+    pool = make_pool(size=1)
+    add_idle(pool, 1)
+    checkout(pool, FakeClient())
+    waiter = FakeClient()
+    checkout(pool, waiter)
+    assert connector.calls == 0  # the pool is full: the waiter queues
+
+    pool.reconfigure(default_login(), size=2, mode="transaction", settings=make_settings())
+    (s2,) = await connector.succeed()
+
+    assert waiter.server is s2
+    assert_bounded(pool)
+
+
+async def test_reconfigure_to_a_smaller_pool_closes_idle_now_and_lent_at_release(
+    connector: FakeConnector,
+) -> None:
+    pool = make_pool(size=3)
+    s1, s2, s3 = add_idle(pool, 3)
+    assert checkout(pool, FakeClient()) is s3
+    assert checkout(pool, FakeClient()) is s2
+
+    pool.reconfigure(default_login(), size=1, mode="transaction", settings=make_settings())
+
+    assert s1.closed and not s2.closed and not s3.closed  # lent servers finish their transactions
+    release(pool, s3)
+    release(pool, s2)
+    # One more than the new size is closed instead of idling; the other stays.
+    assert [s2.closed, s3.closed].count(True) == 1
+    assert len(pool.servers) == 1 and pool.idle == list(pool.servers)
+    assert not pool.draining
+    assert_bounded(pool)
+
+
+async def test_reconfigure_to_a_new_server_retires_old_servers_without_cutting_transactions(
+    connector: FakeConnector,
+) -> None:
+    pool = make_pool(size=2)
+    old_idle, old_lent = add_idle(pool, 2)
+    client = FakeClient()
+    assert checkout(pool, client) is old_lent
+    new_login = ServerLogin("10.0.0.9", 5433, "app", "alice", "secret")
+
+    pool.reconfigure(new_login, size=2, mode="transaction", settings=make_settings())
+
+    assert old_idle.closed and not old_lent.closed  # the transaction goes on
+    release(pool, old_lent)
+    assert old_lent.closed
+    checkout(pool, FakeClient())
+    (fresh,) = await connector.succeed()
+    assert fresh.login is new_login
+    release(pool, fresh)
+    assert not fresh.closed and pool.idle == [fresh] and not pool.draining
+
+
+async def test_drain_refuses_new_transactions_and_lets_lent_servers_finish(
+    connector: FakeConnector,
+) -> None:
+    pool = make_pool(size=2)
+    idle, lent = add_idle(pool, 2)
+    holder = FakeClient()
+    assert checkout(pool, holder) is lent
+    checkout(pool, FakeClient())  # takes `idle`
+    waiter = FakeClient()
+    checkout(pool, waiter)
+
+    pool.drain()
+
+    assert [type(e) for e in waiter.failures] == [ShuttingDown] and pool.waiting == 0
+    assert not lent.closed and not idle.closed  # both still inside their transactions
+    with pytest.raises(ShuttingDown):
+        checkout(pool, FakeClient())
+    release(pool, lent)
+    assert lent.closed  # a drained pool keeps nothing idle
+    assert connector.calls == 0
 
 
 # --------------------------------------------------------------------------- random operations

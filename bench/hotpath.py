@@ -1,0 +1,164 @@
+"""Python cost of the proxy per transaction and per login, without sockets or kernel noise.
+
+Drives real ClientConnection / ServerConnection / Pool objects through fake transports: a
+pgbench -S style transaction (Query in, RowDescription/DataRow/CommandComplete/ReadyForQuery
+out) and a full client login + Terminate. Prints the best-of-N µs per operation, so a change to
+the hot path can be measured before and after on a busy machine:
+
+    .venv/bin/python -m bench.hotpath
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import time
+from typing import Any
+
+import uvloop
+
+from pypooler.app import Pooler
+from pypooler.config import load_settings
+from pypooler.protocol import codec
+from pypooler.server import ServerConnection, ServerLogin
+
+QUERY = codec.build_query("SELECT abalance FROM pgbench_accounts WHERE aid = 48213;")
+REPLY = (
+    codec.build_row_description([("abalance", 23)])
+    + codec.build_data_row(["0"])
+    + codec.build_command_complete("SELECT 1")
+    + codec.build_ready_for_query()
+)
+STARTUP = codec.build_startup_message({"user": "bench", "database": "bench", "application_name": "pgbench"})
+ROUNDS = 7
+
+
+class FakeSocket:
+    family = 2  # AF_INET, so tune_transport sets its options
+
+    def setsockopt(self, *args: Any) -> None:
+        pass
+
+
+class FakeTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = 0
+        self.closed = False
+        self._extra = {"socket": FakeSocket(), "peername": ("127.0.0.1", 40000)}
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += len(data)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._extra.get(name, default)
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def best_us(samples: list[float]) -> str:
+    return f"{min(samples):6.2f} µs (median {statistics.median(samples):.2f})"
+
+
+async def main() -> None:
+    settings = load_settings(
+        None, env={}, log_connections=False, log_disconnections=False, metrics_port=None,
+        databases={"bench": {"host": "127.0.0.1", "port": 1, "pool_size": 1}},
+    )  # fmt: skip
+    pooler = Pooler(settings)
+    pool = pooler.manager.get_pool("bench", "bench")
+    assert pool is not None
+    login_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    server = ServerConnection(ServerLogin("127.0.0.1", 1, "bench", "bench", None), login_done)
+    server.connection_made(FakeTransport())
+    server.data_received(codec.AUTHENTICATION_OK + codec.build_parameter_status("server_version", "15")
+                         + codec.build_backend_key_data(1, 2) + codec.build_ready_for_query())
+    pool.servers.add(server)
+    server.on_close = pool.server_closed
+    pool.parameters = dict(server.parameters)
+    pool.release(server)
+
+    from pypooler.client import ClientConnection
+
+    client = ClientConnection(pooler.registry)
+    client.connection_made(FakeTransport())
+    client.data_received(STARTUP)
+    assert client.ready
+
+    n = 50_000
+    # Like pgbench: a random literal per query, so statement texts rarely repeat.
+    queries = [
+        codec.build_query(f"SELECT abalance FROM pgbench_accounts WHERE aid = {aid};")
+        for aid in random.Random(1).sample(range(1, 1_000_000), n)
+    ]
+    xact: list[float] = []
+    for _ in range(ROUNDS):
+        start = time.perf_counter_ns()
+        for query in queries:
+            client.data_received(query)
+            server.data_received(REPLY)
+        xact.append((time.perf_counter_ns() - start) / n / 1000)
+    assert client.server is None and pool.idle == [server]
+
+    # TPC-B-like: BEGIN, five statements, END, each its own round trip inside one hold.
+    in_xact = codec.build_message(ord("Z"), b"T")
+    begin_reply = codec.build_command_complete("BEGIN") + in_xact
+    statement_reply = codec.build_command_complete("UPDATE 1") + in_xact
+    end_reply = codec.build_command_complete("COMMIT") + codec.build_ready_for_query()
+    statements = [
+        codec.build_query(f"UPDATE pgbench_accounts SET abalance = abalance + {delta} WHERE aid = {aid};")
+        for delta, aid in zip(
+            range(-5000, 5000), random.Random(2).sample(range(1, 1_000_000), 10_000), strict=True
+        )
+    ]
+    begin, end = codec.build_query("BEGIN;"), codec.build_query("END;")
+    k = 10_000
+    tpcb: list[float] = []
+    for _ in range(ROUNDS):
+        start = time.perf_counter_ns()
+        for i in range(k):
+            client.data_received(begin)
+            server.data_received(begin_reply)
+            for j in range(5):
+                client.data_received(statements[(i + j) % len(statements)])
+                server.data_received(statement_reply)
+            client.data_received(end)
+            server.data_received(end_reply)
+        tpcb.append((time.perf_counter_ns() - start) / k / 1000)
+    assert client.server is None
+
+    m = 5_000
+    login: list[float] = []
+    for _ in range(ROUNDS):
+        start = time.perf_counter_ns()
+        for _ in range(m):
+            other = ClientConnection(pooler.registry)
+            transport = FakeTransport()
+            other.connection_made(transport)
+            other.data_received(STARTUP)
+            other.data_received(QUERY)
+            server.data_received(REPLY)
+            other.data_received(codec.TERMINATE)
+            other.connection_lost(None)
+        login.append((time.perf_counter_ns() - start) / m / 1000)
+    print(f"transaction (Query -> 4 messages -> release): {best_us(xact)}  (random literals, like pgbench)")
+    print(f"TPC-B-like (7 round trips in one hold):       {best_us(tpcb)}")
+    print(f"connect + login + 1 transaction + Terminate:   {best_us(login)}")
+
+
+if __name__ == "__main__":
+    uvloop.run(main())

@@ -1,0 +1,273 @@
+"""Signals sent to a real `pypooler run` process: SIGHUP reloads, SIGTERM drains, SIGINT drains
+faster, a second signal exits at once (see pypooler/cli.py and Pooler.drain for the rules)."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from pypooler.config import load_settings
+from pypooler.embedded import EmbeddedPostgres, random_free_port
+
+ADMIN_SHUTDOWN = "57P01"
+
+
+free_port = random_free_port  # below the ephemeral range
+
+
+class PoolerProcess:
+    """`python -m pypooler run --config FILE`, its output collected by a thread (so a silent
+    process cannot block a test), stopped by its PID at the end."""
+
+    def __init__(self, config: Path) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PYPOOLER_", "PG"))}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pypooler", "run", "--config", str(config)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+        )  # fmt: skip
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line)
+
+    def wait_for(self, pattern: str, timeout: float = 30) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            self.seen.append(line)
+            if match := re.search(pattern, line):
+                return match
+        raise AssertionError(f"no line matching {pattern!r}:\n{''.join(self.seen)}")
+
+    def signal(self, signum: signal.Signals) -> None:
+        self.proc.send_signal(signum)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._reader.join(5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def write_config(
+    path: Path, postgres: EmbeddedPostgres, port: int, metrics_port: int, **settings: object
+) -> None:
+    top = {"listen_port": port, "metrics_port": metrics_port, "log_connections": "false", **settings}
+    path.write_text(
+        "".join(f"{key} = {value}\n" for key, value in top.items())
+        + f'[databases.pypooler_test]\nhost = "{postgres.host}"\nport = {postgres.port}\npool_size = 2\n'
+    )
+
+
+class PoolerFactory:
+    """start(**settings) -> (process, config file, client DSN, metrics URL); all stopped at the end."""
+
+    def __init__(self, tmp_path: Path, postgres: EmbeddedPostgres) -> None:
+        self.tmp_path = tmp_path
+        self.postgres = postgres
+        self.started: list[PoolerProcess] = []
+
+    def __call__(self, **settings: object) -> tuple[PoolerProcess, Path, str, str]:
+        port, metrics_port = free_port(), free_port()
+        config = self.tmp_path / f"pypooler-{len(self.started)}.toml"
+        write_config(config, self.postgres, port, metrics_port, **settings)
+        process = PoolerProcess(config)
+        self.started.append(process)
+        process.wait_for(r"listening on 127\.0\.0\.1:\d+")
+        dsn = f"postgresql://postgres@127.0.0.1:{port}/pypooler_test"
+        return process, config, dsn, f"http://127.0.0.1:{metrics_port}"
+
+
+@pytest.fixture
+def pooler_factory(tmp_path: Path, postgres: EmbeddedPostgres) -> Iterator[PoolerFactory]:
+    factory = PoolerFactory(tmp_path, postgres)
+    yield factory
+    for process in factory.started:
+        process.stop()
+
+
+def connect(dsn: str, *, autocommit: bool = False) -> psycopg.Connection[tuple[object, ...]]:
+    return psycopg.connect(dsn, prepare_threshold=None, connect_timeout=5, autocommit=autocommit)
+
+
+def http_status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def metric(url: str, name: str) -> float:
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
+        text = response.read().decode()
+    match = re.search(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
+    assert match, f"{name} not in /metrics"
+    return float(match.group(1))
+
+
+def test_sighup_reloads_without_dropping_clients(pooler_factory: PoolerFactory) -> None:
+    process, config, dsn, metrics = pooler_factory()
+    with connect(dsn, autocommit=True) as held, connect(dsn) as in_transaction:
+        held.execute("SELECT 1")
+        in_transaction.execute("SELECT 1")  # a transaction stays open across the reload
+        assert metric(metrics, "pypooler_pool_size") == 2
+
+        config.write_text(config.read_text().replace("pool_size = 2", "pool_size = 5"))
+        process.signal(signal.SIGHUP)
+        process.wait_for(r"reloaded configuration: .*pool_size 2 -> 5")
+        assert metric(metrics, "pypooler_pool_size") == 5
+        assert held.execute("SELECT 6 * 7").fetchone() == (42,)
+        in_transaction.execute("SELECT 2")
+        in_transaction.commit()
+
+        # A broken file is reported and the running configuration kept.
+        config.write_text(config.read_text() + "pool_mode = 'nonsense'\n")
+        process.signal(signal.SIGHUP)
+        process.wait_for(r"reload failed, old configuration kept: .*pool_mode")
+        assert held.execute("SELECT 1").fetchone() == (1,)
+        assert metric(metrics, "pypooler_pool_size") == 5
+    assert process.proc.poll() is None
+
+
+def test_sigterm_drains_running_transactions_then_exits_0(pooler_factory: PoolerFactory) -> None:
+    process, _, dsn, metrics = pooler_factory(shutdown_drain_timeout=20)
+    idle = connect(dsn, autocommit=True)
+    busy = connect(dsn)
+    try:
+        idle.execute("SELECT 1")
+        busy.execute("CREATE TEMP TABLE drained (n int) ON COMMIT DROP")
+        busy.execute("INSERT INTO drained VALUES (1)")
+        assert http_status(metrics + "/readyz") == 200
+
+        process.signal(signal.SIGTERM)
+        process.wait_for(r"draining: 2 clients, 1 inside a transaction")
+        assert http_status(metrics + "/readyz") == 503  # load balancers stop sending clients
+        assert http_status(metrics + "/healthz") == 200  # but the process is alive
+        # A client between transactions is closed at once, with the reason.
+        with pytest.raises(psycopg.OperationalError):
+            idle.execute("SELECT 1")
+        with pytest.raises(psycopg.OperationalError):
+            connect(dsn)  # no longer accepting
+
+        # The running transaction finishes normally.
+        assert busy.execute("SELECT count(*) FROM drained").fetchone() == (1,)
+        busy.commit()
+        assert process.proc.wait(10) == 0
+        process.wait_for(r"drained: no transaction running")
+        with pytest.raises(psycopg.OperationalError):
+            busy.execute("SELECT 1")
+    finally:
+        idle.close()
+        busy.close()
+
+
+def test_new_transaction_during_drain_is_refused_with_admin_shutdown(pooler_factory: PoolerFactory) -> None:
+    process, _, dsn, _ = pooler_factory(shutdown_drain_timeout=20)
+    with connect(dsn) as busy, connect(dsn) as other:
+        busy.execute("SELECT 1")  # holds one of the 2 servers in a transaction
+        other.execute("SELECT 1")  # holds the other
+        third = connect(dsn, autocommit=True)  # logged in, waits for a server
+        waiter = threading.Thread(target=lambda: _expect_shutdown(third), daemon=True)
+        waiter.start()
+        time.sleep(0.3)  # third is queued for a server
+        process.signal(signal.SIGTERM)
+        waiter.join(10)
+        assert not waiter.is_alive()
+        busy.rollback()
+        other.commit()
+    assert process.proc.wait(10) == 0
+
+
+def _expect_shutdown(conn: psycopg.Connection[tuple[object, ...]]) -> None:
+    with pytest.raises(psycopg.OperationalError) as excinfo:
+        conn.execute("SELECT 1")
+    assert excinfo.value.sqlstate == ADMIN_SHUTDOWN or "shutting down" in str(excinfo.value)
+    conn.close()
+
+
+def test_drain_timeout_bounds_a_transaction_that_never_ends(pooler_factory: PoolerFactory) -> None:
+    process, _, dsn, _ = pooler_factory(shutdown_drain_timeout=1)
+    stuck = connect(dsn)
+    try:
+        stuck.execute("SELECT 1")  # and never commits
+        started = time.monotonic()
+        process.signal(signal.SIGTERM)
+        assert process.proc.wait(10) == 0
+        assert 0.9 <= time.monotonic() - started < 5
+        process.wait_for(r"drain timeout \(1 s\): closing 1 clients inside a transaction")
+    finally:
+        stuck.close()  # the pooler closed it; close() only tidies up
+
+
+def test_sigint_drains_faster(pooler_factory: PoolerFactory) -> None:
+    process, _, dsn, _ = pooler_factory(shutdown_drain_timeout=30)
+    stuck = connect(dsn)
+    try:
+        stuck.execute("SELECT 1")
+        started = time.monotonic()
+        process.signal(signal.SIGINT)
+        assert process.proc.wait(10) == 0
+        assert time.monotonic() - started < 5  # not the 30 s SIGTERM would allow
+    finally:
+        stuck.close()  # the pooler closed it; close() only tidies up
+
+
+def test_second_signal_exits_at_once(pooler_factory: PoolerFactory) -> None:
+    process, _, dsn, _ = pooler_factory(shutdown_drain_timeout=30)
+    stuck = connect(dsn)
+    try:
+        stuck.execute("SELECT 1")
+        process.signal(signal.SIGTERM)
+        process.wait_for(r"draining: ")
+        started = time.monotonic()
+        process.signal(signal.SIGTERM)
+        assert process.proc.wait(10) == 1
+        assert time.monotonic() - started < 3
+        process.wait_for(r"SIGTERM again: closing every connection now")
+    finally:
+        stuck.close()  # the pooler closed it; close() only tidies up
+
+
+def test_reload_adds_a_database_and_keeps_socket_settings(
+    start_pooler: Callable[..., Any], postgres: EmbeddedPostgres
+) -> None:
+    """The same Pooler.reload that SIGHUP calls, in-process: a new database is served at once;
+    the listening port needs a restart and stays."""
+    pooler = start_pooler(listen_port=free_port(), metrics_port=free_port(), databases={})
+    with pytest.raises(psycopg.OperationalError, match="pypooler_test"):
+        connect(pooler.dsn())
+    new = load_settings(
+        None, env={}, listen_port=pooler.port + 1, log_connections=False,
+        databases={"pypooler_test": {"host": postgres.host, "port": postgres.port}},
+    )  # fmt: skip
+
+    assert pooler.call(lambda: pooler.pooler.reload(new)) is True
+
+    with connect(pooler.dsn(), autocommit=True) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert pooler.pooler.settings.listen_port == pooler.port
