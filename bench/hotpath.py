@@ -21,7 +21,7 @@ import uvloop
 from pypooler.app import Pooler
 from pypooler.config import load_settings
 from pypooler.protocol import codec
-from pypooler.server import ServerConnection, ServerLogin
+from pypooler.server import ServerConnection, ServerLogin, intern_parameters
 
 QUERY = codec.build_query("SELECT abalance FROM pgbench_accounts WHERE aid = 48213;")
 REPLY = (
@@ -85,11 +85,17 @@ async def main() -> None:
     login_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     server = ServerConnection(ServerLogin("127.0.0.1", 1, "bench", "bench", None), login_done)
     server.connection_made(FakeTransport())
+    # As a server that a pgbench client already gave its application_name (the steady state:
+    # no settings to send at a lend).
     server.data_received(codec.AUTHENTICATION_OK + codec.build_parameter_status("server_version", "15")
+                         + codec.build_parameter_status("application_name", "pgbench")
                          + codec.build_backend_key_data(1, 2) + codec.build_ready_for_query())
     pool.servers.add(server)
     server.on_close = pool.server_closed
-    pool.parameters = dict(server.parameters)
+    server.parameters = intern_parameters(server.parameters)
+    pool.parameters = server.parameters
+    if pool.rewriting:
+        pool.fit_stream(server, rewriting=True)
     pool.release(server)
 
     from pypooler.client import ClientConnection
