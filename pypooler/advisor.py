@@ -245,9 +245,7 @@ def window_of(pool: Pool) -> tuple[TrafficStats, dict[str, TrafficStats], float]
 
 def subtract(stats: TrafficStats, earlier: TrafficStats) -> None:
     """stats -= earlier, for the counters and histograms the advisor reads."""
-    stats.xact_count -= earlier.xact_count
-    stats.query_count -= earlier.query_count
-    for name in ("wait_nonzero", "hold", "idle_nonzero", "query"):
+    for name in TrafficStats.HISTOGRAMS:
         setattr(stats, name, getattr(stats, name).minus(getattr(earlier, name)))
     stats.errors.subtract(earlier.errors)
 

@@ -64,7 +64,7 @@ from pypooler.rewriting import RewritingBackend, RewritingFrontend
 from pypooler.server import ServerConnection, intern_parameters, tune_transport
 from pypooler.session_parameters import same_value, settings_sql, startup_settings
 from pypooler.session_state import EXPLANATIONS, HINTS
-from pypooler.stats import BOUNDS_NS, TrafficStats, bucket_of
+from pypooler.stats import BOUNDS_NS, STATEMENT_ALWAYS_NS, STATEMENT_SAMPLE_EVERY, TrafficStats
 from pypooler.tls import ClientTls
 
 log = logging.getLogger("pypooler.client")
@@ -209,8 +209,6 @@ class ClientConnection(asyncio.Protocol):
         "_tls_handshake",
         "application_name",
         "apply_first",
-        "bytes_received",
-        "bytes_sent",
         "cancel_key",
         "closed",
         "connected_ns",
@@ -268,9 +266,6 @@ class ClientConnection(asyncio.Protocol):
         self.hog_warned = False
         self.xact_count = 0
         self.traffic: TrafficStats | None = None  # set at the welcome
-        # Counted here per read, added to `traffic` once per hold (cheaper than per read there).
-        self.bytes_received = 0
-        self.bytes_sent = 0
         self.pending: list[bytes] | None = None  # bytes held while waiting for a server
         self.pending_bytes = 0
         self.reading_paused = False
@@ -328,17 +323,35 @@ class ClientConnection(asyncio.Protocol):
         if self.ready:
             rewriter = self.rewriter
             if rewriter is not None:
-                self.bytes_received += len(data)
+                self.traffic.bytes_received += len(data)  # type: ignore[union-attr]
                 server = self.server
                 if server is None:
-                    if data[0] == _X and self.pending is None:
-                        # The stream is read when it goes to a server, but an idle client
-                        # leaving needs no server.
-                        self.transport.close()
+                    # The commonest event of all, inline: take the idle server on top when it
+                    # has this client's settings; everything else goes through _needs_server.
+                    idle = self.pool.idle
+                    if not idle or self.pending is not None or data[0] == _X:
+                        self._needs_server(data)
                         return
-                    self._needs_server(data)
-                    return
-                if self.idle_since_ns:
+                    server = idle[-1]
+                    if (
+                        self.parameters is not server.parameters
+                        or self.other_settings
+                        or server.other_settings
+                        or not server.rewriting
+                    ):
+                        self._needs_server(data)
+                        return
+                    idle.pop()
+                    now = time.monotonic_ns()
+                    self.server = server
+                    server.client = self
+                    self.lent_ns = self.query_start_ns = now
+                    statements = server.statements
+                    if statements is not None and statements.in_use:
+                        statements.in_use.clear()  # ServerStatements.begin_lend, without a call
+                    if self.writing_paused or not self.xact_count:
+                        self._lend_extras(server, now)
+                elif self.idle_since_ns:
                     self._resumes_after_idle()
                 try:
                     out = rewriter.feed_to(data, server.statements)
@@ -356,7 +369,7 @@ class ClientConnection(asyncio.Protocol):
                 self.fail(exc)
                 return
             if terminate < 0:
-                self.bytes_received += len(data)
+                self.traffic.bytes_received += len(data)  # type: ignore[union-attr]
                 server = self.server
                 if server is not None:
                     if self.idle_since_ns:
@@ -436,6 +449,11 @@ class ClientConnection(asyncio.Protocol):
             self.pending_bytes += len(data)
             if self.pending_bytes > PENDING_LIMIT:
                 self.pause_reading()
+            return
+        if data[0] == _X and self.rewriter is not None:
+            # The stream is read when it goes to a server, but an idle client leaving needs
+            # no server.
+            self.transport.close()
             return
         try:
             server = self.pool.checkout(self)
@@ -584,6 +602,11 @@ class ClientConnection(asyncio.Protocol):
         statements = server.statements
         if statements is not None:
             statements.in_use.clear()  # ServerStatements.begin_lend, without a call
+        if self.writing_paused or not self.xact_count:
+            self._lend_extras(server, now)
+
+    def _lend_extras(self, server: ServerConnection, now: int) -> None:
+        """The rare parts of a lend: a client that reads slowly, a client's first transaction."""
         if self.writing_paused:
             server.pause_reading()
         if not self.xact_count:
@@ -597,78 +620,92 @@ class ClientConnection(asyncio.Protocol):
         self.idle_since_ns = 0
         self.query_start_ns = now
 
-    def release_server(self, now: int, bucket: int = -1) -> None:
+    def release_server(self, now: int) -> None:
+        """The transaction ended at a ReadyForQuery: count the hold, give the server back.
+
+        The hot path's accounting, inline: a hold of one request (`query_start_ns` still
+        `lent_ns`) is observed once, as hold and query time both (see TrafficStats).
+        """
         server = self.server
         assert server is not None
         self.server = None
         server.client = None
         self.parameters = server.parameters  # what the client was last told
-        self.account_hold(now, bucket)
-        if server.reading_paused:
-            server.resume_reading()
-        self.pool.release(server)
-
-    def account_hold(self, now: int, bucket: int = -1) -> None:
-        """Count the hold that ends now: the transaction as the pool saw it.
-
-        `bucket`: the histogram bucket of this hold if the caller already found it.
-        """
-        held = now - self.lent_ns
-        if bucket < 0:
-            bucket = bucket_of(held)
-        idle = self.idle_ns
-        if self.idle_since_ns:
-            if self.idle_in_xact:
-                idle += now - self.idle_since_ns
-            self.idle_since_ns = 0
-        self.idle_ns = 0
-        self.hog_warned = False
         self.xact_count += 1
+        self.hog_warned = False
         traffic = self.traffic
         assert traffic is not None
-        traffic.xact_count += 1
-        traffic.bytes_received += self.bytes_received
-        traffic.bytes_sent += self.bytes_sent
-        self.bytes_received = self.bytes_sent = 0
-        traffic.hold.observe_at(bucket, held)
-        if idle:
-            traffic.idle_nonzero.observe(idle)
-        if self.waited_ns:
-            traffic.wait_nonzero.observe(self.waited_ns)
-            self.waited_ns = 0
-        # Taken here, not cleared at the lend: the statement that asked for the server was read
-        # (and noted by the tracker) before the server was lent.
+        lent = self.lent_ns
+        held = now - lent
+        bucket = bisect_left(BOUNDS_NS, held)
+        if self.query_start_ns == lent:
+            histogram = traffic.single
+        else:
+            traffic.query_multi.observe(now - self.query_start_ns)
+            histogram = traffic.hold_multi
+        histogram.counts[bucket] += 1
+        histogram.sum_ns += held
+        idle = self._account_waits(now, traffic) if self.idle_ns or self.waited_ns else 0
+        frontend = self.frontend
+        statement = frontend.xact_statement
+        if statement is not None:
+            # Taken here, not cleared at the lend: the statement that asked for the server was
+            # read (and noted by the tracker) before the server was lent.
+            frontend.xact_statement = None
+            frontend.xact_statement_final = False
+            stats = self.pool.stats
+            budget = stats.statement_budget = stats.statement_budget - 1
+            if budget >= 0 or held >= STATEMENT_ALWAYS_NS:
+                stats.account_statement(statement, bucket, held, idle, 1)
+            elif not budget % STATEMENT_SAMPLE_EVERY:
+                stats.account_statement(statement, bucket, held, idle, STATEMENT_SAMPLE_EVERY)
+        if server.reading_paused:
+            server.resume_reading()
+        self.pool.release(server, now)
+
+    def account_hold(self, now: int) -> None:
+        """Count a hold that ends other than at a ReadyForQuery (the client left)."""
+        traffic = self.traffic
+        assert traffic is not None
+        self.xact_count += 1
+        self.hog_warned = False
+        traffic.hold_multi.observe(now - self.lent_ns)
+        if self.idle_since_ns:
+            if self.idle_in_xact:
+                self.idle_ns += now - self.idle_since_ns
+            self.idle_since_ns = 0
+        idle = self._account_waits(now, traffic)
         frontend = self.frontend
         statement = frontend.xact_statement
         if statement is not None:
             frontend.xact_statement = None
             frontend.xact_statement_final = False
-            self.pool.stats.account_statement(statement, bucket, held, idle)
+            held = now - self.lent_ns
+            self.pool.stats.account_statement(statement, bisect_left(BOUNDS_NS, held), held, idle, 1)
+
+    def _account_waits(self, now: int, traffic: TrafficStats) -> int:
+        """Count the hold's checkout wait and idle-in-transaction time; returns the latter."""
+        idle = self.idle_ns
+        if idle:
+            self.idle_ns = 0
+            traffic.idle_nonzero.observe(idle)
+        if self.waited_ns:
+            traffic.wait_nonzero.observe(self.waited_ns)
+            self.waited_ns = 0
+        return idle
 
     def server_ready_for_query(self, data: bytes, end: int) -> None:
         """The server answered the client's last outstanding request (`end` is just past it)."""
         server = self.server
         assert server is not None
         now = time.monotonic_ns()
-        traffic = self.traffic
-        assert traffic is not None
-        traffic.query_count += 1
-        query_ns = now - self.query_start_ns
-        bucket = bisect_left(BOUNDS_NS, query_ns)
-        traffic.query.observe_at(bucket, query_ns)
-        mode = self.pool.mode
         backend = server.backend
         status = backend.tx_status
-        if status == _TX_IDLE or mode == "session":
+        mode = self.pool.mode
+        if status == _TX_IDLE and mode != "session":
             self.transport.write(data)
-            if (
-                mode != "session"
-                and not self.pinned
-                and self.frontend.at_rest
-                and not (backend._skip or backend._head)  # at a message boundary
-            ):
-                # A one-request transaction: its hold is its query time, same bucket.
-                self.release_server(now, bucket if self.query_start_ns == self.lent_ns else -1)
+            if not self.pinned and self.frontend.at_rest and not (backend._skip or backend._head):
+                self.release_server(now)
                 return
         elif mode == "statement":
             # Keep the ReadyForQuery back: the client must not think its transaction is open.
@@ -683,6 +720,9 @@ class ClientConnection(asyncio.Protocol):
             return
         else:
             self.transport.write(data)
+        traffic = self.traffic
+        assert traffic is not None
+        traffic.query_multi.observe(now - self.query_start_ns)
         # The server answered everything; from now on it waits on the client.
         self.idle_since_ns = now
         self.idle_in_xact = status != _TX_IDLE

@@ -174,33 +174,37 @@ class Pool:
     # ------------------------------------------------------------------ lending
 
     def checkout(self, client: Waiter) -> ServerConnection | None:
-        """An idle server now, or None with the client queued (it will get `link` called)."""
+        """An idle server now, or None with the client queued (it will get `link` called).
+
+        `idle` never holds a closed server (`server_closed` takes it out), and a closed or paused
+        pool keeps it empty, so a non-empty list answers at once.
+        """
+        idle = self.idle
+        if idle:
+            return idle.pop()
         if self.closed:
             raise shutdown_refused()
-        idle = self.idle
-        while idle:
-            server = idle.pop()
-            if not server.closed:
-                return server
         client.waiting = True
         client.wait_started_ns = time.monotonic_ns()
         self.waiters.append(client)
         self.waiting += 1
-        self._open_servers_for_waiters()
+        if len(self.servers) + self.connecting < self.size:  # else nothing to open: skip the call
+            self._open_servers_for_waiters()
         return None
 
-    def release(self, server: ServerConnection) -> None:
-        """Take back a clean server (ReadyForQuery 'I', nothing pending) and lend it on."""
+    def release(self, server: ServerConnection, now_ns: int = 0) -> None:
+        """Take back a clean server (ReadyForQuery 'I', nothing pending) and lend it on.
+
+        `now_ns`: the caller's clock reading, if it has one (saves a clock call per release).
+        A server past server_lifetime is marked close_needed by the maintenance pass, so the
+        `draining` test covers it too.
+        """
         if server.closed:
             return
         if server.cancels:
             server.release_after_cancel = True  # see the module rules; send_cancel releases it
             return
         if self.draining and self._retire(server):
-            return
-        lifetime = self.settings.server_lifetime
-        if lifetime and time.monotonic_ns() - server.created_ns > lifetime * NS_PER_S:
-            server.close()
             return
         waiters = self.waiters
         while waiters:
@@ -210,7 +214,7 @@ class Pool:
                 self.waiting -= 1
                 client.link(server)
                 return
-        server.last_used_ns = time.monotonic_ns()
+        server.last_used_ns = now_ns or time.monotonic_ns()
         self.idle.append(server)
 
     async def borrow(self) -> ServerConnection:
@@ -396,12 +400,28 @@ class Pool:
                     )
         if self.lent and (self.settings.hold_warn_ms or self.settings.idle_transaction_timeout):
             self._watch_holders(now_ns)
+        lifetime = self.settings.server_lifetime
+        if lifetime and self.servers:
+            self._retire_old_servers(now_ns - int(lifetime * NS_PER_S))
         idle_timeout = self.settings.server_idle_timeout
         if idle_timeout and self.idle:
             limit = now_ns - int(idle_timeout * NS_PER_S)
             # idle is LIFO, so the longest-idle servers are at the front.
             while self.idle and self.idle[0].last_used_ns <= limit:
                 self.idle.pop(0).close()
+
+    def _retire_old_servers(self, created_before_ns: int) -> None:
+        """server_lifetime: close servers created before that, idle ones now, lent ones when
+        they come back (through `draining`, like RECONNECT)."""
+        old = [s for s in self.servers if s.created_ns <= created_before_ns and not s.close_needed]
+        if not old:
+            return
+        for server in old:
+            server.close_needed = True
+        self.draining = True
+        for server in [s for s in self.idle if s.close_needed]:
+            server.close()
+        self._update_draining()
 
     def holders(self, now_ns: int) -> list[ClientConnection]:
         """Clients holding a server right now, longest hold first."""

@@ -53,14 +53,24 @@ from pypooler.prepared import SERVER_NAME_PREFIX, ClientStatements, ServerStatem
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
 from pypooler.protocol.codec import pack_header, unpack_header
-from pypooler.protocol.transaction import STATEMENT_SAMPLE, BackendStream, FrontendStream
+from pypooler.protocol.transaction import (
+    CONTROL_FIRST_BYTES,
+    STATEMENT_SAMPLE,
+    BackendStream,
+    FrontendStream,
+    is_transaction_control,
+)
 from pypooler.session_state import (
     DEALLOCATE_ALL,
     DISCARD_ALL,
     EXPLANATIONS,
     HINTS,
     LEAK_KINDS,
+    MORE_STATEMENTS,
+    NOT_A_WORD_START,
     RESET,
+    SUSPECT_FUNCTION,
+    SUSPECT_HEADS,
     WINDOW,
     scan_sql,
 )
@@ -98,6 +108,8 @@ _PARAMETER_STATUS: Final = c.B_PARAMETER_STATUS
 _ERROR: Final = c.B_ERROR_RESPONSE
 _TX_FAILED: Final = c.TX_FAILED
 _TX_IDLE: Final = c.TX_IDLE
+_WATCHED: Final = frozenset({_Z, _PARSE_COMPLETE, _CLOSE_COMPLETE, _PARAMETER_STATUS})
+_L: Final = ord("l")
 
 
 class PendingReply:
@@ -194,12 +206,18 @@ class RewritingFrontend(FrontendStream):
     # ------------------------------------------------------------------ the scan
 
     def feed_to(self, data: bytes, server: ServerStatements | None) -> bytes:
-        # The commonest read of all, one whole simple Query, skips the general loop.
-        if len(data) > 5 and data[0] == _Q and not (self._carry or self._skip):
+        # The commonest read of all, one whole simple Query of an ordinary statement, skips the
+        # general loop and the full session-state scan (session_state.plainly_harmless, inline).
+        if data[0] == _Q and len(data) > 8 and not (self._carry or self._skip):
             length = unpack_header(data, 0)[1]
-            if length + 1 == len(data) and length <= WINDOW + 5:
-                if scan_sql(data[5:-1], self.tracked):
-                    return self._rewrite(data, server)  # session state: the general loop acts on it
+            if (
+                length + 1 == len(data)
+                and length <= WINDOW + 5
+                and data[5] not in NOT_A_WORD_START
+                and data[5:8].lower() not in SUSPECT_HEADS
+                and SUSPECT_FUNCTION.search(data, 5, length) is None
+                and MORE_STATEMENTS.search(data, 5, length) is None
+            ):
                 self.requests += 1
                 if self._counted:
                     self._batch = None
@@ -207,11 +225,21 @@ class RewritingFrontend(FrontendStream):
                     self._counted = False
                 self.outstanding += 1
                 self.open_tail = False
-                self._syncs_since_execute = 0
-                self._extended = False
-                text = self.last_statement = data[5 : min(length, 5 + STATEMENT_SAMPLE)]
+                if self._extended:
+                    self._syncs_since_execute = 0
+                    self._extended = False
+                # FrontendStream._note_statement, inline. The text starts with a word here, and
+                # a third letter "l" (SELECT) is no transaction control.
+                text = self.last_statement = (
+                    data[5:length] if length < 5 + STATEMENT_SAMPLE else data[5 : 5 + STATEMENT_SAMPLE]
+                )
                 if not self.xact_statement_final:
-                    self._note_first_statement(text)
+                    self.xact_statement = text
+                    self.xact_statement_final = (
+                        data[5] not in CONTROL_FIRST_BYTES
+                        or data[7] | 0x20 == _L
+                        or not is_transaction_control(text)
+                    )
                 return data
         return self._rewrite(data, server)
 
@@ -663,30 +691,31 @@ class RewritingBackend(BackendStream):
         done = -1
         while end - pos >= 5:
             msg_type, length = unpack_header(data, pos)
-            if msg_type == _Z:
-                if length != 5:
-                    raise ProtocolViolation(f"server sent ReadyForQuery of length {length}")
-                if end - pos < 6:
-                    break
-                status = self.tx_status = data[pos + 5]
-                stream.status = status
-                stream.copy_in = False
-                if self._parses or self._closes:
-                    self._parses = self._closes = 0
-                outstanding = stream.outstanding
-                if outstanding:
-                    outstanding -= 1
-                    stream.outstanding = outstanding
-                if not outstanding:
-                    done = pos + 6
-            elif msg_type == _PARSE_COMPLETE:
-                self._parses += 1
-            elif msg_type == _CLOSE_COMPLETE:
-                self._closes += 1
-            elif msg_type == _PARAMETER_STATUS:
-                if pos + 1 + length > end:
-                    break
-                self._parameter_status(data[pos + 5 : pos + 1 + length])
+            if msg_type in _WATCHED:  # one test for the rows, descriptions and tags in between
+                if msg_type == _Z:
+                    if length != 5:
+                        raise ProtocolViolation(f"server sent ReadyForQuery of length {length}")
+                    if end - pos < 6:
+                        break
+                    status = self.tx_status = data[pos + 5]
+                    stream.status = status
+                    stream.copy_in = False
+                    if self._parses or self._closes:
+                        self._parses = self._closes = 0
+                    outstanding = stream.outstanding
+                    if outstanding:
+                        outstanding -= 1
+                        stream.outstanding = outstanding
+                    if not outstanding:
+                        done = pos + 6
+                elif msg_type == _PARSE_COMPLETE:
+                    self._parses += 1
+                elif msg_type == _CLOSE_COMPLETE:
+                    self._closes += 1
+                else:  # ParameterStatus
+                    if pos + 1 + length > end:
+                        break
+                    self._parameter_status(data[pos + 5 : pos + 1 + length])
             elif length < 4:
                 raise ProtocolViolation(f"server sent invalid message length {length}")
             pos += 1 + length

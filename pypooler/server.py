@@ -320,7 +320,7 @@ class ServerConnection(asyncio.Protocol):
                 data = replaced
                 if not data:
                     return
-            client.bytes_sent += len(data)
+            client.traffic.bytes_sent += len(data)  # type: ignore[union-attr]
             if end < 0:
                 client.transport.write(data)
             else:

@@ -35,42 +35,43 @@ OTHER: Final = "other"
 
 
 class Histogram:
-    """Cumulative duration histogram with fixed buckets; durations in nanoseconds."""
+    """Cumulative duration histogram with fixed buckets; durations in nanoseconds.
 
-    __slots__ = ("count", "counts", "sum_ns")
+    An observation is two increments (its bucket and the sum); `count` is summed when read.
+    """
+
+    __slots__ = ("counts", "sum_ns")
 
     def __init__(self) -> None:
         self.counts = [0] * (len(BOUNDS_NS) + 1)
-        self.count = 0
         self.sum_ns = 0
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
 
     def observe(self, ns: int) -> None:
         self.counts[bisect_left(BOUNDS_NS, ns)] += 1
-        self.count += 1
         self.sum_ns += ns
 
     def observe_at(self, index: int, ns: int) -> None:
         """observe(ns) with its bucket already found (one search serves several histograms)."""
         self.counts[index] += 1
-        self.count += 1
         self.sum_ns += ns
 
     def observe_weighted(self, index: int, ns: int, weight: int) -> None:
         """`weight` observations of `ns` (a sample standing for that many)."""
         self.counts[index] += weight
-        self.count += weight
         self.sum_ns += ns * weight
 
     def observe_zero(self) -> None:
         """observe(0) without the search: the common case of no wait, no idle time."""
         self.counts[0] += 1
-        self.count += 1
 
     def merge(self, other: Histogram) -> None:
         counts = self.counts
         for i, n in enumerate(other.counts):
             counts[i] += n
-        self.count += other.count
         self.sum_ns += other.sum_ns
 
     def copy(self) -> Histogram:
@@ -82,14 +83,12 @@ class Histogram:
         """A copy with `zeros` more observations of 0."""
         clone = self.copy()
         clone.counts[0] += max(0, zeros)
-        clone.count += max(0, zeros)
         return clone
 
     def minus(self, earlier: Histogram) -> Histogram:
         """What was observed since `earlier` (a copy taken from this histogram)."""
         diff = Histogram()
         diff.counts = [a - b for a, b in zip(self.counts, earlier.counts, strict=True)]
-        diff.count = self.count - earlier.count
         diff.sum_ns = self.sum_ns - earlier.sum_ns
         return diff
 
@@ -113,7 +112,13 @@ class Histogram:
 
 
 class TrafficStats:
-    """What clients of one pool with one application_name did."""
+    """What clients of one pool with one application_name did.
+
+    Most holds are one request (a transaction of one statement, autocommit): their hold time is
+    their query time, so they are observed once, in `single`; holds of several requests go to
+    `hold_multi` and their requests to `query_multi`. `hold`, `query` and the counts are merged
+    from those when read.
+    """
 
     __slots__ = (
         "bytes_received",
@@ -121,30 +126,32 @@ class TrafficStats:
         "clients_without_xact",
         "connect_to_first_query",
         "errors",
-        "hold",
+        "hold_multi",
         "idle_nonzero",
         "login",
         "logins",
         "pinned",
         "pinned_total",
-        "query",
-        "query_count",
+        "query_multi",
         "session_state",
+        "single",
         "wait_nonzero",
-        "xact_count",
     )
 
+    # The histograms a window (see advisor.subtract) or a merge covers.
+    HISTOGRAMS: Final = ("single", "hold_multi", "query_multi", "wait_nonzero", "idle_nonzero",
+                         "login", "connect_to_first_query")  # fmt: skip
+
     def __init__(self) -> None:
-        self.xact_count = 0  # transactions: lend .. release
-        self.query_count = 0  # requests answered: client sends .. ReadyForQuery with nothing due
         self.bytes_received = 0  # from clients
         self.bytes_sent = 0  # to clients
-        self.hold = Histogram()  # lend .. release
+        self.single = Histogram()  # holds of one request: lend .. release = request .. ReadyForQuery
+        self.hold_multi = Histogram()  # other holds: lend .. release
+        self.query_multi = Histogram()  # their requests: client request .. ReadyForQuery
         # Checkout waits and idle-in-transaction times are mostly 0; only the others are
         # observed (at release, so they never outnumber holds) and the zeros are implied.
         self.wait_nonzero = Histogram()
         self.idle_nonzero = Histogram()
-        self.query = Histogram()  # client request .. ReadyForQuery
         self.logins = 0
         self.login = Histogram()  # TCP accept .. ReadyForQuery of the welcome
         self.connect_to_first_query = Histogram()
@@ -156,35 +163,50 @@ class TrafficStats:
         self.pinned_total = 0
 
     def merge(self, other: TrafficStats) -> None:
-        self.xact_count += other.xact_count
-        self.query_count += other.query_count
         self.bytes_received += other.bytes_received
         self.bytes_sent += other.bytes_sent
         self.logins += other.logins
         self.clients_without_xact += other.clients_without_xact
         self.pinned += other.pinned
         self.pinned_total += other.pinned_total
-        for mine, theirs in (
-            (self.wait_nonzero, other.wait_nonzero),
-            (self.hold, other.hold),
-            (self.idle_nonzero, other.idle_nonzero),
-            (self.query, other.query),
-            (self.login, other.login),
-            (self.connect_to_first_query, other.connect_to_first_query),
-        ):
-            mine.merge(theirs)
+        for name in self.HISTOGRAMS:
+            getattr(self, name).merge(getattr(other, name))
         self.errors.update(other.errors)
         self.session_state.update(other.session_state)
 
     @property
+    def hold(self) -> Histogram:
+        """Lend .. release of every completed hold."""
+        hold = self.single.copy()
+        hold.merge(self.hold_multi)
+        return hold
+
+    @property
+    def query(self) -> Histogram:
+        """Client request .. ReadyForQuery of every request answered."""
+        query = self.single.copy()
+        query.merge(self.query_multi)
+        return query
+
+    @property
+    def xact_count(self) -> int:
+        """Transactions: lend .. release."""
+        return self.single.count + self.hold_multi.count
+
+    @property
+    def query_count(self) -> int:
+        """Requests answered: client sends .. ReadyForQuery with nothing due."""
+        return self.single.count + self.query_multi.count
+
+    @property
     def wait(self) -> Histogram:
         """Checkout wait of every completed hold: from needing a server to getting one."""
-        return self.wait_nonzero.with_zeros(self.hold.count - self.wait_nonzero.count)
+        return self.wait_nonzero.with_zeros(self.xact_count - self.wait_nonzero.count)
 
     @property
     def idle_in_xact(self) -> Histogram:
         """Per completed hold, the time the server sat idle in a transaction waiting on the client."""
-        return self.idle_nonzero.with_zeros(self.hold.count - self.idle_nonzero.count)
+        return self.idle_nonzero.with_zeros(self.xact_count - self.idle_nonzero.count)
 
 
 class StatementStats:
@@ -211,7 +233,6 @@ class PoolStats:
         self.server_connect = Histogram()
         self.server_connect_failures = 0
         self.started_ns = time.monotonic_ns()
-        self._statement_misses = 0
         # New statement texts fingerprinted exactly until the next maintenance pass refills it.
         self.statement_budget = STATEMENT_EXACT_PER_PASS
 
@@ -233,35 +254,23 @@ class PoolStats:
             stats = self.statements[fingerprint] = StatementStats(text)
         return stats
 
-    def account_statement(self, statement: bytes, bucket: int, held: int, idle: int) -> None:
-        """Attribute one transaction's hold to its statement's fingerprint.
+    def account_statement(self, statement: bytes, bucket: int, held: int, idle: int, weight: int) -> None:
+        """Attribute one transaction's hold to its statement's fingerprint, counted `weight` times.
 
         Fingerprinting a text never seen before costs microseconds (regular expressions), and
-        with inline literals (pgbench, hand-written SQL) nearly every text is new. So: texts in
-        the fingerprint cache, holds of STATEMENT_ALWAYS_NS or more, and the first
-        `statement_budget` new texts of each maintenance pass are counted exactly; past that,
-        new texts are sampled one in STATEMENT_SAMPLE_EVERY and counted with that weight, which
-        keeps counts and hold totals unbiased while bounding the cost under load.
+        with inline literals (pgbench, hand-written SQL) nearly every text is new. So the caller
+        (ClientConnection.release_server) counts exactly the first `statement_budget`
+        transactions of each maintenance pass and every hold of STATEMENT_ALWAYS_NS or more;
+        past that it samples one in STATEMENT_SAMPLE_EVERY with that weight, which keeps counts
+        and hold totals unbiased while bounding the cost under load.
         """
         found = _fingerprint_cache.get(statement)
-        weight = 1
         if found is None:
-            if held < STATEMENT_ALWAYS_NS:
-                if self.statement_budget > 0:
-                    self.statement_budget -= 1
-                else:
-                    self._statement_misses += 1
-                    if self._statement_misses % STATEMENT_SAMPLE_EVERY:
-                        return
-                    weight = STATEMENT_SAMPLE_EVERY
             found = fingerprint(statement)
         stats = self.for_statement(found, statement)
         stats.count += weight
         stats.idle_ns += idle * weight
-        if weight == 1:
-            stats.hold.observe_at(bucket, held)
-        else:
-            stats.hold.observe_weighted(bucket, held, weight)
+        stats.hold.observe_weighted(bucket, held, weight)
 
     def totals(self) -> TrafficStats:
         total = TrafficStats()

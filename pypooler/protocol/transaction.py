@@ -41,7 +41,12 @@ _P: Final = c.F_PARSE
 STATEMENT_SAMPLE: Final = 256  # bytes of statement text kept per statement
 # Statements that say nothing about what a transaction does (lower-case prefixes).
 _TRANSACTION_CONTROL: Final = (b"begin", b"start", b"set ", b"savepoint", b"\n", b" ")
-_CONTROL_FIRST_BYTES: Final = frozenset(b"bBsS \n\t")
+CONTROL_FIRST_BYTES: Final = frozenset(b"bBsS \n\t")
+
+
+def is_transaction_control(text: bytes) -> bool:
+    """Whether a statement's text (its first bytes) is BEGIN, START, SET, SAVEPOINT or blank."""
+    return text[:10].lower().startswith(_TRANSACTION_CONTROL)
 
 
 class FrontendStream:
@@ -153,8 +158,7 @@ class FrontendStream:
         self.xact_statement = text
         # Most statements fail the one-byte test; only b/s/blank ones get the full look.
         self.xact_statement_final = not (
-            text and text[0] in _CONTROL_FIRST_BYTES
-            and text[:10].lower().startswith(_TRANSACTION_CONTROL)
+            text and text[0] in CONTROL_FIRST_BYTES and is_transaction_control(text)
         )
 
     def _enter_copy_in(self) -> None:

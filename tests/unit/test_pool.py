@@ -206,11 +206,14 @@ async def test_idle_servers_are_reused_lifo(connector: FakeConnector) -> None:
     assert connector.calls == 0
 
 
-async def test_checkout_skips_closed_idle_servers(connector: FakeConnector) -> None:
+async def test_a_closed_idle_server_leaves_the_idle_list_at_once(connector: FakeConnector) -> None:
+    # checkout takes the top of `idle` without looking: closing (or losing) a server tells the
+    # pool synchronously, so a closed server is never there to be taken.
     pool = make_pool(size=3)
     s1, s2 = add_idle(pool, 2)
-    s2.closed = True  # died, and its connection_lost has not been handled yet
+    s2.close()
 
+    assert pool.idle == [s1]
     assert checkout(pool, FakeClient()) is s1
     assert pool.idle == []
 
@@ -534,6 +537,8 @@ async def test_server_lifetime_closes_at_release(connector: FakeConnector) -> No
         pool.servers.add(server)  # type: ignore[arg-type]
         server.on_close = pool.server_closed
 
+    pool.expire(time.monotonic_ns())  # the maintenance pass marks the old one; both are lent
+    assert not old.closed and pool.draining
     release(pool, young)
     release(pool, old)
 
@@ -555,6 +560,7 @@ async def test_server_lifetime_expiry_with_a_waiter_opens_a_replacement(
     await settle()
     assert connector.calls == 0
 
+    pool.expire(time.monotonic_ns())
     release(pool, old)
     assert old.closed
     assert waiter.linked == []
@@ -568,10 +574,28 @@ async def test_server_lifetime_zero_keeps_servers(connector: FakeConnector) -> N
     old = FakeServer(age_s=10**6)
     pool.servers.add(old)  # type: ignore[arg-type]
 
+    pool.expire(time.monotonic_ns())
     release(pool, old)
 
     assert pool.idle == [old]
     assert not old.closed
+
+
+async def test_server_lifetime_closes_idle_servers_in_the_maintenance_pass(
+    connector: FakeConnector,
+) -> None:
+    pool = make_pool(size=2, server_lifetime=100)
+    young, old = FakeServer(age_s=10), FakeServer(age_s=200)
+    for server in (young, old):
+        pool.servers.add(server)  # type: ignore[arg-type]
+        server.on_close = pool.server_closed
+        release(pool, server)
+
+    pool.expire(time.monotonic_ns())
+
+    assert old.closed and not young.closed
+    assert pool.idle == [young]
+    assert not pool.draining  # nothing left to close
 
 
 # --------------------------------------------------------------------------- stats, shutdown

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from pypooler.session_state import WINDOW, scan_sql
+from pypooler.session_state import WINDOW, plainly_harmless, scan_sql
 
 TRACKED = frozenset({b"timezone", b"application_name", b"datestyle", b"client_encoding"})
 
@@ -78,3 +80,44 @@ def test_only_the_window_is_scanned() -> None:
 def test_truncated_text_does_not_raise() -> None:
     for sql in (b"SET", b"set ", b"SET SESSION", b"create", b"select set_config(", b"/* open", b"--"):
         scan_sql(sql, TRACKED)
+
+
+# --- the hot path's quick negative ------------------------------------------------------------
+
+_WORDS = ["SELECT", "select", "set", "SET", "Reset", "prepare", "LISTEN", "declare", "create",
+          "temp", "with", "hold", "discard", "all", "pg_advisory_lock(1)", "PG_ADVISORY_LOCK(2)",
+          "Pg_Try_Advisory_Lock(3)", "set_config('a', 'b', false)", "SET_CONFIG('x','y',true)",
+          "pg_advisory_xact_lock(1)", "row_lock", ";", "; ", "'a;b'", "--c\n", "/* c */", " ",
+          "\n", "1", "x", "deallocate", "local", "timezone", "="]  # fmt: skip
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(st.sampled_from(_WORDS), min_size=1, max_size=8))
+def test_plainly_harmless_text_is_nothing_to_the_full_scan(words: list[str]) -> None:
+    text = " ".join(words).encode()
+    message = b"Q\0\0\0\0" + text + b"\0"
+
+    if plainly_harmless(message, 5, len(message) - 1):
+        assert scan_sql(text, TRACKED) == ()
+
+
+@pytest.mark.parametrize(
+    "sql",
+    ["SELECT 1", "select abalance from pgbench_accounts where aid = 7;", "INSERT INTO t VALUES (1)",
+     "UPDATE pgbench_tellers SET tbalance = tbalance + 1 WHERE tid = 3;", "BEGIN;", "END;"],
+)  # fmt: skip
+def test_ordinary_statements_take_the_quick_path(sql: str) -> None:
+    message = b"Q\0\0\0\0" + sql.encode() + b"\0"
+
+    assert plainly_harmless(message, 5, len(message) - 1)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    ["SET x = 1", " SELECT 1", "/* c */ SELECT 1", "SELECT Pg_Advisory_Lock(1)",
+     "select set_config('a', 'b', false)", "SELECT 1; SET x = 1", "listen x", "DISCARD ALL"],
+)  # fmt: skip
+def test_suspect_statements_get_the_full_scan(sql: str) -> None:
+    message = b"Q\0\0\0\0" + sql.encode() + b"\0"
+
+    assert not plainly_harmless(message, 5, len(message) - 1)
