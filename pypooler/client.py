@@ -620,61 +620,17 @@ class ClientConnection(asyncio.Protocol):
         self.idle_since_ns = 0
         self.query_start_ns = now
 
-    def release_server(self, now: int) -> None:
-        """The transaction ended at a ReadyForQuery: count the hold, give the server back.
-
-        The hot path's accounting, inline: a hold of one request (`query_start_ns` still
-        `lent_ns`) is observed once, as hold and query time both (see TrafficStats).
-        """
-        server = self.server
-        assert server is not None
-        self.server = None
-        server.client = None
-        self.parameters = server.parameters  # what the client was last told
-        self.xact_count += 1
-        self.hog_warned = False
-        traffic = self.traffic
-        assert traffic is not None
-        lent = self.lent_ns
-        held = now - lent
-        bucket = bisect_left(BOUNDS_NS, held)
-        if self.query_start_ns == lent:
-            histogram = traffic.single
-        else:
-            traffic.query_multi.observe(now - self.query_start_ns)
-            histogram = traffic.hold_multi
-        histogram.counts[bucket] += 1
-        histogram.sum_ns += held
-        idle = self._account_waits(now, traffic) if self.idle_ns or self.waited_ns else 0
-        frontend = self.frontend
-        statement = frontend.xact_statement
-        if statement is not None:
-            # Taken here, not cleared at the lend: the statement that asked for the server was
-            # read (and noted by the tracker) before the server was lent.
-            frontend.xact_statement = None
-            frontend.xact_statement_final = False
-            stats = self.pool.stats
-            budget = stats.statement_budget = stats.statement_budget - 1
-            if budget >= 0 or held >= STATEMENT_ALWAYS_NS:
-                stats.account_statement(statement, bucket, held, idle, 1)
-            elif not budget % STATEMENT_SAMPLE_EVERY:
-                stats.account_statement(statement, bucket, held, idle, STATEMENT_SAMPLE_EVERY)
-        if server.reading_paused:
-            server.resume_reading()
-        self.pool.release(server, now)
-
     def account_hold(self, now: int) -> None:
         """Count a hold that ends other than at a ReadyForQuery (the client left)."""
         traffic = self.traffic
         assert traffic is not None
         self.xact_count += 1
-        self.hog_warned = False
         traffic.hold_multi.observe(now - self.lent_ns)
         if self.idle_since_ns:
             if self.idle_in_xact:
                 self.idle_ns += now - self.idle_since_ns
             self.idle_since_ns = 0
-        idle = self._account_waits(now, traffic)
+        idle = self._hold_ended(now, traffic)
         frontend = self.frontend
         statement = frontend.xact_statement
         if statement is not None:
@@ -683,8 +639,10 @@ class ClientConnection(asyncio.Protocol):
             held = now - self.lent_ns
             self.pool.stats.account_statement(statement, bisect_left(BOUNDS_NS, held), held, idle, 1)
 
-    def _account_waits(self, now: int, traffic: TrafficStats) -> int:
-        """Count the hold's checkout wait and idle-in-transaction time; returns the latter."""
+    def _hold_ended(self, now: int, traffic: TrafficStats) -> int:
+        """Count the hold's checkout wait and idle-in-transaction time, returning the latter,
+        and clear what was noted about the hold (the rare parts of its end)."""
+        self.hog_warned = False
         idle = self.idle_ns
         if idle:
             self.idle_ns = 0
@@ -695,17 +653,58 @@ class ClientConnection(asyncio.Protocol):
         return idle
 
     def server_ready_for_query(self, data: bytes, end: int) -> None:
-        """The server answered the client's last outstanding request (`end` is just past it)."""
-        server = self.server
-        assert server is not None
+        """The server answered the client's last outstanding request (`end` is just past it).
+
+        In transaction and statement mode, a ReadyForQuery 'I' with the client at rest ends the
+        transaction: the hold is counted and the server goes back to the pool, all inline (this
+        runs once per transaction). A hold of one request (`query_start_ns` still `lent_ns`) is
+        observed once, as hold and query time both (see TrafficStats).
+        """
+        server: ServerConnection = self.server  # type: ignore[assignment]  # linked: it called us
         now = time.monotonic_ns()
         backend = server.backend
         status = backend.tx_status
-        mode = self.pool.mode
+        pool = self.pool
+        mode = pool.mode
         if status == _TX_IDLE and mode != "session":
             self.transport.write(data)
-            if not self.pinned and self.frontend.at_rest and not (backend._skip or backend._head):
-                self.release_server(now)
+            frontend = self.frontend
+            # At rest (nothing outstanding: the caller saw to that) and at a message boundary.
+            if not (
+                self.pinned or frontend.open_tail or frontend.copy_in or frontend._head
+                or frontend._skip or backend._skip or backend._head
+            ):  # fmt: skip
+                self.server = None
+                server.client = None
+                self.parameters = server.parameters  # what the client was last told
+                self.xact_count += 1
+                traffic: TrafficStats = self.traffic  # type: ignore[assignment]
+                lent = self.lent_ns
+                held = now - lent
+                bucket = bisect_left(BOUNDS_NS, held)
+                if self.query_start_ns == lent:
+                    histogram = traffic.single
+                else:
+                    traffic.query_multi.observe(now - self.query_start_ns)
+                    histogram = traffic.hold_multi
+                histogram.counts[bucket] += 1
+                histogram.sum_ns += held
+                idle = self._hold_ended(now, traffic) if self.idle_ns or self.waited_ns else 0
+                statement = frontend.xact_statement
+                if statement is not None:
+                    # Taken here, not cleared at the lend: the statement that asked for the
+                    # server was read (and noted by the tracker) before the server was lent.
+                    frontend.xact_statement = None
+                    frontend.xact_statement_final = False
+                    stats = pool.stats
+                    budget = stats.statement_budget = stats.statement_budget - 1
+                    if budget >= 0 or held >= STATEMENT_ALWAYS_NS:
+                        stats.account_statement(statement, bucket, held, idle, 1)
+                    elif not budget % STATEMENT_SAMPLE_EVERY:
+                        stats.account_statement(statement, bucket, held, idle, STATEMENT_SAMPLE_EVERY)
+                if server.reading_paused:
+                    server.resume_reading()
+                pool.release(server, now)
                 return
         elif mode == "statement":
             # Keep the ReadyForQuery back: the client must not think its transaction is open.
@@ -720,9 +719,7 @@ class ClientConnection(asyncio.Protocol):
             return
         else:
             self.transport.write(data)
-        traffic = self.traffic
-        assert traffic is not None
-        traffic.query_multi.observe(now - self.query_start_ns)
+        self.traffic.query_multi.observe(now - self.query_start_ns)  # type: ignore[union-attr]
         # The server answered everything; from now on it waits on the client.
         self.idle_since_ns = now
         self.idle_in_xact = status != _TX_IDLE

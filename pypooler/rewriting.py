@@ -163,7 +163,7 @@ class RewritingFrontend(FrontendStream):
     `terminated` (a Terminate was reached; the bytes after it were not returned).
     """
 
-    __slots__ = ("_batch", "_carry", "_closes", "_counted", "_dropping", "_parses", "batches",
+    __slots__ = ("_batch", "_closes", "_counted", "_dropping", "_parses", "batches",
                  "noted", "refuse",
                  "requests", "reset_seen", "session_state", "statements", "status", "terminated",
                  "tracked", "verdicts")  # fmt: skip
@@ -180,7 +180,7 @@ class RewritingFrontend(FrontendStream):
         self.statements = statements  # None: named statements pass through untracked
         self.tracked = tracked  # reported setting names (lower case): SET of them is no leak
         self.refuse = refuse  # session_state_policy = "error"
-        self._carry = b""  # start of a message we must read more of, held back
+        # `_head` (FrontendStream's) holds the start of a message we must read more of.
         self._dropping = False  # the `_skip` bytes belong to a message we do not forward
         self.requests = 0  # ReadyForQuery-producing messages sent (Query, Sync, FunctionCall)
         self.batches: deque[Batch] = deque()
@@ -196,10 +196,6 @@ class RewritingFrontend(FrontendStream):
         # scan_sql results by Parse text, shared by the clients of a pool (same `tracked`).
         self.verdicts: dict[bytes, tuple[str, ...]] = {} if verdicts is None else verdicts
 
-    @property
-    def at_rest(self) -> bool:
-        return not (self.outstanding or self.open_tail or self.copy_in or self._carry or self._skip)
-
     def feed(self, data: bytes, start: int = 0) -> int:
         raise TypeError("RewritingFrontend is fed with feed_to(data, server)")
 
@@ -208,7 +204,7 @@ class RewritingFrontend(FrontendStream):
     def feed_to(self, data: bytes, server: ServerStatements | None) -> bytes:
         # The commonest read of all, one whole simple Query of an ordinary statement, skips the
         # general loop and the full session-state scan (session_state.plainly_harmless, inline).
-        if data[0] == _Q and len(data) > 8 and not (self._carry or self._skip):
+        if data[0] == _Q and len(data) > 8 and not (self._head or self._skip):
             length = unpack_header(data, 0)[1]
             if (
                 length + 1 == len(data)
@@ -244,10 +240,10 @@ class RewritingFrontend(FrontendStream):
         return self._rewrite(data, server)
 
     def _rewrite(self, data: bytes, server: ServerStatements | None) -> bytes:
-        carry = self._carry
+        carry = self._head
         if carry:
             data = carry + data
-            self._carry = b""
+            self._head = b""
         end = len(data)
         pos = self._skip
         out: list[bytes] | None = None
@@ -448,7 +444,7 @@ class RewritingFrontend(FrontendStream):
             held = pos  # a header cut short
         limit = end
         if held >= 0:
-            self._carry = data[held:]
+            self._head = data[held:]
             limit = held
         if out is None:
             return data if limit == end else data[:limit]
