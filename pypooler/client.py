@@ -54,7 +54,7 @@ from pypooler.errors import (
     StatementModeTransaction,
     TooManyClients,
 )
-from pypooler.pool import Pool, PoolManager
+from pypooler.pool import WELCOMES_KEPT, Pool, PoolManager, Welcome
 from pypooler.prepared import ClientStatements
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
@@ -83,6 +83,7 @@ _MIN_LENGTH = b"\x00\x00\x00\x04"  # a message length word below this is garbage
 NS_PER_S = 1_000_000_000
 
 
+_NOT_READY = FrontendStream()
 _FAIL_LOG_LEVELS = {"no_such_database": logging.INFO, "shutdown": logging.DEBUG}
 AdminLogin = Callable[["ClientConnection", codec.StartupMessage, bytes], None]
 
@@ -247,7 +248,9 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, registry: ClientRegistry) -> None:
         self.registry = registry
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # connection_made
-        self.frontend = FrontendStream()
+        # Set at the welcome (a RewritingFrontend in transaction and statement mode); until
+        # then a shared one that is never fed.
+        self.frontend: FrontendStream = _NOT_READY
         self.server: ServerConnection | None = None
         self.pool: Pool = None  # type: ignore[assignment]  # set before `ready`
         self.ready = False
@@ -1078,47 +1081,33 @@ class ClientConnection(asyncio.Protocol):
         traffic.login.observe(time.monotonic_ns() - self.connected_ns)
         settings = self.registry.settings
         startup = self.startup
-        parameters = pool.parameters
-        assert startup is not None and parameters is not None
-        try:
-            overrides, others = startup_settings(
-                startup.parameters, pool.parameter_names(), settings.ignore_startup_parameters
-            )
-        except PoolerError as exc:
-            self.fail(exc)
-            return
-        wanted = dict(parameters)
-        wanted["application_name"] = self.application_name
-        # Values no server has accepted yet are applied once, waiting for the answer.
-        apply_first = bool(others)
-        for name, value in overrides.items():
-            if not same_value(name, value, wanted.get(name, "")):
-                wanted[name] = value
-                apply_first = apply_first or name != "application_name"  # any text is valid
-        self.parameters = intern_parameters(wanted)
-        self.other_settings = others
-        self.apply_first = apply_first
+        assert startup is not None
+        welcome = pool.welcomes.get(startup.raw)
+        if welcome is None:
+            try:
+                welcome = self._work_out_welcome(startup, pool, settings)
+            except PoolerError as exc:
+                self.fail(exc)
+                return
+        self.parameters = welcome.parameters
+        self.other_settings = welcome.other_settings
+        self.apply_first = welcome.apply_first
         if pool.rewriting:
             statements = ClientStatements(pool.statements) if settings.max_prepared_statements else None
-            self.rewriter = RewritingFrontend(
+            self.frontend = self.rewriter = RewritingFrontend(
                 statements,
                 tracked=pool.tracked,
                 refuse=settings.session_state_policy == "error",
                 verdicts=pool.verdicts,
             )
-            self.frontend = self.rewriter
+        else:
+            self.frontend = FrontendStream()
         pool.clients.add(self)
         self.cancel_key = self.registry.new_cancel_key(self)
         self.registry.logging_in.pop(self, None)
-        if any(name != "application_name" for name in overrides):
-            statuses = codec.AUTHENTICATION_OK + codec.build_parameter_statuses(self.parameters)
-        else:
-            statuses = pool.welcome_prefix() + codec.build_parameter_status(
-                "application_name", self.application_name
-            )
         self.transport.write(
             last_reply
-            + statuses
+            + welcome.statuses
             + codec.build_backend_key_data(*self.cancel_key)
             + codec.READY_FOR_QUERY_IDLE
         )
@@ -1134,6 +1123,35 @@ class ClientConnection(asyncio.Protocol):
         if early:
             self._early = b""
             self.data_received(early)
+
+    def _work_out_welcome(self, startup: codec.StartupMessage, pool: Pool, settings: Settings) -> Welcome:
+        """The session a login with this startup packet gets (see session_parameters.py),
+        remembered by the pool for the next login with the same packet."""
+        parameters = pool.parameters
+        assert parameters is not None
+        overrides, others = startup_settings(
+            startup.parameters, pool.parameter_names(), settings.ignore_startup_parameters
+        )
+        wanted = dict(parameters)
+        wanted["application_name"] = self.application_name
+        # Values no server has accepted yet are applied once, waiting for the answer.
+        apply_first = bool(others)
+        for name, value in overrides.items():
+            if not same_value(name, value, wanted.get(name, "")):
+                wanted[name] = value
+                apply_first = apply_first or name != "application_name"  # any text is valid
+        session = intern_parameters(wanted)
+        if any(name != "application_name" for name in overrides):
+            statuses = codec.AUTHENTICATION_OK + codec.build_parameter_statuses(session)
+        else:
+            statuses = pool.welcome_prefix() + codec.build_parameter_status(
+                "application_name", self.application_name
+            )
+        welcome = Welcome(session, others, apply_first, statuses)
+        if len(pool.welcomes) >= WELCOMES_KEPT:
+            pool.welcomes.clear()
+        pool.welcomes[startup.raw] = welcome
+        return welcome
 
     # ------------------------------------------------------------------ errors
 

@@ -30,7 +30,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from pypooler.config import DatabaseConfig, PoolMode, Settings
 from pypooler.errors import (
@@ -46,7 +46,13 @@ from pypooler.protocol import codec
 from pypooler.protocol.scram import Secret
 from pypooler.protocol.transaction import BackendStream
 from pypooler.rewriting import RewritingBackend
-from pypooler.server import ServerConnection, ServerLogin, intern_parameters, open_server_connection
+from pypooler.server import (
+    ParameterSet,
+    ServerConnection,
+    ServerLogin,
+    intern_parameters,
+    open_server_connection,
+)
 from pypooler.session_parameters import READ_ONLY
 from pypooler.stats import STATEMENT_EXACT_PER_PASS, PoolStats, Snapshot
 from pypooler.tls import server_ssl_context
@@ -98,6 +104,16 @@ class Borrower:
             self.future.set_exception(exc)
 
 NS_PER_S = 1_000_000_000
+WELCOMES_KEPT = 256  # distinct startup packets remembered per pool (then forgotten at once)
+
+
+class Welcome(NamedTuple):
+    """What ClientConnection._welcome works out from a startup packet, for a pool."""
+
+    parameters: ParameterSet  # the session as the client will know it
+    other_settings: dict[str, str]  # settings from the packet that no ParameterStatus reports
+    apply_first: bool  # values no server has accepted yet: applied with a round trip
+    statuses: bytes  # AuthenticationOk and the ParameterStatus messages
 SHUTDOWN_POLL_S = 0.005
 # Stats snapshots kept per pool: the latest two bound the last complete stats_period.
 SNAPSHOTS_KEPT = 2
@@ -144,6 +160,9 @@ class Pool:
         self._parameters_ready: asyncio.Future[None] | None = None
         self._welcome: bytes | None = None  # built from `parameters` on first use
         self._parameter_names: dict[str, str] | None = None
+        # What a login with a given startup packet is told and carries (see ClientConnection.
+        # _welcome): most clients of a pool send the same packet, so it is worked out once.
+        self.welcomes: dict[bytes, Welcome] = {}
         self.last_connect_error: PoolerError | None = None
         self._retry_at_ns = 0  # no new server connects before this (server_login_retry)
         self.stats = PoolStats(
@@ -542,6 +561,7 @@ class Pool:
         (idle ones at once); a larger bound serves the waiters at once.
         """
         self.settings = settings
+        self.welcomes.clear()  # ignore_startup_parameters may have changed
         self.stats.max_applications = settings.stats_max_applications
         self.stats.max_statements = settings.stats_max_statements
         self.mode = mode

@@ -41,6 +41,8 @@ MAX_BUFFERED_MESSAGE: Final = 1 << 20
 class StartupMessage:
     protocol_version: int
     parameters: dict[str, str] = field(default_factory=dict)
+    # The packet as received: equal packets mean equal logins (a cache key; not compared).
+    raw: bytes = field(default=b"", compare=False, repr=False)
 
     @property
     def user(self) -> str:
@@ -94,10 +96,23 @@ def parse_startup_packet(packet: bytes) -> StartupPacket:
             f"unsupported frontend protocol {major}.{minor}: server supports 3.0",
             hint="pypooler speaks protocol 3.0 only (PostgreSQL 7.4 and later clients).",
         )
-    return StartupMessage(code, _parse_startup_parameters(packet, 8))
+    return StartupMessage(code, _parse_startup_parameters(packet, 8), packet)
 
 
 def _parse_startup_parameters(packet: bytes, pos: int) -> dict[str, str]:
+    """name, NUL, value, NUL, ... then one more NUL. A well-formed list is split in C; anything
+    else goes through the loop, which names what is wrong."""
+    if len(packet) > pos and packet.endswith(b"\0"):
+        try:
+            parts = packet[pos:-1].decode("utf-8").split("\0")
+        except UnicodeDecodeError:
+            parts = []
+        if parts and parts.pop() == "" and not len(parts) % 2 and "" not in parts[0::2]:
+            return dict(zip(parts[0::2], parts[1::2], strict=True))
+    return _parse_startup_parameters_exactly(packet, pos)
+
+
+def _parse_startup_parameters_exactly(packet: bytes, pos: int) -> dict[str, str]:
     parameters: dict[str, str] = {}
     end = len(packet)
     while True:
