@@ -15,6 +15,10 @@ Lending, by pool mode:
   at the ReadyForQuery 'I' that leaves nothing outstanding (see protocol/transaction.py);
 - statement: the same, but a ReadyForQuery inside a transaction block ends the client with an error;
 - session: linked at the first message, released (after `server_reset_query`) when the client leaves.
+The mode is the client's own (`mode`, the pool's at login). A RELOAD that changes the pool's mode
+changes it for clients with a rewriting stream (they may follow into session mode and back); a
+client that logged in under session mode keeps session mode, because its prepared statements and
+settings live on its server only and pypooler never tracked them.
 
 In transaction and statement mode the client's bytes go through a `RewritingFrontend` at the
 moment they are written to a server (named prepared statements, session-state statements; see
@@ -41,7 +45,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from pypooler.auth import AUTH_MESSAGE_LIMIT, Authenticator, AuthOutcome, ClientAuthExchange
-from pypooler.config import ADMIN_DATABASE_NAMES, Settings
+from pypooler.config import ADMIN_DATABASE_NAMES, PoolMode, Settings
 from pypooler.errors import (
     AuthRejected,
     ClientLoginTimeout,
@@ -220,6 +224,7 @@ class ClientConnection(asyncio.Protocol):
         "idle_since_ns",
         "lent_ns",
         "linking",
+        "mode",
         "other_settings",
         "parameters",
         "pending",
@@ -293,6 +298,9 @@ class ClientConnection(asyncio.Protocol):
         self.apply_first = False  # startup values no server has accepted yet
         self.linking: ServerConnection | None = None  # a server applying those values
         self.pinned = False  # keeps its server until it leaves (session_state_policy = "pin")
+        # The pool's mode at login, then as RELOADs change it for clients with a rewriting stream
+        # (Pool.reconfigure); a session-mode client keeps session mode until it leaves.
+        self.mode: PoolMode = "session"
 
     @property
     def peer(self) -> str:
@@ -665,7 +673,7 @@ class ClientConnection(asyncio.Protocol):
         backend = server.backend
         status = backend.tx_status
         pool = self.pool
-        mode = pool.mode
+        mode = self.mode
         if status == _TX_IDLE and mode != "session":
             self.transport.write(data)
             frontend = self.frontend
@@ -752,7 +760,7 @@ class ClientConnection(asyncio.Protocol):
         reset_query = self.registry.settings.server_reset_query
         if not clean:
             server.close()
-        elif self.pool.mode == "session" or self.pinned:
+        elif self.mode == "session" or self.pinned:
             if reset_query:
                 reset_then_release(server, self.pool, reset_query)
             else:
@@ -1098,6 +1106,7 @@ class ClientConnection(asyncio.Protocol):
         self.parameters = intern_parameters(wanted)
         self.other_settings = others
         self.apply_first = apply_first
+        self.mode = pool.mode
         if pool.rewriting:
             statements = ClientStatements(pool.statements) if settings.max_prepared_statements else None
             self.rewriter = RewritingFrontend(

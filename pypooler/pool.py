@@ -301,6 +301,10 @@ class Pool:
         statement LRU for transaction and statement mode, the plain tracker for session mode.
         A RELOAD that moves a pool across that line leaves clients of both kinds for a while."""
         server.rewriting = rewriting
+        if server.statements is not None:
+            # Give back the registry references (the server keeps the statements themselves:
+            # harmless under their PYPOOLER_ names, and every later Parse of one closes it first).
+            server.statements.clear()
         if rewriting:
             server.backend = RewritingBackend(server.parameter_status)
             size = self.settings.max_prepared_statements
@@ -544,10 +548,15 @@ class Pool:
         self.settings = settings
         self.stats.max_applications = settings.stats_max_applications
         self.stats.max_statements = settings.stats_max_statements
-        self.mode = mode
-        if (mode != "session") is not self.rewriting:
-            # New clients get the other kind of stream; servers are refitted when lent.
+        if mode != self.mode:
+            self.mode = mode
+            # New clients get the stream kind of the new mode; servers are refitted when lent.
             self.rewriting = mode != "session"
+            # Clients with a rewriting stream can run in any mode; a session-mode client's
+            # statements and settings are on its server only, so it keeps session mode.
+            for client in self.clients:
+                if client.rewriter is not None:
+                    client.mode = mode
         if _login_key(login) != _login_key(self.login):
             self.login = login
             for server in self.servers:
