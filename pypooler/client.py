@@ -235,9 +235,11 @@ class ClientConnection(asyncio.Protocol):
         "reading_paused",
         "ready",
         "registry",
+        "restore_startup",
         "rewriter",
         "server",
         "startup",
+        "startup_values",
         "tls",
         "traffic",
         "transport",
@@ -295,6 +297,10 @@ class ClientConnection(asyncio.Protocol):
         # The session as the client knows it (see session_parameters.py).
         self.parameters: dict[str, str] = {}
         self.other_settings: dict[str, str] = {}
+        # Reported settings the startup packet set to other than the server's defaults: what a
+        # RESET returns them to in PostgreSQL (restore_startup: one ran in the current lend).
+        self.startup_values: dict[str, str] = {}
+        self.restore_startup = False
         self.apply_first = False  # startup values no server has accepted yet
         self.linking: ServerConnection | None = None  # a server applying those values
         self.pinned = False  # keeps its server until it leaves (session_state_policy = "pin")
@@ -589,6 +595,9 @@ class ClientConnection(asyncio.Protocol):
                             " needs a server",
                         ))  # fmt: skip
                     return True
+                if self.apply_first and self.startup_values:  # as the server spells them
+                    parameters = server.parameters
+                    self.startup_values = {k: parameters.get(k, v) for k, v in self.startup_values.items()}
                 self.apply_first = False
                 self.parameters = server.parameters
                 if statuses:  # the values as the server spells them
@@ -627,6 +636,22 @@ class ClientConnection(asyncio.Protocol):
             self.idle_ns += now - self.idle_since_ns
         self.idle_since_ns = 0
         self.query_start_ns = now
+
+    def _restore_startup_values(self) -> None:
+        """A RESET or DISCARD ALL ran in the lend that just ended: where PostgreSQL returns to
+        the client's startup values, the server returned to its defaults (and told the client).
+        Startup values now at the default are the client's again: it is told so at once (the
+        protocol allows ParameterStatus at any time) and the next lend sets them."""
+        self.restore_startup = False
+        told = self.parameters
+        defaults = self.pool.parameters or {}
+        restored = {
+            name: value for name, value in self.startup_values.items()
+            if told.get(name) == defaults.get(name)
+        }  # fmt: skip
+        if restored:
+            self.parameters = intern_parameters({**told, **restored})
+            self.transport.write(codec.build_parameter_statuses(restored))
 
     def account_hold(self, now: int) -> None:
         """Count a hold that ends other than at a ReadyForQuery (the client left)."""
@@ -685,6 +710,8 @@ class ClientConnection(asyncio.Protocol):
                 self.server = None
                 server.client = None
                 self.parameters = server.parameters  # what the client was last told
+                if self.restore_startup:
+                    self._restore_startup_values()
                 self.xact_count += 1
                 traffic: TrafficStats = self.traffic  # type: ignore[assignment]
                 lent = self.lent_ns
@@ -778,7 +805,10 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
         if rewriter.reset_seen:
             rewriter.reset_seen = False
-            server.other_settings_unknown = True
+            server.other_settings_unknown = True  # the next lend sets other_settings again
+            if rewriter.settings_reset:
+                rewriter.settings_reset = False
+                self.restore_startup = bool(self.startup_values)
         kinds = rewriter.session_state
         if not kinds:
             return
@@ -1104,6 +1134,10 @@ class ClientConnection(asyncio.Protocol):
                 wanted[name] = value
                 apply_first = apply_first or name != "application_name"  # any text is valid
         self.parameters = intern_parameters(wanted)
+        self.startup_values = {
+            name: value for name, value in overrides.items()
+            if not same_value(name, value, parameters.get(name, ""))
+        }  # fmt: skip
         self.other_settings = others
         self.apply_first = apply_first
         self.mode = pool.mode

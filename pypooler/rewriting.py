@@ -160,13 +160,15 @@ class RewritingFrontend(FrontendStream):
     nothing changed). Findings for the caller, off the hot path, all flagged by `noted`:
     `session_state` (kinds seen since the caller last cleared it), `reset_seen` (DISCARD ALL /
     DEALLOCATE ALL / RESET / SET: the server's settings are no longer what pypooler set),
+    `settings_reset` (RESET / DISCARD ALL: settings went back to the server's defaults, where
+    PostgreSQL would have gone back to the client's startup values),
     `terminated` (a Terminate was reached; the bytes after it were not returned).
     """
 
     __slots__ = ("_batch", "_closes", "_counted", "_dropping", "_parses", "batches",
                  "noted", "refuse",
-                 "requests", "reset_seen", "session_state", "statements", "status", "terminated",
-                 "tracked", "verdicts")  # fmt: skip
+                 "requests", "reset_seen", "session_state", "settings_reset", "statements", "status",
+                 "terminated", "tracked", "verdicts")  # fmt: skip
 
     def __init__(
         self,
@@ -191,6 +193,7 @@ class RewritingFrontend(FrontendStream):
         self.noted = False  # session_state, reset_seen or terminated set: the caller looks
         self.session_state: list[str] = []
         self.reset_seen = False
+        self.settings_reset = False
         self.terminated = False
         self.status = c.TX_IDLE  # transaction status in the latest ReadyForQuery
         # scan_sql results by Parse text, shared by the clients of a pool (same `tracked`).
@@ -619,7 +622,10 @@ class RewritingFrontend(FrontendStream):
                 if server is not None:
                     server.clear()
                 self.reset_seen = self.noted = True
-            elif kind == RESET or kind in LEAK_KINDS:
+                self.settings_reset = self.settings_reset or kind == DISCARD_ALL
+            elif kind == RESET:
+                self.reset_seen = self.settings_reset = self.noted = True
+            elif kind in LEAK_KINDS:
                 self.reset_seen = self.noted = True
         return None
 
