@@ -138,6 +138,19 @@ def run_prepared(name: str) -> bytes:
     return bind(name) + execute() + SYNC
 
 
+def replies(data: bytes) -> list[str]:
+    """Message types, with the SQLSTATE of errors and the status of ReadyForQuery."""
+    shown = []
+    for msg_type, body in codec.MessageReader().feed(data):
+        if msg_type == c.B_ERROR_RESPONSE:
+            shown.append("E " + codec.parse_error_fields(body)["C"])
+        elif msg_type == c.B_READY_FOR_QUERY:
+            shown.append("Z " + body.decode())
+        else:
+            shown.append(chr(msg_type))
+    return shown
+
+
 # --------------------------------------------------------------------------- pass-through
 
 
@@ -399,6 +412,60 @@ def test_every_cut_of_the_client_stream_gives_the_same_result() -> None:
 @pytest.mark.parametrize("seed", range(20))
 def test_random_cuts_on_both_sides(seed: int) -> None:
     check(SCENARIO, seed=seed)
+
+
+def test_another_clients_unnamed_statement_is_never_used() -> None:
+    """PostgreSQL keeps the unnamed statement until the next Parse, so a shared server may hold
+    an earlier client's: a Bind or Describe of the unnamed statement by a client that did not
+    parse it is answered as PostgreSQL answers a session that has none, whatever the cuts."""
+    uses = [
+        bind(parameter=b"x" * 300) + execute() + SYNC,
+        describe("") + SYNC,
+        bind(portal="p") + execute("p") + SYNC,
+        FLUSH + bind() + describe("", "P") + execute() + SYNC,
+    ]
+    for data in uses:
+        expected = ModelServer().receive(data)
+        for position in range(1, len(data) + 1, 5):
+            pooled = Pooled()
+            shared = pooled.servers[0]
+            shared.model.statements[b""] = b"SELECT 'an earlier client'\0\0\0"  # left there
+            shared.statements.begin_lend()
+            frontend = pooled.frontend(1)
+            sent = frontend.feed_to(data[:position], shared.statements)
+            sent += frontend.feed_to(data[position:], shared.statements)
+            replies = shared.model.receive(sent)
+            assert not [
+                body for msg_type, body in shared.model.received
+                if (msg_type == c.F_BIND and body.split(b"\0", 2)[1] == b"") or body == b"S\0"
+            ]  # fmt: skip
+            shared.backend.feed(replies, frontend)
+            assert shared.backend.replaced == expected, (data, position)
+            assert frontend.at_rest and not frontend.batches
+            # A Parse makes the statement the client's: its uses pass untouched, in that batch
+            # and in later ones; another client's are refused again.
+            own = parse("", "SELECT 1") + SYNC
+            assert frontend.feed_to(own, shared.statements) is own
+            assert frontend.feed_to(data, shared.statements) is data
+            assert frontend.feed_to(data, shared.statements) is data
+            assert pooled.frontend(2).feed_to(data, shared.statements) != data
+
+
+def test_an_unnamed_parse_that_an_error_may_skip_counts_only_in_its_batch() -> None:
+    pooled = Pooled()
+    shared = pooled.servers[0]
+    shared.model.statements[b""] = b"SELECT 'an earlier client'\0\0\0"  # left there
+    shared.statements.begin_lend()
+    frontend = pooled.frontend(1)
+    # The Bind of s0 fails, so the server skips the Parse: the unnamed statement is still the
+    # earlier client's, and the next batch (pipelined: the same lend) must not reach it.
+    first = bind("s0") + parse("", "SELECT 1") + bind() + execute() + SYNC
+    second = bind() + execute() + SYNC
+    assert frontend.feed_to(first, shared.statements) is first
+    sent = frontend.feed_to(second, shared.statements)
+    assert sent != second
+    shared.backend.feed(shared.model.receive(first + sent), frontend)
+    assert replies(shared.backend.replaced or b"") == ["E 26000", "Z I", "E 26000", "Z I"]
 
 
 # --------------------------------------------------------------------------- fuzzing
