@@ -247,6 +247,35 @@ async def test_the_unnamed_statement_after_the_server_went_back_to_the_pool(
         await holder.close()
 
 
+async def test_sql_deallocate_of_a_protocol_statement_is_not_translated(
+    postgres: EmbeddedPostgres, start_pooler: Any
+) -> None:
+    """A documented limit: SQL `DEALLOCATE name` goes to the server as written, where the
+    client's protocol-level statement has pypooler's name, so it fails and the statement stays.
+    Drivers close statements with the protocol's Close, which is translated."""
+    pooler = start_pooler(pool_size=1)
+    direct = await RawClient.login(postgres.host, postgres.port)
+    pooled = await RawClient.login(pooler.host, pooler.port)
+    prepare = parse("s1", "SELECT 41 + 1") + SYNC
+    use = bind("s1") + execute() + SYNC
+    try:
+        for client in (direct, pooled):
+            assert await exchange(client, prepare) == ["1", "Z I"]
+        assert summary(await direct.query("DEALLOCATE s1")) == ["C", "Z I"]
+        assert await exchange(direct, use) == ['E 26000 prepared statement "s1" does not exist', "Z I"]
+        assert summary(await pooled.query("DEALLOCATE s1")) == [
+            'E 26000 prepared statement "s1" does not exist', "Z I"
+        ]
+        assert await exchange(pooled, use) == ["2", "D ['42']", "C", "Z I"]
+        # The protocol's Close is translated: afterwards the client's name is unknown.
+        assert await exchange(pooled, close("s1") + use) == [
+            "3", 'E 26000 prepared statement "s1" does not exist', "Z I"
+        ]
+    finally:
+        await direct.close()
+        await pooled.close()
+
+
 async def test_lru_eviction_with_a_small_max_prepared_statements(start_pooler: Any) -> None:
     pooler = start_pooler(pool_size=1, max_prepared_statements=2)
     conn = await asyncpg.connect(pooler.dsn(), timeout=CONNECT_TIMEOUT_S)

@@ -528,3 +528,42 @@ def test_malformed_or_oversized_messages_are_protocol_violations() -> None:
 
 def test_placeholder_is_a_close_of_a_statement_nobody_prepares() -> None:
     assert close("PYPOOLER_NONE") == PLACEHOLDER_CLOSE
+
+
+def both_worlds(steps: list[bytes]) -> tuple[list[list[str]], list[list[str]]]:
+    """One client sends `steps` (each one write) on a direct connection and through pypooler."""
+    direct, pooled = Direct(), Pooled()
+    return (
+        [replies(direct.run(1, data)) for data in steps],
+        [replies(pooled.run(1, 0, data)) for data in steps],
+    )
+
+
+def test_a_parse_of_a_prepared_text_pipelined_after_an_error_in_a_block_is_answered() -> None:
+    # A known difference: pypooler cannot know yet that the block has failed, and the server
+    # already has the text, so the Parse is answered ParseComplete; PostgreSQL refuses it. The
+    # block is failed either way.
+    direct, pooled = both_worlds([
+        prepared_statement("s1", "SELECT 1"),
+        query("BEGIN"),
+        bind("nope") + SYNC + parse("s2", "SELECT 1") + SYNC,
+        query("ROLLBACK"),
+    ])  # fmt: skip
+    assert direct[2] == ["E 26000", "Z E", "E 25P02", "Z E"]
+    assert pooled[2] == ["E 26000", "Z E", "1", "Z E"]
+    assert pooled[:2] + pooled[3:] == direct[:2] + direct[3:]
+
+
+def test_deallocate_all_pipelined_into_a_block_that_fails_still_forgets() -> None:
+    # A known difference: DEALLOCATE ALL fails in the failed block, so PostgreSQL keeps s1;
+    # pypooler, which could not know yet, has forgotten the client's s1.
+    direct, pooled = both_worlds([
+        prepared_statement("s1", "SELECT 1"),
+        query("BEGIN"),
+        bind("nope") + SYNC + query("DEALLOCATE ALL"),
+        query("ROLLBACK"),
+        run_prepared("s1"),
+    ])  # fmt: skip
+    assert direct[2] == pooled[2] == ["E 26000", "Z E", "E 25P02", "Z E"]
+    assert direct[4] == ["2", "C", "Z I"]
+    assert pooled[4] == ["E 26000", "Z I"]
