@@ -483,6 +483,8 @@ class RewritingFrontend(FrontendStream):
         if held >= 0:
             self._head = data[held:]
             limit = held
+            if data[held] == _P and end - held >= 5:  # a Parse held back is read again later,
+                self.open_tail = not first  # from the state before it (see `first`)
         if out is None:
             return data if limit == end else data[:limit]
         if run < limit:

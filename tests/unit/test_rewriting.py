@@ -451,6 +451,19 @@ def test_another_clients_unnamed_statement_is_never_used() -> None:
             assert pooled.frontend(2).feed_to(data, shared.statements) != data
 
 
+def test_an_unnamed_parse_first_in_its_batch_makes_the_statement_the_clients_whatever_the_cuts() -> None:
+    parse_batch = parse("", "SELECT " + "1 + " * 400 + "1") + SYNC  # longer than the scan window
+    use = bind() + execute() + SYNC
+    for position in range(1, len(parse_batch)):
+        pooled = Pooled()
+        statements = pooled.servers[0].statements
+        frontend = pooled.frontend(1)
+        sent = frontend.feed_to(parse_batch[:position], statements)
+        sent += frontend.feed_to(parse_batch[position:], statements)
+        assert sent == parse_batch
+        assert frontend.feed_to(use, statements) is use, position
+
+
 def test_an_unnamed_parse_that_an_error_may_skip_counts_only_in_its_batch() -> None:
     pooled = Pooled()
     shared = pooled.servers[0]
