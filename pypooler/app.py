@@ -272,7 +272,7 @@ class Pooler:
             if server is None:
                 client.fail(shutdown_refused())  # logging in, or between transactions
             elif (
-                client.pool.mode == "session"
+                client.mode == "session"
                 and client.idle_since_ns  # the server answered everything
                 and not client.idle_in_xact
                 and client.frontend.at_rest

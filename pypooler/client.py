@@ -15,6 +15,10 @@ Lending, by pool mode:
   at the ReadyForQuery 'I' that leaves nothing outstanding (see protocol/transaction.py);
 - statement: the same, but a ReadyForQuery inside a transaction block ends the client with an error;
 - session: linked at the first message, released (after `server_reset_query`) when the client leaves.
+The mode is the client's own (`mode`, the pool's at login). A RELOAD that changes the pool's mode
+changes it for clients with a rewriting stream (they may follow into session mode and back); a
+client that logged in under session mode keeps session mode, because its prepared statements and
+settings live on its server only and pypooler never tracked them.
 
 In transaction and statement mode the client's bytes go through a `RewritingFrontend` at the
 moment they are written to a server (named prepared statements, session-state statements; see
@@ -41,7 +45,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from pypooler.auth import AUTH_MESSAGE_LIMIT, Authenticator, AuthOutcome, ClientAuthExchange
-from pypooler.config import ADMIN_DATABASE_NAMES, Settings
+from pypooler.config import ADMIN_DATABASE_NAMES, PoolMode, Settings
 from pypooler.errors import (
     AuthRejected,
     ClientLoginTimeout,
@@ -221,6 +225,7 @@ class ClientConnection(asyncio.Protocol):
         "idle_since_ns",
         "lent_ns",
         "linking",
+        "mode",
         "other_settings",
         "parameters",
         "pending",
@@ -231,9 +236,11 @@ class ClientConnection(asyncio.Protocol):
         "reading_paused",
         "ready",
         "registry",
+        "restore_startup",
         "rewriter",
         "server",
         "startup",
+        "startup_values",
         "tls",
         "traffic",
         "transport",
@@ -293,9 +300,16 @@ class ClientConnection(asyncio.Protocol):
         # The session as the client knows it (see session_parameters.py).
         self.parameters: dict[str, str] = {}
         self.other_settings: dict[str, str] = {}
+        # Reported settings the startup packet set to other than the server's defaults: what a
+        # RESET returns them to in PostgreSQL (restore_startup: one ran in the current lend).
+        self.startup_values: dict[str, str] = {}
+        self.restore_startup = False
         self.apply_first = False  # startup values no server has accepted yet
         self.linking: ServerConnection | None = None  # a server applying those values
         self.pinned = False  # keeps its server until it leaves (session_state_policy = "pin")
+        # The pool's mode at login, then as RELOADs change it for clients with a rewriting stream
+        # (Pool.reconfigure); a session-mode client keeps session mode until it leaves.
+        self.mode: PoolMode = "session"
 
     @property
     def peer(self) -> str:
@@ -584,6 +598,9 @@ class ClientConnection(asyncio.Protocol):
                             " needs a server",
                         ))  # fmt: skip
                     return True
+                if self.apply_first and self.startup_values:  # as the server spells them
+                    parameters = server.parameters
+                    self.startup_values = {k: parameters.get(k, v) for k, v in self.startup_values.items()}
                 self.apply_first = False
                 self.parameters = server.parameters
                 if statuses:  # the values as the server spells them
@@ -622,6 +639,22 @@ class ClientConnection(asyncio.Protocol):
             self.idle_ns += now - self.idle_since_ns
         self.idle_since_ns = 0
         self.query_start_ns = now
+
+    def _restore_startup_values(self) -> None:
+        """A RESET or DISCARD ALL ran in the lend that just ended: where PostgreSQL returns to
+        the client's startup values, the server returned to its defaults (and told the client).
+        Startup values now at the default are the client's again: it is told so at once (the
+        protocol allows ParameterStatus at any time) and the next lend sets them."""
+        self.restore_startup = False
+        told = self.parameters
+        defaults = self.pool.parameters or {}
+        restored = {
+            name: value for name, value in self.startup_values.items()
+            if told.get(name) == defaults.get(name)
+        }  # fmt: skip
+        if restored:
+            self.parameters = intern_parameters({**told, **restored})
+            self.transport.write(codec.build_parameter_statuses(restored))
 
     def account_hold(self, now: int) -> None:
         """Count a hold that ends other than at a ReadyForQuery (the client left)."""
@@ -668,7 +701,7 @@ class ClientConnection(asyncio.Protocol):
         backend = server.backend
         status = backend.tx_status
         pool = self.pool
-        mode = pool.mode
+        mode = self.mode
         if status == _TX_IDLE and mode != "session":
             self.transport.write(data)
             frontend = self.frontend
@@ -680,6 +713,8 @@ class ClientConnection(asyncio.Protocol):
                 self.server = None
                 server.client = None
                 self.parameters = server.parameters  # what the client was last told
+                if self.restore_startup:
+                    self._restore_startup_values()
                 self.xact_count += 1
                 traffic: TrafficStats = self.traffic  # type: ignore[assignment]
                 lent = self.lent_ns
@@ -755,7 +790,7 @@ class ClientConnection(asyncio.Protocol):
         reset_query = self.registry.settings.server_reset_query
         if not clean:
             server.close()
-        elif self.pool.mode == "session" or self.pinned:
+        elif self.mode == "session" or self.pinned:
             if reset_query:
                 reset_then_release(server, self.pool, reset_query)
             else:
@@ -773,7 +808,10 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
         if rewriter.reset_seen:
             rewriter.reset_seen = False
-            server.other_settings_unknown = True
+            server.other_settings_unknown = True  # the next lend sets other_settings again
+            if rewriter.settings_reset:
+                rewriter.settings_reset = False
+                self.restore_startup = bool(self.startup_values)
         kinds = rewriter.session_state
         if not kinds:
             return
@@ -1092,6 +1130,8 @@ class ClientConnection(asyncio.Protocol):
         self.parameters = welcome.parameters
         self.other_settings = welcome.other_settings
         self.apply_first = welcome.apply_first
+        self.startup_values = welcome.startup_values
+        self.mode = pool.mode
         if pool.rewriting:
             statements = ClientStatements(pool.statements) if settings.max_prepared_statements else None
             self.frontend = self.rewriter = RewritingFrontend(
@@ -1141,13 +1181,18 @@ class ClientConnection(asyncio.Protocol):
                 wanted[name] = value
                 apply_first = apply_first or name != "application_name"  # any text is valid
         session = intern_parameters(wanted)
+        # What RESET returns the client to: its startup values of reported settings.
+        startup_values = {
+            name: value for name, value in overrides.items()
+            if not same_value(name, value, parameters.get(name, ""))
+        }  # fmt: skip
         if any(name != "application_name" for name in overrides):
             statuses = codec.AUTHENTICATION_OK + codec.build_parameter_statuses(session)
         else:
             statuses = pool.welcome_prefix() + codec.build_parameter_status(
                 "application_name", self.application_name
             )
-        welcome = Welcome(session, others, apply_first, statuses)
+        welcome = Welcome(session, others, apply_first, statuses, startup_values)
         if len(pool.welcomes) >= WELCOMES_KEPT:
             pool.welcomes.clear()
         pool.welcomes[startup.raw] = welcome

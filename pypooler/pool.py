@@ -114,6 +114,7 @@ class Welcome(NamedTuple):
     other_settings: dict[str, str]  # settings from the packet that no ParameterStatus reports
     apply_first: bool  # values no server has accepted yet: applied with a round trip
     statuses: bytes  # AuthenticationOk and the ParameterStatus messages
+    startup_values: dict[str, str]  # reported settings the packet sets: what RESET returns to
 SHUTDOWN_POLL_S = 0.005
 # Stats snapshots kept per pool: the latest two bound the last complete stats_period.
 SNAPSHOTS_KEPT = 2
@@ -320,6 +321,10 @@ class Pool:
         statement LRU for transaction and statement mode, the plain tracker for session mode.
         A RELOAD that moves a pool across that line leaves clients of both kinds for a while."""
         server.rewriting = rewriting
+        if server.statements is not None:
+            # Give back the registry references (the server keeps the statements themselves:
+            # harmless under their PYPOOLER_ names, and every later Parse of one closes it first).
+            server.statements.clear()
         if rewriting:
             server.backend = RewritingBackend(server.parameter_status)
             size = self.settings.max_prepared_statements
@@ -564,10 +569,15 @@ class Pool:
         self.welcomes.clear()  # ignore_startup_parameters may have changed
         self.stats.max_applications = settings.stats_max_applications
         self.stats.max_statements = settings.stats_max_statements
-        self.mode = mode
-        if (mode != "session") is not self.rewriting:
-            # New clients get the other kind of stream; servers are refitted when lent.
+        if mode != self.mode:
+            self.mode = mode
+            # New clients get the stream kind of the new mode; servers are refitted when lent.
             self.rewriting = mode != "session"
+            # Clients with a rewriting stream can run in any mode; a session-mode client's
+            # statements and settings are on its server only, so it keeps session mode.
+            for client in self.clients:
+                if client.rewriter is not None:
+                    client.mode = mode
         if _login_key(login) != _login_key(self.login):
             self.login = login
             for server in self.servers:

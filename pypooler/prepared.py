@@ -129,7 +129,7 @@ class ClientStatements:
 class ServerStatements:
     """What one server has prepared, least recently used first (see the module rules)."""
 
-    __slots__ = ("capacity", "entries", "in_use", "registry", "tentative")
+    __slots__ = ("capacity", "entries", "in_use", "registry", "tentative", "unnamed_owner")
 
     def __init__(self, registry: StatementRegistry, capacity: int) -> None:
         self.registry = registry
@@ -137,6 +137,12 @@ class ServerStatements:
         self.entries: OrderedDict[bytes, Statement] = OrderedDict()
         self.tentative: dict[bytes, int] = {}  # name -> the batch whose Parse is unconfirmed
         self.in_use: set[bytes] = set()  # names used since the server was lent
+        # Whose unnamed statement the server holds: the client stream whose Parse of it came
+        # first in its batch (where no earlier error can make the server skip it), or None.
+        # Unnamed statements pass untouched and a server outlives its clients, so a Bind or
+        # Describe of the unnamed statement by any other client (without a Parse of it earlier
+        # in the same batch) is answered with PostgreSQL's 26000 (see rewriting.py).
+        self.unnamed_owner: object | None = None
 
     def begin_lend(self) -> None:
         self.in_use.clear()

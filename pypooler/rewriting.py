@@ -11,6 +11,9 @@ accounting (when a transaction ends) and add:
   has, and a client's Close, are sent as a Close of a name that never exists ("placeholder").
 - Session-state statements (see `session_state.py`), found in Query and Parse texts; with
   `refuse` set they are replaced by a placeholder Close followed by a Describe that fails.
+- The unnamed statement passes untouched, but the server's may be another client's: a Bind or
+  Describe of it by a client whose Parse did not make it is answered with PostgreSQL's 26000 the
+  same way (see `ServerStatements.unnamed_owner`).
 - Internal replies: the Query pypooler sends before a client's first message to set its session
   parameters is answered first, and that answer is dropped whole (`RewritingBackend.internal`).
 
@@ -160,13 +163,15 @@ class RewritingFrontend(FrontendStream):
     nothing changed). Findings for the caller, off the hot path, all flagged by `noted`:
     `session_state` (kinds seen since the caller last cleared it), `reset_seen` (DISCARD ALL /
     DEALLOCATE ALL / RESET / SET: the server's settings are no longer what pypooler set),
+    `settings_reset` (RESET / DISCARD ALL: settings went back to the server's defaults, where
+    PostgreSQL would have gone back to the client's startup values),
     `terminated` (a Terminate was reached; the bytes after it were not returned).
     """
 
-    __slots__ = ("_batch", "_closes", "_counted", "_dropping", "_parses", "batches",
+    __slots__ = ("_batch", "_closes", "_counted", "_dropping", "_parses", "_unnamed_batch", "batches",
                  "noted", "refuse",
-                 "requests", "reset_seen", "session_state", "statements", "status", "terminated",
-                 "tracked", "verdicts")  # fmt: skip
+                 "requests", "reset_seen", "session_state", "settings_reset", "statements", "status",
+                 "terminated", "tracked", "verdicts")  # fmt: skip
 
     def __init__(
         self,
@@ -191,6 +196,11 @@ class RewritingFrontend(FrontendStream):
         self.noted = False  # session_state, reset_seen or terminated set: the caller looks
         self.session_state: list[str] = []
         self.reset_seen = False
+        self.settings_reset = False
+        # `requests` during the batch whose Parse of the unnamed statement came after other
+        # messages: an error in those would have made the server skip it, so the statement is
+        # the client's in that batch only (see ServerStatements.unnamed_owner).
+        self._unnamed_batch = -1
         self.terminated = False
         self.status = c.TX_IDLE  # transaction status in the latest ReadyForQuery
         # scan_sql results by Parse text, shared by the clients of a pool (same `tracked`).
@@ -269,6 +279,7 @@ class RewritingFrontend(FrontendStream):
                 raise ProtocolViolation(f"invalid message length {length} (message type {msg_type})")
             msg_end = pos + 1 + length
             if msg_type == _P:
+                first = not open_tail  # the first message of its batch: no error can skip it
                 open_tail = True
                 if end - pos < 6:
                     held = pos
@@ -306,6 +317,11 @@ class RewritingFrontend(FrontendStream):
                         self._parses += 1
                         self._counted = True
                         self._note_statement(text[:STATEMENT_SAMPLE])
+                        if server is not None:
+                            if first:
+                                server.unnamed_owner = self
+                            else:
+                                self._unnamed_batch = self.requests
                 else:
                     if msg_end > end:
                         if length > MAX_NAMED_PARSE:
@@ -333,7 +349,13 @@ class RewritingFrontend(FrontendStream):
                                 raise ProtocolViolation("malformed Bind message")
                             held = pos
                             break
-                        if name_end > portal_end + 1:
+                        if name_end == portal_end + 1:  # a named portal of the unnamed statement
+                            assert server is not None
+                            if server.unnamed_owner is not self and self._unnamed_batch != self.requests:
+                                out, run = _splice(out, data, run, pos, min(msg_end, end), self._no_unnamed())
+                                if msg_end > end:
+                                    self._dropping = True
+                        else:
                             assert server is not None and self.statements is not None
                             name = data[portal_end + 1 : name_end]
                             statement = self.statements.names.get(name)
@@ -352,6 +374,13 @@ class RewritingFrontend(FrontendStream):
                                 )  # fmt: skip
                                 # The NUL after the name and the rest of the Bind pass as they are.
                                 out, run = _splice(out, data, run, pos, name_end, prefix)
+                    elif (
+                        server.unnamed_owner is not self  # type: ignore[union-attr]  # tracking: not None
+                        and self._unnamed_batch != self.requests
+                    ):
+                        out, run = _splice(out, data, run, pos, min(msg_end, end), self._no_unnamed())
+                        if msg_end > end:
+                            self._dropping = True
             elif msg_type == _E:
                 open_tail = True
                 self._syncs_since_execute = 0
@@ -371,20 +400,28 @@ class RewritingFrontend(FrontendStream):
                 if tracking and end - pos < 7:
                     held = pos
                     break
-                if tracking and data[pos + 5] == _STATEMENT and data[pos + 6]:
-                    if msg_end > end:
-                        if length > MAX_NAMES_PREFIX:
-                            raise ProtocolViolation("malformed Describe or Close message")
-                        held = pos
-                        break
+                if tracking and data[pos + 5] == _STATEMENT:
                     assert server is not None
-                    name = data[pos + 6 : msg_end - 1]
-                    replacement = self._describe(name, server) if msg_type == _D else self._close(name)
-                    if replacement is not None:
-                        out, run = _splice(out, data, run, pos, msg_end, replacement)
-                    elif msg_type == _C:
+                    if data[pos + 6]:
+                        if msg_end > end:
+                            if length > MAX_NAMES_PREFIX:
+                                raise ProtocolViolation("malformed Describe or Close message")
+                            held = pos
+                            break
+                        name = data[pos + 6 : msg_end - 1]
+                        replacement = self._describe(name, server) if msg_type == _D else self._close(name)
+                        if replacement is not None:
+                            out, run = _splice(out, data, run, pos, msg_end, replacement)
+                        elif msg_type == _C:
+                            self._closes += 1
+                            self._counted = True
+                    elif msg_type == _C:  # of the unnamed statement
                         self._closes += 1
                         self._counted = True
+                    elif server.unnamed_owner is not self and self._unnamed_batch != self.requests:
+                        out, run = _splice(out, data, run, pos, min(msg_end, end), self._no_unnamed())
+                        if msg_end > end:
+                            self._dropping = True
                 elif msg_type == _C:
                     self._closes += 1
                     self._counted = True
@@ -446,6 +483,8 @@ class RewritingFrontend(FrontendStream):
         if held >= 0:
             self._head = data[held:]
             limit = held
+            if data[held] == _P and end - held >= 5:  # a Parse held back is read again later,
+                self.open_tail = not first  # from the state before it (see `first`)
         if out is None:
             return data if limit == end else data[:limit]
         if run < limit:
@@ -522,6 +561,7 @@ class RewritingFrontend(FrontendStream):
             # broken text gets its own error first: parse it as the unnamed statement (which
             # the skip to Sync after the error leaves to nobody), then refuse.
             self._expect_parse(PendingReply(swallow=True))
+            self._lose_unnamed(server)
             return codec.build_parse(b"", key) + self._refusal(DuplicatePreparedStatement(
                 f'prepared statement "{name.decode("utf-8", "replace")}" already exists'
             ))  # fmt: skip
@@ -537,6 +577,7 @@ class RewritingFrontend(FrontendStream):
                 # statement gets the same refusal, and a ParseComplete if the block was rolled
                 # back meanwhile (the skip to Sync after the error leaves it to nobody).
                 self._expect_parse(PendingReply(undo=forget))
+                self._lose_unnamed(server)
                 return codec.build_parse(b"", key)
             self._expect_close(PendingReply(replacement=codec.PARSE_COMPLETE, undo=forget))
             return PLACEHOLDER_CLOSE
@@ -619,9 +660,23 @@ class RewritingFrontend(FrontendStream):
                 if server is not None:
                     server.clear()
                 self.reset_seen = self.noted = True
-            elif kind == RESET or kind in LEAK_KINDS:
+                self.settings_reset = self.settings_reset or kind == DISCARD_ALL
+            elif kind == RESET:
+                self.reset_seen = self.settings_reset = self.noted = True
+            elif kind in LEAK_KINDS:
                 self.reset_seen = self.noted = True
         return None
+
+    def _lose_unnamed(self, server: ServerStatements) -> None:
+        """pypooler sends a Parse of the unnamed statement for its own ends: whatever the server
+        holds as the unnamed statement after it, nobody may use without parsing again."""
+        server.unnamed_owner = None
+        self._unnamed_batch = -1
+
+    def _no_unnamed(self) -> bytes:
+        """A client uses the unnamed statement without having made the server's: it may be another
+        client's (see ServerStatements.unnamed_owner), so PostgreSQL's error is the answer."""
+        return self._refusal(UndefinedPreparedStatement("unnamed prepared statement does not exist"))
 
     def _missing(self, name: bytes) -> bytes:
         return self._refusal(UndefinedPreparedStatement(

@@ -16,7 +16,8 @@ Rules:
   are not session state here: pypooler restores each client's own values on every server it
   gets, so `SET TimeZone` is safe. The caller passes their names (lower case) as `tracked`.
 - Besides the leak kinds, `scan_sql` reports DISCARD_ALL, DEALLOCATE_ALL and RESET, which are
-  not leaks but change what pypooler knows about the server.
+  not leaks but change what pypooler knows about the server. `SET name TO DEFAULT` (and `SET TIME
+  ZONE DEFAULT | LOCAL`) is a RESET, as PostgreSQL defines it.
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ _SET_CONFIG = re.compile(rb"set_config\s*\(")
 # SET forms whose name is more than one word, or not the setting's name.
 _SET_SPECIAL: Final = {b"time": b"timezone", b"names": b"client_encoding", b"schema": b"search_path"}
 _TRANSACTION_SCOPED: Final = frozenset({b"local", b"transaction", b"constraints"})
+_TO: Final = frozenset({b"to", b"="})
 _SESSION_ONLY: Final = frozenset({b"authorization", b"characteristics"})
 _TRUE_WORDS: Final = frozenset({b"true", b"'t'", b"'true'", b"'on'", b"'yes'", b"'1'", b"'y'"})
 
@@ -190,10 +192,19 @@ def _set_kind(tokens: list[bytes], tracked: frozenset[bytes]) -> str | None:
     name = tokens[1]
     if name in _TRANSACTION_SCOPED:
         return None
+    value = 2  # index of the token after the name
     if name == b"session":
         if len(tokens) < 3 or tokens[2] in _SESSION_ONLY:
             return SET  # SET SESSION AUTHORIZATION / CHARACTERISTICS
         name = tokens[2]
+        value = 3
+    if name == b"time":  # SET TIME ZONE value
+        value += 1
+    if value < len(tokens) and tokens[value] in _TO:
+        value += 1
+    word = tokens[value] if value < len(tokens) else b""
+    if word == b"default" or (name == b"time" and word == b"local"):
+        return RESET
     name = _SET_SPECIAL.get(name, name).strip(b'"')
     return None if name in tracked else SET
 

@@ -194,6 +194,88 @@ async def test_pipelines_with_errors_answer_as_postgresql_does(
         await holder.close()
 
 
+UNNAMED_MISSING = ["E 26000 unnamed prepared statement does not exist", "Z I"]
+
+
+async def test_the_unnamed_statement_after_the_server_went_back_to_the_pool(
+    postgres: EmbeddedPostgres, start_pooler: Any
+) -> None:
+    """PostgreSQL keeps the unnamed statement until the next Parse or simple Query. Through
+    pypooler it is certainly there while the client holds its server (a transaction block, or
+    batches pipelined so that the server is kept); later, only if the client lands on the same
+    server and nobody replaced it. Otherwise PostgreSQL's error: never another client's unnamed
+    statement, and never a hang."""
+    pooler = start_pooler(pool_size=2)
+    direct = await RawClient.login(postgres.host, postgres.port)
+    owner = await RawClient.login(pooler.host, pooler.port)
+    other = await RawClient.login(pooler.host, pooler.port)
+    holder = await RawClient.login(pooler.host, pooler.port)
+    parse_owner = parse("", "SELECT 'owner'") + SYNC
+    use = bind() + execute() + SYNC
+    try:
+        # Pipelined, or in a transaction block: one lend, as on a direct connection.
+        pipelined = await exchange(direct, parse_owner + use)
+        assert pipelined == ["1", "Z I", "2", "D ['owner']", "C", "Z I"]
+        assert await exchange(owner, parse_owner + use) == pipelined
+        await owner.query("BEGIN")
+        assert await exchange(owner, parse_owner) == ["1", "Z T"]
+        assert await exchange(owner, use) == ["2", "D ['owner']", "C", "Z T"]
+        await owner.query("COMMIT")
+
+        # In a later lend on the same server (idle servers are reused last-in first-out), as in
+        # PostgreSQL.
+        separately = [await exchange(direct, parse_owner), await exchange(direct, use)]
+        assert separately == [["1", "Z I"], ["2", "D ['owner']", "C", "Z I"]]
+        assert [await exchange(owner, parse_owner), await exchange(owner, use)] == separately
+        # Another client never reaches the owner's statement, left on that server.
+        assert await exchange(other, use) == UNNAMED_MISSING
+        assert await exchange(other, describe("") + SYNC) == UNNAMED_MISSING
+        assert await exchange(other, bind(portal="p") + execute("p") + SYNC) == UNNAMED_MISSING
+        # On the other server it is not there.
+        await holder.query("BEGIN")
+        assert await exchange(owner, use) == UNNAMED_MISSING
+        await holder.query("COMMIT")
+        # Back on its server, after another client's simple Query dropped it.
+        assert data_rows(await other.query("SELECT 1")) == [["1"]]
+        assert await exchange(owner, use) == UNNAMED_MISSING
+        # And the client goes on.
+        assert await exchange(owner, parse_owner + use) == pipelined
+    finally:
+        await direct.close()
+        await owner.close()
+        await other.close()
+        await holder.close()
+
+
+async def test_sql_deallocate_of_a_protocol_statement_is_not_translated(
+    postgres: EmbeddedPostgres, start_pooler: Any
+) -> None:
+    """A documented limit: SQL `DEALLOCATE name` goes to the server as written, where the
+    client's protocol-level statement has pypooler's name, so it fails and the statement stays.
+    Drivers close statements with the protocol's Close, which is translated."""
+    pooler = start_pooler(pool_size=1)
+    direct = await RawClient.login(postgres.host, postgres.port)
+    pooled = await RawClient.login(pooler.host, pooler.port)
+    prepare = parse("s1", "SELECT 41 + 1") + SYNC
+    use = bind("s1") + execute() + SYNC
+    try:
+        for client in (direct, pooled):
+            assert await exchange(client, prepare) == ["1", "Z I"]
+        assert summary(await direct.query("DEALLOCATE s1")) == ["C", "Z I"]
+        assert await exchange(direct, use) == ['E 26000 prepared statement "s1" does not exist', "Z I"]
+        assert summary(await pooled.query("DEALLOCATE s1")) == [
+            'E 26000 prepared statement "s1" does not exist', "Z I"
+        ]
+        assert await exchange(pooled, use) == ["2", "D ['42']", "C", "Z I"]
+        # The protocol's Close is translated: afterwards the client's name is unknown.
+        assert await exchange(pooled, close("s1") + use) == [
+            "3", 'E 26000 prepared statement "s1" does not exist', "Z I"
+        ]
+    finally:
+        await direct.close()
+        await pooled.close()
+
+
 async def test_lru_eviction_with_a_small_max_prepared_statements(start_pooler: Any) -> None:
     pooler = start_pooler(pool_size=1, max_prepared_statements=2)
     conn = await asyncpg.connect(pooler.dsn(), timeout=CONNECT_TIMEOUT_S)

@@ -107,6 +107,76 @@ async def test_startup_options_in_session_mode(start_pooler: Any) -> None:
         await plain.close()
 
 
+# Ways back to a setting's session default; PostgreSQL's default is the startup value.
+RESETS = (
+    "RESET statement_timeout", "SET statement_timeout TO DEFAULT", "RESET TimeZone",
+    "SET TIME ZONE DEFAULT", "RESET ALL", "DISCARD ALL",
+)  # fmt: skip
+READ_SETTINGS = "SELECT current_setting('statement_timeout'), current_setting('TimeZone')"
+
+
+def resets_seen(dsn: str) -> tuple[list[tuple[Any, ...]], tuple[Any, ...], tuple[Any, ...]]:
+    """With startup settings statement_timeout and TimeZone: (what each of RESETS, run on its
+    own, leaves for the next statement, with the TimeZone the client was told; what RESET ALL
+    leaves inside its own transaction; what follows that transaction)."""
+    options = "-c statement_timeout=5s -c TimeZone=Asia/Tokyo"
+    with psycopg.connect(dsn, autocommit=True, options=options, connect_timeout=10) as conn:
+        after_each = []
+        for reset in RESETS:
+            conn.execute("SET TimeZone = 'America/Lima'")
+            conn.execute(reset)
+            row = conn.execute(READ_SETTINGS).fetchone()
+            assert row is not None
+            after_each.append((reset, *row, conn.info.parameter_status("TimeZone")))
+        with conn.transaction():
+            conn.execute("RESET ALL")
+            in_transaction = conn.execute(READ_SETTINGS).fetchone()
+        after_transaction = conn.execute(READ_SETTINGS).fetchone()
+    assert in_transaction is not None and after_transaction is not None
+    return after_each, in_transaction, after_transaction
+
+
+def test_reset_returns_to_startup_values_from_the_next_transaction(
+    postgres: EmbeddedPostgres, start_pooler: Any
+) -> None:
+    pooler = start_pooler(pool_size=1)
+    direct = resets_seen(postgres.dsn())
+    pooled = resets_seen(pooler.dsn())
+    assert direct[0] == [
+        ("RESET statement_timeout", "5s", "America/Lima", "America/Lima"),
+        ("SET statement_timeout TO DEFAULT", "5s", "America/Lima", "America/Lima"),
+        ("RESET TimeZone", "5s", "Asia/Tokyo", "Asia/Tokyo"),
+        ("SET TIME ZONE DEFAULT", "5s", "Asia/Tokyo", "Asia/Tokyo"),
+        ("RESET ALL", "5s", "Asia/Tokyo", "Asia/Tokyo"),
+        ("DISCARD ALL", "5s", "Asia/Tokyo", "Asia/Tokyo"),
+    ]
+    # From the next transaction on, pypooler gives back what PostgreSQL keeps (and says so).
+    assert pooled[0] == direct[0]
+    assert pooled[2] == direct[2] == ("5s", "Asia/Tokyo")
+    # Inside the transaction that ran it, RESET reaches the server's defaults (a limit).
+    assert direct[1] == ("5s", "Asia/Tokyo")
+    with psycopg.connect(postgres.dsn(), autocommit=True, connect_timeout=10) as plain:
+        defaults = plain.execute(READ_SETTINGS).fetchone()
+        assert defaults is not None and defaults[1] != "Asia/Tokyo"
+    assert pooled[1] == defaults
+    # Nothing of it stays on the server for the next client.
+    with psycopg.connect(pooler.dsn(), autocommit=True, connect_timeout=10) as other:
+        assert other.execute(READ_SETTINGS).fetchone() == defaults
+
+
+def test_reset_in_session_mode_returns_to_the_servers_defaults(start_pooler: Any) -> None:
+    """Session mode applies startup settings with SQL once, and does not read the client's
+    statements: a RESET there returns to the server's defaults for the rest of the session."""
+    pooler = start_pooler(pool_size=1, pool_mode="session")
+    options = "-c statement_timeout=5s -c TimeZone=Asia/Tokyo"
+    with psycopg.connect(pooler.dsn(), autocommit=True, options=options, connect_timeout=10) as conn:
+        assert conn.execute(READ_SETTINGS).fetchone() == ("5s", "Asia/Tokyo")
+        conn.execute("RESET ALL")
+        for _ in range(2):
+            row = conn.execute(READ_SETTINGS).fetchone()
+            assert row is not None and row[0] == "0" and row[1] != "Asia/Tokyo"
+
+
 @pytest.mark.parametrize(
     ("parameters", "sqlstate", "message"),
     [

@@ -130,6 +130,8 @@ class ModelServer:
         return codec.build_command_complete(tag) + codec.build_ready_for_query(self.status)
 
     def _missing(self, name: bytes) -> bytes:
+        if not name:
+            return self._error("26000", "unnamed prepared statement does not exist")
         return self._error("26000", f'prepared statement "{name.decode()}" does not exist')
 
     def _error(self, sqlstate: str, message: str) -> bytes:

@@ -81,6 +81,9 @@ class FakeClient:
         self.idle_in_xact = False
         self.hog_warned = False
         self.frontend = FrontendStream()
+        # What a RELOAD that changes pool_mode reads and sets.
+        self.mode = "transaction"
+        self.rewriter: object | None = object()
 
     @property
     def server(self) -> FakeServer | None:
@@ -704,6 +707,40 @@ async def test_reconfigure_to_a_new_server_retires_old_servers_without_cutting_t
     assert fresh.login is new_login
     release(pool, fresh)
     assert not fresh.closed and pool.idle == [fresh] and not pool.draining
+
+
+async def test_reconfigure_across_session_mode_keeps_session_clients_in_session_mode(
+    connector: FakeConnector,
+) -> None:
+    pool = make_pool(size=2)
+    pool.mode = "session"
+    pool.rewriting = False
+    session_client = FakeClient("plain")
+    session_client.mode = "session"
+    session_client.rewriter = None
+    rewriting_client = FakeClient("rewriting")
+    rewriting_client.mode = "session"  # it logged in under transaction mode, then followed a RELOAD
+    pool.clients.update((session_client, rewriting_client))  # type: ignore[arg-type]
+
+    pool.reconfigure(default_login(), size=2, mode="statement", settings=make_settings())
+
+    assert pool.rewriting
+    assert session_client.mode == "session"
+    assert rewriting_client.mode == "statement"
+
+
+async def test_refitting_a_server_gives_back_its_statement_references(connector: FakeConnector) -> None:
+    pool = make_pool(size=1)
+    (server,) = add_idle(pool, 1)
+    pool.fit_stream(server, rewriting=True)  # type: ignore[arg-type]
+    statement = pool.statements.acquire(b"SELECT 1\0\0\0")
+    server.statements.add(statement, 1)
+    pool.statements.release(statement)  # the client that prepared it left
+    assert len(pool.statements) == 1
+
+    pool.fit_stream(server, rewriting=False)  # type: ignore[arg-type]
+
+    assert server.statements is None and len(pool.statements) == 0
 
 
 async def test_drain_refuses_new_transactions_and_lets_lent_servers_finish(

@@ -138,6 +138,19 @@ def run_prepared(name: str) -> bytes:
     return bind(name) + execute() + SYNC
 
 
+def replies(data: bytes) -> list[str]:
+    """Message types, with the SQLSTATE of errors and the status of ReadyForQuery."""
+    shown = []
+    for msg_type, body in codec.MessageReader().feed(data):
+        if msg_type == c.B_ERROR_RESPONSE:
+            shown.append("E " + codec.parse_error_fields(body)["C"])
+        elif msg_type == c.B_READY_FOR_QUERY:
+            shown.append("Z " + body.decode())
+        else:
+            shown.append(chr(msg_type))
+    return shown
+
+
 # --------------------------------------------------------------------------- pass-through
 
 
@@ -401,6 +414,73 @@ def test_random_cuts_on_both_sides(seed: int) -> None:
     check(SCENARIO, seed=seed)
 
 
+def test_another_clients_unnamed_statement_is_never_used() -> None:
+    """PostgreSQL keeps the unnamed statement until the next Parse, so a shared server may hold
+    an earlier client's: a Bind or Describe of the unnamed statement by a client that did not
+    parse it is answered as PostgreSQL answers a session that has none, whatever the cuts."""
+    uses = [
+        bind(parameter=b"x" * 300) + execute() + SYNC,
+        describe("") + SYNC,
+        bind(portal="p") + execute("p") + SYNC,
+        FLUSH + bind() + describe("", "P") + execute() + SYNC,
+    ]
+    for data in uses:
+        expected = ModelServer().receive(data)
+        for position in range(1, len(data) + 1, 5):
+            pooled = Pooled()
+            shared = pooled.servers[0]
+            shared.model.statements[b""] = b"SELECT 'an earlier client'\0\0\0"  # left there
+            shared.statements.begin_lend()
+            frontend = pooled.frontend(1)
+            sent = frontend.feed_to(data[:position], shared.statements)
+            sent += frontend.feed_to(data[position:], shared.statements)
+            replies = shared.model.receive(sent)
+            assert not [
+                body for msg_type, body in shared.model.received
+                if (msg_type == c.F_BIND and body.split(b"\0", 2)[1] == b"") or body == b"S\0"
+            ]  # fmt: skip
+            shared.backend.feed(replies, frontend)
+            assert shared.backend.replaced == expected, (data, position)
+            assert frontend.at_rest and not frontend.batches
+            # A Parse makes the statement the client's: its uses pass untouched, in that batch
+            # and in later ones; another client's are refused again.
+            own = parse("", "SELECT 1") + SYNC
+            assert frontend.feed_to(own, shared.statements) is own
+            assert frontend.feed_to(data, shared.statements) is data
+            assert frontend.feed_to(data, shared.statements) is data
+            assert pooled.frontend(2).feed_to(data, shared.statements) != data
+
+
+def test_an_unnamed_parse_first_in_its_batch_makes_the_statement_the_clients_whatever_the_cuts() -> None:
+    parse_batch = parse("", "SELECT " + "1 + " * 400 + "1") + SYNC  # longer than the scan window
+    use = bind() + execute() + SYNC
+    for position in range(1, len(parse_batch)):
+        pooled = Pooled()
+        statements = pooled.servers[0].statements
+        frontend = pooled.frontend(1)
+        sent = frontend.feed_to(parse_batch[:position], statements)
+        sent += frontend.feed_to(parse_batch[position:], statements)
+        assert sent == parse_batch
+        assert frontend.feed_to(use, statements) is use, position
+
+
+def test_an_unnamed_parse_that_an_error_may_skip_counts_only_in_its_batch() -> None:
+    pooled = Pooled()
+    shared = pooled.servers[0]
+    shared.model.statements[b""] = b"SELECT 'an earlier client'\0\0\0"  # left there
+    shared.statements.begin_lend()
+    frontend = pooled.frontend(1)
+    # The Bind of s0 fails, so the server skips the Parse: the unnamed statement is still the
+    # earlier client's, and the next batch (pipelined: the same lend) must not reach it.
+    first = bind("s0") + parse("", "SELECT 1") + bind() + execute() + SYNC
+    second = bind() + execute() + SYNC
+    assert frontend.feed_to(first, shared.statements) is first
+    sent = frontend.feed_to(second, shared.statements)
+    assert sent != second
+    shared.backend.feed(shared.model.receive(first + sent), frontend)
+    assert replies(shared.backend.replaced or b"") == ["E 26000", "Z I", "E 26000", "Z I"]
+
+
 # --------------------------------------------------------------------------- fuzzing
 
 NAMES = ["a", "b", "PYPOOLER_1", ""]
@@ -461,3 +541,42 @@ def test_malformed_or_oversized_messages_are_protocol_violations() -> None:
 
 def test_placeholder_is_a_close_of_a_statement_nobody_prepares() -> None:
     assert close("PYPOOLER_NONE") == PLACEHOLDER_CLOSE
+
+
+def both_worlds(steps: list[bytes]) -> tuple[list[list[str]], list[list[str]]]:
+    """One client sends `steps` (each one write) on a direct connection and through pypooler."""
+    direct, pooled = Direct(), Pooled()
+    return (
+        [replies(direct.run(1, data)) for data in steps],
+        [replies(pooled.run(1, 0, data)) for data in steps],
+    )
+
+
+def test_a_parse_of_a_prepared_text_pipelined_after_an_error_in_a_block_is_answered() -> None:
+    # A known difference: pypooler cannot know yet that the block has failed, and the server
+    # already has the text, so the Parse is answered ParseComplete; PostgreSQL refuses it. The
+    # block is failed either way.
+    direct, pooled = both_worlds([
+        prepared_statement("s1", "SELECT 1"),
+        query("BEGIN"),
+        bind("nope") + SYNC + parse("s2", "SELECT 1") + SYNC,
+        query("ROLLBACK"),
+    ])  # fmt: skip
+    assert direct[2] == ["E 26000", "Z E", "E 25P02", "Z E"]
+    assert pooled[2] == ["E 26000", "Z E", "1", "Z E"]
+    assert pooled[:2] + pooled[3:] == direct[:2] + direct[3:]
+
+
+def test_deallocate_all_pipelined_into_a_block_that_fails_still_forgets() -> None:
+    # A known difference: DEALLOCATE ALL fails in the failed block, so PostgreSQL keeps s1;
+    # pypooler, which could not know yet, has forgotten the client's s1.
+    direct, pooled = both_worlds([
+        prepared_statement("s1", "SELECT 1"),
+        query("BEGIN"),
+        bind("nope") + SYNC + query("DEALLOCATE ALL"),
+        query("ROLLBACK"),
+        run_prepared("s1"),
+    ])  # fmt: skip
+    assert direct[2] == pooled[2] == ["E 26000", "Z E", "E 25P02", "Z E"]
+    assert direct[4] == ["2", "C", "Z I"]
+    assert pooled[4] == ["E 26000", "Z I"]

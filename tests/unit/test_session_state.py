@@ -63,6 +63,13 @@ TRACKED = frozenset({b"timezone", b"application_name", b"datestyle", b"client_en
         ("deallocate prepare all;", ("deallocate_all",)),
         ("DEALLOCATE p", ()),
         ("RESET ALL", ("reset",)),
+        ("RESET statement_timeout", ("reset",)),
+        ("SET statement_timeout TO DEFAULT", ("reset",)),
+        ("set session timezone = default", ("reset",)),
+        ("SET TIME ZONE LOCAL", ("reset",)),
+        ("SET TIME ZONE DEFAULT", ("reset",)),
+        ("SET statement_timeout TO 'default'", ("set",)),  # a string, not the keyword
+        ("SET LOCAL statement_timeout TO DEFAULT", ()),
         # Several at once.
         ("SET a.b = 1; SELECT pg_advisory_lock(1); LISTEN x", ("advisory_lock", "set", "listen")),
     ],
