@@ -90,11 +90,8 @@ ENV_NESTED_DELIMITER = "__"
 CONFIG_PATH_ENV = "PYPOOLER_CONFIG"
 # A client asking for one of these databases reaches the admin console, never a server.
 ADMIN_DATABASE_NAMES = frozenset({"pgbouncer", "pypooler"})
-# Settings a RELOAD cannot change (they take effect at the next start): the listening sockets
-# and the logging set up at start.
-RESTART_ONLY_SETTINGS = frozenset(
-    {"listen_addr", "listen_port", "metrics_addr", "metrics_port", "log_level"}
-)
+# Settings a RELOAD cannot change (they take effect at the next start): the listening sockets.
+RESTART_ONLY_SETTINGS = frozenset({"listen_addr", "listen_port", "metrics_addr", "metrics_port"})
 
 MAX_PORT = 65535
 

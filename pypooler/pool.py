@@ -146,6 +146,7 @@ class Pool:
         self.size = size
         self.mode: PoolMode = mode
         self.settings = settings
+        self.wait_warn_ns = settings.wait_warn_ms * 1e6  # 0: never warn
         self.idle: list[ServerConnection] = []
         self.servers: set[ServerConnection] = set()  # every logged-in server, idle or lent
         self.connecting = 0
@@ -566,6 +567,7 @@ class Pool:
         (idle ones at once); a larger bound serves the waiters at once.
         """
         self.settings = settings
+        self.wait_warn_ns = settings.wait_warn_ms * 1e6
         self.welcomes.clear()  # ignore_startup_parameters may have changed
         self.stats.max_applications = settings.stats_max_applications
         self.stats.max_statements = settings.stats_max_statements
@@ -880,6 +882,7 @@ class PoolManager:
             found = self.database_config(database)
             if found is None or (found[1].user is not None and found[1].user != user):
                 pool.settings = settings  # no longer reachable: new logins go elsewhere
+                pool.wait_warn_ns = settings.wait_warn_ms * 1e6
                 continue
             _, db = found
             pool.reconfigure(

@@ -3,6 +3,7 @@ faster, a second signal exits at once (see pypooler/cli.py and Pooler.drain for 
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import re
@@ -262,12 +263,17 @@ def test_reload_adds_a_database_and_keeps_socket_settings(
     with pytest.raises(psycopg.OperationalError, match="pypooler_test"):
         connect(pooler.dsn())
     new = load_settings(
-        None, env={}, listen_port=pooler.port + 1, log_connections=False,
+        None, env={}, listen_port=pooler.port + 1, log_connections=False, log_level="DEBUG",
         databases={"pypooler_test": {"host": postgres.host, "port": postgres.port}},
     )  # fmt: skip
+    package_logger = logging.getLogger("pypooler")
+    level = package_logger.level
+    try:
+        assert pooler.call(lambda: pooler.pooler.reload(new)) is True
 
-    assert pooler.call(lambda: pooler.pooler.reload(new)) is True
-
-    with connect(pooler.dsn(), autocommit=True) as conn:
-        assert conn.execute("SELECT 1").fetchone() == (1,)
-    assert pooler.pooler.settings.listen_port == pooler.port
+        with connect(pooler.dsn(), autocommit=True) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert pooler.pooler.settings.listen_port == pooler.port
+        assert package_logger.level == logging.DEBUG  # the log level reloads
+    finally:
+        package_logger.setLevel(level)
