@@ -453,15 +453,22 @@ def _has_metrics(source: Path) -> bool:
     return (source / "pypooler" / "metrics.py").exists()
 
 
-def checkout_revision(workdir: Path, revision: str) -> Path:
-    """A detached worktree of `revision` of this repository, removed with `workdir`."""
+def checkout_revision(workdir: Path, revision: str, patch: Path | None = None) -> Path:
+    """A detached worktree of `revision` of this repository, removed with `workdir`, with
+    `patch` applied to it (e.g. bench/baselines/no-stats.patch: the build without stats)."""
     target = workdir / f"src-{revision}"
     repo = Path(__file__).resolve().parent.parent
     subprocess.run(
         ["git", "-C", str(repo), "worktree", "add", "--detach", "-q", str(target), revision],
         check=True,
     )
+    if patch is not None:
+        subprocess.run(["git", "-C", str(target), "apply", str(patch.resolve())], check=True)
     return target
+
+
+def baseline_name(revision: str, patch: Path | None) -> str:
+    return f"pypooler@{revision}" + (f"+{patch.stem}" if patch is not None else "")
 
 
 def remove_checkout(path: Path) -> None:
@@ -827,12 +834,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         " hot-path change) and print its ratio beside the current tree's",
     )
     parser.add_argument(
+        "--baseline-patch",
+        metavar="FILE",
+        type=Path,
+        help="apply this patch to the --baseline checkout (bench/baselines/no-stats.patch: the"
+        " same tree without stats accounting)",
+    )
+    parser.add_argument(
         "--results-dir",
         type=Path,
         default=Path(__file__).resolve().parent / "results",
         help="where compare-<timestamp>.md is written",
     )
     args = parser.parse_args(argv)
+    if args.baseline_patch is not None and not args.baseline:
+        parser.error("--baseline-patch needs --baseline")
     for name in ("duration", "rounds", "threads", "scale"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
@@ -876,9 +892,10 @@ def benchmark(args: argparse.Namespace) -> str:
             ("pypooler", pypooler.port, pypooler),
         ]
         if args.baseline:
-            baseline_source = checkout_revision(workdir, args.baseline)
+            baseline_source = checkout_revision(workdir, args.baseline, args.baseline_patch)
             baseline = start_pypooler(
-                workdir, postgres, name=f"pypooler@{args.baseline}", source=baseline_source
+                workdir, postgres, name=baseline_name(args.baseline, args.baseline_patch),
+                source=baseline_source,
             )
             proxies.append(baseline)
             targets.append((baseline.name, baseline.port, baseline))
@@ -942,7 +959,9 @@ def benchmark(args: argparse.Namespace) -> str:
     )
     table = render_table(results, points, args.rounds)
     if args.baseline:
-        table += "\n\n" + render_baseline_table(results, points, args.rounds, f"pypooler@{args.baseline}")
+        table += "\n\n" + render_baseline_table(
+            results, points, args.rounds, baseline_name(args.baseline, args.baseline_patch)
+        )
     return render_report(
         started=started,
         machine=f"{machine}; load average {load_start:.2f} at start",
