@@ -855,6 +855,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def exit_cleanly_on_sigterm() -> None:
+    """SIGTERM raises SystemExit, so the `finally` blocks stop every process we started (by
+    default it would end us at once and leave PostgreSQL and the proxies running)."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def raise_fd_limit() -> None:
     # pgbench at 500 clients and the proxies' 2000 client slots need descriptors; children
     # inherit the soft limit.
@@ -974,6 +984,7 @@ def benchmark(args: argparse.Namespace) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    exit_cleanly_on_sigterm()
     raise_fd_limit()
     report = benchmark(args)
     print(report, end="")

@@ -709,6 +709,7 @@ def jsonable(value: object) -> object:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    compare.exit_cleanly_on_sigterm()
     compare.raise_fd_limit()
     run, machine, elapsed_s, started = benchmark(args)
     out_dir: Path = args.results_dir / f"{started:%Y-%m-%d_%H%M%S}"

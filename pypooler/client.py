@@ -68,7 +68,7 @@ from pypooler.rewriting import RewritingBackend, RewritingFrontend
 from pypooler.server import ServerConnection, intern_parameters, tune_transport
 from pypooler.session_parameters import same_value, settings_sql, startup_settings
 from pypooler.session_state import EXPLANATIONS, HINTS
-from pypooler.stats import BOUNDS_NS, STATEMENT_ALWAYS_NS, STATEMENT_SAMPLE_EVERY, TrafficStats
+from pypooler.stats import BOUNDS_NS, STATEMENT_ALWAYS_NS, TrafficStats
 from pypooler.tls import ClientTls
 
 log = logging.getLogger("pypooler.client")
@@ -784,10 +784,12 @@ class ClientConnection(asyncio.Protocol):
                     frontend.xact_statement_final = False
                     stats = pool.stats
                     budget = stats.statement_budget = stats.statement_budget - 1
-                    if budget >= 0 or held >= STATEMENT_ALWAYS_NS:
+                    if budget >= 0:
                         stats.account_statement(statement, bucket, held, idle, 1)
-                    elif not budget % STATEMENT_SAMPLE_EVERY:
-                        stats.account_statement(statement, bucket, held, idle, STATEMENT_SAMPLE_EVERY)
+                    elif held >= STATEMENT_ALWAYS_NS:
+                        stats.account_long(statement, bucket, held, idle)
+                    elif budget <= stats.sample_at:
+                        stats.account_sample(statement, bucket, held, idle)
                 if server.reading_paused:
                     server.resume_reading()
                 pool.release(server, now)

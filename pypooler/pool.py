@@ -54,7 +54,7 @@ from pypooler.server import (
     open_server_connection,
 )
 from pypooler.session_parameters import READ_ONLY
-from pypooler.stats import STATEMENT_EXACT_PER_PASS, PoolStats, Snapshot
+from pypooler.stats import PoolStats, Snapshot
 from pypooler.tls import server_ssl_context
 
 if TYPE_CHECKING:
@@ -400,7 +400,7 @@ class Pool:
 
     def expire(self, now_ns: int) -> None:
         """Time out waiters past query_wait_timeout and close servers idle too long."""
-        self.stats.statement_budget = STATEMENT_EXACT_PER_PASS
+        self.stats.new_pass()
         timeout = self.settings.query_wait_timeout
         if timeout and self.waiting:
             limit = now_ns - int(timeout * NS_PER_S)

@@ -14,6 +14,7 @@ windowed percentiles come from differences between periodic `Snapshot`s.
 
 from __future__ import annotations
 
+import random
 import re
 import time
 from bisect import bisect_left
@@ -233,8 +234,18 @@ class PoolStats:
         self.server_connect = Histogram()
         self.server_connect_failures = 0
         self.started_ns = time.monotonic_ns()
-        # New statement texts fingerprinted exactly until the next maintenance pass refills it.
+        # Transactions attributed exactly until the next maintenance pass refills the budget
+        # (new_pass); past it, one is sampled when the countdown reaches `sample_at`, weighted
+        # by the transactions since the previous sample (see account_sample).
         self.statement_budget = STATEMENT_EXACT_PER_PASS
+        self.sampled_since = 0
+        self.sample_at = -_sample_gap()
+
+    def new_pass(self) -> None:
+        """A maintenance pass: attribute the next STATEMENT_EXACT_PER_PASS transactions exactly."""
+        self.statement_budget = STATEMENT_EXACT_PER_PASS
+        self.sampled_since = 0
+        self.sample_at = -_sample_gap()
 
     def for_application(self, name: str) -> TrafficStats:
         """The TrafficStats a client with this application_name updates (bounded cardinality)."""
@@ -259,10 +270,11 @@ class PoolStats:
 
         Fingerprinting a text never seen before costs microseconds (regular expressions), and
         with inline literals (pgbench, hand-written SQL) nearly every text is new. So the caller
-        (ClientConnection.release_server) counts exactly the first `statement_budget`
+        (ClientConnection.server_ready_for_query) counts exactly the first `statement_budget`
         transactions of each maintenance pass and every hold of STATEMENT_ALWAYS_NS or more;
-        past that it samples one in STATEMENT_SAMPLE_EVERY with that weight, which keeps counts
-        and hold totals unbiased while bounding the cost under load.
+        past that it samples one in STATEMENT_SAMPLE_EVERY on average (account_sample), weighted
+        by the transactions it stands for, which keeps counts and hold totals unbiased while
+        bounding the cost under load.
         """
         found = _fingerprint_cache.get(statement)
         if found is None:
@@ -271,6 +283,21 @@ class PoolStats:
         stats.count += weight
         stats.idle_ns += idle * weight
         stats.hold.observe_weighted(bucket, held, weight)
+
+    def account_long(self, statement: bytes, bucket: int, held: int, idle: int) -> None:
+        """A hold of STATEMENT_ALWAYS_NS or more past the exact budget: attributed exactly, so
+        the next sample does not stand for it."""
+        self.sampled_since -= 1
+        self.account_statement(statement, bucket, held, idle, 1)
+
+    def account_sample(self, statement: bytes, bucket: int, held: int, idle: int) -> None:
+        """The countdown reached `sample_at`: this transaction stands for every one since the
+        previous sample. The gaps are random (mean STATEMENT_SAMPLE_EVERY), so a workload that
+        cycles through a few statements cannot always put the same one on the sample."""
+        budget = self.statement_budget
+        self.account_statement(statement, bucket, held, idle, self.sampled_since - budget)
+        self.sampled_since = budget
+        self.sample_at = budget - _sample_gap()
 
     def totals(self) -> TrafficStats:
         total = TrafficStats()
@@ -314,10 +341,17 @@ _NUMBER = re.compile(rb"(?<![\w$.])-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
 _LIST = re.compile(rb"\(\s*\?(?:\s*,\s*\?)+\s*\)")
 _FINGERPRINT_CACHE_MAX: Final = 4096
 STATEMENT_ALWAYS_NS: Final = 10_000_000  # holds this long are always attributed (10 ms)
-STATEMENT_SAMPLE_EVERY: Final = 16
+# Fingerprinting a new text costs 4-12 µs, about half a transaction's whole proxy cost: past
+# the exact budget, one transaction in this many (on average) is attributed.
+STATEMENT_SAMPLE_EVERY: Final = 64
 STATEMENT_EXACT_PER_PASS: Final = 100  # maintenance runs every 0.05..1 s
 _fingerprint_cache: dict[bytes, str] = {}
 FINGERPRINT_MAX_CHARS: Final = 200
+
+
+def _sample_gap() -> int:
+    """Transactions until the next sample: uniform in 1 .. 2 x STATEMENT_SAMPLE_EVERY - 1."""
+    return random.randint(1, 2 * STATEMENT_SAMPLE_EVERY - 1)
 
 
 def fingerprint(statement: bytes) -> str:
