@@ -39,7 +39,6 @@ import logging
 import secrets
 import struct
 import time
-from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, cast
@@ -68,7 +67,7 @@ from pypooler.rewriting import RewritingBackend, RewritingFrontend
 from pypooler.server import ServerConnection, intern_parameters, tune_transport
 from pypooler.session_parameters import same_value, settings_sql, startup_settings
 from pypooler.session_state import EXPLANATIONS, HINTS
-from pypooler.stats import BOUNDS_NS, STATEMENT_ALWAYS_NS, TrafficStats
+from pypooler.stats import STATEMENT_ALWAYS_NS, TrafficStats
 from pypooler.tls import ClientTls
 
 log = logging.getLogger("pypooler.client")
@@ -715,7 +714,7 @@ class ClientConnection(asyncio.Protocol):
             frontend.xact_statement = None
             frontend.xact_statement_final = False
             held = now - self.lent_ns
-            self.pool.stats.account_statement(statement, bisect_left(BOUNDS_NS, held), held, idle, 1)
+            self.pool.stats.account_statement(statement, held, idle, 1)
 
     def _hold_ended(self, now: int, traffic: TrafficStats) -> int:
         """Count the hold's checkout wait and idle-in-transaction time, returning the latter,
@@ -761,20 +760,16 @@ class ClientConnection(asyncio.Protocol):
                 traffic: TrafficStats = self.traffic  # type: ignore[assignment]
                 lent = self.lent_ns
                 held = now - lent
-                bucket = bisect_left(BOUNDS_NS, held)
+                # Histogram.pending: a list append per duration, settled in bulk.
                 if self.query_start_ns == lent:
-                    histogram = traffic.single
+                    traffic.single.pending.append(held)
                 else:
-                    traffic.query_multi.observe(now - self.query_start_ns)
-                    histogram = traffic.hold_multi
-                histogram.counts[bucket] += 1
-                histogram.sum_ns += held
+                    traffic.query_multi.pending.append(now - self.query_start_ns)
+                    traffic.hold_multi.pending.append(held)
                 waited = self.waited_ns
                 if waited:  # every hold that queued: under load, nearly all of them
                     self.waited_ns = 0
-                    histogram = traffic.wait_nonzero
-                    histogram.counts[bisect_left(BOUNDS_NS, waited)] += 1
-                    histogram.sum_ns += waited
+                    traffic.wait_nonzero.pending.append(waited)
                 idle = self._hold_ended(now, traffic) if self.idle_ns else 0
                 statement = frontend.xact_statement
                 if statement is not None:
@@ -785,11 +780,11 @@ class ClientConnection(asyncio.Protocol):
                     stats = pool.stats
                     budget = stats.statement_budget = stats.statement_budget - 1
                     if budget >= 0:
-                        stats.account_statement(statement, bucket, held, idle, 1)
+                        stats.account_statement(statement, held, idle, 1)
                     elif held >= STATEMENT_ALWAYS_NS:
-                        stats.account_long(statement, bucket, held, idle)
+                        stats.account_long(statement, held, idle)
                     elif budget <= stats.sample_at:
-                        stats.account_sample(statement, bucket, held, idle)
+                        stats.account_sample(statement, held, idle)
                 if server.reading_paused:
                     server.resume_reading()
                 pool.release(server, now)
@@ -807,11 +802,8 @@ class ClientConnection(asyncio.Protocol):
             return
         else:
             self.transport.write(data)
-        # Histogram.observe, inline: this runs once per request of a multi-request hold.
-        histogram = self.traffic.query_multi  # type: ignore[union-attr]
-        took = now - self.query_start_ns
-        histogram.counts[bisect_left(BOUNDS_NS, took)] += 1
-        histogram.sum_ns += took
+        # Once per request of a multi-request hold: a list append (see Histogram.pending).
+        self.traffic.query_multi.pending.append(now - self.query_start_ns)  # type: ignore[union-attr]
         # The server answered everything; from now on it waits on the client.
         self.idle_since_ns = now
         self.idle_in_xact = status != _TX_IDLE

@@ -400,7 +400,7 @@ class Pool:
 
     def expire(self, now_ns: int) -> None:
         """Time out waiters past query_wait_timeout and close servers idle too long."""
-        self.stats.new_pass()
+        self.stats.new_pass(now_ns)
         timeout = self.settings.query_wait_timeout
         if timeout and self.waiting:
             limit = now_ns - int(timeout * NS_PER_S)

@@ -19,6 +19,7 @@ import re
 import time
 from bisect import bisect_left
 from collections import Counter
+from itertools import repeat
 from typing import Final
 
 # Histogram bucket upper bounds in seconds, 100 µs to 60 s (the issue's range); one more
@@ -38,42 +39,65 @@ OTHER: Final = "other"
 class Histogram:
     """Cumulative duration histogram with fixed buckets; durations in nanoseconds.
 
-    An observation is two increments (its bucket and the sum); `count` is summed when read.
+    The hot path only appends a duration to `pending` (one list append: no bucket search, no new
+    count or sum objects per event); `settle` folds pending durations into the buckets in bulk,
+    in C (map, Counter, sum), when the histogram is read and at every maintenance pass, which
+    bounds `pending` to about a second of events. `count` is summed when read.
     """
 
-    __slots__ = ("counts", "sum_ns")
+    __slots__ = ("_counts", "_sum_ns", "pending")
 
     def __init__(self) -> None:
-        self.counts = [0] * (len(BOUNDS_NS) + 1)
-        self.sum_ns = 0
+        self._counts = [0] * (len(BOUNDS_NS) + 1)
+        self._sum_ns = 0
+        self.pending: list[int] = []
+
+    def settle(self) -> None:
+        pending = self.pending
+        if pending:
+            self.pending = []
+            counts = self._counts
+            for index, n in Counter(map(bisect_left, repeat(BOUNDS_NS), pending)).items():
+                counts[index] += n
+            self._sum_ns += sum(pending)
+
+    @property
+    def counts(self) -> list[int]:
+        self.settle()
+        return self._counts
+
+    @property
+    def sum_ns(self) -> int:
+        self.settle()
+        return self._sum_ns
 
     @property
     def count(self) -> int:
         return sum(self.counts)
 
     def observe(self, ns: int) -> None:
-        self.counts[bisect_left(BOUNDS_NS, ns)] += 1
-        self.sum_ns += ns
+        self._counts[bisect_left(BOUNDS_NS, ns)] += 1
+        self._sum_ns += ns
 
     def observe_at(self, index: int, ns: int) -> None:
         """observe(ns) with its bucket already found (one search serves several histograms)."""
-        self.counts[index] += 1
-        self.sum_ns += ns
+        self._counts[index] += 1
+        self._sum_ns += ns
 
     def observe_weighted(self, index: int, ns: int, weight: int) -> None:
         """`weight` observations of `ns` (a sample standing for that many)."""
-        self.counts[index] += weight
-        self.sum_ns += ns * weight
+        self._counts[index] += weight
+        self._sum_ns += ns * weight
 
     def observe_zero(self) -> None:
         """observe(0) without the search: the common case of no wait, no idle time."""
-        self.counts[0] += 1
+        self._counts[0] += 1
 
     def merge(self, other: Histogram) -> None:
         counts = self.counts
         for i, n in enumerate(other.counts):
             counts[i] += n
-        self.sum_ns += other.sum_ns
+        self._sum_ns += other.sum_ns
 
     def copy(self) -> Histogram:
         clone = Histogram()
@@ -89,8 +113,8 @@ class Histogram:
     def minus(self, earlier: Histogram) -> Histogram:
         """What was observed since `earlier` (a copy taken from this histogram)."""
         diff = Histogram()
-        diff.counts = [a - b for a, b in zip(self.counts, earlier.counts, strict=True)]
-        diff.sum_ns = self.sum_ns - earlier.sum_ns
+        diff._counts = [a - b for a, b in zip(self.counts, earlier.counts, strict=True)]
+        diff._sum_ns = self.sum_ns - earlier.sum_ns
         return diff
 
     def mean_s(self) -> float:
@@ -162,6 +186,10 @@ class TrafficStats:
         # Clients holding a server until they leave (session_state_policy pin): now, and ever.
         self.pinned = 0
         self.pinned_total = 0
+
+    def settle(self) -> None:
+        for name in self.HISTOGRAMS:
+            getattr(self, name).settle()
 
     def merge(self, other: TrafficStats) -> None:
         self.bytes_received += other.bytes_received
@@ -237,13 +265,20 @@ class PoolStats:
         # Transactions attributed exactly until the next maintenance pass refills the budget
         # (new_pass); past it, one is sampled when the countdown reaches `sample_at`, weighted
         # by the transactions since the previous sample (see account_sample).
-        self.statement_budget = STATEMENT_EXACT_PER_PASS
+        self.statement_budget = STATEMENT_EXACT_PER_SECOND
+        self.budget_refilled_ns = self.started_ns
         self.sampled_since = 0
         self.sample_at = -_sample_gap()
 
-    def new_pass(self) -> None:
-        """A maintenance pass: attribute the next STATEMENT_EXACT_PER_PASS transactions exactly."""
-        self.statement_budget = STATEMENT_EXACT_PER_PASS
+    def new_pass(self, now_ns: int) -> None:
+        """A maintenance pass: histograms settled (see Histogram); once a second, the next
+        STATEMENT_EXACT_PER_SECOND transactions attributed exactly again."""
+        for stats in self.apps.values():
+            stats.settle()
+        if now_ns - self.budget_refilled_ns < NS_PER_S:
+            return
+        self.budget_refilled_ns = now_ns
+        self.statement_budget = STATEMENT_EXACT_PER_SECOND
         self.sampled_since = 0
         self.sample_at = -_sample_gap()
 
@@ -265,13 +300,13 @@ class PoolStats:
             stats = self.statements[fingerprint] = StatementStats(text)
         return stats
 
-    def account_statement(self, statement: bytes, bucket: int, held: int, idle: int, weight: int) -> None:
+    def account_statement(self, statement: bytes, held: int, idle: int, weight: int) -> None:
         """Attribute one transaction's hold to its statement's fingerprint, counted `weight` times.
 
         Fingerprinting a text never seen before costs microseconds (regular expressions), and
         with inline literals (pgbench, hand-written SQL) nearly every text is new. So the caller
         (ClientConnection.server_ready_for_query) counts exactly the first `statement_budget`
-        transactions of each maintenance pass and every hold of STATEMENT_ALWAYS_NS or more;
+        transactions of each second and every hold of STATEMENT_ALWAYS_NS or more;
         past that it samples one in STATEMENT_SAMPLE_EVERY on average (account_sample), weighted
         by the transactions it stands for, which keeps counts and hold totals unbiased while
         bounding the cost under load.
@@ -282,20 +317,20 @@ class PoolStats:
         stats = self.for_statement(found, statement)
         stats.count += weight
         stats.idle_ns += idle * weight
-        stats.hold.observe_weighted(bucket, held, weight)
+        stats.hold.observe_weighted(bisect_left(BOUNDS_NS, held), held, weight)
 
-    def account_long(self, statement: bytes, bucket: int, held: int, idle: int) -> None:
+    def account_long(self, statement: bytes, held: int, idle: int) -> None:
         """A hold of STATEMENT_ALWAYS_NS or more past the exact budget: attributed exactly, so
         the next sample does not stand for it."""
         self.sampled_since -= 1
-        self.account_statement(statement, bucket, held, idle, 1)
+        self.account_statement(statement, held, idle, 1)
 
-    def account_sample(self, statement: bytes, bucket: int, held: int, idle: int) -> None:
+    def account_sample(self, statement: bytes, held: int, idle: int) -> None:
         """The countdown reached `sample_at`: this transaction stands for every one since the
         previous sample. The gaps are random (mean STATEMENT_SAMPLE_EVERY), so a workload that
         cycles through a few statements cannot always put the same one on the sample."""
         budget = self.statement_budget
-        self.account_statement(statement, bucket, held, idle, self.sampled_since - budget)
+        self.account_statement(statement, held, idle, self.sampled_since - budget)
         self.sampled_since = budget
         self.sample_at = budget - _sample_gap()
 
@@ -344,14 +379,15 @@ STATEMENT_ALWAYS_NS: Final = 10_000_000  # holds this long are always attributed
 # Fingerprinting a new text costs 4-12 µs, about half a transaction's whole proxy cost: past
 # the exact budget, one transaction in this many (on average) is attributed.
 STATEMENT_SAMPLE_EVERY: Final = 64
-STATEMENT_EXACT_PER_PASS: Final = 100  # maintenance runs every 0.05..1 s
+STATEMENT_EXACT_PER_SECOND: Final = 100
+NS_PER_S: Final = 1_000_000_000
 _fingerprint_cache: dict[bytes, str] = {}
 FINGERPRINT_MAX_CHARS: Final = 200
 
 
 def _sample_gap() -> int:
     """Transactions until the next sample: uniform in 1 .. 2 x STATEMENT_SAMPLE_EVERY - 1."""
-    return random.randint(1, 2 * STATEMENT_SAMPLE_EVERY - 1)
+    return 1 + int(random.random() * (2 * STATEMENT_SAMPLE_EVERY - 1))  # randint costs 5x this
 
 
 def fingerprint(statement: bytes) -> str:

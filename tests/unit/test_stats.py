@@ -3,37 +3,37 @@
 from __future__ import annotations
 
 import random
-from bisect import bisect_left
 
-from pypooler.stats import BOUNDS_NS, STATEMENT_ALWAYS_NS, STATEMENT_EXACT_PER_PASS, PoolStats, fingerprint
+from pypooler.stats import STATEMENT_ALWAYS_NS, STATEMENT_EXACT_PER_SECOND, PoolStats, fingerprint
 
 SHORT_NS = 200_000
 
 
 def end_transaction(stats: PoolStats, statement: bytes, held: int) -> None:
     """What ClientConnection.server_ready_for_query does with a transaction's statement."""
-    bucket = bisect_left(BOUNDS_NS, held)
     budget = stats.statement_budget = stats.statement_budget - 1
     if budget >= 0:
-        stats.account_statement(statement, bucket, held, 0, 1)
+        stats.account_statement(statement, held, 0, 1)
     elif held >= STATEMENT_ALWAYS_NS:
-        stats.account_long(statement, bucket, held, 0)
+        stats.account_long(statement, held, 0)
     elif budget <= stats.sample_at:
-        stats.account_sample(statement, bucket, held, 0)
+        stats.account_sample(statement, held, 0)
 
 
 def counts(stats: PoolStats) -> dict[str, int]:
     return {name: s.count for name, s in stats.statements.items()}
 
 
-def test_the_first_transactions_of_a_pass_are_counted_exactly() -> None:
+def test_the_first_transactions_of_each_second_are_counted_exactly() -> None:
     stats = PoolStats()
-    for i in range(STATEMENT_EXACT_PER_PASS):
+    for i in range(STATEMENT_EXACT_PER_SECOND):
         end_transaction(stats, b"select %d" % i, SHORT_NS)
-    assert counts(stats) == {"select ?": STATEMENT_EXACT_PER_PASS}
-    stats.new_pass()
+    assert counts(stats) == {"select ?": STATEMENT_EXACT_PER_SECOND}
+    stats.new_pass(stats.started_ns + 500_000_000)  # a pass within the same second: no refill
+    assert stats.statement_budget == 0
+    stats.new_pass(stats.started_ns + 1_000_000_000)
     end_transaction(stats, b"select 1", SHORT_NS)
-    assert counts(stats) == {"select ?": STATEMENT_EXACT_PER_PASS + 1}
+    assert counts(stats) == {"select ?": STATEMENT_EXACT_PER_SECOND + 1}
 
 
 def test_samples_stand_for_every_transaction_since_the_previous_one() -> None:
@@ -44,7 +44,7 @@ def test_samples_stand_for_every_transaction_since_the_previous_one() -> None:
         end_transaction(stats, b"select %d" % i, SHORT_NS)
     # Exact: everything up to the last sample; the transactions after it are not counted yet.
     counted = counts(stats)["select ?"]
-    assert counted == STATEMENT_EXACT_PER_PASS + stats.sampled_since * -1
+    assert counted == STATEMENT_EXACT_PER_SECOND + stats.sampled_since * -1
     assert total - counted < 2 * 64
 
 
@@ -66,7 +66,7 @@ def test_a_rotation_of_statements_is_not_aliased_by_the_sampling() -> None:
 def test_long_holds_are_counted_once_past_the_budget() -> None:
     random.seed(3)
     stats = PoolStats()
-    for i in range(STATEMENT_EXACT_PER_PASS):
+    for i in range(STATEMENT_EXACT_PER_SECOND):
         end_transaction(stats, b"select %d" % i, SHORT_NS)
     long_ones = 0
     for i in range(20_000):
@@ -77,7 +77,7 @@ def test_long_holds_are_counted_once_past_the_budget() -> None:
             end_transaction(stats, b"select %d" % i, SHORT_NS)
     per_statement = counts(stats)
     assert per_statement["select pg_sleep(?)"] == long_ones
-    short_ones = STATEMENT_EXACT_PER_PASS + 20_000 - long_ones
+    short_ones = STATEMENT_EXACT_PER_SECOND + 20_000 - long_ones
     assert short_ones - 2 * 64 < per_statement["select ?"] <= short_ones
 
 
