@@ -169,7 +169,8 @@ def clean_env() -> dict[str, str]:
     env = {
         key: value
         for key, value in os.environ.items()
-        if not key.startswith(("PG", "PYPOOLER_"))
+        # PYPOOLER_* would change the proxy's settings; PYPOOLER_PURE only picks the build.
+        if not key.startswith(("PG", "PYPOOLER_")) or key == "PYPOOLER_PURE"
     }
     env.update(LC_ALL="C", LANG="C")
     return env
@@ -623,7 +624,21 @@ def pypooler_revision() -> str:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "not a git checkout"
-    return f"git {head}" + (" + uncommitted changes" if dirty else "")
+    return f"git {head}" + (" + uncommitted changes" if dirty else "") + f", {pypooler_build()}"
+
+
+def pypooler_build() -> str:
+    """Whether the proxy we start runs the mypyc build or the Python sources (`make compile`;
+    a stale or absent build, or PYPOOLER_PURE=1, means the sources). Asked of a fresh interpreter
+    with the proxy's environment, so it sees what the proxy will see."""
+    probe = subprocess.run(
+        [sys.executable, "-c", "import pypooler.client as m; print(m.__file__)"],
+        capture_output=True, text=True, timeout=CLIENT_TIMEOUT_S, check=False, env=clean_env(),
+    )  # fmt: skip
+    origin = probe.stdout.strip()
+    if not origin:
+        return "build unknown"
+    return "mypyc-compiled hot path" if not origin.endswith(".py") else "pure Python"
 
 
 def describe_machine(postgres: EmbeddedPostgres, pgbouncer_binary: str) -> str:

@@ -20,8 +20,9 @@ import uvloop
 
 from pypooler.app import Pooler
 from pypooler.config import load_settings
+from pypooler.parameter_sets import intern_parameters
 from pypooler.protocol import codec
-from pypooler.server import ServerConnection, ServerLogin, intern_parameters
+from pypooler.server import ServerConnection, ServerLogin
 
 QUERY = codec.build_query("SELECT abalance FROM pgbench_accounts WHERE aid = 48213;")
 REPLY = (

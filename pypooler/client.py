@@ -57,6 +57,7 @@ from pypooler.errors import (
     StatementModeTransaction,
     TooManyClients,
 )
+from pypooler.parameter_sets import intern_parameters
 from pypooler.pool import WELCOMES_KEPT, Pool, PoolManager, Welcome
 from pypooler.prepared import ClientStatements
 from pypooler.protocol import codec
@@ -64,7 +65,7 @@ from pypooler.protocol import constants as c
 from pypooler.protocol.scram import Secret
 from pypooler.protocol.transaction import FrontendStream
 from pypooler.rewriting import RewritingBackend, RewritingFrontend
-from pypooler.server import ServerConnection, intern_parameters, tune_transport
+from pypooler.server import ServerConnection, tune_transport
 from pypooler.session_parameters import same_value, settings_sql, startup_settings
 from pypooler.session_state import EXPLANATIONS, HINTS
 from pypooler.stats import STATEMENT_ALWAYS_NS, TrafficStats

@@ -41,18 +41,13 @@ from pypooler.errors import (
     ServerConnectFailed,
     ShuttingDown,
 )
+from pypooler.parameter_sets import ParameterSet, intern_parameters
 from pypooler.prepared import ServerStatements, StatementRegistry
 from pypooler.protocol import codec
 from pypooler.protocol.scram import Secret
 from pypooler.protocol.transaction import BackendStream
 from pypooler.rewriting import RewritingBackend
-from pypooler.server import (
-    ParameterSet,
-    ServerConnection,
-    ServerLogin,
-    intern_parameters,
-    open_server_connection,
-)
+from pypooler.server import ServerConnection, ServerLogin, open_server_connection
 from pypooler.session_parameters import READ_ONLY
 from pypooler.stats import PoolStats, Snapshot
 from pypooler.tls import server_ssl_context

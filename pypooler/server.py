@@ -27,7 +27,6 @@ import logging
 import socket
 import ssl
 import time
-import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
@@ -39,6 +38,7 @@ from pypooler.errors import (
     ServerLoginFailed,
     StartupParameterRejected,
 )
+from pypooler.parameter_sets import intern_parameters
 from pypooler.prepared import ServerStatements
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
@@ -82,28 +82,6 @@ def tune_transport(transport: asyncio.BaseTransport, *, keepalive: bool = True) 
     cast(asyncio.WriteTransport, transport).set_write_buffer_limits(
         high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER
     )
-
-
-class ParameterSet(dict[str, str]):
-    """A server's reported parameters; equal sets are one object (see `intern_parameters`)."""
-
-    __slots__ = ("__weakref__",)
-
-
-_parameter_sets: weakref.WeakValueDictionary[frozenset[tuple[str, str]], ParameterSet] = (
-    weakref.WeakValueDictionary()
-)
-
-
-def intern_parameters(parameters: dict[str, str]) -> ParameterSet:
-    """The one ParameterSet equal to `parameters`: clients and servers compare them with `is`,
-    which on the lend path is cheaper than comparing a dozen strings."""
-    key = frozenset(parameters.items())
-    found = _parameter_sets.get(key)
-    if found is None:
-        found = ParameterSet(parameters)
-        _parameter_sets[key] = found
-    return found
 
 
 class ServerLogin:

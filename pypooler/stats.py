@@ -24,7 +24,7 @@ from typing import Final
 
 # Histogram bucket upper bounds in seconds, 100 µs to 60 s (the range); one more
 # bucket catches everything above.
-BUCKET_BOUNDS_S: Final = (
+BUCKET_BOUNDS_S: Final[tuple[float, ...]] = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip

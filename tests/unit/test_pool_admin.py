@@ -20,6 +20,7 @@ from tests.unit.test_pool import (
     make_settings,
     release,
 )
+from tests.unit.test_pool import pytestmark as pytestmark  # skipped under a compiled pool
 
 __all__ = ["connector"]  # the fixture, imported to be found by pytest
 

@@ -608,7 +608,9 @@ CHUNK = b"\x00" * (256 * 1024)
 
 def assert_holds_nothing_big(stream: FrontendStream | BackendStream) -> None:
     assert len(stream._head) <= 5
-    for slot in type(stream).__slots__:
+    # A mypyc-compiled class has no __slots__; it lists its attributes in __mypyc_attrs__.
+    slots = getattr(type(stream), "__mypyc_attrs__", None) or type(stream).__slots__
+    for slot in slots:
         value = getattr(stream, slot)
         # Statement samples are bounded by STATEMENT_SAMPLE; every other buffer by a header.
         limit = STATEMENT_SAMPLE if slot.endswith("statement") else 5
