@@ -26,10 +26,11 @@ $(BENCH_STAMP): $(STAMP)
 	$(VENV)/bin/pip install -q -e '.[test,bench]'
 	touch $(BENCH_STAMP)
 
+# The `touch`: build_ext copies an unchanged module with its old time, and pypooler's
+# stale-build check compares times.
 $(COMPILED): $(STAMP) setup.py $(SOURCES)
 	find pypooler -name '*.so' -delete
 	PYPOOLER_MYPYC=1 $(VENV)/bin/python setup.py -q build_ext --inplace
-	# build_ext copies an unchanged module with its old time; the stale-build check compares times.
 	find pypooler -name '*.so' -exec touch {} +
 
 compile: $(COMPILED)

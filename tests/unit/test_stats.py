@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import random
-
+import pypooler.stats
 from pypooler.stats import STATEMENT_ALWAYS_NS, STATEMENT_EXACT_PER_SECOND, PoolStats, fingerprint
 
 SHORT_NS = 200_000
@@ -37,7 +36,7 @@ def test_the_first_transactions_of_each_second_are_counted_exactly() -> None:
 
 
 def test_samples_stand_for_every_transaction_since_the_previous_one() -> None:
-    random.seed(7)
+    pypooler.stats._sampling.seed(7)
     stats = PoolStats()
     total = 50_000
     for i in range(total):
@@ -49,7 +48,7 @@ def test_samples_stand_for_every_transaction_since_the_previous_one() -> None:
 
 
 def test_a_rotation_of_statements_is_not_aliased_by_the_sampling() -> None:
-    random.seed(11)
+    pypooler.stats._sampling.seed(11)
     stats = PoolStats()
     # A period that divides the mean gap: a fixed gap would sample only one of them.
     rotation = [b"select a from t where id = %d", b"update t set a = %d", b"delete from u where id = %d",
@@ -64,7 +63,7 @@ def test_a_rotation_of_statements_is_not_aliased_by_the_sampling() -> None:
 
 
 def test_long_holds_are_counted_once_past_the_budget() -> None:
-    random.seed(3)
+    pypooler.stats._sampling.seed(3)
     stats = PoolStats()
     for i in range(STATEMENT_EXACT_PER_SECOND):
         end_transaction(stats, b"select %d" % i, SHORT_NS)
