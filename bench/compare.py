@@ -901,6 +901,7 @@ def benchmark(args: argparse.Namespace) -> str:
     drain_notes: list[str] = []
     postgres = EmbeddedPostgres(max_connections=PG_MAX_CONNECTIONS)
     baseline_source: Path | None = None
+    baseline_label = baseline_name(args.baseline, args.baseline_patch) if args.baseline else ""
     workdir = Path(tempfile.mkdtemp(prefix="pypooler-bench-"))
     os.chmod(workdir, 0o755)  # PgBouncer, as nobody, must reach its subdirectory
     try:
@@ -918,10 +919,7 @@ def benchmark(args: argparse.Namespace) -> str:
         ]
         if args.baseline:
             baseline_source = checkout_revision(workdir, args.baseline, args.baseline_patch)
-            baseline = start_pypooler(
-                workdir, postgres, name=baseline_name(args.baseline, args.baseline_patch),
-                source=baseline_source,
-            )
+            baseline = start_pypooler(workdir, postgres, name=baseline_label, source=baseline_source)
             proxies.append(baseline)
             targets.append((baseline.name, baseline.port, baseline))
         machine = describe_machine(postgres, args.pgbouncer)
@@ -984,9 +982,7 @@ def benchmark(args: argparse.Namespace) -> str:
     )
     table = render_table(results, points, args.rounds)
     if args.baseline:
-        table += "\n\n" + render_baseline_table(
-            results, points, args.rounds, baseline_name(args.baseline, args.baseline_patch)
-        )
+        table += "\n\n" + render_baseline_table(results, points, args.rounds, baseline_label)
     return render_report(
         started=started,
         machine=f"{machine}; load average {load_start:.2f} at start",

@@ -68,7 +68,7 @@ from pypooler.rewriting import RewritingBackend, RewritingFrontend
 from pypooler.server import ServerConnection, tune_transport
 from pypooler.session_parameters import same_value, settings_sql, startup_settings
 from pypooler.session_state import EXPLANATIONS, HINTS
-from pypooler.stats import STATEMENT_ALWAYS_NS, TrafficStats
+from pypooler.stats import NS_PER_S, STATEMENT_ALWAYS_NS, TrafficStats
 from pypooler.tls import ClientTls
 
 log = logging.getLogger("pypooler.client")
@@ -84,7 +84,6 @@ _X = c.F_TERMINATE
 # (application_name, kind) pairs warned about at most; beyond, the set starts again.
 MAX_WARNED_KEYS = 1000
 _MIN_LENGTH = b"\x00\x00\x00\x04"  # a message length word below this is garbage
-NS_PER_S = 1_000_000_000
 
 
 _NOT_READY = FrontendStream()

@@ -49,7 +49,7 @@ from pypooler.protocol.transaction import BackendStream
 from pypooler.rewriting import RewritingBackend
 from pypooler.server import ServerConnection, ServerLogin, open_server_connection
 from pypooler.session_parameters import READ_ONLY
-from pypooler.stats import PoolStats, Snapshot
+from pypooler.stats import NS_PER_S, PoolStats, Snapshot
 from pypooler.tls import server_ssl_context
 
 if TYPE_CHECKING:
@@ -98,7 +98,6 @@ class Borrower:
         if not self.future.done():
             self.future.set_exception(exc)
 
-NS_PER_S = 1_000_000_000
 WELCOMES_KEPT = 256  # distinct startup packets remembered per pool (then forgotten at once)
 
 

@@ -79,19 +79,10 @@ class Histogram:
         self._counts[bisect_left(BOUNDS_NS, ns)] += 1
         self._sum_ns += ns
 
-    def observe_at(self, index: int, ns: int) -> None:
-        """observe(ns) with its bucket already found (one search serves several histograms)."""
-        self._counts[index] += 1
-        self._sum_ns += ns
-
     def observe_weighted(self, index: int, ns: int, weight: int) -> None:
         """`weight` observations of `ns` (a sample standing for that many)."""
         self._counts[index] += weight
         self._sum_ns += ns * weight
-
-    def observe_zero(self) -> None:
-        """observe(0) without the search: the common case of no wait, no idle time."""
-        self._counts[0] += 1
 
     def merge(self, other: Histogram) -> None:
         counts = self.counts
@@ -262,8 +253,8 @@ class PoolStats:
         self.server_connect = Histogram()
         self.server_connect_failures = 0
         self.started_ns = time.monotonic_ns()
-        # Transactions attributed exactly until the next maintenance pass refills the budget
-        # (new_pass); past it, one is sampled when the countdown reaches `sample_at`, weighted
+        # Transactions attributed exactly until the budget runs out (new_pass refills it once a
+        # second); past it, one is sampled when the countdown reaches `sample_at`, weighted
         # by the transactions since the previous sample (see account_sample).
         self.statement_budget = STATEMENT_EXACT_PER_SECOND
         self.budget_refilled_ns = self.started_ns
