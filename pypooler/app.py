@@ -23,6 +23,7 @@ console's RELOAD call `reload()`; SIGTERM, SIGINT and SHUTDOWN call `drain()` th
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import socket
@@ -103,7 +104,8 @@ class Pooler:
             await self.metrics.start(self.settings.metrics_addr, self.settings.metrics_port)
         loop = asyncio.get_running_loop()
         self._listener = await loop.create_server(
-            lambda: ClientConnection(self.registry),
+            # A C-level partial: no interpreted frame per accepted connection.
+            functools.partial(ClientConnection, self.registry),
             self.settings.listen_addr,
             self.settings.listen_port,
             backlog=LISTEN_BACKLOG,

@@ -329,6 +329,10 @@ class AuthOutcome:
     client_key: bytes | None = None  # SCRAM pass-through
 
 
+# A trust login's outcome: it learns nothing (shared; never changed).
+TRUSTED: Final = AuthOutcome()
+
+
 class ClientAuthExchange:
     """One client's authentication. Feed it the client's messages; send what it returns."""
 

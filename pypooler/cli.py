@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -125,6 +126,9 @@ async def _serve(settings: Settings, *, embedded: bool, config_path: str | None 
     exit_code = 0
     try:
         await pooler.start()
+        # Everything alive now (modules, settings, pools) lives as long as the process: keep it
+        # out of the collector's full passes, whose cost otherwise grows with all of it.
+        gc.freeze()
         if postgres is not None:
             print(
                 "pypooler demo: throwaway PostgreSQL on port "

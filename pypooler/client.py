@@ -43,7 +43,13 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any, cast
 
-from pypooler.auth import AUTH_MESSAGE_LIMIT, Authenticator, AuthOutcome, ClientAuthExchange
+from pypooler.auth import (
+    AUTH_MESSAGE_LIMIT,
+    TRUSTED,
+    Authenticator,
+    AuthOutcome,
+    ClientAuthExchange,
+)
 from pypooler.config import ADMIN_DATABASE_NAMES, PoolMode, Settings
 from pypooler.errors import (
     AuthRejected,
@@ -1034,6 +1040,9 @@ class ClientConnection(asyncio.Protocol):
             return
         self._admin_startup = startup if admin else None
         self._negotiate_protocol(startup)
+        if method == "trust":  # nothing to exchange and nothing learned: no exchange object
+            self._authenticated(TRUSTED)
+            return
         secret: Secret | None = None
         if auth.needs_secret(method):
             known, secret = auth.cached_secret(self.database, self.user)
@@ -1121,7 +1130,7 @@ class ClientConnection(asyncio.Protocol):
         if pool is None:  # the configuration cannot change under a login, but be exact
             self.fail(NoSuchDatabase(f'no such database: "{self.database}"'))
             return
-        if pool.login.user == self.user:
+        if outcome is not TRUSTED and pool.login.user == self.user:
             pool.login.learn(outcome.password, outcome.secret, outcome.client_key)
         self.pool = pool
         if pool.parameters is not None:

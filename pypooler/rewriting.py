@@ -55,7 +55,7 @@ from pypooler.errors import (
 from pypooler.prepared import SERVER_NAME_PREFIX, ClientStatements, ServerStatements, Statement
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
-from pypooler.protocol.codec import pack_header, unpack_header
+from pypooler.protocol.codec import NATIVE, pack_header, unpack_header
 from pypooler.protocol.transaction import (
     CONTROL_FIRST_BYTES,
     STATEMENT_SAMPLE,
@@ -73,8 +73,10 @@ from pypooler.session_state import (
     NOT_A_WORD_START,
     RESET,
     SUSPECT_FUNCTION,
-    SUSPECT_HEADS,
+    SUSPECT_HEAD_KEYS,
     WINDOW,
+    has_more_statements,
+    names_suspect_function,
     scan_sql,
 )
 
@@ -111,7 +113,11 @@ _PARAMETER_STATUS: Final = c.B_PARAMETER_STATUS
 _ERROR: Final = c.B_ERROR_RESPONSE
 _TX_FAILED: Final = c.TX_FAILED
 _TX_IDLE: Final = c.TX_IDLE
-_WATCHED: Final = frozenset({_Z, _PARSE_COMPLETE, _CLOSE_COMPLETE, _PARAMETER_STATUS})
+# The server messages the fast loop looks into, as a table indexed by type byte (compiled, an
+# index into bytes is C; a set lookup boxes the int and hashes it).
+_WATCHED: Final = bytes(
+    1 if byte in (_Z, _PARSE_COMPLETE, _CLOSE_COMPLETE, _PARAMETER_STATUS) else 0 for byte in range(256)
+)
 _L: Final = ord("l")
 
 
@@ -215,14 +221,23 @@ class RewritingFrontend(FrontendStream):
         # The commonest read of all, one whole simple Query of an ordinary statement, skips the
         # general loop and the full session-state scan (session_state.plainly_harmless, inline).
         if data[0] == _Q and len(data) > 8 and not (self._head or self._skip):
-            length = unpack_header(data, 0)[1]
+            if NATIVE:
+                length = (data[1] << 24) | (data[2] << 16) | (data[3] << 8) | data[4]
+            else:
+                length = unpack_header(data, 0)[1]
             if (
                 length + 1 == len(data)
                 and length <= WINDOW + 5
                 and data[5] not in NOT_A_WORD_START
-                and data[5:8].lower() not in SUSPECT_HEADS
-                and SUSPECT_FUNCTION.search(data, 5, length) is None
-                and MORE_STATEMENTS.search(data, 5, length) is None
+                and (  # session_state.head_key(data, 5), inline
+                    (data[5] | 0x20) << 16 | (data[6] | 0x20) << 8 | (data[7] | 0x20)
+                ) not in SUSPECT_HEAD_KEYS
+                and (
+                    not names_suspect_function(data, 5, length) and not has_more_statements(data, 5, length)
+                    if NATIVE  # the same two tests as regular expressions: cheaper from the sources
+                    else SUSPECT_FUNCTION.search(data, 5, length) is None
+                    and MORE_STATEMENTS.search(data, 5, length) is None
+                )
             ):
                 self.requests += 1
                 if self._counted:
@@ -274,7 +289,11 @@ class RewritingFrontend(FrontendStream):
         open_tail = self.open_tail  # a local until the loop ends: set by most messages
         # Branches in order of frequency in extended-protocol traffic.
         while end - pos >= 5:
-            msg_type, length = unpack_header(data, pos)
+            if NATIVE:
+                msg_type = data[pos]
+                length = (data[pos + 1] << 24) | (data[pos + 2] << 16) | (data[pos + 3] << 8) | data[pos + 4]
+            else:
+                msg_type, length = unpack_header(data, pos)
             if length < 4:
                 raise ProtocolViolation(f"invalid message length {length} (message type {msg_type})")
             msg_end = pos + 1 + length
@@ -295,7 +314,7 @@ class RewritingFrontend(FrontendStream):
                                 raise ProtocolViolation("malformed Parse message")
                             held = pos
                             break
-                    text_end = min(msg_end - 1, text_start + WINDOW)
+                    text_end = max(text_start, min(msg_end - 1, text_start + WINDOW))
                     if text_end > end:
                         held = pos
                         break
@@ -408,7 +427,7 @@ class RewritingFrontend(FrontendStream):
                                 raise ProtocolViolation("malformed Describe or Close message")
                             held = pos
                             break
-                        name = data[pos + 6 : msg_end - 1]
+                        name = data[pos + 6 : msg_end - 1] if length > 5 else b""
                         replacement = self._describe(name, server) if msg_type == _D else self._close(name)
                         if replacement is not None:
                             out, run = _splice(out, data, run, pos, msg_end, replacement)
@@ -426,7 +445,7 @@ class RewritingFrontend(FrontendStream):
                     self._closes += 1
                     self._counted = True
             elif msg_type == _Q:
-                text_end = min(msg_end - 1, pos + 5 + WINDOW)  # the text, without its NUL
+                text_end = max(pos + 5, min(msg_end - 1, pos + 5 + WINDOW))  # the text, without its NUL
                 if text_end > end:
                     held = pos
                     break
@@ -741,8 +760,12 @@ class RewritingBackend(BackendStream):
             self._skip = 0
         done = -1
         while end - pos >= 5:
-            msg_type, length = unpack_header(data, pos)
-            if msg_type in _WATCHED:  # one test for the rows, descriptions and tags in between
+            if NATIVE:
+                msg_type = data[pos]
+                length = (data[pos + 1] << 24) | (data[pos + 2] << 16) | (data[pos + 3] << 8) | data[pos + 4]
+            else:
+                msg_type, length = unpack_header(data, pos)
+            if _WATCHED[msg_type]:  # one test for the rows, descriptions and tags in between
                 if msg_type == _Z:
                     if length != 5:
                         raise ProtocolViolation(f"server sent ReadyForQuery of length {length}")
@@ -764,6 +787,8 @@ class RewritingBackend(BackendStream):
                 elif msg_type == _CLOSE_COMPLETE:
                     self._closes += 1
                 else:  # ParameterStatus
+                    if length < 4:
+                        raise ProtocolViolation(f"server sent invalid message length {length}")
                     if pos + 1 + length > end:
                         break
                     self._parameter_status(data[pos + 5 : pos + 1 + length])
@@ -813,7 +838,11 @@ class RewritingBackend(BackendStream):
                 if pos < end:
                     held = pos
                 break
-            msg_type, length = unpack_header(data, pos)
+            if NATIVE:
+                msg_type = data[pos]
+                length = (data[pos + 1] << 24) | (data[pos + 2] << 16) | (data[pos + 3] << 8) | data[pos + 4]
+            else:
+                msg_type, length = unpack_header(data, pos)
             msg_end = pos + 1 + length
             drop = False
             replacement = None

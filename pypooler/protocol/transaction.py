@@ -26,7 +26,7 @@ from typing import Final
 
 from pypooler.errors import ProtocolViolation
 from pypooler.protocol import constants as c
-from pypooler.protocol.codec import unpack_header
+from pypooler.protocol.codec import NATIVE, unpack_header
 
 _Q: Final = c.F_QUERY
 _S: Final = c.F_SYNC
@@ -100,7 +100,11 @@ class FrontendStream:
             self._skip = pos - end
             return -1
         while end - pos >= 5:
-            msg_type, length = unpack_header(data, pos)
+            if NATIVE:
+                msg_type = data[pos]
+                length = (data[pos + 1] << 24) | (data[pos + 2] << 16) | (data[pos + 3] << 8) | data[pos + 4]
+            else:
+                msg_type, length = unpack_header(data, pos)
             if length < 4:
                 raise ProtocolViolation(f"invalid message length {length} (message type {msg_type})")
             if msg_type == _Q:
@@ -108,8 +112,11 @@ class FrontendStream:
                 self.open_tail = False
                 self._syncs_since_execute = 0
                 self._extended = False
-                # The text ends one byte before the message (its NUL terminator).
-                text = self.last_statement = data[pos + 5 : min(pos + length, pos + 5 + STATEMENT_SAMPLE)]
+                # The text ends one byte before the message (its NUL terminator). (Never a slice
+                # that ends before it starts: compiled, mypyc's bytes slice does not clamp those.)
+                text = self.last_statement = (
+                    data[pos + 5 : pos + min(length, 5 + STATEMENT_SAMPLE)] if length > 5 else b""
+                )
                 if not self.xact_statement_final:
                     self._note_first_statement(text)
             elif msg_type == _S:
@@ -218,7 +225,11 @@ class BackendStream:
             return -1
         done = -1
         while end - pos >= 5:
-            msg_type, length = unpack_header(data, pos)
+            if NATIVE:
+                msg_type = data[pos]
+                length = (data[pos + 1] << 24) | (data[pos + 2] << 16) | (data[pos + 3] << 8) | data[pos + 4]
+            else:
+                msg_type, length = unpack_header(data, pos)
             if msg_type == _Z:
                 if length != 5:
                     # Its status byte would be read from the next message, and the header

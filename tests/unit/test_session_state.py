@@ -6,7 +6,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pypooler.session_state import WINDOW, plainly_harmless, scan_sql
+from pypooler.session_state import (
+    MORE_STATEMENTS,
+    SUSPECT_FUNCTION,
+    SUSPECT_HEAD_KEYS,
+    WINDOW,
+    has_more_statements,
+    head_key,
+    names_suspect_function,
+    plainly_harmless,
+    scan_sql,
+)
 
 TRACKED = frozenset({b"timezone", b"application_name", b"datestyle", b"client_encoding"})
 
@@ -128,3 +138,31 @@ def test_suspect_statements_get_the_full_scan(sql: str) -> None:
     message = b"Q\0\0\0\0" + sql.encode() + b"\0"
 
     assert not plainly_harmless(message, 5, len(message) - 1)
+
+
+# The quick checks come twice, as byte arithmetic (compiled) and as regular expressions (sources).
+_PIECES = [b"_", b"lock", b"LoCk", b"config", b"CONFIG", b"conf", b"loc", b";", b" ", b"\t", b"\n", b"x",
+           b"'", b"1", b"\x0b", b"\x0c", b"\r", b"_l", b"_c", b"\xc3\xa9"]  # fmt: skip
+
+
+@settings(max_examples=800, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES), max_size=12), st.integers(0, 3), st.integers(0, 3))
+def test_quick_checks_match_their_regular_expressions(pieces: list[bytes], cut: int, cut_end: int) -> None:
+    data = b"".join(pieces)
+    start = min(cut, len(data))
+    end = max(start, len(data) - cut_end)
+
+    suspect = SUSPECT_FUNCTION.search(data, start, end) is not None
+    more = MORE_STATEMENTS.search(data, start, end) is not None
+    assert names_suspect_function(data, start, end) == suspect
+    assert has_more_statements(data, start, end) == more
+
+
+@pytest.mark.parametrize("head", [b"set", b"SET", b"Res", b"pRe", b"lis", b"dec", b"cre", b"dis", b"DEA"])
+def test_head_key_knows_the_suspect_heads_in_any_case(head: bytes) -> None:
+    assert head_key(head + b" x", 0) in SUSPECT_HEAD_KEYS
+
+
+@pytest.mark.parametrize("head", [b"sel", b"SEL", b"upd", b"ins", b"beg", b"end", b"S\xc5t", b"s@t", b"se{"])
+def test_head_key_lets_other_heads_pass(head: bytes) -> None:
+    assert head_key(head + b" x", 0) not in SUSPECT_HEAD_KEYS
