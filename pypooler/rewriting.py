@@ -75,9 +75,8 @@ from pypooler.session_state import (
     SUSPECT_FUNCTION,
     SUSPECT_HEAD_KEYS,
     WINDOW,
-    has_more_statements,
-    names_suspect_function,
     scan_sql,
+    suspect_text,
 )
 
 # A statement name pypooler never prepares (server-side names are PYPOOLER_<number>).
@@ -228,12 +227,12 @@ class RewritingFrontend(FrontendStream):
             if (
                 length + 1 == len(data)
                 and length <= WINDOW + 5
-                and data[5] not in NOT_A_WORD_START
+                and not NOT_A_WORD_START[data[5]]
                 and (  # session_state.head_key(data, 5), inline
                     (data[5] | 0x20) << 16 | (data[6] | 0x20) << 8 | (data[7] | 0x20)
                 ) not in SUSPECT_HEAD_KEYS
                 and (
-                    not names_suspect_function(data, 5, length) and not has_more_statements(data, 5, length)
+                    not suspect_text(data, 5, length)
                     if NATIVE  # the same two tests as regular expressions: cheaper from the sources
                     else SUSPECT_FUNCTION.search(data, 5, length) is None
                     and MORE_STATEMENTS.search(data, 5, length) is None
