@@ -454,9 +454,12 @@ def _has_metrics(source: Path) -> bool:
     return (source / "pypooler" / "metrics.py").exists()
 
 
-def checkout_revision(workdir: Path, revision: str, patch: Path | None = None) -> Path:
+def checkout_revision(
+    workdir: Path, revision: str, patch: Path | None = None, compiled: bool = False
+) -> Path:
     """A detached worktree of `revision` of this repository, removed with `workdir`, with
-    `patch` applied to it (e.g. bench/baselines/no-stats.patch: the build without stats)."""
+    `patch` applied to it (e.g. bench/baselines/no-stats.patch: the build without stats) and,
+    when `compiled`, its hot path built with mypyc in place as `make compile` does."""
     target = workdir / f"src-{revision}"
     repo = Path(__file__).resolve().parent.parent
     subprocess.run(
@@ -465,11 +468,25 @@ def checkout_revision(workdir: Path, revision: str, patch: Path | None = None) -
     )
     if patch is not None:
         subprocess.run(["git", "-C", str(target), "apply", str(patch.resolve())], check=True)
+    if compiled:
+        progress(f"compiling {revision} with mypyc (about a minute)")
+        subprocess.run(
+            [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+            cwd=target, env={**os.environ, "PYPOOLER_MYPYC": "1"}, check=True,
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        # build_ext may keep an old file time; the build counts as fresh only if newer than the sources.
+        for library in target.glob("pypooler/**/*.so"):
+            library.touch()
     return target
 
 
-def baseline_name(revision: str, patch: Path | None) -> str:
-    return f"pypooler@{revision}" + (f"+{patch.stem}" if patch is not None else "")
+def baseline_name(revision: str, patch: Path | None, compiled: bool = False) -> str:
+    return (
+        f"pypooler@{revision}"
+        + (f"+{patch.stem}" if patch is not None else "")
+        + ("+mypyc" if compiled else "")
+    )
 
 
 def remove_checkout(path: Path) -> None:
@@ -856,6 +873,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         " same tree without stats accounting)",
     )
     parser.add_argument(
+        "--baseline-compiled",
+        action="store_true",
+        help="build the --baseline checkout with mypyc (as `make compile`) instead of running its"
+        " Python sources",
+    )
+    parser.add_argument(
         "--results-dir",
         type=Path,
         default=Path(__file__).resolve().parent / "results",
@@ -864,6 +887,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.baseline_patch is not None and not args.baseline:
         parser.error("--baseline-patch needs --baseline")
+    if args.baseline_compiled and not args.baseline:
+        parser.error("--baseline-compiled needs --baseline")
     for name in ("duration", "rounds", "threads", "scale"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1")
@@ -901,7 +926,9 @@ def benchmark(args: argparse.Namespace) -> str:
     drain_notes: list[str] = []
     postgres = EmbeddedPostgres(max_connections=PG_MAX_CONNECTIONS)
     baseline_source: Path | None = None
-    baseline_label = baseline_name(args.baseline, args.baseline_patch) if args.baseline else ""
+    baseline_label = (
+        baseline_name(args.baseline, args.baseline_patch, args.baseline_compiled) if args.baseline else ""
+    )
     workdir = Path(tempfile.mkdtemp(prefix="pypooler-bench-"))
     os.chmod(workdir, 0o755)  # PgBouncer, as nobody, must reach its subdirectory
     try:
@@ -918,7 +945,9 @@ def benchmark(args: argparse.Namespace) -> str:
             ("pypooler", pypooler.port, pypooler),
         ]
         if args.baseline:
-            baseline_source = checkout_revision(workdir, args.baseline, args.baseline_patch)
+            baseline_source = checkout_revision(
+                workdir, args.baseline, args.baseline_patch, compiled=args.baseline_compiled
+            )
             baseline = start_pypooler(workdir, postgres, name=baseline_label, source=baseline_source)
             proxies.append(baseline)
             targets.append((baseline.name, baseline.port, baseline))
