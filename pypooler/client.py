@@ -1182,6 +1182,9 @@ class ClientConnection(asyncio.Protocol):
             except PoolerError as exc:
                 self.fail(exc)
                 return
+        # Everything the session needs from the packet is in `welcome` now; an idle client
+        # should not keep its parsed copy (about 600 bytes each).
+        self.startup = None
         self.parameters = welcome.parameters
         self.other_settings = welcome.other_settings
         self.apply_first = welcome.apply_first

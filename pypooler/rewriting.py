@@ -193,7 +193,9 @@ class RewritingFrontend(FrontendStream):
         # `_head` (FrontendStream's) holds the start of a message we must read more of.
         self._dropping = False  # the `_skip` bytes belong to a message we do not forward
         self.requests = 0  # ReadyForQuery-producing messages sent (Query, Sync, FunctionCall)
-        self.batches: deque[Batch] = deque()
+        # Made at the first batch with a plan: an empty deque is 600 bytes, and most clients
+        # never need one.
+        self.batches: deque[Batch] | None = None
         self._batch: Batch | None = None  # the open batch's entry, if it has one
         self._parses = 0  # Parse messages sent in the open batch
         self._closes = 0  # Close messages sent in the open batch
@@ -521,6 +523,8 @@ class RewritingFrontend(FrontendStream):
         batch = self._batch
         if batch is None:
             batch = self._batch = Batch(self.requests + 1)
+            if self.batches is None:
+                self.batches = deque()
             self.batches.append(batch)
             self._counted = True
         return batch
