@@ -469,6 +469,8 @@ def checkout_revision(
     if patch is not None:
         subprocess.run(["git", "-C", str(target), "apply", str(patch.resolve())], check=True)
     if compiled:
+        # The Makefile's compile recipe, not `make compile`: the checkout has no venv, and given
+        # ours, make would reinstall the checkout into it (the stamp predates its pyproject.toml).
         progress(f"compiling {revision} with mypyc (about a minute)")
         subprocess.run(
             [sys.executable, "setup.py", "-q", "build_ext", "--inplace"],

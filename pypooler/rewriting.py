@@ -193,7 +193,7 @@ class RewritingFrontend(FrontendStream):
         # `_head` (FrontendStream's) holds the start of a message we must read more of.
         self._dropping = False  # the `_skip` bytes belong to a message we do not forward
         self.requests = 0  # ReadyForQuery-producing messages sent (Query, Sync, FunctionCall)
-        # Made at the first batch with a plan: an empty deque is 600 bytes, and most clients
+        # Made at the first batch with a plan: an empty deque is 760 bytes, and most clients
         # never need one.
         self.batches: deque[Batch] | None = None
         self._batch: Batch | None = None  # the open batch's entry, if it has one
