@@ -114,25 +114,42 @@ class Point:
     reconnect: bool
     # pgbench's built-in TPC-B-like script (5 statements in BEGIN..END) instead of -S.
     tpcb: bool = False
+    # -M prepared instead of -M simple. PgBouncer 1.18 has no prepared statements in transaction
+    # mode, so it is not run; pypooler's ratio is taken against its -M simple run at the same
+    # point (`simple`), which must be among the points.
+    prepared: bool = False
 
     @property
     def label(self) -> str:
         script = "TPC-B" if self.tpcb else "-S"
+        if self.prepared:
+            script += " -M prepared"
         return f"{script} -C c={self.clients}" if self.reconnect else f"{script} c={self.clients}"
+
+    @property
+    def simple(self) -> Point:
+        return Point(self.clients, self.reconnect, self.tpcb)
 
 
 def parse_points(text: str) -> list[Point]:
-    """Parse "10,100,500,20C": -S at 10, 100 and 500 clients and -S -C at 20 clients."""
+    """Parse "10,100,500,20C,100P": -S at 10, 100 and 500 clients, -S -C at 20 clients and
+    -S -M prepared at 100 clients (whose ratio is taken against PgBouncer's -S at 100)."""
     points: list[Point] = []
     for token in text.split(","):
         token = token.strip()
-        reconnect = token.upper().endswith("C")
-        digits = token[:-1] if reconnect else token
+        prepared = token.upper().endswith("P")
+        digits = token[:-1] if prepared else token
+        reconnect = digits.upper().endswith("C")
+        digits = digits[:-1] if reconnect else digits
         if not digits.isdigit() or int(digits) < 1:
             raise argparse.ArgumentTypeError(
                 f"bad point {token!r}: want a client count, optionally followed by C (for -C)"
+                " and/or P (for -M prepared)"
             )
-        points.append(Point(int(digits), reconnect))
+        points.append(Point(int(digits), reconnect, prepared=prepared))
+    for point in points:
+        if point.prepared and point.simple not in points:
+            points.append(point.simple)  # the -M prepared ratio needs PgBouncer's -M simple run
     return points
 
 
@@ -564,7 +581,8 @@ def run_pgbench(
         run.error = f"{proxy.name} is not running (exit code {proxy.process.returncode})"
         return run
     argv = [
-        postgres.bin("pgbench"), "-n", *(() if point.tpcb else ("-S",)), "-M", "simple",
+        postgres.bin("pgbench"), "-n", *(() if point.tpcb else ("-S",)),
+        "-M", "prepared" if point.prepared else "simple",
         "-T", str(duration_s),
         "-c", str(point.clients), "-j", str(min(threads, point.clients)),
     ]  # fmt: skip
@@ -719,6 +737,16 @@ def round_ratios(
     return ratios
 
 
+def ratio_runs(results: Sequence[RunResult], point: Point) -> list[RunResult]:
+    """The runs a point's ratio is taken from: its own, but PgBouncer's -M simple run for a
+    -M prepared point (see Point.prepared)."""
+    if not point.prepared:
+        return [run for run in results if run.point == point]
+    return [run for run in results if run.point == point and run.target != "PgBouncer"] + [
+        run for run in results if run.point == point.simple and run.target == "PgBouncer"
+    ]
+
+
 def verdict(ratio: float | None) -> str:
     if ratio is None:
         return "-"
@@ -737,10 +765,10 @@ def render_table(results: Sequence[RunResult], points: Sequence[Point], rounds: 
     )
     lines = [header, "|---|" + "---:|" * 9 + "---|"]
     for point in points:
-        at_point = [run for run in results if run.point == point]
+        at_point = ratio_runs(results, point)
         row = [point.label]
         for target in ("direct", "PgBouncer", "pypooler"):
-            runs = [run for run in at_point if run.target == target]
+            runs = [run for run in results if run.point == point and run.target == target]
             if not runs:
                 row += ["-", "-"] + ([] if target == "direct" else ["-"])
                 continue
@@ -767,7 +795,7 @@ def render_baseline_table(
         "|---|---:|---:|---:|---:|---:|",
     ]
     for point in points:
-        at_point = [run for run in results if run.point == point]
+        at_point = ratio_runs(results, point)
         base_runs = [run for run in at_point if run.target == baseline]
         our_runs = [run for run in at_point if run.target == "pypooler"]
         base = median_or_none(round_ratios(at_point, rounds, baseline))
@@ -962,10 +990,12 @@ def benchmark(args: argparse.Namespace) -> str:
                 proxy=proxy, round_no=0, target=name,
             )  # fmt: skip
             progress(f"warm-up {name}: " + (f"{run.tps:,.0f} tps" if run.ok else f"{run.error}"))
-        total = args.rounds * len(points) * len(targets)
+        total = args.rounds * sum(len(targets) - point.prepared for point in points)
         for round_no in range(1, args.rounds + 1):
             for point in points:
                 for name, port, proxy in targets:
+                    if point.prepared and name == "PgBouncer":
+                        continue  # see Point.prepared
                     if proxy is None:
                         drain_note = wait_for_drained_pools(postgres)
                         if drain_note is not None:

@@ -818,6 +818,11 @@ class ClientConnection(asyncio.Protocol):
         """The linked server's connection ended under this client."""
         self.server = None
         server.client = None
+        if server.backend.fatal:
+            # The server's own FATAL (a terminated backend's 57P01, say) reached the client:
+            # PostgreSQL ends a connection with one FATAL, so pypooler adds none of its own.
+            self._server_fatal_forwarded()
+            return
         self.fail(
             ServerConnectionLost(
                 "server connection closed unexpectedly during the transaction",
@@ -827,6 +832,16 @@ class ClientConnection(asyncio.Protocol):
                 hint="the server may have been restarted or the backend terminated; reconnect",
             )
         )
+
+    def _server_fatal_forwarded(self) -> None:
+        self._count_error(ServerConnectionLost.reason)
+        log.info(
+            "client %s db=%s user=%s app=%s: closed after its server's FATAL",
+            self.peer, self.database or "-", self.user or "-", self.application_name or "-",
+        )  # fmt: skip
+        if not self.closed:
+            self.transport.close()
+        self.closed = True
 
     def _give_back_on_exit(self, server: ServerConnection) -> None:
         """The client left while linked: return the server only if it is provably clean."""
@@ -1260,12 +1275,7 @@ class ClientConnection(asyncio.Protocol):
 
     def fail(self, exc: PoolerError) -> None:
         """Send `exc` as an ErrorResponse and close (all of pypooler's own errors are FATAL)."""
-        if self.pool is not None:
-            (self.traffic or self.pool.stats.for_application(self.application_name)).errors[
-                exc.reason
-            ] += 1
-        else:
-            self.registry.errors[exc.reason] += 1
+        self._count_error(exc.reason)
         log.log(
             # A drain closes every client with "shutdown": one summary line says so instead.
             _FAIL_LOG_LEVELS.get(exc.reason, logging.WARNING),
@@ -1277,6 +1287,13 @@ class ClientConnection(asyncio.Protocol):
             self.transport.write(exc.to_error_response())
             self.transport.close()
         self.closed = True
+
+
+    def _count_error(self, reason: str) -> None:
+        if self.pool is not None:
+            (self.traffic or self.pool.stats.for_application(self.application_name)).errors[reason] += 1
+        else:
+            self.registry.errors[reason] += 1
 
 
 def reset_then_release(server: ServerConnection, pool: Pool, query: str) -> None:

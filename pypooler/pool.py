@@ -42,7 +42,7 @@ from pypooler.errors import (
     ShuttingDown,
 )
 from pypooler.parameter_sets import ParameterSet, intern_parameters
-from pypooler.prepared import ServerStatements, StatementRegistry
+from pypooler.prepared import SchemaVersion, ServerStatements, StatementRegistry
 from pypooler.protocol import codec
 from pypooler.protocol.scram import Secret
 from pypooler.protocol.transaction import BackendStream
@@ -133,6 +133,7 @@ class Pool:
         size: int,
         mode: PoolMode,
         settings: Settings,
+        schema: SchemaVersion | None = None,
     ) -> None:
         self.database = database
         self.user = user
@@ -151,7 +152,8 @@ class Pool:
         # no session-state leak, pypooler restores each client's own value.
         self.tracked: frozenset[bytes] = frozenset()
         self.rewriting = mode != "session"
-        self.statements = StatementRegistry()
+        # `schema` is shared by the pools of one PostgreSQL database (see prepared.py).
+        self.statements = StatementRegistry(schema)
         self.verdicts: dict[bytes, tuple[str, ...]] = {}  # see RewritingFrontend
         self._parameters_ready: asyncio.Future[None] | None = None
         self._welcome: bytes | None = None  # built from `parameters` on first use
@@ -321,7 +323,7 @@ class Pool:
             # harmless under their PYPOOLER_ names, and every later Parse of one closes it first).
             server.statements.clear()
         if rewriting:
-            server.backend = RewritingBackend(server.parameter_status)
+            server.backend = RewritingBackend(server.parameter_status, self.statements.schema)
             size = self.settings.max_prepared_statements
             server.statements = ServerStatements(self.statements, size) if size else None
         else:
@@ -663,6 +665,8 @@ class PoolManager:
         self.paused_all = False
         self.paused_databases: set[str] = set()
         self.disabled: set[str] = set()
+        # Per PostgreSQL database (host, port, dbname): schema changes seen, for every pool of it.
+        self.schemas: dict[tuple[str, int, str], SchemaVersion] = {}
 
     def database_config(self, database: str) -> tuple[str, DatabaseConfig] | None:
         """The [databases] entry serving `database`: its own, else the '*' fallback."""
@@ -718,6 +722,7 @@ class PoolManager:
                 size=db.pool_size or self.settings.default_pool_size,
                 mode=db.pool_mode or self.settings.pool_mode,
                 settings=self.settings,
+                schema=self.schemas.setdefault((login.host, login.port, login.database), SchemaVersion()),
             )
             if self.is_paused(database):
                 pool.pause()

@@ -24,6 +24,15 @@ Rules this module keeps (the streams in `rewriting.py` rely on them):
   the portals built from it. The bound is exceeded instead, until a later lend.
 - Statements are reference-counted (client names plus server entries) and dropped at zero, so
   the registry holds only what some client or server still has.
+- A shared statement is only as fresh as its first Parse on each server: after a schema change
+  (DROP/CREATE/ALTER) a server's copy keeps the old parameter types and PostgreSQL refuses it if
+  the result type changed. So each pool's registry follows its database's `SchemaVersion`: when
+  the version moves on, the statements it knows are *retired* (kept for the clients and servers
+  that hold them, which see what a PostgreSQL client with an old prepared statement sees) and
+  the next Parse of a text makes a new statement under a new name, parsed afresh on every
+  server. The version moves on when pypooler forwards a schema change (`session_state.scan_sql`
+  reports SCHEMA_CHANGE) and when a server reports a stale plan (`is_stale_plan`), which is how
+  a migration on a connection that bypasses pypooler is noticed.
 
 Names stay `bytes` end to end: they are copied from one message into another, never shown.
 """
@@ -32,11 +41,37 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator
+from itertools import chain
 from typing import Final
 
 from pypooler.protocol import codec
 
 SERVER_NAME_PREFIX: Final = b"PYPOOLER_"
+# PostgreSQL's answer to a prepared statement whose plan would change its result type after a
+# schema change: SQLSTATE 0A000 from RevalidateCachedQuery (the routine name, unlike the message,
+# is not translated).
+STALE_PLAN_CODE: Final = "0A000"
+STALE_PLAN_ROUTINE: Final = "RevalidateCachedQuery"
+STALE_PLAN_MESSAGE: Final = "cached plan must not change result type"
+
+
+def is_stale_plan(fields: dict[str, str]) -> bool:
+    """Whether an ErrorResponse's fields say a prepared statement predates a schema change."""
+    return fields.get("C") == STALE_PLAN_CODE and (
+        fields.get("R") == STALE_PLAN_ROUTINE or fields.get("M", "").startswith(STALE_PLAN_MESSAGE)
+    )
+
+
+class SchemaVersion:
+    """Schema changes pypooler has noticed on one PostgreSQL database, shared by its pools."""
+
+    __slots__ = ("number",)
+
+    def __init__(self) -> None:
+        self.number = 0
+
+    def changed(self) -> None:
+        self.number += 1
 
 
 class Statement:
@@ -58,14 +93,19 @@ class Statement:
 class StatementRegistry:
     """Statements by Parse body, for one pool; server-side names are unique within it."""
 
-    __slots__ = ("_by_key", "_next_number")
+    __slots__ = ("_by_key", "_next_number", "_retired", "_version", "schema")
 
-    def __init__(self) -> None:
+    def __init__(self, schema: SchemaVersion | None = None) -> None:
         self._by_key: dict[bytes, Statement] = {}
         self._next_number = 1
+        self.schema = SchemaVersion() if schema is None else schema
+        self._version = self.schema.number  # the schema version `_by_key` was made under
+        self._retired: set[Statement] = set()  # made under an older version, still referenced
 
     def acquire(self, key: bytes) -> Statement:
         """The statement for `key` (created on first use), with one more reference."""
+        if self._version != self.schema.number:
+            self._retire()
         statement = self._by_key.get(key)
         if statement is None:
             name = SERVER_NAME_PREFIX + str(self._next_number).encode()
@@ -77,14 +117,23 @@ class StatementRegistry:
 
     def release(self, statement: Statement) -> None:
         statement.refs -= 1
-        if statement.refs <= 0 and self._by_key.get(statement.key) is statement:
-            del self._by_key[statement.key]
+        if statement.refs <= 0:
+            if self._by_key.get(statement.key) is statement:
+                del self._by_key[statement.key]
+            else:
+                self._retired.discard(statement)
+
+    def _retire(self) -> None:
+        """The schema changed: later Parses get new statements (see the module rules)."""
+        self._retired.update(self._by_key.values())
+        self._by_key.clear()
+        self._version = self.schema.number
 
     def __len__(self) -> int:
-        return len(self._by_key)
+        return len(self._by_key) + len(self._retired)
 
     def __iter__(self) -> Iterator[Statement]:
-        return iter(self._by_key.values())
+        return chain(self._by_key.values(), self._retired)
 
 
 class ClientStatements:

@@ -52,12 +52,20 @@ from pypooler.errors import (
     SessionStateRefused,
     UndefinedPreparedStatement,
 )
-from pypooler.prepared import SERVER_NAME_PREFIX, ClientStatements, ServerStatements, Statement
+from pypooler.prepared import (
+    SERVER_NAME_PREFIX,
+    ClientStatements,
+    SchemaVersion,
+    ServerStatements,
+    Statement,
+    is_stale_plan,
+)
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
 from pypooler.protocol.codec import NATIVE, pack_header, unpack_header
 from pypooler.protocol.transaction import (
     CONTROL_FIRST_BYTES,
+    FATAL_STARTS,
     STATEMENT_SAMPLE,
     BackendStream,
     FrontendStream,
@@ -72,6 +80,7 @@ from pypooler.session_state import (
     MORE_STATEMENTS,
     NOT_A_WORD_START,
     RESET,
+    SCHEMA_CHANGE,
     SUSPECT_FUNCTION,
     SUSPECT_HEAD_KEYS,
     WINDOW,
@@ -115,7 +124,8 @@ _TX_IDLE: Final = c.TX_IDLE
 # The server messages the fast loop looks into, as a table indexed by type byte (compiled, an
 # index into bytes is C; a set lookup boxes the int and hashes it).
 _WATCHED: Final = bytes(
-    1 if byte in (_Z, _PARSE_COMPLETE, _CLOSE_COMPLETE, _PARAMETER_STATUS) else 0 for byte in range(256)
+    1 if byte in (_Z, _PARSE_COMPLETE, _CLOSE_COMPLETE, _PARAMETER_STATUS, _ERROR) else 0
+    for byte in range(256)
 )
 _L: Final = ord("l")
 
@@ -685,6 +695,11 @@ class RewritingFrontend(FrontendStream):
                 self.settings_reset = self.settings_reset or kind == DISCARD_ALL
             elif kind == RESET:
                 self.reset_seen = self.settings_reset = self.noted = True
+            elif kind == SCHEMA_CHANGE:
+                # At once, not at commit: a Parse of a text the change touches waits for the
+                # change's lock, so it cannot be analysed against the old schema.
+                if self.statements is not None:
+                    self.statements.registry.schema.changed()
             elif kind in LEAK_KINDS:
                 self.reset_seen = self.noted = True
         return None
@@ -729,16 +744,22 @@ class RewritingBackend(BackendStream):
 
     `feed` keeps BackendStream's contract, with offsets in the bytes to forward: when those
     differ from the bytes received, they are in `replaced` (the caller takes and clears it).
-    ParameterStatus messages are passed to `on_parameter_status` (and still forwarded).
+    ParameterStatus messages are passed to `on_parameter_status` (and still forwarded). An
+    ErrorResponse reporting a stale plan moves `schema` on (see prepared.py).
     """
 
     # The held-back start of a message is BackendStream's `_head`, so the client's boundary
     # test reads the same attributes whichever stream a server has.
-    __slots__ = ("_closes", "_dropping", "_fail_next", "_parses", "internal", "on_parameter_status")
+    __slots__ = ("_closes", "_dropping", "_fail_next", "_parses", "internal", "on_parameter_status", "schema")
 
-    def __init__(self, on_parameter_status: Callable[[str, str], None] | None = None) -> None:
+    def __init__(
+        self,
+        on_parameter_status: Callable[[str, str], None] | None = None,
+        schema: SchemaVersion | None = None,
+    ) -> None:
         super().__init__()
         self.on_parameter_status = on_parameter_status
+        self.schema = schema
         self._dropping = False
         self._parses = 0  # ParseComplete messages since the last ReadyForQuery
         self._closes = 0  # CloseComplete messages since the last ReadyForQuery
@@ -789,12 +810,15 @@ class RewritingBackend(BackendStream):
                     self._parses += 1
                 elif msg_type == _CLOSE_COMPLETE:
                     self._closes += 1
-                else:  # ParameterStatus
+                else:  # ParameterStatus or ErrorResponse
                     if length < 4:
                         raise ProtocolViolation(f"server sent invalid message length {length}")
                     if pos + 1 + length > end:
                         break
-                    self._parameter_status(data[pos + 5 : pos + 1 + length])
+                    if msg_type == _ERROR:
+                        self._error(data[pos + 5 : pos + 1 + length])
+                    else:
+                        self._parameter_status(data[pos + 5 : pos + 1 + length])
             elif length < 4:
                 raise ProtocolViolation(f"server sent invalid message length {length}")
             pos += 1 + length
@@ -909,9 +933,15 @@ class RewritingBackend(BackendStream):
                     held = pos
                     break
                 self._parameter_status(data[pos + 5 : msg_end])
-            elif msg_type == _ERROR and self._fail_next:
-                self._fail_next = False
-                drop = True
+            elif msg_type == _ERROR:
+                if self._fail_next:
+                    self._fail_next = False
+                    drop = True
+                else:
+                    if msg_end > end:
+                        held = pos
+                        break
+                    self._error(data[pos + 5 : msg_end])
             if drop or replacement is not None:
                 stop = min(msg_end, end)
                 out, run = _splice(out, data, run, pos, stop, replacement or b"")
@@ -933,6 +963,13 @@ class RewritingBackend(BackendStream):
             out.append(data[run:limit])
         self.replaced = b"".join(out)
         return done
+
+    def _error(self, body: bytes) -> None:
+        """An ErrorResponse for the client (rare: off the per-message path)."""
+        if body[:7] in FATAL_STARTS:
+            self.fatal = True
+        elif self.schema is not None and is_stale_plan(codec.parse_error_fields(body)):
+            self.schema.changed()
 
     def _parameter_status(self, body: bytes) -> None:
         if self.on_parameter_status is not None:

@@ -16,7 +16,9 @@ Rules:
   are not session state here: pypooler restores each client's own values on every server it
   gets, so `SET TimeZone` is safe. The caller passes their names (lower case) as `tracked`.
 - Besides the leak kinds, `scan_sql` reports DISCARD_ALL, DEALLOCATE_ALL and RESET, which are
-  not leaks but change what pypooler knows about the server. `SET name TO DEFAULT` (and `SET TIME
+  not leaks but change what pypooler knows about the server, and SCHEMA_CHANGE (CREATE other
+  than of a temporary object, ALTER, DROP, DO), after which shared prepared statements must be
+  parsed afresh (see prepared.py). `SET name TO DEFAULT` (and `SET TIME
   ZONE DEFAULT | LOCAL`) is a RESET, as PostgreSQL defines it.
 """
 
@@ -41,6 +43,7 @@ LEAK_KINDS: Final = (SET, SET_CONFIG, ADVISORY_LOCK, TEMP_TABLE, LISTEN, WITH_HO
 DISCARD_ALL: Final = "discard_all"
 DEALLOCATE_ALL: Final = "deallocate_all"
 RESET: Final = "reset"
+SCHEMA_CHANGE: Final = "schema_change"
 
 NOTHING: Final[tuple[str, ...]] = ()
 
@@ -66,9 +69,12 @@ HINTS: Final = {
 
 # The first words worth a closer look; "/*" and "--" are comments before the first word.
 _FIRST_WORDS: Final = (b"set", b"reset", b"prepare", b"listen", b"declare", b"create", b"discard",
-                       b"deallocate")  # fmt: skip
-# The same, by their first three letters (a set lookup is cheaper than startswith(tuple)).
-_FIRST_THREE: Final = frozenset(word[:3] for word in _FIRST_WORDS)
+                       b"deallocate", b"alter", b"drop", b"do")  # fmt: skip
+# The same, by their first three bytes (a set lookup is cheaper than startswith(tuple)); "do",
+# the one word shorter than that, with what may follow it.
+_FIRST_THREE: Final = frozenset(
+    [word[:3] for word in _FIRST_WORDS if len(word) >= 3] + [b"do" + bytes([after]) for after in b" \t\r\n$"]
+)
 _COMMENT_HEADS: Final = frozenset({b"/", b"-"})  # (`bytes in bytes` is a slow substring search)
 _SPACE: Final = b" \t\r\n\f\v"
 _TOKEN = re.compile(rb'"(?:[^"]|"")*"|[a-z_][a-z0-9_$]*|\S')
@@ -77,6 +83,7 @@ _ON_COMMIT_DROP = re.compile(rb"\bon\s+commit\s+drop\b")
 _SET_CONFIG = re.compile(rb"set_config\s*\(")
 # SET forms whose name is more than one word, or not the setting's name.
 _SET_SPECIAL: Final = {b"time": b"timezone", b"names": b"client_encoding", b"schema": b"search_path"}
+_SCHEMA_WORDS: Final = frozenset({b"alter", b"drop", b"do"})
 _TRANSACTION_SCOPED: Final = frozenset({b"local", b"transaction", b"constraints"})
 _TO: Final = frozenset({b"to", b"="})
 _SESSION_ONLY: Final = frozenset({b"authorization", b"characteristics"})
@@ -92,7 +99,9 @@ _TRUE_WORDS: Final = frozenset({b"true", b"'t'", b"'true'", b"'on'", b"'yes'", b
 NOT_A_WORD_START: Final = bytes(1 if byte in b" \t\r\n\f\v/-" else 0 for byte in range(256))
 # The first three bytes of a text, ASCII letters lower-cased (| 0x20 changes no other byte into a
 # letter), as one int: `head_key(...) in SUSPECT_HEAD_KEYS` is `data[:3].lower() in _FIRST_THREE`.
-SUSPECT_HEAD_KEYS: Final = frozenset((w[0] << 16) | (w[1] << 8) | w[2] for w in _FIRST_THREE)
+SUSPECT_HEAD_KEYS: Final = frozenset(
+    ((w[0] | 0x20) << 16) | ((w[1] | 0x20) << 8) | (w[2] | 0x20) for w in _FIRST_THREE
+)
 # What a regular expression's \s matches in bytes, and ";".
 _BLANKS_AND_SEMICOLON: Final = b" \t\n\r\f\v;"
 # suspect_text as two regular expressions: RewritingFrontend.feed_to
@@ -214,8 +223,10 @@ def _statement_kind(statement: bytes, tracked: frozenset[bytes]) -> str | None:
             if word in (b"temp", b"temporary"):
                 return None if _ON_COMMIT_DROP.search(statement) else TEMP_TABLE
             if word not in (b"or", b"replace", b"global", b"local"):
-                return None
-        return None
+                return SCHEMA_CHANGE
+        return SCHEMA_CHANGE
+    if first in _SCHEMA_WORDS:
+        return SCHEMA_CHANGE
     if first == b"discard":
         return DISCARD_ALL if second == b"all" else None
     if first == b"deallocate":

@@ -37,6 +37,10 @@ _COPY_DATA: Final = c.F_COPY_DATA
 _COPY_DONE: Final = c.F_COPY_DONE
 _COPY_FAIL: Final = c.F_COPY_FAIL
 _Z: Final = c.B_READY_FOR_QUERY
+_ERROR: Final = c.B_ERROR_RESPONSE
+# How an ErrorResponse that ends the server's connection starts: its severity field first, as
+# PostgreSQL always sends it.
+FATAL_STARTS: Final = frozenset({b"SFATAL\0", b"SPANIC\0"})
 _P: Final = c.F_PARSE
 STATEMENT_SAMPLE: Final = 256  # bytes of statement text kept per statement
 # Statements that say nothing about what a transaction does (lower-case prefixes).
@@ -179,12 +183,15 @@ class FrontendStream:
 class BackendStream:
     """Server -> client direction."""
 
-    __slots__ = ("_head", "_skip", "internal_error", "replaced", "tx_status")
+    __slots__ = ("_head", "_skip", "fatal", "internal_error", "replaced", "tx_status")
 
     def __init__(self) -> None:
         self._skip = 0
         self._head = b""
         self.tx_status = c.TX_IDLE  # status byte of the latest ReadyForQuery
+        # A FATAL (or PANIC) ErrorResponse was forwarded to the client: the server's connection
+        # ends, and the client must not get a second FATAL of pypooler's for that end.
+        self.fatal = False
         # Always None here: a subclass that rewrites the stream puts the bytes to forward in
         # `replaced`, and the fields of an error in its own queries' replies in `internal_error`.
         self.replaced: bytes | None = None
@@ -247,6 +254,8 @@ class BackendStream:
                     done = pos + 6
             elif length < 4:
                 raise ProtocolViolation(f"server sent invalid message length {length}")
+            elif msg_type == _ERROR and data[pos + 5 : pos + 12] in FATAL_STARTS:
+                self.fatal = True
             pos += 1 + length
         if pos > end:
             self._skip = pos - end

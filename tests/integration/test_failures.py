@@ -75,6 +75,55 @@ async def test_server_killed_mid_transaction(start_pooler: Any, postgres: Embedd
     assert pooler.pool().stats.errors["server_died"] == 1
 
 
+async def messages_until_closed(client: RawClient, timeout: float = 10) -> list[tuple[int, bytes]]:
+    messages = []
+    try:
+        while True:
+            messages.append(await client.next_message(timeout=timeout))
+    except ConnectionError:
+        return messages
+
+
+async def errors_when_backend_killed_mid_query(host: str, port: int, postgres: EmbeddedPostgres) -> list[str]:
+    """`severity sqlstate` of every ErrorResponse a client in a query gets before EOF when its
+    backend is terminated."""
+    client = await RawClient.login(host, port)
+    try:
+        pid = data_rows(await client.query("select pg_backend_pid()"))[0][0]
+        client.send(codec.build_query("select pg_sleep(30)"))
+        for _ in range(100):  # until the sleep is running, at most 10 s
+            state = await asyncio.to_thread(
+                postgres.psql, f"select state from pg_stat_activity where pid = {pid}"
+            )
+            if "active" in state:
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.to_thread(postgres.psql, f"select pg_terminate_backend({pid})")
+        messages = await messages_until_closed(client)
+        return [
+            f"{fields['S']} {fields['C']}"
+            for msg_type, body in messages
+            if msg_type == ord("E")
+            for fields in [codec.parse_error_fields(body)]
+        ]
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize("mode", ["transaction", "session"])
+async def test_a_killed_backend_ends_its_client_with_one_fatal(
+    start_pooler: Any, postgres: EmbeddedPostgres, mode: str
+) -> None:
+    """As PostgreSQL does: one FATAL (57P01) and the end; node-postgres, for one, treats a second
+    error event as unhandled and dies."""
+    pooler = start_pooler(pool_size=2, pool_mode=mode)
+    direct = await errors_when_backend_killed_mid_query(postgres.host, postgres.port, postgres)
+    through = await errors_when_backend_killed_mid_query(pooler.host, pooler.port, postgres)
+    assert direct == ["FATAL 57P01"]
+    assert through == direct
+    assert pooler.pool().stats.errors["server_died"] == 1
+
+
 async def test_postgres_restart_needs_no_pooler_restart(
     start_pooler: Any, postgres: EmbeddedPostgres
 ) -> None:

@@ -265,6 +265,20 @@ def test_psycopg_cancels_through_pypooler(postgres: EmbeddedPostgres, start_pool
         assert conn.execute("SELECT 'usable'").fetchone() == ("usable",)
 
 
+async def test_the_login_backend_pid_is_pypoolers_own_key(start_pooler: Any) -> None:
+    """README limits: the BackendKeyData pid is pypooler's key, not a PostgreSQL backend, so
+    pg_terminate_backend of it is refused by PostgreSQL and ends nothing."""
+    pooler = start_pooler(pool_size=2)
+    conn = await asyncpg.connect(pooler.dsn())
+    try:
+        login_pid = conn.get_server_pid()
+        assert await conn.fetchval("SELECT pg_backend_pid()") != login_pid
+        assert await conn.fetchval("SELECT pg_terminate_backend($1)", login_pid) is False
+        assert await conn.fetchval("SELECT 1") == 1
+    finally:
+        await conn.close()
+
+
 async def test_a_cancel_racing_the_end_of_a_transaction_never_cancels_the_next_borrower(
     start_pooler: Any,
 ) -> None:

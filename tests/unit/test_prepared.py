@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from pypooler.prepared import ClientStatements, ServerStatements, StatementRegistry
+from pypooler.prepared import (
+    ClientStatements,
+    SchemaVersion,
+    ServerStatements,
+    StatementRegistry,
+    is_stale_plan,
+)
 from pypooler.protocol import codec
 
 
@@ -70,3 +76,40 @@ def test_a_client_close_can_be_put_back() -> None:
     assert client.names == {b"s": statement}
     client.drop(b"s", statement)
     assert len(registry) == 0
+
+
+def test_a_schema_change_retires_statements_for_later_parses_only() -> None:
+    registry = StatementRegistry(SchemaVersion())
+    old_client = ClientStatements(registry)
+    server = ServerStatements(registry, capacity=10)
+    old = old_client.add(b"s", b"SELECT col FROM t\0\0\0")
+    server.add(old, 1)
+    server.confirm(old, 1)
+
+    registry.schema.changed()
+    new_client = ClientStatements(registry)
+    new = new_client.add(b"s", b"SELECT col FROM t\0\0\0")
+
+    assert new is not old and new.name != old.name  # parsed afresh under its own name
+    assert old_client.names[b"s"] is old  # prepared before the change: keeps the old one
+    assert not server.has(new, 2) and server.has(old, 2)
+    assert set(registry) == {old, new} and len(registry) == 2
+    assert new_client.add(b"t", b"SELECT col FROM t\0\0\0") is new  # shared again until the next change
+    old_client.clear()
+    server.clear()
+    assert set(registry) == {new}  # the retired statement went with its last reference
+
+
+def test_the_pools_of_one_database_share_its_schema_version() -> None:
+    schema = SchemaVersion()
+    first, second = StatementRegistry(schema), StatementRegistry(schema)
+    before = ClientStatements(second).add(b"s", b"SELECT 1\0\0\0")
+    first.schema.changed()
+    assert ClientStatements(second).add(b"s", b"SELECT 1\0\0\0") is not before
+
+
+def test_stale_plan_errors_are_known_by_code_and_routine_or_message() -> None:
+    assert is_stale_plan({"C": "0A000", "M": "cached plan must not change result type"})
+    assert is_stale_plan({"C": "0A000", "M": "le plan en cache ...", "R": "RevalidateCachedQuery"})
+    assert not is_stale_plan({"C": "0A000", "M": "cannot do this", "R": "something_else"})
+    assert not is_stale_plan({"C": "42P01", "M": "relation does not exist"})

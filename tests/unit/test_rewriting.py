@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pypooler.errors import ProtocolViolation
-from pypooler.prepared import ClientStatements, ServerStatements, StatementRegistry
+from pypooler.prepared import ClientStatements, SchemaVersion, ServerStatements, StatementRegistry
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
 from pypooler.rewriting import PLACEHOLDER_CLOSE, RewritingBackend, RewritingFrontend
@@ -582,3 +582,36 @@ def test_deallocate_all_pipelined_into_a_block_that_fails_still_forgets() -> Non
     assert direct[2] == pooled[2] == ["E 26000", "Z E", "E 25P02", "Z E"]
     assert direct[4] == ["2", "C", "Z I"]
     assert pooled[4] == ["E 26000", "Z I"]
+
+
+# --------------------------------------------------------------------------- schema changes
+
+
+def test_a_schema_change_sent_through_the_stream_retires_shared_statements() -> None:
+    pooled = Pooled(servers=1)
+    pooled.run(1, 0, prepared_statement("s1", "SELECT col FROM t"))
+    before = pooled.clients[1].statements.names[b"s1"]  # type: ignore[union-attr]
+    pooled.run(2, 0, query("ALTER TABLE t ADD b int"))
+    pooled.run(3, 0, prepared_statement("s1", "SELECT col FROM t"))
+    after = pooled.clients[3].statements.names[b"s1"]  # type: ignore[union-attr]
+    assert after is not before
+    parses = [body for msg_type, body in pooled.servers[0].model.received if msg_type == c.F_PARSE]
+    assert parses[-1].startswith(after.name + b"\0")  # really parsed, not mapped onto the old one
+
+
+@pytest.mark.parametrize("cut", [None, 3, 11, 40])
+def test_a_stale_plan_error_from_the_server_moves_the_schema_version_on(cut: int | None) -> None:
+    schema = SchemaVersion()
+    backend = RewritingBackend(schema=schema)
+    frontend = RewritingFrontend(None)
+    frontend.feed_to(query("SELECT * FROM t"), None)
+    error = codec.build_error_response("ERROR", "0A000", "cached plan must not change result type")
+    data = error + codec.READY_FOR_QUERY_IDLE
+    parts = [data] if cut is None else [data[:cut], data[cut:]]
+    forwarded = b""
+    for part in parts:
+        backend.feed(part, frontend)
+        forwarded += part if backend.replaced is None else backend.replaced
+        backend.replaced = None
+    assert forwarded == data  # the client gets the error as PostgreSQL sent it
+    assert schema.number == 1

@@ -57,7 +57,15 @@ TRACKED = frozenset({b"timezone", b"application_name", b"datestyle", b"client_en
         ("CREATE TEMP TABLE t (i int)", ("temp_table",)),
         ("create global temporary table t (i int)", ("temp_table",)),
         ("CREATE TEMP TABLE t (i int) ON COMMIT DROP", ()),
-        ("CREATE TABLE temp (i int)", ()),
+        # Schema changes (shared prepared statements are parsed afresh after one).
+        ("CREATE TABLE temp (i int)", ("schema_change",)),
+        ("create or replace view v as select 1", ("schema_change",)),
+        ("ALTER TABLE t ADD COLUMN b int", ("schema_change",)),
+        ("drop type mood cascade", ("schema_change",)),
+        ("DO $$ BEGIN EXECUTE 'ALTER TABLE t ADD b int'; END $$", ("schema_change",)),
+        ("do\n$$ begin end $$", ("schema_change",)),
+        ("BEGIN; ALTER TABLE t ADD b int; COMMIT", ("schema_change",)),
+        ("DOUBLE", ()),
         # LISTEN, cursors, SQL PREPARE.
         ("LISTEN channel", ("listen",)),
         ("UNLISTEN *", ()),
@@ -104,7 +112,8 @@ _WORDS = ["SELECT", "select", "set", "SET", "Reset", "prepare", "LISTEN", "decla
           "temp", "with", "hold", "discard", "all", "pg_advisory_lock(1)", "PG_ADVISORY_LOCK(2)",
           "Pg_Try_Advisory_Lock(3)", "set_config('a', 'b', false)", "SET_CONFIG('x','y',true)",
           "pg_advisory_xact_lock(1)", "row_lock", ";", "; ", "'a;b'", "--c\n", "/* c */", " ",
-          "\n", "1", "x", "deallocate", "local", "timezone", "="]  # fmt: skip
+          "\n", "1", "x", "deallocate", "local", "timezone", "=", "ALTER", "drop", "Do", "do$$",
+          "double", "table"]  # fmt: skip
 
 
 @settings(max_examples=600, deadline=None)
@@ -131,7 +140,8 @@ def test_ordinary_statements_take_the_quick_path(sql: str) -> None:
 @pytest.mark.parametrize(
     "sql",
     ["SET x = 1", " SELECT 1", "/* c */ SELECT 1", "SELECT Pg_Advisory_Lock(1)",
-     "select set_config('a', 'b', false)", "SELECT 1; SET x = 1", "listen x", "DISCARD ALL"],
+     "select set_config('a', 'b', false)", "SELECT 1; SET x = 1", "listen x", "DISCARD ALL",
+     "ALTER TABLE t ADD b int", "drop table t", "DO $$ begin end $$", "Do\n$$x$$", "do$$x$$"],
 )  # fmt: skip
 def test_suspect_statements_get_the_full_scan(sql: str) -> None:
     message = b"Q\0\0\0\0" + sql.encode() + b"\0"
@@ -156,7 +166,10 @@ def test_quick_checks_match_their_regular_expressions(pieces: list[bytes], cut: 
     assert suspect_text(data, start, end) == (suspect or more)
 
 
-@pytest.mark.parametrize("head", [b"set", b"SET", b"Res", b"pRe", b"lis", b"dec", b"cre", b"dis", b"DEA"])
+@pytest.mark.parametrize(
+    "head",
+    [b"set", b"SET", b"Res", b"pRe", b"lis", b"dec", b"cre", b"dis", b"DEA", b"alt", b"DRO", b"do ", b"DO\n"],
+)
 def test_head_key_knows_the_suspect_heads_in_any_case(head: bytes) -> None:
     assert head_key(head + b" x", 0) in SUSPECT_HEAD_KEYS
 

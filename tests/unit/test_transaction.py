@@ -21,6 +21,7 @@ from pypooler.errors import ProtocolViolation
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
 from pypooler.protocol.transaction import STATEMENT_SAMPLE, BackendStream, FrontendStream
+from pypooler.rewriting import RewritingBackend, RewritingFrontend
 
 FUZZ = settings(max_examples=120, deadline=None)
 
@@ -882,3 +883,12 @@ def test_fuzz_random_bytes_split_consistently(raw: bytes, cuts: list[int], outst
     cuts = [cut for cut in cuts if cut <= len(raw)]
 
     assert run_backend(raw, cuts, outstanding) == run_backend(raw, [], outstanding)
+
+
+@pytest.mark.parametrize(("severity", "fatal"), [("FATAL", True), ("PANIC", True), ("ERROR", False)])
+def test_the_backend_stream_knows_when_a_fatal_reached_the_client(severity: str, fatal: bool) -> None:
+    for stream in (BackendStream(), RewritingBackend()):
+        frontend = FrontendStream() if type(stream) is BackendStream else RewritingFrontend(None)
+        error = codec.build_error_response(severity, "57P01", "terminating connection")
+        stream.feed(codec.build_message(ord("D"), b"\0\0") + error, frontend)
+        assert stream.fatal is fatal
