@@ -16,14 +16,16 @@ SOURCES := $(wildcard pypooler/*.py pypooler/protocol/*.py)
 
 .PHONY: run test lint bench compile clean-compiled
 
+# The editable install builds no compiled modules (PYPOOLER_MYPYC=0): $(COMPILED) builds them in
+# place, and fails if it cannot (PYPOOLER_MYPYC=1), where a wheel would fall back to pure Python.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip 'setuptools>=77'  # setup.py (mypyc) reads PEP 639 metadata
-	$(VENV)/bin/pip install -q -e '.[test]'
+	PYPOOLER_MYPYC=0 $(VENV)/bin/pip install -q -e '.[test]'
 	touch $(STAMP)
 
 $(BENCH_STAMP): $(STAMP)
-	$(VENV)/bin/pip install -q -e '.[test,bench]'
+	PYPOOLER_MYPYC=0 $(VENV)/bin/pip install -q -e '.[test,bench]'
 	touch $(BENCH_STAMP)
 
 # The `touch`: build_ext copies an unchanged module with its old time, and pypooler's

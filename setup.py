@@ -1,13 +1,22 @@
-"""The mypyc build of the hot path: `make compile` (PYPOOLER_MYPYC=1 python setup.py build_ext --inplace).
+"""The compiled build of the hot path (mypyc), which is what a wheel and the container ship.
 
-pyproject.toml describes the package; this file only adds the compiled modules, and only when
-PYPOOLER_MYPYC is set: without it (pip install, the container image) pypooler is pure Python.
+pyproject.toml describes the package; this file adds the compiled modules. A wheel or an install
+from this repo (`pip wheel .`, `pip install .`, the Dockerfile) compiles them; when that cannot
+be done (no C compiler, no Python headers, no mypy) it warns and builds the pure-Python package,
+which runs the same code more slowly. The sources always ship too: PYPOOLER_PURE=1 runs them.
+
+PYPOOLER_MYPYC=0 builds pure Python on purpose (the Makefile's editable install, which then
+compiles in place with `make compile`); PYPOOLER_MYPYC=1 requires the compiled build (`make
+compile`: PYPOOLER_MYPYC=1 python setup.py build_ext --inplace), failing instead of falling back.
 PYPOOLER_MYPYC_MODULES (comma-separated paths) overrides the module list, for experiments.
 """
 
 import os
+import sys
+from typing import Any
 
 from setuptools import setup
+from setuptools.command.build_ext import build_ext
 
 # One compilation group: calls and attribute reads between these modules become C calls and
 # struct reads. Compiling only some of them is slower than pure Python (each crossing between
@@ -28,13 +37,54 @@ HOT_PATH = [
     "pypooler/client.py",
 ]
 
-ext_modules = []
-if os.environ.get("PYPOOLER_MYPYC"):
-    from mypyc.build import mypycify
+PURE_FALLBACK = (
+    "pypooler: building the pure-Python package instead of the compiled one ({reason}); it works"
+    " the same but its hot path is slower (see README, Architecture). Install a C compiler and"
+    " the Python headers (Debian: gcc python3-dev) and mypy, then build again."
+)
 
+
+REQUIRED = os.environ.get("PYPOOLER_MYPYC") == "1"
+
+
+def warn_pure(reason: str) -> None:
+    print("WARNING: " + PURE_FALLBACK.format(reason=reason), file=sys.stderr)
+
+
+class AllOrNothingBuildExt(build_ext):
+    """Builds the compiled group, or nothing: a group with a module missing would not import."""
+
+    def run(self) -> None:
+        if REQUIRED:
+            super().run()
+            return
+        try:
+            super().run()
+        except Exception as exc:  # compiler missing or failing: whatever the toolchain raises
+            for path in self.get_outputs():
+                if os.path.exists(path):
+                    os.remove(path)
+            self.extensions = []
+            warn_pure(f"the C build failed: {exc}")
+
+    def get_outputs(self) -> list[str]:
+        return super().get_outputs() if self.extensions else []
+
+
+def compiled_modules() -> list[Any]:
+    if os.environ.get("PYPOOLER_MYPYC", "1") == "0":
+        return []
+    try:
+        from mypyc.build import mypycify
+    except ImportError:
+        if REQUIRED:
+            raise
+        warn_pure("mypy, which provides mypyc, is not installed")
+        return []
     modules = os.environ.get("PYPOOLER_MYPYC_MODULES")
-    ext_modules = mypycify(
-        modules.split(",") if modules else HOT_PATH, opt_level="3", group_name="pypooler.native"
+    return list(
+        mypycify(modules.split(",") if modules else HOT_PATH, opt_level="3", group_name="pypooler.native")
     )
 
-setup(ext_modules=ext_modules)
+
+setup(ext_modules=compiled_modules(), cmdclass={"build_ext": AllOrNothingBuildExt})

@@ -10,8 +10,12 @@ __version__ = "0.1.0"
 
 def _stale_extension() -> str | None:
     """A mypyc-built module (x.*.so) older than its source x.py: an in-place build that edits
-    made stale, which the import system would still prefer to the source."""
-    for extension in Path(__path__[0]).rglob("*.so"):
+    made stale, which the import system would still prefer to the source. Only in a source
+    checkout (setup.py beside the package): an installed wheel's file times say nothing."""
+    package = Path(__path__[0])
+    if not (package.parent / "setup.py").exists():
+        return None
+    for extension in package.rglob("*.so"):
         source = extension.with_name(extension.name.split(".", 1)[0] + ".py")
         if source.exists() and source.stat().st_mtime > extension.stat().st_mtime:
             return str(source)

@@ -26,6 +26,7 @@ import asyncio
 import functools
 import ipaddress
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable, Coroutine
@@ -38,6 +39,7 @@ from pypooler.client import ClientConnection, ClientRegistry
 from pypooler.config import RESTART_ONLY_SETTINGS, ConfigError, Settings
 from pypooler.metrics import MetricsServer
 from pypooler.pool import PoolManager, shutdown_refused
+from pypooler.protocol import codec
 from pypooler.tls import client_tls, server_ssl_context
 
 log = logging.getLogger("pypooler")
@@ -130,10 +132,15 @@ class Pooler:
                 self.settings.listen_addr,
             )
         log.info(
-            "listening on %s:%d (pool_mode=%s, %d database entries)",
+            "listening on %s:%d (pool_mode=%s, %d database entries, %s build)",
             self.settings.listen_addr, self.port, self.settings.pool_mode,
-            len(self.settings.databases),
+            len(self.settings.databases), "compiled" if codec.NATIVE else "pure-Python",
         )
+        if not codec.NATIVE and not os.environ.get("PYPOOLER_PURE"):
+            log.warning(
+                "running the pure-Python build, whose hot path is slower: this install was made"
+                " without a C compiler (or from a source checkout not yet compiled: make compile)"
+            )
 
     def _schedule_maintenance(self) -> None:
         loop = asyncio.get_running_loop()
