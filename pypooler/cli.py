@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import uvloop
 
-from pypooler import __version__
+from pypooler import __version__, log_output
 from pypooler.app import Pooler, check_files
 from pypooler.config import ConfigError, DatabaseConfig, Settings, load_settings
 
@@ -70,13 +70,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "advise":
         return _advise(args, settings)
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    log_output.install(settings.log_level, sys.stderr)
     embedded = args.command == "demo" or not settings.databases
-    return uvloop.run(_serve(settings, embedded=embedded, config_path=args.config))
+    try:
+        return uvloop.run(_serve(settings, embedded=embedded, config_path=args.config))
+    finally:
+        log_output.flush()
 
 
 def _advise(args: argparse.Namespace, settings: Settings) -> int:

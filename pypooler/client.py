@@ -63,6 +63,7 @@ from pypooler.errors import (
     StatementModeTransaction,
     TooManyClients,
 )
+from pypooler.log_output import connection_line
 from pypooler.parameter_sets import intern_parameters
 from pypooler.pool import WELCOMES_KEPT, Pool, PoolManager, Welcome
 from pypooler.prepared import ClientStatements
@@ -436,11 +437,10 @@ class ClientConnection(asyncio.Protocol):
         if rewriter is not None and rewriter.statements is not None:
             rewriter.statements.clear()
         if self.pool is not None and registry.settings.log_disconnections:
-            log.info(
-                "closing: %s db=%s user=%s app=%s age=%.3fs",
-                self.peer, self.database, self.user, self.application_name,
-                (time.monotonic_ns() - self.connected_ns) / 1e9,
-            )
+            connection_line(
+                "closing", self.peer, self.database, self.user, self.application_name,
+                f" age={(time.monotonic_ns() - self.connected_ns) / 1e9:.3f}s",
+            )  # fmt: skip
 
     def pause_writing(self) -> None:
         # The client reads slower than its server sends: stop reading the server.
@@ -1228,10 +1228,7 @@ class ClientConnection(asyncio.Protocol):
         if settings.log_disconnections:
             _ = self.peer  # read it while the socket is open, for the line at disconnection
         if settings.log_connections:
-            log.info(
-                "login: %s db=%s user=%s app=%s",
-                self.peer, self.database, self.user, self.application_name,
-            )
+            connection_line("login", self.peer, self.database, self.user, self.application_name)
         early = self._early
         if early:
             self._early = b""

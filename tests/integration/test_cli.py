@@ -93,3 +93,28 @@ def test_run_without_databases_starts_an_embedded_postgres(
     assert psql(dsn, "select current_database()") == "pypooler_test"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(30) == 0
+
+
+def test_client_supplied_names_cannot_forge_log_lines(
+    tmp_path: Path, postgres: EmbeddedPostgres, processes: list[subprocess.Popen[str]]
+) -> None:
+    config = tmp_path / "pypooler.toml"
+    config.write_text(
+        "listen_port = 0\n"
+        f'[databases.pypooler_test]\nhost = "{postgres.host}"\nport = {postgres.port}\npool_size = 2\n'
+    )
+    proc = start_cli("run", "--config", str(config))
+    processes.append(proc)
+    port = int(wait_for_line(proc, r"listening on 127\.0\.0\.1:(\d+)").group(1))
+    forged = "x\n2026-12-06 05:00:00,000 CRITICAL pypooler: FORGED LINE"
+    result = subprocess.run(
+        [PSQL, "-X", "-w", "-h", "127.0.0.1", "-p", str(port), "-U", forged, "-d", forged, "-c", "select 1"],
+        capture_output=True, text=True, timeout=30, env={**os.environ, "PGAPPNAME": forged},
+    )  # fmt: skip
+    assert result.returncode != 0  # no such database
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0
+    assert proc.stdout is not None
+    output = proc.stdout.read()
+    assert "FORGED LINE" in output  # logged, escaped on its own line
+    assert not any(line.startswith("2026-12-06 05:00:00,000 CRITICAL") for line in output.splitlines())

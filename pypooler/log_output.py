@@ -1,0 +1,156 @@
+"""Log output for `pypooler run`: every line in order, written in batches, none forged.
+
+Rules this module keeps:
+- One writer for every line. `install()` puts a `BufferedLineHandler` on the root logger; it
+  and `connection_line` append to the same list, which one `write` and one `flush` empty once
+  per event-loop iteration (`call_soon` on the first line since the last write): lines reach the
+  log within the iteration that made them and in the order they were made, and a burst of
+  logins costs one system call, not two per connection. `flush()` at shutdown writes the rest,
+  and without a running loop (start-up, after the loop ends) lines are written at once.
+- The two lines of every connection (`login:`, `closing:`, on by default) skip the logging
+  machinery (LogRecord, handler lock, formatter): `connection_line` writes the same text the
+  formatter would, with a timestamp string made once per second. Where `install()` was not
+  called (the tests, an embedding program) they go through `logging` as any line.
+- Nothing a client sends can forge a line: every message is escaped (`escape`: control
+  characters and line separators as `\\xNN`/`\\uNNNN`), so a database, user or application_name
+  with a newline stays inside its own line. Tracebacks, which pypooler adds itself, keep theirs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import sys
+import threading
+import time
+from typing import Final, TextIO
+
+FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+# Control characters (C0, DEL, C1) and Unicode line separators, as Python escapes them.
+_ESCAPES: Final = {
+    code: (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+    for code in [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029, 0x85]
+}
+
+
+def escape(text: str) -> str:
+    """`text` on one line: control characters and line separators escaped."""
+    return text if text.isprintable() else text.translate(_ESCAPES)
+
+
+class LineWriter:
+    """Lines to one stream, written once per event-loop iteration (see the module rules)."""
+
+    __slots__ = ("_lines", "_lock", "_scheduled", "stream")
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self._lines: list[str] = []
+        self._scheduled = False
+        # A line may come from another thread (an executor's); the loop's own lines are the rule.
+        self._lock = threading.Lock()
+
+    def write(self, line: str) -> None:
+        with self._lock:
+            self._lines.append(line)
+            if self._scheduled:
+                return
+            loop: asyncio.AbstractEventLoop | None
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            else:
+                self._scheduled = True
+                loop.call_soon(self.flush)
+        if loop is None:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            self._scheduled = False
+            lines = self._lines
+            if not lines:
+                return
+            self._lines = []
+            try:
+                self.stream.write("".join(lines))
+                self.stream.flush()
+            except (OSError, ValueError):  # the log's reader went away, or the stream was closed
+                pass
+
+
+class EscapingFormatter(logging.Formatter):
+    """The usual format, with the message escaped (see `escape`)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape(record.message)
+        return super().formatMessage(record)
+
+
+class BufferedLineHandler(logging.Handler):
+    def __init__(self, writer: LineWriter) -> None:
+        super().__init__()
+        self.writer = writer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.writer.write(self.format(record) + "\n")
+        except Exception:
+            self.handleError(record)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+
+_writer: LineWriter | None = None
+_client_log: Final = logging.getLogger("pypooler.client")
+_stamp_second = -1
+_stamp_prefix = ""
+
+
+def install(level: str | int, stream: TextIO = sys.stderr) -> LineWriter:
+    """Send every log line (root logger) through one `LineWriter` on `stream`."""
+    global _writer
+    writer = _writer = LineWriter(stream)
+    handler = BufferedLineHandler(writer)
+    handler.setFormatter(EscapingFormatter(FORMAT))
+    root = logging.getLogger()
+    for old in root.handlers[:]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+    atexit.register(writer.flush)
+    return writer
+
+
+def flush() -> None:
+    if _writer is not None:
+        _writer.flush()
+
+
+def _timestamp() -> str:
+    """logging's default asctime ("2026-12-06 05:00:00,123"), the date part made once a second."""
+    global _stamp_second, _stamp_prefix
+    now = time.time()
+    second = int(now)
+    if second != _stamp_second:
+        _stamp_second = second
+        _stamp_prefix = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+    return f"{_stamp_prefix},{int((now - second) * 1000):03d}"
+
+
+def connection_line(
+    event: str, peer: str, database: str, user: str, application_name: str, tail: str = ""
+) -> None:
+    """`event: peer db=... user=... app=...tail` at INFO from pypooler.client (see the module rules)."""
+    if not _client_log.isEnabledFor(logging.INFO):
+        return
+    text = f"{event}: {peer} db={escape(database)} user={escape(user)} app={escape(application_name)}{tail}"
+    writer = _writer
+    if writer is None:
+        _client_log.info("%s", text)
+    else:
+        writer.write(f"{_timestamp()} INFO pypooler.client: {text}\n")
