@@ -26,6 +26,8 @@ HOT_PATH = [
     "pypooler/pool.py",
     "pypooler/server.py",
     "pypooler/client.py",
+    "pypooler/protocol/listen.py",
+    "pypooler/listening.py",
 ]
 
 ext_modules = []

@@ -16,7 +16,9 @@ Rules:
   are not session state here: pypooler restores each client's own values on every server it
   gets, so `SET TimeZone` is safe. The caller passes their names (lower case) as `tracked`.
 - Besides the leak kinds, `scan_sql` reports DISCARD_ALL, DEALLOCATE_ALL and RESET, which are
-  not leaks but change what pypooler knows about the server. `SET name TO DEFAULT` (and `SET TIME
+  not leaks but change what pypooler knows about the server, and UNLISTEN, which pypooler may
+  answer itself (listening.py: LISTEN and UNLISTEN are spotted by this same scan, so the hot
+  path's quick check pays nothing for them). `SET name TO DEFAULT` (and `SET TIME
   ZONE DEFAULT | LOCAL`) is a RESET, as PostgreSQL defines it.
 """
 
@@ -41,6 +43,8 @@ LEAK_KINDS: Final = (SET, SET_CONFIG, ADVISORY_LOCK, TEMP_TABLE, LISTEN, WITH_HO
 DISCARD_ALL: Final = "discard_all"
 DEALLOCATE_ALL: Final = "deallocate_all"
 RESET: Final = "reset"
+# Not a leak either: what pypooler answers itself with listen_mode = "multiplex" (listening.py).
+UNLISTEN: Final = "unlisten"
 
 NOTHING: Final[tuple[str, ...]] = ()
 
@@ -66,7 +70,7 @@ HINTS: Final = {
 
 # The first words worth a closer look; "/*" and "--" are comments before the first word.
 _FIRST_WORDS: Final = (b"set", b"reset", b"prepare", b"listen", b"declare", b"create", b"discard",
-                       b"deallocate")  # fmt: skip
+                       b"deallocate", b"unlisten")  # fmt: skip
 # The same, by their first three letters (a set lookup is cheaper than startswith(tuple)).
 _FIRST_THREE: Final = frozenset(word[:3] for word in _FIRST_WORDS)
 _COMMENT_HEADS: Final = frozenset({b"/", b"-"})  # (`bytes in bytes` is a slow substring search)
@@ -206,6 +210,8 @@ def _statement_kind(statement: bytes, tracked: frozenset[bytes]) -> str | None:
         return None if second == b"transaction" else PREPARE  # PREPARE TRANSACTION is 2PC
     if first == b"listen":
         return LISTEN
+    if first == b"unlisten":
+        return UNLISTEN
     if first == b"declare":
         return WITH_HOLD if _WITH_HOLD.search(statement) else None
     if first == b"create":

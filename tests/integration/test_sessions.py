@@ -344,7 +344,8 @@ async def test_session_state_policy_log(
     start_pooler: Any, kind: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     statement, leaked = SESSION_STATE[kind]
-    pooler = start_pooler(pool_size=1, session_state_policy="log")
+    pooler = start_pooler(pool_size=1, session_state_policy="log",
+                           listen_mode="session_state")
     client = await RawClient.login(pooler.host, pooler.port, application_name="leaky")
     other = await RawClient.login(pooler.host, pooler.port)
     try:
@@ -367,7 +368,8 @@ async def test_session_state_policy_log(
 @pytest.mark.parametrize("kind", SESSION_STATE)
 async def test_session_state_policy_error(start_pooler: Any, kind: str) -> None:
     statement, leaked = SESSION_STATE[kind]
-    pooler = start_pooler(pool_size=1, session_state_policy="error")
+    pooler = start_pooler(pool_size=1, session_state_policy="error",
+                           listen_mode="session_state")
     client = await RawClient.login(pooler.host, pooler.port)
     other = await RawClient.login(pooler.host, pooler.port)
     try:
@@ -389,7 +391,8 @@ async def test_session_state_policy_error(start_pooler: Any, kind: str) -> None:
 @pytest.mark.parametrize("kind", SESSION_STATE)
 async def test_session_state_policy_pin(start_pooler: Any, kind: str) -> None:
     statement, leaked = SESSION_STATE[kind]
-    pooler = start_pooler(pool_size=2, session_state_policy="pin")
+    pooler = start_pooler(pool_size=2, session_state_policy="pin",
+                           listen_mode="session_state")
     client = await RawClient.login(pooler.host, pooler.port)
     other = await RawClient.login(pooler.host, pooler.port)
     try:
@@ -419,7 +422,8 @@ async def test_session_state_policy_pin(start_pooler: Any, kind: str) -> None:
 
 
 async def test_transaction_scoped_state_is_not_session_state(start_pooler: Any) -> None:
-    pooler = start_pooler(pool_size=1, session_state_policy="error")
+    pooler = start_pooler(pool_size=1, session_state_policy="error",
+                           listen_mode="session_state")
     client = await RawClient.login(pooler.host, pooler.port)
     other = await RawClient.login(pooler.host, pooler.port)
     try:

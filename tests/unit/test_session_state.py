@@ -60,7 +60,7 @@ TRACKED = frozenset({b"timezone", b"application_name", b"datestyle", b"client_en
         ("CREATE TABLE temp (i int)", ()),
         # LISTEN, cursors, SQL PREPARE.
         ("LISTEN channel", ("listen",)),
-        ("UNLISTEN *", ()),
+        ("UNLISTEN *", ("unlisten",)),  # no leak: spotted for listen_mode = "multiplex"
         ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", ("with_hold",)),
         ("DECLARE c CURSOR WITHOUT HOLD FOR SELECT 1", ()),
         ("PREPARE p AS SELECT 1", ("prepare",)),
@@ -104,7 +104,7 @@ _WORDS = ["SELECT", "select", "set", "SET", "Reset", "prepare", "LISTEN", "decla
           "temp", "with", "hold", "discard", "all", "pg_advisory_lock(1)", "PG_ADVISORY_LOCK(2)",
           "Pg_Try_Advisory_Lock(3)", "set_config('a', 'b', false)", "SET_CONFIG('x','y',true)",
           "pg_advisory_xact_lock(1)", "row_lock", ";", "; ", "'a;b'", "--c\n", "/* c */", " ",
-          "\n", "1", "x", "deallocate", "local", "timezone", "="]  # fmt: skip
+          "\n", "1", "x", "deallocate", "local", "timezone", "=", "UNLISTEN", "unlisten"]  # fmt: skip
 
 
 @settings(max_examples=600, deadline=None)
@@ -131,7 +131,8 @@ def test_ordinary_statements_take_the_quick_path(sql: str) -> None:
 @pytest.mark.parametrize(
     "sql",
     ["SET x = 1", " SELECT 1", "/* c */ SELECT 1", "SELECT Pg_Advisory_Lock(1)",
-     "select set_config('a', 'b', false)", "SELECT 1; SET x = 1", "listen x", "DISCARD ALL"],
+     "select set_config('a', 'b', false)", "SELECT 1; SET x = 1", "listen x", "DISCARD ALL",
+     "UNLISTEN *", "unlisten x"],
 )  # fmt: skip
 def test_suspect_statements_get_the_full_scan(sql: str) -> None:
     message = b"Q\0\0\0\0" + sql.encode() + b"\0"
