@@ -784,9 +784,10 @@ class ClientConnection(asyncio.Protocol):
         pool = self.pool
         mode = self.mode
         if status == _TX_IDLE and mode != "session":
-            self.transport.write(data)
             if self.listen_due:
-                self._listen_at_rest(data, end)
+                self._listen_at_rest(data, end)  # writes `data`, maybe once LISTENs took effect
+            else:
+                self.transport.write(data)
             frontend = self.frontend
             # At rest (nothing outstanding: the caller saw to that) and at a message boundary.
             if not (
@@ -1002,9 +1003,13 @@ class ClientConnection(asyncio.Protocol):
     def _listen_confirmed(self, request: ListenRequest, error: bytes) -> None:
         """The listener connection listens on the channel (or could not): answer the client,
         then go on with what it sent meanwhile."""
+        self._answer_held(listen_reply(request, _TX_IDLE, error))
+
+    def _answer_held(self, reply: bytes) -> None:
+        """Write the reply the client waited for, then go on with what it sent meanwhile."""
         if self.closed:
             return
-        self.transport.write(listen_reply(request, _TX_IDLE, error))
+        self.transport.write(reply)
         held = self.pending
         self.pending = None
         self.pending_bytes = 0
@@ -1062,25 +1067,46 @@ class ClientConnection(asyncio.Protocol):
         return listener
 
     def _listen_at_rest(self, data: bytes, end: int) -> None:
-        """A ReadyForQuery 'I' ended the client's transaction: do the block's LISTEN/UNLISTENs
-        if it committed, and hand over the notifications that waited for it."""
+        """A ReadyForQuery 'I' ended the client's transaction (`data` holds it, unwritten): do
+        the block's LISTEN/UNLISTENs if it committed, write `data` (once the new LISTENs took
+        effect, as the COMMIT's answer means in PostgreSQL) and the notifications that waited."""
         self.listen_due = False
         changes = self.listen_changes
+        unconfirmed = 1  # until every LISTEN is asked: a confirmation may come at once
         if changes is not None:
             self.listen_changes = None
             # Committed: the CommandComplete "COMMIT" right before (when this read has it; a
             # reply cut just there is taken as committed).
             if end < len(COMMITTED_TAIL) or data.endswith(COMMITTED_TAIL, 0, end):
                 listener = self._listener()
+                # The client has nothing outstanding: its next bytes wait for the answer.
+                hold = self.frontend.at_rest and self.pending is None
+
+                def confirmed(error: bytes) -> None:
+                    nonlocal unconfirmed
+                    unconfirmed -= 1
+                    if not unconfirmed and hold:
+                        self._answer_held(data)
+
                 for request in changes:
                     channel = request.channel
                     if request.action == LISTEN:
                         assert channel is not None
-                        listener.listen(self, channel, _ignore_confirmation)
+                        if hold:
+                            unconfirmed += 1
+                            listener.listen(self, channel, confirmed)
+                        else:
+                            listener.listen(self, channel, _ignore_confirmation)
                     elif channel is None:
                         listener.unlisten_all(self)
                     else:
                         listener.unlisten(self, channel)
+                unconfirmed -= 1
+                if unconfirmed:
+                    self.pending = []
+                    self.pending_bytes = 0
+                    return
+        self.transport.write(data)
         if self.notifications is not None:
             self._flush_notifications()
 

@@ -26,7 +26,7 @@ UNLISTEN: Final = "UNLISTEN"
 MAX_CHANNEL_BYTES: Final = 63  # NAMEDATALEN - 1: PostgreSQL truncates identifiers to this
 MAX_LISTEN_TEXT: Final = 4096  # longer LISTEN texts are left to the server (no real name is)
 # The messages before a ReadyForQuery 'I' that ends a committed block: CommandComplete "COMMIT".
-COMMITTED_TAIL: Final = codec.build_command_complete("COMMIT") + codec.READY_FOR_QUERY_IDLE
+COMMITTED_TAIL: Final = codec.build_command_complete("COMMIT") + codec.build_ready_for_query(c.TX_IDLE)
 
 _Q: Final = c.F_QUERY
 _P: Final = c.F_PARSE

@@ -422,8 +422,7 @@ async def test_session_state_policy_pin(start_pooler: Any, kind: str) -> None:
 
 
 async def test_transaction_scoped_state_is_not_session_state(start_pooler: Any) -> None:
-    pooler = start_pooler(pool_size=1, session_state_policy="error",
-                           listen_mode="session_state")
+    pooler = start_pooler(pool_size=1, session_state_policy="error")
     client = await RawClient.login(pooler.host, pooler.port)
     other = await RawClient.login(pooler.host, pooler.port)
     try:
