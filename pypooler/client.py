@@ -902,6 +902,15 @@ class ClientConnection(asyncio.Protocol):
             rewriter.discarded = False
             if self.listener is not None:
                 self.listener.unlisten_all(self)  # DISCARD ALL includes UNLISTEN *
+        if rewriter.unlistens:
+            # UNLISTENs that went to the server with other statements: done here too.
+            unlistens, rewriter.unlistens = rewriter.unlistens, []
+            if self.listener is not None:
+                for channel in unlistens:
+                    if channel is None:
+                        self.listener.unlisten_all(self)
+                    else:
+                        self.listener.unlisten(self, channel)
         if rewriter.terminated:
             self.transport.close()
         if rewriter.reset_seen:
@@ -1001,8 +1010,10 @@ class ClientConnection(asyncio.Protocol):
             self._flush_notifications()
 
     def _listen_confirmed(self, request: ListenRequest, error: bytes) -> None:
-        """The listener connection listens on the channel (or could not): answer the client,
-        then go on with what it sent meanwhile."""
+        """The listener connection listens on the channel (or could not: then the client does
+        not either): answer the client, then go on with what it sent meanwhile."""
+        if error and self.listener is not None and request.channel is not None:
+            self.listener.unlisten(self, request.channel)
         self._answer_held(listen_reply(request, _TX_IDLE, error))
 
     def _answer_held(self, reply: bytes) -> None:

@@ -76,6 +76,8 @@ DROP_WARNING_INTERVAL_NS: Final = 10 * NS_PER_S  # at most one "dropped" warning
 RECONNECT_FIRST_S: Final = 0.1  # the first retry after the listener connection is lost
 RECONNECT_MAX_S: Final = 10.0  # the backoff doubles up to this
 _Q: Final = c.F_QUERY
+# What a LISTEN still waiting for the listener connection gets at shutdown (57P01: admin_shutdown).
+_SHUTTING_DOWN: Final = codec.build_error_response("ERROR", "57P01", "pypooler is shutting down")
 
 
 # --------------------------------------------------------------------------- the map
@@ -142,7 +144,9 @@ class ChannelMap:
 # --------------------------------------------------------------------------- the listener
 
 
-Confirm = Callable[[bytes], None]  # called with b"" when a LISTEN took effect, else an ErrorResponse
+# Called with b"" when a LISTEN took effect, else with an ErrorResponse: then the client is still
+# registered, and the callback decides (a client waiting for its answer unregisters).
+Confirm = Callable[[bytes], None]
 
 
 class Listener:
@@ -178,6 +182,9 @@ class Listener:
     def listen(self, client: Subscriber, channel: bytes, confirm: Confirm) -> None:
         """Register `client` on `channel`; `confirm` is called once the listener connection
         listens on it (at once when it already does)."""
+        if self.closed:
+            confirm(_SHUTTING_DOWN)
+            return
         self.map.listen(client, channel)
         self._empty_since_ns = 0
         server = self.server
@@ -314,9 +321,6 @@ class Listener:
             del self._in_flight[channel]
         if error:
             self._on_server.discard(channel)
-            # Nobody stays registered on a channel whose LISTEN failed.
-            for client in list(self.map.subscribers(channel)):
-                self.map.unlisten(client, channel)
         for confirm in confirms:
             confirm(error)
 
@@ -360,13 +364,9 @@ class Listener:
         waiting, self._waiting = self._waiting, {}
         error = ServerConnectFailed(f"pypooler could not open its listener connection: {exc.message}")
         response = codec.build_error_response("ERROR", error.sqlstate, error.message, hint=exc.hint)
-        for channel, confirms in waiting.items():
-            for client in list(self.map.subscribers(channel)):
-                self.map.unlisten(client, channel)
+        for confirms in waiting.values():
             for confirm in confirms:
                 confirm(response)
-        if not self.map:
-            self._empty_since_ns = time.monotonic_ns()
 
     def _close_server(self) -> None:
         server = self.server
@@ -403,10 +403,9 @@ class Listener:
         if self._connecting is not None:
             self._connecting.cancel()
         waiting, self._waiting = self._waiting, {}
-        error = codec.build_error_response("ERROR", c.SQLState.ADMIN_SHUTDOWN, "pypooler is shutting down")
         for confirms in waiting.values():
             for confirm in confirms:
-                confirm(error)
+                confirm(_SHUTTING_DOWN)
         return server
 
     def state(self) -> str:

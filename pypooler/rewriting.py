@@ -56,7 +56,7 @@ from pypooler.prepared import SERVER_NAME_PREFIX, ClientStatements, ServerStatem
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
 from pypooler.protocol.codec import NATIVE, pack_header, unpack_header
-from pypooler.protocol.listen import ListenRequest, listen_request, parse_listen_statement
+from pypooler.protocol.listen import ListenRequest, listen_request, parse_listen_statement, unlisten_channels
 from pypooler.protocol.transaction import (
     CONTROL_FIRST_BYTES,
     STATEMENT_SAMPLE,
@@ -176,13 +176,15 @@ class RewritingFrontend(FrontendStream):
     `terminated` (a Terminate was reached; the bytes after it were not returned),
     `listen_request` (with `intercept_listen`: the read was one LISTEN/UNLISTEN the client is to
     be answered by pypooler, see listening.py; nothing of it was returned or counted),
-    `discarded` (a DISCARD ALL: it also UNLISTENs *).
+    `discarded` (a DISCARD ALL: it also UNLISTENs *), `unlistens` (with `intercept_listen`: the
+    channels, None for all, of UNLISTENs sent to the server among other statements of a Query,
+    as asyncpg's pool does when it resets a connection).
     """
 
     __slots__ = ("_batch", "_closes", "_counted", "_dropping", "_parses", "_unnamed_batch", "batches",
                  "discarded", "intercept_listen", "listen_request", "noted", "refuse",
                  "requests", "reset_seen", "session_state", "settings_reset", "statements", "status",
-                 "terminated", "tracked", "verdicts")  # fmt: skip
+                 "terminated", "tracked", "unlistens", "verdicts")  # fmt: skip
 
     def __init__(
         self,
@@ -222,6 +224,7 @@ class RewritingFrontend(FrontendStream):
         self.intercept_listen = intercept_listen  # listen_mode = "multiplex"
         self.listen_request: ListenRequest | None = None
         self.discarded = False
+        self.unlistens: list[bytes | None] = []
 
     def feed(self, data: bytes, start: int = 0) -> int:
         raise TypeError("RewritingFrontend is fed with feed_to(data, server)")
@@ -470,8 +473,12 @@ class RewritingFrontend(FrontendStream):
                     held = pos
                     break
                 kinds = scan_sql(data[pos + 5 : text_end], self.tracked)
-                if kinds and self.intercept_listen and not (pos or carry) and self._listen_read(kinds, data):
-                    return b""
+                if kinds and self.intercept_listen:
+                    if not (pos or carry) and self._listen_read(kinds, data):
+                        return b""
+                    if UNLISTEN in kinds:
+                        self.unlistens += unlisten_channels(data[pos + 5 : text_end])
+                        self.noted = True
                 text = self.last_statement = data[pos + 5 : min(text_end, pos + 5 + STATEMENT_SAMPLE)]
                 if not self.xact_statement_final:
                     self._note_first_statement(text)

@@ -180,6 +180,17 @@ def parse_listen_statement(text: bytes) -> tuple[str, bytes | None, bytes] | Non
     return action, truncate_identifier(channel), channel
 
 
+def unlisten_channels(text: bytes) -> list[bytes | None]:
+    """The channels (None: all) of the UNLISTEN statements among the `;`-separated statements
+    of `text` (a `;` inside a quoted name or a comment hides the statement: it is not seen)."""
+    found: list[bytes | None] = []
+    for statement in text.split(b";"):
+        parsed = parse_listen_statement(statement)
+        if parsed is not None and parsed[0] == UNLISTEN:
+            found.append(parsed[1])
+    return found
+
+
 class ListenRequest:
     """A LISTEN/UNLISTEN that pypooler answers itself: what to do, and the messages it came in
     (`shape`: "Q", or the extended batch's types with "s"/"d" for a Describe of the statement /

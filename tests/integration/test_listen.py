@@ -21,6 +21,7 @@ from pypooler.protocol import constants as c
 from tests.conftest import RunningPooler
 from tests.integration.test_admin import row_description
 from tests.pgwire import RawClient, data_rows, error_fields
+from tests.prometheus import sample, scrape
 
 CONNECT_TIMEOUT_S = 30
 DELIVERY_TIMEOUT_S = 10
@@ -159,6 +160,24 @@ async def test_a_listener_that_leaves_and_the_last_one_unlistens(start_pooler: A
         for conn in conns:
             await conn.close(timeout=CONNECT_TIMEOUT_S)
         await sender.close()
+
+
+async def test_an_asyncpg_pool_reset_unlistens(start_pooler: Any) -> None:
+    """asyncpg's Pool resets a released connection with one Query of several statements,
+    `UNLISTEN *` among them: the client's channels go too."""
+    pooler = start_pooler(pool_size=2)
+    pool = await asyncpg.create_pool(pooler.dsn(), min_size=1, max_size=1, timeout=CONNECT_TIMEOUT_S)
+    try:
+        async with pool.acquire() as conn:
+            await conn.execute("LISTEN pooled")  # a simple Query (add_listener would remove_listener first)
+            assert channels(pooler) == {b"pooled"}
+            metrics = scrape(pooler.metrics_url)["pypooler_listen_channels"]
+            assert sample(metrics, "pypooler_listen_channels", database="pypooler_test", user="postgres") == 1
+        assert channels(pooler) == set()
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SELECT 1") == 1
+    finally:
+        await asyncio.wait_for(pool.close(), CONNECT_TIMEOUT_S)
 
 
 # --------------------------------------------------------------------------- the protocol

@@ -19,6 +19,7 @@ from pypooler.protocol.listen import (
     parse_listen_statement,
     quote_channel,
     truncate_identifier,
+    unlisten_channels,
 )
 
 # --- statements ---------------------------------------------------------------------------------
@@ -70,6 +71,13 @@ def test_names_are_truncated_to_63_bytes_at_a_character_boundary() -> None:
     notice = request.notice
     assert notice[:1] == b"N" and b"42622" in notice and b"will be truncated" in notice
     assert listen_reply(request, c.TX_IDLE).startswith(notice)
+
+
+def test_unlistens_among_other_statements() -> None:
+    reset = b"SELECT pg_advisory_unlock_all();\nCLOSE ALL;\nUNLISTEN *;\nRESET ALL;"  # asyncpg's
+    assert unlisten_channels(reset) == [None]
+    assert unlisten_channels(b'UNLISTEN a; SELECT 1; unlisten "B"') == [b"a", b"B"]
+    assert unlisten_channels(b"LISTEN a; SELECT 1") == []
 
 
 # --- messages -----------------------------------------------------------------------------------
