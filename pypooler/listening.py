@@ -27,25 +27,26 @@ pypooler answers `LISTEN ch`, `UNLISTEN ch` and `UNLISTEN *` itself, as PostgreS
   connection can be opened gets the connection error (SQLSTATE 08001) and is not registered.
 - Inside a transaction block a LISTEN or UNLISTEN is answered at once and takes effect at the
   block's end if it committed (the CommandComplete "COMMIT" just before the ReadyForQuery 'I'),
-  and not at all if it rolled back, as in PostgreSQL. In a failed block it is refused with
-  25P02, as PostgreSQL refuses every statement there.
+  and not at all if it rolled back, as in PostgreSQL; the COMMIT's answer waits for the new
+  LISTENs to be confirmed. In a failed block it is refused with 25P02, as PostgreSQL refuses
+  every statement there.
 
-What is intercepted (`listen_request`): a simple Query holding one LISTEN/UNLISTEN statement and
-nothing else (comments, blanks and a trailing `;` allowed), or one extended-protocol batch of the
-unnamed statement and portal (Parse, Bind, optional Describe, Execute, Sync; Flush allowed),
-alone in one read and sent when the client has no request outstanding. Anything else holding
-LISTEN (several statements in one Query, a named prepared LISTEN, a pipeline) goes to the server
-as before and is handled by `session_state_policy`.
+What is intercepted (`protocol/listen.py`, `listen_request`), when the client has no request
+outstanding and the read holds nothing else: a simple Query of one LISTEN/UNLISTEN statement;
+an extended batch of the unnamed statement (Parse, Bind, Describe, Execute, Sync); the Bind,
+Execute, Sync of a named statement that is one LISTEN/UNLISTEN (asyncpg's `add_listener`
+prepares it with Parse, Describe, Flush first: the server holding that unsynced batch is given
+back with a Sync of pypooler's). Anything else holding LISTEN (several statements in one Query,
+a pipeline) goes to the server as before and is handled by `session_state_policy`; UNLISTENs
+among other statements (asyncpg's pool reset: `...; UNLISTEN *; RESET ALL;`) are also applied
+to the client's channels. A LISTEN from a client holding no server needs none: it is answered
+without a checkout, even when the pool is exhausted.
 
-Channel names follow PostgreSQL's identifier rules (`parse_listen_statement`): unquoted names
-are folded to lower case (ASCII letters only, as PostgreSQL does for UTF-8), "quoted" ones are
-kept as they are (`""` is one `"`), both are truncated to 63 bytes at a character boundary with
-PostgreSQL's NOTICE; reserved keywords and `U&"..."` names are not intercepted (PostgreSQL answers
-them). The channel is kept as the client's bytes: client_encoding must be the server encoding for
-non-ASCII channel names to match.
-
-The pure parts (statement and message parsing, the reply, `ChannelMap`) do no I/O; `Listener`
-does the rest through a `ServerConnection`.
+Who calls what: the rewriting stream spots LISTEN/UNLISTEN with the session-state scan it runs
+anyway (the hot path's quick check lets no "lis"/"unl" text through), `ClientConnection` answers
+and registers (`_answer_listen`), and writes or queues what `Listener` delivers (`notify`). The
+channel name is kept as the client's bytes: its client_encoding must be the server encoding for
+non-ASCII names to match.
 """
 
 from __future__ import annotations

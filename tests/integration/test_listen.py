@@ -216,6 +216,48 @@ async def test_one_client_many_channels_unlisten_and_unlisten_all(start_pooler: 
             await raw.close()
 
 
+async def test_listen_needs_no_server(start_pooler: Any) -> None:
+    pooler = start_pooler(pool_size=1, query_wait_timeout=30)
+    holder = await RawClient.login(pooler.host, pooler.port)
+    client = await RawClient.login(pooler.host, pooler.port)
+    try:
+        await holder.query("BEGIN")  # holds the pool's only server
+        reply = await client.query("LISTEN while_busy")
+        assert tags(reply) == ["LISTEN"]
+        assert tags(await client.query("UNLISTEN while_busy")) == ["UNLISTEN"]
+        assert pooler.call(lambda: pooler.pool().waiting) == 0
+    finally:
+        await holder.query("ROLLBACK")
+        await holder.close()
+        await client.close()
+
+
+async def test_a_client_holding_a_server_gets_at_most_1024_waiting_notifications(start_pooler: Any) -> None:
+    pooler = start_pooler(pool_size=2)
+    client = await RawClient.login(pooler.host, pooler.port)
+    sender = await RawClient.login(pooler.host, pooler.port)
+    try:
+        await client.query("LISTEN many")
+        await client.query("BEGIN")
+        await client.query("SELECT 1")
+        reply = await sender.query("SELECT count(pg_notify('many', i::text)) FROM generate_series(1, 1100) i")
+        assert data_rows(reply) == [["1100"]]
+        for _ in range(100):  # until the listener connection has passed them all on
+            (row,) = await show_listeners(pooler)
+            if row["delivered"] == "1100":
+                break
+            await asyncio.sleep(0.05)
+        assert (row["delivered"], row["dropped"]) == ("1100", "76")
+        assert await nothing_arrives(client)
+        await client.query("COMMIT")
+        payloads = [(await next_notification(client))[2] for _ in range(1024)]
+        assert payloads == [str(i) for i in range(77, 1101)]  # the oldest were dropped
+        assert await nothing_arrives(client)
+    finally:
+        await client.close()
+        await sender.close()
+
+
 async def test_extended_protocol_listen(start_pooler: Any) -> None:
     pooler = start_pooler(pool_size=1)
     client = await RawClient.login(pooler.host, pooler.port)
