@@ -260,8 +260,9 @@ async def test_a_client_holding_a_server_gets_at_most_1024_waiting_notifications
         await sender.close()
 
 
-async def test_extended_protocol_listen(start_pooler: Any) -> None:
-    pooler = start_pooler(pool_size=1)
+@pytest.mark.parametrize("mode", ["transaction", "statement"])
+async def test_extended_protocol_listen(start_pooler: Any, mode: str) -> None:
+    pooler = start_pooler(pool_size=1, pool_mode=mode)
     client = await RawClient.login(pooler.host, pooler.port)
     sender = await RawClient.login(pooler.host, pooler.port)
     try:
@@ -352,15 +353,21 @@ async def test_notify_in_a_transaction_arrives_after_commit_never_after_rollback
 # --------------------------------------------------------------------------- psycopg
 
 
-@pytest.mark.parametrize("binary", [False, True], ids=["simple", "extended"])
-async def test_psycopg_notifies(start_pooler: Any, binary: bool) -> None:
+@pytest.mark.parametrize(
+    ("binary", "autocommit"), [(False, True), (True, True), (False, False)],
+    ids=["simple", "extended", "committed"],
+)  # fmt: skip
+async def test_psycopg_notifies(start_pooler: Any, binary: bool, autocommit: bool) -> None:
     pooler = start_pooler(pool_size=1)
-    conn = await psycopg.AsyncConnection.connect(pooler.dsn(), autocommit=True)
+    conn = await psycopg.AsyncConnection.connect(pooler.dsn(), autocommit=autocommit)
     sender = await psycopg.AsyncConnection.connect(pooler.dsn(), autocommit=True)
     try:
-        # binary=True makes psycopg use the extended protocol (Parse/Bind/Describe/Execute/Sync).
+        # binary=True makes psycopg use the extended protocol (Parse/Bind/Describe/Execute/Sync);
+        # without autocommit psycopg sends BEGIN first, and the LISTEN takes effect at COMMIT.
         cursor = await conn.execute("LISTEN psy", binary=binary)
         assert cursor.statusmessage == "LISTEN"
+        if not autocommit:
+            await conn.commit()
         row = await (await sender.execute("SELECT pg_backend_pid() FROM pg_notify('psy', 'one')")).fetchone()
         await sender.execute("NOTIFY psy, 'two'")
         assert row is not None
@@ -397,6 +404,29 @@ async def test_the_listener_connection_is_reopened_and_listens_again(
         assert row["state"] == "open" and row["server_pid"] != old_pid and row["reconnects"] == "1"
         pid = await notify(sender, "survivor", "again")
         assert await next_notification(client) == (pid, "survivor", "again")
+    finally:
+        await client.close()
+        await sender.close()
+
+
+async def test_the_listener_connection_closes_when_idle_and_opens_again(start_pooler: Any) -> None:
+    pooler = start_pooler(pool_size=1, server_idle_timeout=0.5)
+    client = await RawClient.login(pooler.host, pooler.port)
+    sender = await RawClient.login(pooler.host, pooler.port)
+    try:
+        await client.query("LISTEN idle")
+        await client.query("UNLISTEN idle")
+        for _ in range(200):
+            (row,) = await show_listeners(pooler)
+            if row["state"] == "closed":
+                break
+            await asyncio.sleep(0.05)
+        assert row["state"] == "closed"
+        assert tags(await client.query("LISTEN idle")) == ["LISTEN"]
+        (row,) = await show_listeners(pooler)
+        assert row["state"] == "open"
+        pid = await notify(sender, "idle", "back")
+        assert await next_notification(client) == (pid, "idle", "back")
     finally:
         await client.close()
         await sender.close()
