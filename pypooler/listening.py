@@ -256,7 +256,10 @@ class Listener:
                     self._backoff = min(RECONNECT_MAX_S, max(RECONNECT_FIRST_S, self._backoff * 2))
                     log.warning(
                         "pool %s/%s: listener connection failed: %s (retrying in up to %.1f s)",
-                        pool.database, pool.user, exc.message, self._backoff,
+                        pool.database,
+                        pool.user,
+                        exc.message,
+                        self._backoff,
                     )
                     self._fail_waiting(exc)
                     continue
@@ -284,7 +287,11 @@ class Listener:
         count = len(self.map)
         log.info(
             "pool %s/%s: listener connection open (server pid %d), %d channel%s",
-            pool.database, pool.user, server.process_id, count, "" if count == 1 else "s",
+            pool.database,
+            pool.user,
+            server.process_id,
+            count,
+            "" if count == 1 else "s",
         )
         waiting, self._waiting = self._waiting, {}
         for channel in list(self.map.by_channel):
@@ -308,7 +315,10 @@ class Listener:
             fields = codec.parse_error_fields(body)
             log.warning(
                 "pool %s/%s: listener connection: %s %s",
-                self.pool.database, self.pool.user, fields.get("C"), fields.get("M"),
+                self.pool.database,
+                self.pool.user,
+                fields.get("C"),
+                fields.get("M"),
             )
             if self._sent:
                 self._error = codec.build_message(msg_type, body)
@@ -342,7 +352,11 @@ class Listener:
             log.warning(
                 "pool %s/%s: client %s holds a server while %d notifications wait for it: the oldest"
                 " are dropped (%d dropped so far in this pool)",
-                self.pool.database, self.pool.user, client_peer, MAX_QUEUED_NOTIFICATIONS, self.dropped,
+                self.pool.database,
+                self.pool.user,
+                client_peer,
+                MAX_QUEUED_NOTIFICATIONS,
+                self.dropped,
             )
 
     def _lost(self) -> None:
@@ -354,7 +368,10 @@ class Listener:
         log.warning(
             "pool %s/%s: listener connection lost; reopening it and listening again on %d channel%s"
             " (notifications sent meanwhile are lost)",
-            pool.database, pool.user, count, "" if count == 1 else "s",
+            pool.database,
+            pool.user,
+            count,
+            "" if count == 1 else "s",
         )
         self.reconnects += 1
         self._backoff = RECONNECT_FIRST_S
