@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from typing import Any
 
 import asyncpg
@@ -407,6 +408,25 @@ async def test_the_listener_connection_is_reopened_and_listens_again(
     finally:
         await client.close()
         await sender.close()
+
+
+async def test_a_listen_the_listener_connection_cannot_serve_fails(start_pooler: Any) -> None:
+    pooler = start_pooler(pool_size=1, server_connect_timeout=5)
+    client = await RawClient.login(pooler.host, pooler.port)
+    try:
+        assert data_rows(await client.query("SELECT 1")) == [["1"]]  # the pool has its server
+        with socket.socket() as sock:  # a port nobody listens on
+            sock.bind(("127.0.0.1", 0))
+            closed_port = sock.getsockname()[1]
+        pooler.call(lambda: setattr(pooler.pool().login, "port", closed_port))
+        reply = await client.query("LISTEN nowhere")
+        fields = error_fields(reply)
+        assert fields is not None and fields["C"] == "08001" and "listener connection" in fields["M"]
+        assert reply[-1] == (c.B_READY_FOR_QUERY, b"I")
+        assert channels(pooler) == set()
+        assert data_rows(await client.query("SELECT 2")) == [["2"]]  # on the pool's server
+    finally:
+        await client.close()
 
 
 async def test_the_listener_connection_closes_when_idle_and_opens_again(start_pooler: Any) -> None:
