@@ -35,6 +35,8 @@ HOT_PATH = [
     "pypooler/pool.py",
     "pypooler/server.py",
     "pypooler/client.py",
+    "pypooler/protocol/listen.py",
+    "pypooler/listening.py",
 ]
 
 PURE_FALLBACK = (

@@ -12,7 +12,7 @@ Rules:
   (STATS times in microseconds, bytes, maxwait in seconds plus maxwait_us), so
   pgbouncer_exporter and existing dashboards read pypooler unchanged. Columns PgBouncer has and
   pypooler has no meaning for (cancel-request states, reserve_pool, DNS lists) are sent as 0.
-- pypooler's own SHOWs (TOP_STATEMENTS, HOLDERS, ADVICE) put the unit in each column name.
+- pypooler's own SHOWs (TOP_STATEMENTS, HOLDERS, LISTENERS, ADVICE) put the unit in each column name.
 - Commands are read case-insensitively, with or without a trailing ';'. An unknown or malformed
   command is an ERROR (42601) naming the valid ones; the session goes on.
 - Simple Query only. Extended-protocol messages get one ERROR each batch, then ReadyForQuery at
@@ -145,6 +145,11 @@ HOLDERS_COLUMNS: Final[Sequence[Column]] = (
     ("last_statement", TEXT),
 )  # fmt: skip
 
+LISTENERS_COLUMNS: Final[Sequence[Column]] = (
+    ("database", TEXT), ("user", TEXT), ("state", TEXT), ("server_pid", INT4), ("channels", INT4),
+    ("listening_clients", INT4), ("delivered", INT8), ("dropped", INT8), ("reconnects", INT4),
+)  # fmt: skip
+
 
 @dataclass(slots=True)
 class ResultSet:
@@ -178,7 +183,8 @@ DATABASE_COMMANDS: Final[dict[str, bool | None]] = {
 }  # fmt: skip
 SHOW_SUBJECTS: Final = (
     "POOLS", "STATS", "STATS_TOTALS", "STATS_AVERAGES", "TOTALS", "CLIENTS", "SERVERS",
-    "DATABASES", "USERS", "CONFIG", "VERSION", "LISTS", "TOP_STATEMENTS", "HOLDERS", "ADVICE",
+    "DATABASES", "USERS", "CONFIG", "VERSION", "LISTS", "TOP_STATEMENTS", "HOLDERS", "LISTENERS",
+    "ADVICE",
     "HELP",
 )  # fmt: skip
 VALID_COMMANDS: Final = (
@@ -732,6 +738,22 @@ class AdminConsole:
             ])  # fmt: skip
         return ResultSet(HOLDERS_COLUMNS, rows)
 
+    def show_listeners(self) -> ResultSet:
+        """Each pool's listener connection (listen_mode = "multiplex", listening.py)."""
+        rows: list[Row] = []
+        for pool in sorted(self.manager.pools.values(), key=lambda p: (p.database, p.user)):
+            listener = pool.listener
+            if listener is None:
+                continue
+            server = listener.server
+            rows.append([
+                pool.database, pool.user, listener.state(),
+                str(server.process_id) if server is not None else None,
+                str(len(listener.map)), str(len(listener.map.by_subscriber)), str(listener.delivered),
+                str(listener.dropped), str(listener.reconnects),
+            ])  # fmt: skip
+        return ResultSet(LISTENERS_COLUMNS, rows)
+
     async def show_advice(self) -> ResultSet:
         names, rows = await advice_table(self.manager, self.settings)
         return ResultSet([(name, TEXT) for name in names], rows)
@@ -741,7 +763,7 @@ class AdminConsole:
         "STATS_AVERAGES": show_stats_averages, "TOTALS": show_totals, "CLIENTS": show_clients,
         "SERVERS": show_servers, "DATABASES": show_databases, "USERS": show_users,
         "CONFIG": show_config, "VERSION": show_version, "LISTS": show_lists,
-        "TOP_STATEMENTS": show_top_statements, "HOLDERS": show_holders,
+        "TOP_STATEMENTS": show_top_statements, "HOLDERS": show_holders, "LISTENERS": show_listeners,
     }  # fmt: skip
 
 

@@ -39,7 +39,7 @@ import logging
 import secrets
 import struct
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -63,12 +63,21 @@ from pypooler.errors import (
     StatementModeTransaction,
     TooManyClients,
 )
+from pypooler.listening import MAX_QUEUED_NOTIFICATIONS, Listener
 from pypooler.log_output import connection_line
 from pypooler.parameter_sets import intern_parameters
 from pypooler.pool import WELCOMES_KEPT, Pool, PoolManager, Welcome
 from pypooler.prepared import ClientStatements
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
+from pypooler.protocol.listen import (
+    COMMITTED_TAIL,
+    LISTEN,
+    ListenRequest,
+    listen_reply,
+    listen_request,
+    may_be_listen,
+)
 from pypooler.protocol.scram import Secret
 from pypooler.protocol.transaction import FrontendStream
 from pypooler.rewriting import RewritingBackend, RewritingFrontend
@@ -87,6 +96,7 @@ PENDING_LIMIT = 256 * 1024
 # Seconds to wait for the postmaster to take a CancelRequest (it closes the connection when done).
 CANCEL_TIMEOUT = 5.0
 _TX_IDLE = c.TX_IDLE
+_TX_IN_TRANSACTION = c.TX_IN_TRANSACTION
 _X = c.F_TERMINATE
 # (application_name, kind) pairs warned about at most; beyond, the set starts again.
 MAX_WARNED_KEYS = 1000
@@ -231,7 +241,11 @@ class ClientConnection(asyncio.Protocol):
         "idle_since_ns",
         "lent_ns",
         "linking",
+        "listen_changes",
+        "listen_due",
+        "listener",
         "mode",
+        "notifications",
         "other_settings",
         "parameters",
         "pending",
@@ -316,6 +330,14 @@ class ClientConnection(asyncio.Protocol):
         # The pool's mode at login, then as RELOADs change it for clients with a rewriting stream
         # (Pool.reconfigure); a session-mode client keeps session mode until it leaves.
         self.mode: PoolMode = "session"
+        # listen_mode = "multiplex" (listening.py): the pool's listener once this client
+        # listened; LISTEN/UNLISTENs of the open transaction block, done if it commits;
+        # NotificationResponses waiting for the end of the current hold; listen_due: either of
+        # the last two is set (one test per transaction end).
+        self.listener: Listener | None = None
+        self.listen_changes: list[ListenRequest] | None = None
+        self.notifications: deque[bytes] | None = None
+        self.listen_due = False
 
     @property
     def peer(self) -> str:
@@ -436,6 +458,8 @@ class ClientConnection(asyncio.Protocol):
         rewriter = self.rewriter
         if rewriter is not None and rewriter.statements is not None:
             rewriter.statements.clear()
+        if self.listener is not None:
+            self.listener.unlisten_all(self)
         if self.pool is not None and registry.settings.log_disconnections:
             connection_line(
                 "closing", self.peer, self.database, self.user, self.application_name,
@@ -454,6 +478,8 @@ class ClientConnection(asyncio.Protocol):
         server = self.server
         if server is not None:
             server.resume_reading()
+        elif self.notifications is not None and self.pending is None:
+            self._flush_notifications()
 
     # ------------------------------------------------------------------ flow control
 
@@ -477,11 +503,19 @@ class ClientConnection(asyncio.Protocol):
             if self.pending_bytes > PENDING_LIMIT:
                 self.pause_reading()
             return
-        if data[0] == _X and self.rewriter is not None:
-            # The stream is read when it goes to a server, but an idle client leaving needs
-            # no server.
-            self.transport.close()
-            return
+        rewriter = self.rewriter
+        if rewriter is not None:
+            if data[0] == _X:
+                # The stream is read when it goes to a server, but an idle client leaving needs
+                # no server.
+                self.transport.close()
+                return
+            if rewriter.intercept_listen and may_be_listen(data):
+                # A LISTEN/UNLISTEN needs no server either (listening.py).
+                request = listen_request(data)
+                if request is not None:
+                    self._answer_listen(request, None)
+                    return
         try:
             server = self.pool.checkout(self)
         except PoolerError as exc:
@@ -750,7 +784,10 @@ class ClientConnection(asyncio.Protocol):
         pool = self.pool
         mode = self.mode
         if status == _TX_IDLE and mode != "session":
-            self.transport.write(data)
+            if self.listen_due:
+                self._listen_at_rest(data, end)  # writes `data`, maybe once LISTENs took effect
+            else:
+                self.transport.write(data)
             frontend = self.frontend
             # At rest (nothing outstanding: the caller saw to that) and at a message boundary.
             if not (
@@ -871,6 +908,24 @@ class ClientConnection(asyncio.Protocol):
         rewriter = self.rewriter
         assert rewriter is not None
         rewriter.noted = False
+        request = rewriter.listen_request
+        if request is not None:
+            rewriter.listen_request = None
+            self._answer_listen(request, server)
+            return
+        if rewriter.discarded:
+            rewriter.discarded = False
+            if self.listener is not None:
+                self.listener.unlisten_all(self)  # DISCARD ALL includes UNLISTEN *
+        if rewriter.unlistens:
+            # UNLISTENs that went to the server with other statements: done here too.
+            unlistens, rewriter.unlistens = rewriter.unlistens, []
+            if self.listener is not None:
+                for channel in unlistens:
+                    if channel is None:
+                        self.listener.unlisten_all(self)
+                    else:
+                        self.listener.unlisten(self, channel)
         if rewriter.terminated:
             self.transport.close()
         if rewriter.reset_seen:
@@ -892,6 +947,7 @@ class ClientConnection(asyncio.Protocol):
             if policy == "pin":
                 if not self.pinned:
                     self.pinned = True
+                    rewriter.intercept_listen = False  # the server is the client's: LISTEN on it
                     traffic.pinned += 1
                     traffic.pinned_total += 1
                     log.info(
@@ -915,6 +971,194 @@ class ClientConnection(asyncio.Protocol):
         if server is not None and offset > 0:
             server.transport.write(data[:offset])
         self.transport.close()
+
+    # ------------------------------------------------------------------ LISTEN (listening.py)
+
+    def _answer_listen(self, request: ListenRequest, server: ServerConnection | None) -> None:
+        """Answer a LISTEN/UNLISTEN the way PostgreSQL would, without sending it to a server.
+
+        `server`: the one the client holds, if any. Lent just for this request (the client was
+        idle), it goes back to the pool untouched. In a transaction block the change waits for
+        the block's end (`_listen_at_rest`); in a failed one it is refused, as PostgreSQL does.
+        """
+        status = _TX_IDLE
+        if server is not None:
+            status = server.backend.tx_status
+            if status == _TX_IDLE and not (self.pinned or self.mode == "session"):
+                self._give_back_unused(server, request.sync_server)
+            elif status == _TX_IDLE and request.sync_server:
+                # The client keeps its server (session mode since a RELOAD): end its batch there.
+                backend = server.backend
+                if isinstance(backend, RewritingBackend):
+                    backend.abandon_batch()
+                    backend.internal += 1
+                server.transport.write(codec.SYNC)
+            elif status != _TX_IDLE:
+                # The server still waits on the client, inside the block.
+                self.idle_since_ns = time.monotonic_ns()
+                self.idle_in_xact = True
+                if status == _TX_IN_TRANSACTION:
+                    changes = self.listen_changes
+                    if changes is None:
+                        changes = self.listen_changes = []
+                    changes.append(request)
+                    self.listen_due = True
+                self.transport.write(listen_reply(request, status))
+                return
+        listener = self._listener()
+        channel = request.channel
+        if request.action == LISTEN:
+            assert channel is not None
+            if self.server is None and self.pending is None:
+                # Hold what the client sends next until it has its answer (see the confirmation).
+                self.pending = []
+                self.pending_bytes = 0
+                listener.listen(self, channel, lambda error: self._listen_confirmed(request, error))
+                return
+            listener.listen(self, channel, _ignore_confirmation)
+        elif channel is None:
+            listener.unlisten_all(self)
+        else:
+            listener.unlisten(self, channel)
+        self.transport.write(listen_reply(request, status))
+        if self.notifications is not None and self.server is None and self.pending is None:
+            self._flush_notifications()
+
+    def _listen_confirmed(self, request: ListenRequest, error: bytes) -> None:
+        """The listener connection listens on the channel (or could not: then the client does
+        not either): answer the client, then go on with what it sent meanwhile."""
+        if error and self.listener is not None and request.channel is not None:
+            self.listener.unlisten(self, request.channel)
+        self._answer_held(listen_reply(request, _TX_IDLE, error))
+
+    def _answer_held(self, reply: bytes) -> None:
+        """Write the reply the client waited for, then go on with what it sent meanwhile."""
+        if self.closed:
+            return
+        self.transport.write(reply)
+        held = self.pending
+        self.pending = None
+        self.pending_bytes = 0
+        if self.reading_paused:
+            self.resume_reading()
+        if self.notifications is not None:
+            self._flush_notifications()
+        if held:
+            self._needs_server(b"".join(held))
+
+    def _give_back_unused(self, server: ServerConnection, sync: bool) -> None:
+        """Return a server lent for a request pypooler answered itself; `sync`: the client had
+        an unsynced batch there, which pypooler's own Sync ends."""
+        self.server = None
+        server.client = None
+        if server.reading_paused:
+            server.resume_reading()
+        backend = server.backend
+        replies = 1 if sync else 0
+        if isinstance(backend, RewritingBackend):
+            if sync:
+                backend.abandon_batch()
+            # This client's settings may have gone ahead of the request: their reply is read
+            # here instead of by the stream.
+            replies += backend.internal
+            backend.internal = 0
+        if not replies:
+            self.pool.release(server)
+            return
+        pool = self.pool
+
+        def on_message(msg_type: int, body: bytes) -> bool:
+            nonlocal replies
+            if msg_type == c.B_READY_FOR_QUERY:
+                replies -= 1
+                if replies and body == b"I":
+                    return False
+                if body == b"I":
+                    pool.release(server)
+                else:
+                    server.close()
+                return True
+            return msg_type == 0
+
+        server.run_internal_request(codec.SYNC if sync else b"", on_message)
+
+    def _listener(self) -> Listener:
+        listener = self.listener
+        if listener is None:
+            pool = self.pool
+            listener = pool.listener
+            if listener is None:
+                listener = pool.listener = Listener(pool)
+            self.listener = listener
+        return listener
+
+    def _listen_at_rest(self, data: bytes, end: int) -> None:
+        """A ReadyForQuery 'I' ended the client's transaction (`data` holds it, unwritten): do
+        the block's LISTEN/UNLISTENs if it committed, write `data` (once the new LISTENs took
+        effect, as the COMMIT's answer means in PostgreSQL) and the notifications that waited."""
+        self.listen_due = False
+        changes = self.listen_changes
+        unconfirmed = 1  # until every LISTEN is asked: a confirmation may come at once
+        if changes is not None:
+            self.listen_changes = None
+            # Committed: the CommandComplete "COMMIT" right before (when this read has it; a
+            # reply cut just there is taken as committed).
+            if end < len(COMMITTED_TAIL) or data.endswith(COMMITTED_TAIL, 0, end):
+                listener = self._listener()
+                # The client has nothing outstanding: its next bytes wait for the answer.
+                hold = self.frontend.at_rest and self.pending is None
+
+                def confirmed(error: bytes) -> None:
+                    nonlocal unconfirmed
+                    unconfirmed -= 1
+                    if not unconfirmed and hold:
+                        self._answer_held(data)
+
+                for request in changes:
+                    channel = request.channel
+                    if request.action == LISTEN:
+                        assert channel is not None
+                        if hold:
+                            unconfirmed += 1
+                            listener.listen(self, channel, confirmed)
+                        else:
+                            listener.listen(self, channel, _ignore_confirmation)
+                    elif channel is None:
+                        listener.unlisten_all(self)
+                    else:
+                        listener.unlisten(self, channel)
+                unconfirmed -= 1
+                if unconfirmed:
+                    self.pending = []
+                    self.pending_bytes = 0
+                    return
+        self.transport.write(data)
+        if self.notifications is not None:
+            self._flush_notifications()
+
+    def notify(self, message: bytes) -> None:
+        """A NotificationResponse for a channel this client listens on (from its Listener):
+        written now if the client is between transactions, else when its hold ends."""
+        if self.closed:
+            return
+        if self.server is None and self.pending is None and not self.writing_paused:
+            self.transport.write(message)
+            return
+        queue = self.notifications
+        if queue is None:
+            queue = self.notifications = deque()
+        elif len(queue) >= MAX_QUEUED_NOTIFICATIONS:
+            queue.popleft()
+            if self.listener is not None:
+                self.listener.note_dropped(self.peer)
+        queue.append(message)
+        self.listen_due = True
+
+    def _flush_notifications(self) -> None:
+        queue = self.notifications
+        self.notifications = None
+        if queue and not self.closed:
+            self.transport.write(b"".join(queue))
 
     # ------------------------------------------------------------------ startup
 
@@ -1212,6 +1456,7 @@ class ClientConnection(asyncio.Protocol):
                 tracked=pool.tracked,
                 refuse=settings.session_state_policy == "error",
                 verdicts=pool.verdicts,
+                intercept_listen=settings.listen_mode == "multiplex",
             )
         else:
             self.frontend = FrontendStream()
@@ -1285,12 +1530,16 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
         self.closed = True
 
-
     def _count_error(self, reason: str) -> None:
         if self.pool is not None:
             (self.traffic or self.pool.stats.for_application(self.application_name)).errors[reason] += 1
         else:
             self.registry.errors[reason] += 1
+
+
+def _ignore_confirmation(error: bytes) -> None:
+    """A LISTEN whose client was answered already (done at COMMIT): a failure is only logged
+    by the listener."""
 
 
 def reset_then_release(server: ServerConnection, pool: Pool, query: str) -> None:

@@ -68,6 +68,7 @@ __all__ = [
 
 PoolMode = Literal["session", "transaction", "statement"]
 SessionStatePolicy = Literal["log", "error", "pin"]
+ListenMode = Literal["multiplex", "session_state"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 # How clients prove who they are. "plain" is PostgreSQL's "password" (cleartext); "hba" reads the
 # method per connection from auth_hba_file; "cert" takes the user from the client certificate.
@@ -188,6 +189,10 @@ class Settings(BaseSettings):
     # "log" warns once per application_name and kind, "error" refuses the statement,
     # "pin" keeps the server with that client until it disconnects.
     session_state_policy: SessionStatePolicy = "log"
+    # LISTEN in transaction and statement mode: "multiplex" answers LISTEN/UNLISTEN in pypooler
+    # and holds every client's channels on one listener connection per pool (listening.py);
+    # "session_state" sends LISTEN to the borrowed server, handled by session_state_policy.
+    listen_mode: ListenMode = "multiplex"
     log_connections: bool = True
     log_disconnections: bool = True
     log_level: LogLevel = "INFO"

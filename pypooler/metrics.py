@@ -165,6 +165,11 @@ class PoolCollector(Collector):
             "pypooler_oldest_waiter_seconds", "Age of the longest-waiting client (0: none).",
             labels=POOL_LABELS,
         )
+        listen_channels = GaugeMetricFamily(
+            "pypooler_listen_channels",
+            "Channels the pool's listener connection listens on for its clients (listen_mode multiplex).",
+            labels=POOL_LABELS,
+        )
         statement_count = CounterMetricFamily(
             "pypooler_statement_transactions",
             "Transactions by statement fingerprint (literals stripped; bounded).",
@@ -192,13 +197,14 @@ class PoolCollector(Collector):
             servers.add_metric([*key, "idle"], len(pool.idle))
             servers.add_metric([*key, "login"], pool.connecting)
             pool_size.add_metric(key, pool.size)
+            listen_channels.add_metric(key, len(pool.listener.map) if pool.listener is not None else 0)
             oldest = next((c.wait_started_ns for c in pool.waiters if c.waiting), None)
             oldest_wait.add_metric(key, (now - oldest) / 1e9 if oldest is not None else 0.0)
             for fingerprint, statement in pool_stats.statements.items():
                 statement_count.add_metric([*key, fingerprint], statement.count)
                 statement_hold.add_metric([*key, fingerprint], statement.hold.sum_ns / 1e9)
         yield from (connects, connect_failures, connect_time, clients, servers, pool_size,
-                    oldest_wait, statement_count, statement_hold)
+                    listen_channels, oldest_wait, statement_count, statement_hold)
 
         accepted = CounterMetricFamily(
             "pypooler_client_connections", "TCP connections accepted from clients."

@@ -54,6 +54,7 @@ from pypooler.tls import server_ssl_context
 
 if TYPE_CHECKING:
     from pypooler.client import ClientConnection
+    from pypooler.listening import Listener
 
 log = logging.getLogger("pypooler.pool")
 
@@ -180,6 +181,9 @@ class Pool:
         self._resumed: asyncio.Future[None] | None = None  # logins waiting for RESUME
         # Taken every stats_period; [0] starts the window that averages and advice cover.
         self.snapshots: list[Snapshot] = [Snapshot(self.stats)]
+        # The pool's listener connection and its channels (listening.py), made at the first
+        # LISTEN a client sends in transaction or statement mode; not one of `servers`.
+        self.listener: Listener | None = None
 
     def __repr__(self) -> str:
         return f"<Pool {self.database}/{self.user} {self.lent}/{self.size} lent, {self.waiting} waiting>"
@@ -274,7 +278,10 @@ class Pool:
             self._spawn_open_server()
 
     def _spawn_open_server(self) -> None:
-        task = asyncio.get_running_loop().create_task(self._open_server())
+        self.track_task(asyncio.get_running_loop().create_task(self._open_server()))
+
+    def track_task(self, task: asyncio.Task[None]) -> None:
+        """A connect in flight, cancelled by PoolManager.wait_closed at shutdown."""
         self._opening.add(task)
         task.add_done_callback(self._opening.discard)
 
@@ -425,6 +432,8 @@ class Pool:
         if lifetime and self.servers:
             self._retire_old_servers(now_ns - int(lifetime * NS_PER_S))
         idle_timeout = self.settings.server_idle_timeout
+        if self.listener is not None:
+            self.listener.expire(now_ns, idle_timeout)
         if idle_timeout and self.idle:
             limit = now_ns - int(idle_timeout * NS_PER_S)
             # idle is LIFO, so the longest-idle servers are at the front.
@@ -503,6 +512,10 @@ class Pool:
     def close(self) -> None:
         self.closed = True
         self._closing = list(self.servers)
+        if self.listener is not None:
+            listener_server = self.listener.close()
+            if listener_server is not None:
+                self._closing.append(listener_server)
         for server in self._closing:
             server.close()
         while self.waiters:
@@ -535,7 +548,10 @@ class Pool:
         return not self.servers and not self.connecting
 
     def reconnect(self) -> None:
-        """Close every server: idle ones now, lent ones when released (new ones open as needed)."""
+        """Close every server: idle ones now, lent ones when released (new ones open as needed);
+        the listener connection is reopened at once."""
+        if self.listener is not None:
+            self.listener.reconnect()
         for server in self.servers:
             server.close_needed = True
         self.draining = True
@@ -580,6 +596,8 @@ class Pool:
             self.login = login
             for server in self.servers:
                 server.close_needed = True
+            if self.listener is not None:
+                self.listener.reconnect()
         else:
             # Same server and configured secret: keep what clients taught the login (a
             # password, a SCRAM ClientKey), take a TLS context rebuilt from the files.

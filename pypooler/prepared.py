@@ -45,6 +45,7 @@ from itertools import chain
 from typing import Final
 
 from pypooler.protocol import codec
+from pypooler.protocol.listen import parse_listen_statement
 
 SERVER_NAME_PREFIX: Final = b"PYPOOLER_"
 # PostgreSQL's answer to a prepared statement whose plan would change its result type after a
@@ -77,7 +78,7 @@ class SchemaVersion:
 class Statement:
     """One query text with its parameter types, as every server knows it."""
 
-    __slots__ = ("close", "key", "name", "parse", "refs")
+    __slots__ = ("close", "key", "listen", "name", "parse", "refs")
 
     def __init__(self, name: bytes, key: bytes) -> None:
         self.name = name  # the server-side name
@@ -85,6 +86,8 @@ class Statement:
         self.parse = codec.build_parse(name, key)  # built once, injected as is
         self.close = codec.build_close_statement(name)
         self.refs = 0
+        # One LISTEN/UNLISTEN statement: its Bind may be answered by pypooler (listening.py).
+        self.listen = parse_listen_statement(key[: max(0, key.find(b"\0"))]) is not None
 
     def __repr__(self) -> str:
         return f"<Statement {self.name.decode()} refs={self.refs} {self.key[:40]!r}>"

@@ -63,6 +63,7 @@ from pypooler.prepared import (
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
 from pypooler.protocol.codec import NATIVE, pack_header, unpack_header
+from pypooler.protocol.listen import ListenRequest, listen_request, parse_listen_statement, unlisten_channels
 from pypooler.protocol.transaction import (
     CONTROL_FIRST_BYTES,
     FATAL_STARTS,
@@ -77,12 +78,14 @@ from pypooler.session_state import (
     EXPLANATIONS,
     HINTS,
     LEAK_KINDS,
+    LISTEN,
     MORE_STATEMENTS,
     NOT_A_WORD_START,
     RESET,
     SCHEMA_CHANGE,
     SUSPECT_FUNCTION,
     SUSPECT_HEAD_KEYS,
+    UNLISTEN,
     WINDOW,
     scan_sql,
     suspect_text,
@@ -180,13 +183,18 @@ class RewritingFrontend(FrontendStream):
     DEALLOCATE ALL / RESET / SET: the server's settings are no longer what pypooler set),
     `settings_reset` (RESET / DISCARD ALL: settings went back to the server's defaults, where
     PostgreSQL would have gone back to the client's startup values),
-    `terminated` (a Terminate was reached; the bytes after it were not returned).
+    `terminated` (a Terminate was reached; the bytes after it were not returned),
+    `listen_request` (with `intercept_listen`: the read was one LISTEN/UNLISTEN the client is to
+    be answered by pypooler, see listening.py; nothing of it was returned or counted),
+    `discarded` (a DISCARD ALL: it also UNLISTENs *), `unlistens` (with `intercept_listen`: the
+    channels, None for all, of UNLISTENs sent to the server among other statements of a Query,
+    as asyncpg's pool does when it resets a connection).
     """
 
     __slots__ = ("_batch", "_closes", "_counted", "_dropping", "_parses", "_unnamed_batch", "batches",
-                 "noted", "refuse",
+                 "discarded", "intercept_listen", "listen_request", "noted", "refuse",
                  "requests", "reset_seen", "session_state", "settings_reset", "statements", "status",
-                 "terminated", "tracked", "verdicts")  # fmt: skip
+                 "terminated", "tracked", "unlistens", "verdicts")  # fmt: skip
 
     def __init__(
         self,
@@ -195,6 +203,7 @@ class RewritingFrontend(FrontendStream):
         tracked: frozenset[bytes] = frozenset(),
         refuse: bool = False,
         verdicts: dict[bytes, tuple[str, ...]] | None = None,
+        intercept_listen: bool = False,
     ) -> None:
         super().__init__()
         self.statements = statements  # None: named statements pass through untracked
@@ -222,6 +231,10 @@ class RewritingFrontend(FrontendStream):
         self.status = c.TX_IDLE  # transaction status in the latest ReadyForQuery
         # scan_sql results by Parse text, shared by the clients of a pool (same `tracked`).
         self.verdicts: dict[bytes, tuple[str, ...]] = {} if verdicts is None else verdicts
+        self.intercept_listen = intercept_listen  # listen_mode = "multiplex"
+        self.listen_request: ListenRequest | None = None
+        self.discarded = False
+        self.unlistens: list[bytes | None] = []
 
     def feed(self, data: bytes, start: int = 0) -> int:
         raise TypeError("RewritingFrontend is fed with feed_to(data, server)")
@@ -338,6 +351,9 @@ class RewritingFrontend(FrontendStream):
                         if len(verdicts) >= MAX_REMEMBERED_TEXTS:
                             verdicts.clear()
                         verdicts[text] = kinds
+                    if kinds and self.intercept_listen and not (pos or carry) and self._listen_read(kinds,
+                                                                                                     data):
+                        return b""  # fmt: skip
                     refusal = self._session_state(kinds, server) if kinds else None
                     if refusal is not None:
                         out, run = _splice(out, data, run, pos, min(msg_end, end), self._refusal(refusal))
@@ -395,6 +411,12 @@ class RewritingFrontend(FrontendStream):
                                     break
                                 out, run = _splice(out, data, run, pos, msg_end, self._missing(name))
                             elif statement is not None:
+                                if (
+                                    statement.listen
+                                    and self.intercept_listen
+                                    and self._listen_bind(data, statement, server, not (pos or carry))
+                                ):
+                                    return b""
                                 prefix = (
                                     self._make_ready(statement, server)
                                     + pack_header(_B, length - (name_end - portal_end - 1)
@@ -461,6 +483,12 @@ class RewritingFrontend(FrontendStream):
                     held = pos
                     break
                 kinds = scan_sql(data[pos + 5 : text_end], self.tracked)
+                if kinds and self.intercept_listen:
+                    if not (pos or carry) and self._listen_read(kinds, data):
+                        return b""
+                    if UNLISTEN in kinds:
+                        self.unlistens += unlisten_channels(data[pos + 5 : text_end])
+                        self.noted = True
                 text = self.last_statement = data[pos + 5 : min(text_end, pos + 5 + STATEMENT_SAMPLE)]
                 if not self.xact_statement_final:
                     self._note_first_statement(text)
@@ -520,6 +548,55 @@ class RewritingFrontend(FrontendStream):
         if run < limit:
             out.append(data[run:limit])
         return b"".join(out)
+
+    def _listen_read(self, kinds: tuple[str, ...], data: bytes) -> bool:
+        """Whether the read `data` is one LISTEN/UNLISTEN for pypooler to answer (then noted in
+        `listen_request`): the client has nothing outstanding, so the answer goes in its place."""
+        if LISTEN not in kinds and UNLISTEN not in kinds:
+            return False
+        if self.outstanding or self.open_tail or self.copy_in:
+            return False
+        request = listen_request(data)
+        if request is None:
+            return False
+        self.listen_request = request
+        self.noted = True
+        return True
+
+    def _listen_bind(self, data: bytes, statement: Statement, server: ServerStatements, whole: bool) -> bool:
+        """A Bind of the client's named LISTEN/UNLISTEN statement: whether the read is that one
+        batch for pypooler to answer (as `_listen_read`). When it is not, the statement goes
+        to the server as session state, noted (never refused: its Parse was accepted)."""
+        text = statement.key[: max(0, statement.key.find(b"\0"))]
+        # After an unsynced batch (asyncpg prepares with Parse, Describe, Flush and waits for
+        # the answer before it binds) only outside a transaction block: the server is then
+        # given back with a Sync of its own (ClientConnection._give_back_unused).
+        if (
+            whole
+            and not (self.outstanding or self.copy_in)
+            and (not self.open_tail or self.status == _TX_IDLE)
+        ):
+            request = listen_request(data, text)
+            if request is not None:
+                if self.open_tail:
+                    request.sync_server = True
+                    self.open_tail = False
+                    batch = self._batch
+                    if batch is not None and self.batches and self.batches[-1] is batch:
+                        self.batches.pop()
+                        batch.settle()
+                    self._batch = None
+                    self._parses = self._closes = 0
+                    self._counted = False
+                self.listen_request = request
+                self.noted = True
+                return True
+        kinds = scan_sql(text[:WINDOW], self.tracked)
+        if kinds:
+            refuse, self.refuse = self.refuse, False
+            self._session_state(kinds, server)
+            self.refuse = refuse
+        return False
 
     def _enter_copy_in(self) -> None:
         before = self.outstanding
@@ -583,6 +660,13 @@ class RewritingFrontend(FrontendStream):
         name = body[:name_end]
         key = body[name_end + 1 :]
         kinds = scan_sql(key[: min(WINDOW, max(0, key.find(b"\0")))], self.tracked)
+        if (
+            kinds
+            and self.intercept_listen
+            and (LISTEN in kinds or UNLISTEN in kinds)
+            and parse_listen_statement(key[: max(0, key.find(b"\0"))]) is not None
+        ):
+            kinds = ()  # preparing it is harmless: its Bind is answered by pypooler (_listen_bind)
         refusal = self._session_state(kinds, server) if kinds else None
         if refusal is not None:
             return self._refusal(refusal)
@@ -693,6 +777,7 @@ class RewritingFrontend(FrontendStream):
                     server.clear()
                 self.reset_seen = self.noted = True
                 self.settings_reset = self.settings_reset or kind == DISCARD_ALL
+                self.discarded = self.discarded or kind == DISCARD_ALL
             elif kind == RESET:
                 self.reset_seen = self.settings_reset = self.noted = True
             elif kind == SCHEMA_CHANGE:
@@ -970,6 +1055,12 @@ class RewritingBackend(BackendStream):
             self.fatal = True
         elif self.schema is not None and is_stale_plan(codec.parse_error_fields(body)):
             self.schema.changed()
+
+    def abandon_batch(self) -> None:
+        """The client's open batch ends elsewhere (its server is given back with pypooler's own
+        Sync, see ClientConnection._give_back_unused): the reply counts start again."""
+        self._parses = self._closes = 0
+        self._fail_next = False
 
     def _parameter_status(self, body: bytes) -> None:
         if self.on_parameter_status is not None:

@@ -498,6 +498,13 @@ class ServerConnection(asyncio.Protocol):
         (type 0 when the connection dies) and returns True when it wants no more."""
         self.run_internal_request(codec.build_query(sql), on_message)
 
+    def deliver_to(self, on_message: Callable[[int, bytes], bool]) -> None:
+        """Pass every message from now on to `on_message` (as `run_internal` does, without
+        sending anything): the pool's listener connection (listening.py) reads its replies and
+        NotificationResponses this way for as long as it lives."""
+        self._internal = on_message
+        self._internal_reader = codec.MessageReader()
+
     def run_internal_request(self, request: bytes, on_message: Callable[[int, bytes], bool]) -> None:
         """`run_internal` for prebuilt messages (e.g. Parse/Bind/Execute/Sync)."""
         self._internal = on_message

@@ -16,9 +16,11 @@ Rules:
   are not session state here: pypooler restores each client's own values on every server it
   gets, so `SET TimeZone` is safe. The caller passes their names (lower case) as `tracked`.
 - Besides the leak kinds, `scan_sql` reports DISCARD_ALL, DEALLOCATE_ALL and RESET, which are
-  not leaks but change what pypooler knows about the server, and SCHEMA_CHANGE (CREATE other
+  not leaks but change what pypooler knows about the server; SCHEMA_CHANGE (CREATE other
   than of a temporary object, ALTER, DROP, DO), after which shared prepared statements must be
-  parsed afresh (see prepared.py). `SET name TO DEFAULT` (and `SET TIME
+  parsed afresh (see prepared.py); and UNLISTEN, which pypooler may answer itself
+  (listening.py: LISTEN and UNLISTEN are spotted by this same scan, so the hot path's quick
+  check pays nothing for them). `SET name TO DEFAULT` (and `SET TIME
   ZONE DEFAULT | LOCAL`) is a RESET, as PostgreSQL defines it.
 """
 
@@ -44,6 +46,8 @@ DISCARD_ALL: Final = "discard_all"
 DEALLOCATE_ALL: Final = "deallocate_all"
 RESET: Final = "reset"
 SCHEMA_CHANGE: Final = "schema_change"
+# Not a leak either: what pypooler answers itself with listen_mode = "multiplex" (listening.py).
+UNLISTEN: Final = "unlisten"
 
 NOTHING: Final[tuple[str, ...]] = ()
 
@@ -69,7 +73,7 @@ HINTS: Final = {
 
 # The first words worth a closer look; "/*" and "--" are comments before the first word.
 _FIRST_WORDS: Final = (b"set", b"reset", b"prepare", b"listen", b"declare", b"create", b"discard",
-                       b"deallocate", b"alter", b"drop", b"do")  # fmt: skip
+                       b"deallocate", b"unlisten", b"alter", b"drop", b"do")  # fmt: skip
 # The same, by their first three bytes (a set lookup is cheaper than startswith(tuple)); "do",
 # the one word shorter than that, with what may follow it.
 _FIRST_THREE: Final = frozenset(
@@ -215,6 +219,8 @@ def _statement_kind(statement: bytes, tracked: frozenset[bytes]) -> str | None:
         return None if second == b"transaction" else PREPARE  # PREPARE TRANSACTION is 2PC
     if first == b"listen":
         return LISTEN
+    if first == b"unlisten":
+        return UNLISTEN
     if first == b"declare":
         return WITH_HOLD if _WITH_HOLD.search(statement) else None
     if first == b"create":

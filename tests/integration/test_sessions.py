@@ -358,7 +358,8 @@ async def test_session_state_policy_log(
     start_pooler: Any, kind: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     statement, leaked = SESSION_STATE[kind]
-    pooler = start_pooler(pool_size=1, session_state_policy="log")
+    pooler = start_pooler(pool_size=1, session_state_policy="log",
+                           listen_mode="session_state")
     client = await RawClient.login(pooler.host, pooler.port, application_name="leaky")
     other = await RawClient.login(pooler.host, pooler.port)
     try:
@@ -381,7 +382,8 @@ async def test_session_state_policy_log(
 @pytest.mark.parametrize("kind", SESSION_STATE)
 async def test_session_state_policy_error(start_pooler: Any, kind: str) -> None:
     statement, leaked = SESSION_STATE[kind]
-    pooler = start_pooler(pool_size=1, session_state_policy="error")
+    pooler = start_pooler(pool_size=1, session_state_policy="error",
+                           listen_mode="session_state")
     client = await RawClient.login(pooler.host, pooler.port)
     other = await RawClient.login(pooler.host, pooler.port)
     try:
@@ -403,7 +405,8 @@ async def test_session_state_policy_error(start_pooler: Any, kind: str) -> None:
 @pytest.mark.parametrize("kind", SESSION_STATE)
 async def test_session_state_policy_pin(start_pooler: Any, kind: str) -> None:
     statement, leaked = SESSION_STATE[kind]
-    pooler = start_pooler(pool_size=2, session_state_policy="pin")
+    pooler = start_pooler(pool_size=2, session_state_policy="pin",
+                           listen_mode="session_state")
     client = await RawClient.login(pooler.host, pooler.port)
     other = await RawClient.login(pooler.host, pooler.port)
     try:

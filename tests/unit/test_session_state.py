@@ -68,7 +68,7 @@ TRACKED = frozenset({b"timezone", b"application_name", b"datestyle", b"client_en
         ("DOUBLE", ()),
         # LISTEN, cursors, SQL PREPARE.
         ("LISTEN channel", ("listen",)),
-        ("UNLISTEN *", ()),
+        ("UNLISTEN *", ("unlisten",)),  # no leak: spotted for listen_mode = "multiplex"
         ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", ("with_hold",)),
         ("DECLARE c CURSOR WITHOUT HOLD FOR SELECT 1", ()),
         ("PREPARE p AS SELECT 1", ("prepare",)),
@@ -113,7 +113,7 @@ _WORDS = ["SELECT", "select", "set", "SET", "Reset", "prepare", "LISTEN", "decla
           "Pg_Try_Advisory_Lock(3)", "set_config('a', 'b', false)", "SET_CONFIG('x','y',true)",
           "pg_advisory_xact_lock(1)", "row_lock", ";", "; ", "'a;b'", "--c\n", "/* c */", " ",
           "\n", "1", "x", "deallocate", "local", "timezone", "=", "ALTER", "drop", "Do", "do$$",
-          "double", "table"]  # fmt: skip
+          "double", "table", "UNLISTEN", "unlisten"]  # fmt: skip
 
 
 @settings(max_examples=600, deadline=None)
@@ -141,7 +141,8 @@ def test_ordinary_statements_take_the_quick_path(sql: str) -> None:
     "sql",
     ["SET x = 1", " SELECT 1", "/* c */ SELECT 1", "SELECT Pg_Advisory_Lock(1)",
      "select set_config('a', 'b', false)", "SELECT 1; SET x = 1", "listen x", "DISCARD ALL",
-     "ALTER TABLE t ADD b int", "drop table t", "DO $$ begin end $$", "Do\n$$x$$", "do$$x$$"],
+     "ALTER TABLE t ADD b int", "drop table t", "DO $$ begin end $$", "Do\n$$x$$", "do$$x$$",
+     "UNLISTEN *", "unlisten x"],
 )  # fmt: skip
 def test_suspect_statements_get_the_full_scan(sql: str) -> None:
     message = b"Q\0\0\0\0" + sql.encode() + b"\0"
