@@ -392,8 +392,8 @@ class ClientConnection(asyncio.Protocol):
                 return
             try:
                 terminate = self.frontend.feed(data)
-            except ProtocolViolation as exc:
-                self.fail(exc)
+            except ProtocolViolation as violation:  # not `exc`: see tests/unit/test_compiled_rules.py
+                self.fail(violation)
                 return
             if terminate < 0:
                 self.traffic.bytes_received += len(data)  # type: ignore[union-attr]
@@ -1058,9 +1058,9 @@ class ClientConnection(asyncio.Protocol):
         except PoolerError as exc:
             self.fail(exc)
             return
-        except Exception as exc:  # a bug must end this login, not leave it hanging
+        except Exception as bug:  # a bug must end this login, not leave it hanging
             log.exception("auth_query for user %r failed", self.user)
-            self.fail(PoolerError(f"internal error while looking up the password: {exc}"))
+            self.fail(PoolerError(f"internal error while looking up the password: {bug}"))
             return
         if not self.closed:
             self._begin_auth(method, secret)

@@ -377,10 +377,13 @@ class ServerConnection(asyncio.Protocol):
                     break
         except PoolerError as exc:
             self._login_failed(exc)
-        except ScramProofMismatch as exc:
+        except ScramProofMismatch as mismatch:
+            # Its own name: compiled, one name bound by two `except` clauses is one variable
+            # typed by the first, and a ScramProofMismatch in the `exc` of `except PoolerError`
+            # is a TypeError (tests/unit/test_compiled_rules.py).
             self._login_failed(
                 ServerLoginFailed(
-                    f"SCRAM pass-through for user {self.login.user!r} cannot work: {exc}",
+                    f"SCRAM pass-through for user {self.login.user!r} cannot work: {mismatch}",
                     hint="the auth_file verifier must be the one stored in the server's pg_authid",
                 )
             )
