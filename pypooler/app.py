@@ -143,6 +143,7 @@ class Pooler:
         try:
             self.manager.expire()
             self.registry.expire_logins(time.monotonic_ns())
+            self.manager.log_limiter.flush()  # summaries of lines suppressed a while ago
         except Exception:  # maintenance must never stop running
             log.exception("maintenance pass failed")
         self._schedule_maintenance()

@@ -93,7 +93,12 @@ _MIN_LENGTH = b"\x00\x00\x00\x04"  # a message length word below this is garbage
 
 
 _NOT_READY = FrontendStream()
-_FAIL_LOG_LEVELS = {"no_such_database": logging.INFO, "shutdown": logging.DEBUG}
+_FAIL_LOG_LEVELS = {
+    "no_such_database": logging.INFO,
+    "shutdown": logging.DEBUG,
+    # Not a PostgreSQL client at all (PostgreSQL logs it at LOG level): quiet.
+    "invalid_startup_packet": logging.INFO,
+}
 AdminLogin = Callable[["ClientConnection", codec.StartupMessage, bytes], None]
 
 
@@ -127,6 +132,8 @@ class ClientRegistry:
         self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}
         self._random_keys: list[tuple[int, int]] = []
         self.errors: Counter[str] = Counter()  # errors before a pool was chosen, by reason
+        # Every log line a client can cause again and again goes through this (log_limits.py).
+        self.log_limiter = manager.log_limiter
         self.connects = 0  # TCP connections accepted
         self.accepting = True
         self.admin_login: AdminLogin | None = None
@@ -189,7 +196,10 @@ async def send_cancel(client: ClientConnection, server: ServerConnection, pool: 
             asyncio.open_connection(login.host, login.port), CANCEL_TIMEOUT
         )
     except (OSError, TimeoutError) as exc:
-        log.warning("cancel request to %s:%d failed: %s", login.host, login.port, exc)
+        client.registry.log_limiter.log(
+            log, logging.WARNING, ("cancel_failed", login.host, login.port),
+            "cancel request to %s:%d failed: %s", login.host, login.port, exc,
+        )  # fmt: skip
     else:
         try:
             if client.server is server:  # still that client's transaction
@@ -197,7 +207,10 @@ async def send_cancel(client: ClientConnection, server: ServerConnection, pool: 
                 # The postmaster signals the backend, then closes: after EOF the cancel is done.
                 await asyncio.wait_for(reader.read(), CANCEL_TIMEOUT)
         except (OSError, TimeoutError) as exc:
-            log.warning("cancel request to %s:%d failed: %s", login.host, login.port, exc)
+            client.registry.log_limiter.log(
+                log, logging.WARNING, ("cancel_failed", login.host, login.port),
+                "cancel request to %s:%d failed: %s", login.host, login.port, exc,
+            )  # fmt: skip
         finally:
             writer.close()
     finally:
@@ -413,11 +426,15 @@ class ClientConnection(asyncio.Protocol):
         if self._lost:  # a failed TLS handshake may report the loss twice
             return
         self._lost = True
+        failed = self.closed  # pypooler closed it (after an error) rather than the client
         self.closed = True
         self.ready = False
         registry = self.registry
         registry.clients.discard(self)
-        registry.logging_in.pop(self, None)
+        if self in registry.logging_in:
+            del registry.logging_in[self]
+            if not failed:
+                self._left_during_login()
         if self.cancel_key is not None:
             registry.cancel_keys.pop(self.cancel_key, None)
         if self.waiting:
@@ -879,21 +896,25 @@ class ClientConnection(asyncio.Protocol):
                     self.pinned = True
                     traffic.pinned += 1
                     traffic.pinned_total += 1
-                    log.info(
+                    self.registry.log_limiter.log(
+                        log, logging.INFO, ("pin", self.database, self.user, kind),
                         "client %s db=%s user=%s app=%s keeps its server until it disconnects:"
                         " %s (session_state_policy pin)",
                         self.peer, self.database, self.user, application, EXPLANATIONS[kind],
-                    )
+                    )  # fmt: skip
             elif policy == "log" and (application, kind) not in self.registry.warned:
                 warned = self.registry.warned
                 if len(warned) >= MAX_WARNED_KEYS:
                     warned.clear()  # bounded: warn again rather than grow
                 warned.add((application, kind))
-                log.warning(
+                # Once per application and kind; the limiter bounds clients that make up
+                # a new application_name each time.
+                self.registry.log_limiter.log(
+                    log, logging.WARNING, ("session_state", kind),
                     "db=%s user=%s app=%s: %s, so in transaction pooling the next client of that"
                     " server inherits it (%s; logged once per application and kind)",
                     self.database, self.user, application, EXPLANATIONS[kind], HINTS[kind],
-                )
+                )  # fmt: skip
 
     def _terminate(self, data: bytes, offset: int) -> None:
         server = self.server
@@ -982,7 +1003,10 @@ class ClientConnection(asyncio.Protocol):
     def _tls_failed(self, raw: asyncio.Transport, exc: Exception | None) -> None:
         self._tls_handshake = False
         if exc is not None:
-            log.info("client %s: TLS handshake failed: %s", self.peer, exc)
+            self.registry.log_limiter.log(
+                log, logging.INFO, ("tls_handshake",),
+                "client %s: TLS handshake failed: %s", self.peer, exc,
+            )  # fmt: skip
         raw.close()
         self.connection_lost(exc)
 
@@ -1266,17 +1290,35 @@ class ClientConnection(asyncio.Protocol):
             ] += 1
         else:
             self.registry.errors[exc.reason] += 1
-        log.log(
+        # A client retrying a refused login would repeat this line forever: rate-limited per
+        # reason, database and user (not per address, which changes with every retry).
+        self.registry.log_limiter.log(
+            log,
             # A drain closes every client with "shutdown": one summary line says so instead.
             _FAIL_LOG_LEVELS.get(exc.reason, logging.WARNING),
+            (exc.reason, self.database, self.user),
             "client %s db=%s user=%s app=%s: %s%s",
             self.peer, self.database or "-", self.user or "-", self.application_name or "-",
             exc.message, f" ({exc.log_detail})" if exc.log_detail else "",
-        )
+        )  # fmt: skip
         if not self.closed and not self.transport.is_closing():
-            self.transport.write(exc.to_error_response())
+            if not exc.silent:
+                self.transport.write(exc.to_error_response())
             self.transport.close()
         self.closed = True
+
+    def _left_during_login(self) -> None:
+        """The client closed before logging in: an incomplete startup packet is logged, as
+        PostgreSQL does (quietly: port scanners and health checks do this all day); a
+        connection closed before sending anything is not."""
+        reader = self._startup_reader
+        if reader is not None and len(reader):
+            self.registry.errors["incomplete_startup_packet"] += 1
+            self.registry.log_limiter.log(
+                log, logging.INFO, ("incomplete_startup_packet",),
+                "client %s: incomplete startup packet (%d bytes, then the connection closed)",
+                self.peer, len(reader),
+            )  # fmt: skip
 
 
 def reset_then_release(server: ServerConnection, pool: Pool, query: str) -> None:

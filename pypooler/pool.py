@@ -41,6 +41,7 @@ from pypooler.errors import (
     ServerConnectFailed,
     ShuttingDown,
 )
+from pypooler.log_limits import LogLimiter
 from pypooler.parameter_sets import ParameterSet, intern_parameters
 from pypooler.prepared import ServerStatements, StatementRegistry
 from pypooler.protocol import codec
@@ -133,7 +134,10 @@ class Pool:
         size: int,
         mode: PoolMode,
         settings: Settings,
+        log_limiter: LogLimiter | None = None,
     ) -> None:
+        # Shared with the manager's other pools and the clients (log_limits.py).
+        self.log_limiter = log_limiter if log_limiter is not None else LogLimiter()
         self.database = database
         self.user = user
         self.login = login
@@ -331,7 +335,11 @@ class Pool:
     def _connect_failed(self, exc: PoolerError) -> None:
         self.last_connect_error = exc
         self.stats.server_connect_failures += 1
-        log.warning("pool %s/%s: %s", self.database, self.user, exc.message)
+        # Each client login may retry the server login: the same line again and again.
+        self.log_limiter.log(
+            log, logging.WARNING, ("server_connect", self.database, self.user, exc.reason),
+            "pool %s/%s: %s", self.database, self.user, exc.message,
+        )  # fmt: skip
         if self._parameters_ready is not None and not self._parameters_ready.done():
             self._parameters_ready.set_exception(exc)
             self._parameters_ready.exception()  # retrieved here; waiters re-raise it
@@ -663,6 +671,7 @@ class PoolManager:
         self.paused_all = False
         self.paused_databases: set[str] = set()
         self.disabled: set[str] = set()
+        self.log_limiter = LogLimiter()  # flushed by the maintenance pass (app.py)
 
     def database_config(self, database: str) -> tuple[str, DatabaseConfig] | None:
         """The [databases] entry serving `database`: its own, else the '*' fallback."""
@@ -718,6 +727,7 @@ class PoolManager:
                 size=db.pool_size or self.settings.default_pool_size,
                 mode=db.pool_mode or self.settings.pool_mode,
                 settings=self.settings,
+                log_limiter=self.log_limiter,
             )
             if self.is_paused(database):
                 pool.pause()

@@ -20,6 +20,7 @@ import pytest
 from psycopg import errors as pg_errors
 
 from pypooler.embedded import EmbeddedPostgres
+from pypooler.log_limits import INTERVAL_S, LINES_PER_INTERVAL
 from tests.pgwire import RawClient, data_rows, error_fields
 from tests.prometheus import sample, scrape
 
@@ -211,6 +212,32 @@ async def test_startup_parameters_that_cannot_be_applied_are_refused(
     reply = await other.query("SELECT current_setting('TimeZone') <> 'Mars/Olympus_Mons'")
     assert data_rows(reply) == [["t"]]
     await other.close()
+
+
+async def test_a_client_retrying_a_refused_replication_login_writes_a_bounded_log(
+    start_pooler: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A replication client retrying in a loop once wrote 64,580 identical WARNING lines in ten
+    # minutes: now at most LINES_PER_INTERVAL, then one summary when the interval is over.
+    pooler = start_pooler(pool_size=1)
+    attempts = 200
+    for _ in range(attempts):
+        try:
+            client = await RawClient.login(pooler.host, pooler.port, replication="database")
+        except AssertionError as exc:
+            assert exc.args[0]["C"] == "0A000"  # every client is still told why
+        else:
+            await client.close()
+            pytest.fail("a replication login was let in")
+
+    refused = [r for r in caplog.records if "replication connections are not supported" in r.getMessage()]
+    assert len(refused) == LINES_PER_INTERVAL
+    limiter = pooler.pooler.manager.log_limiter
+    pooler.call(lambda: limiter.flush(time.monotonic_ns() + int(INTERVAL_S * 1e9)))
+    summaries = [r for r in caplog.records if "similar lines suppressed" in r.getMessage()]
+    assert len(summaries) == 1
+    assert summaries[0].getMessage().startswith(f"{attempts - LINES_PER_INTERVAL} similar lines suppressed")
+    assert "replication connections are not supported" in summaries[0].getMessage()
 
 
 # --------------------------------------------------------------------------- cancel
