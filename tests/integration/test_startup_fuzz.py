@@ -152,7 +152,10 @@ FIRST_BYTES = {
     "half a length word": (b"\0\0", "close"),
     "length 4": (struct.pack("!I", 4), "close"),
     "length 7": (struct.pack("!Ii", 7, c.PROTOCOL_3_0)[:7], "close"),
-    "length over the limit": (struct.pack("!Ii", c.MAX_STARTUP_PACKET + 5, c.PROTOCOL_3_0) + b"x" * 64, "close"),
+    "length over the limit": (
+        struct.pack("!Ii", c.MAX_STARTUP_PACKET + 5, c.PROTOCOL_3_0) + b"x" * 64,
+        "close",
+    ),
     "a body shorter than its length": (struct.pack("!Ii", 100, c.PROTOCOL_3_0) + b"user\0", "close"),
     "an HTTP request": (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "close"),
     "protocol 2": (struct.pack("!Ii", 8, 2 << 16), "error"),
