@@ -72,7 +72,7 @@ from pypooler.protocol.scram import Secret
 from pypooler.protocol.transaction import FrontendStream
 from pypooler.rewriting import RewritingBackend, RewritingFrontend
 from pypooler.server import ServerConnection, tune_transport
-from pypooler.session_parameters import same_value, settings_sql, startup_settings
+from pypooler.session_parameters import clean_ascii, same_value, settings_sql, startup_settings
 from pypooler.session_state import EXPLANATIONS, HINTS
 from pypooler.stats import NS_PER_S, STATEMENT_ALWAYS_NS, TrafficStats
 from pypooler.tls import ClientTls
@@ -1193,19 +1193,26 @@ class ClientConnection(asyncio.Protocol):
 
     def _welcome(self, last_reply: bytes = b"") -> None:
         pool = self.pool
-        traffic = self.traffic = pool.stats.for_application(self.application_name)
-        traffic.logins += 1
-        traffic.login.observe(time.monotonic_ns() - self.connected_ns)
         settings = self.registry.settings
         startup = self.startup
         assert startup is not None
         welcome = pool.welcomes.get(startup.raw)
         if welcome is None:
             try:
-                welcome = self._work_out_welcome(startup, pool, settings)
+                worked_out = self._work_out_welcome(startup, pool, settings)
             except PoolerError as exc:
                 self.fail(exc)
                 return
+            if not isinstance(worked_out, Welcome):
+                # Values whose spelling the pool has yet to learn from a server (once each).
+                if last_reply:
+                    self.transport.write(last_reply)
+                asyncio.get_running_loop().create_task(self._welcome_after_learning(worked_out))
+                return
+            welcome = worked_out
+        traffic = self.traffic = pool.stats.for_application(self.application_name)
+        traffic.logins += 1
+        traffic.login.observe(time.monotonic_ns() - self.connected_ns)
         # Everything the session needs from the packet is in `welcome` now; an idle client
         # should not keep its parsed copy (about 600 bytes each).
         self.startup = None
@@ -1246,35 +1253,62 @@ class ClientConnection(asyncio.Protocol):
             self._early = b""
             self.data_received(early)
 
-    def _work_out_welcome(self, startup: codec.StartupMessage, pool: Pool, settings: Settings) -> Welcome:
+    async def _welcome_after_learning(self, unspelled: list[tuple[str, str]]) -> None:
+        try:
+            await self.pool.learn_spellings(unspelled)
+        except PoolerError as exc:
+            self.fail(exc)
+            return
+        if not self.closed:
+            self._welcome()
+
+    def _work_out_welcome(
+        self, startup: codec.StartupMessage, pool: Pool, settings: Settings
+    ) -> Welcome | list[tuple[str, str]]:
         """The session a login with this startup packet gets (see session_parameters.py),
-        remembered by the pool for the next login with the same packet."""
+        remembered by the pool for the next login with the same packet; or the reported
+        (name, value) pairs whose spelling the pool must learn from a server first."""
         parameters = pool.parameters
         assert parameters is not None
         overrides, others = startup_settings(
             startup.parameters, pool.parameter_names(), settings.ignore_startup_parameters
         )
-        wanted = dict(parameters)
-        wanted["application_name"] = self.application_name
-        # Values no server has accepted yet are applied once, waiting for the answer.
-        apply_first = bool(others)
+        # Reported values as the server reports them (PostgreSQL never echoes a startup
+        # packet: `eucjp` is reported as `EUC_JP`); what it does not know yet is learned first.
+        spellings = pool.spellings
+        spelled: dict[str, str] = {}
+        unspelled: list[tuple[str, str]] = []
         for name, value in overrides.items():
-            if not same_value(name, value, wanted.get(name, "")):
-                wanted[name] = value
-                apply_first = apply_first or name != "application_name"  # any text is valid
+            if name == "application_name":
+                spelled[name] = clean_ascii(value)
+            elif same_value(name, value, parameters.get(name, "")):
+                spelled[name] = parameters[name]  # the default, however the client spelled it
+            else:
+                spelling = spellings.get((name, value))
+                if spelling is None:
+                    unspelled.append((name, value))
+                else:
+                    spelled[name] = spelling
+        if unspelled:
+            return unspelled
+        application_name = spelled.get("application_name", clean_ascii(self.application_name))
+        wanted = dict(parameters)
+        wanted.update(spelled)
+        wanted["application_name"] = application_name
         session = intern_parameters(wanted)
         # What RESET returns the client to: its startup values of reported settings.
         startup_values = {
-            name: value for name, value in overrides.items()
-            if not same_value(name, value, parameters.get(name, ""))
+            name: value for name, value in spelled.items() if value != parameters.get(name)
         }  # fmt: skip
-        if any(name != "application_name" for name in overrides):
+        if any(name != "application_name" for name in startup_values):
             statuses = codec.AUTHENTICATION_OK + codec.build_parameter_statuses(session)
         else:
             statuses = pool.welcome_prefix() + codec.build_parameter_status(
-                "application_name", self.application_name
+                "application_name", application_name
             )
-        welcome = Welcome(session, others, apply_first, statuses, startup_values)
+        # Other settings no server has accepted yet are applied once, waiting for the answer
+        # (reported ones were checked when their spelling was learned).
+        welcome = Welcome(session, others, bool(others), statuses, startup_values)
         if len(pool.welcomes) >= WELCOMES_KEPT:
             pool.welcomes.clear()
         pool.welcomes[startup.raw] = welcome

@@ -507,10 +507,13 @@ class ServerConnection(asyncio.Protocol):
         self._internal_reader = codec.MessageReader()
         self.transport.write(request)
 
-    async def query_first_row(self, request: bytes) -> tuple[list[bytes | None] | None, bool]:
+    async def query_first_row(
+        self, request: bytes, errors: list[dict[str, str]] | None = None
+    ) -> tuple[list[bytes | None] | None, bool]:
         """Run `request` (ending in Sync or a Query) and return its first DataRow, or None, and
         whether the server is reusable (idle, no error). Raises ServerConnectFailed if the
-        connection dies, or ServerLoginFailed carrying the server's error."""
+        connection dies, or ServerLoginFailed carrying the server's error (unless `errors` is
+        given: the server's error fields are put there instead)."""
         done: asyncio.Future[tuple[list[bytes | None] | None, bool]] = (
             asyncio.get_running_loop().create_future()
         )
@@ -534,7 +537,10 @@ class ServerConnection(asyncio.Protocol):
             elif msg_type == c.B_ERROR_RESPONSE:
                 error = codec.parse_error_fields(body)
             elif msg_type == c.B_READY_FOR_QUERY:
-                if error is not None:
+                if error is not None and errors is not None:
+                    errors.append(error)
+                    done.set_result((None, body == b"I"))
+                elif error is not None:
                     done.set_exception(
                         ServerLoginFailed(
                             f"query failed: {error.get('M', 'unknown error')}", sqlstate=error.get("C")
