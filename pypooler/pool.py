@@ -283,8 +283,8 @@ class Pool:
             self.spellings.clear()
         for index, pair in enumerate(pairs):
             value = row[2 * index + 1]
-            if value is not None:
-                self.spellings[pair] = value.decode("utf-8", "replace")
+            # Always an entry, so the login that asked does not ask again.
+            self.spellings[pair] = value.decode("utf-8", "replace") if value is not None else pair[1]
 
     async def borrow(self) -> ServerConnection:
         """A server for pypooler itself, waiting in line like a client; give it back with
