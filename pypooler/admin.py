@@ -897,7 +897,10 @@ class AdminConnection(asyncio.Protocol):
         return b"".join(replies)
 
     def _fatal(self, exc: PoolerError) -> None:
-        log.warning("admin console %s: %s", self.client.peer, exc.message)
+        self.client.registry.log_limiter.log(
+            log, logging.WARNING, ("admin", exc.reason),
+            "admin console %s: %s", self.client.peer, exc.message,
+        )  # fmt: skip
         if not self.closed:
             self.closed = True
             self.transport.write(

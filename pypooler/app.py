@@ -86,6 +86,7 @@ class Pooler:
         self.manager = PoolManager(settings, stored_secret=self.auth.stored_secret)
         if settings.auth_user:
             self.auth.query = self.manager.run_auth_query
+        self.auth.log_limiter = self.manager.log_limiter
         self.registry = ClientRegistry(
             settings, self.manager, auth=self.auth, tls=client_tls(settings)
         )
@@ -150,6 +151,7 @@ class Pooler:
         try:
             self.manager.expire()
             self.registry.expire_logins(time.monotonic_ns())
+            self.manager.log_limiter.flush()  # summaries of lines suppressed a while ago
         except Exception:  # maintenance must never stop running
             log.exception("maintenance pass failed")
         self._schedule_maintenance()
@@ -231,6 +233,7 @@ class Pooler:
         self.registry.settings = new
         if new.auth_user:
             auth.query = self.manager.run_auth_query
+        auth.log_limiter = self.manager.log_limiter
         self.auth = self.registry.auth = auth
         self.registry.tls = tls
         changes += self.manager.reload(new, stored_secret=auth.stored_secret, server_tls=server_tls)

@@ -39,6 +39,7 @@ from typing import Final, NoReturn
 
 from pypooler.config import AuthType, ConfigError, DatabaseConfig, Settings
 from pypooler.errors import AuthRejected, PasswordAuthFailed, ProtocolViolation
+from pypooler.log_limits import LogLimiter
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
 from pypooler.protocol.scram import (
@@ -516,6 +517,7 @@ class Authenticator:
         self._mock_key = secrets.token_bytes(32)
         self._mock_kind = self._most_common_kind()
         self.lookups = 0  # auth_query runs, for tests and stats
+        self.log_limiter = LogLimiter()  # the pooler's own, once app.Pooler sets it
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Authenticator:
@@ -643,7 +645,10 @@ class Authenticator:
         try:
             return parse_secret(text)
         except ValueError as exc:
-            log.warning("auth_query returned an unusable secret for user %r: %s", user, exc)
+            self.log_limiter.log(
+                log, logging.WARNING, ("auth_query_secret", user),
+                "auth_query returned an unusable secret for user %r: %s", user, exc,
+            )  # fmt: skip
             return None
 
     def _remember(self, key: tuple[str, str], secret: Secret | None) -> None:

@@ -82,7 +82,7 @@ from pypooler.protocol.scram import Secret
 from pypooler.protocol.transaction import FrontendStream
 from pypooler.rewriting import RewritingBackend, RewritingFrontend
 from pypooler.server import ServerConnection, tune_transport
-from pypooler.session_parameters import same_value, settings_sql, startup_settings
+from pypooler.session_parameters import clean_ascii, same_value, settings_sql, startup_settings
 from pypooler.session_state import EXPLANATIONS, HINTS
 from pypooler.stats import NS_PER_S, STATEMENT_ALWAYS_NS, TrafficStats
 from pypooler.tls import ClientTls
@@ -104,7 +104,12 @@ _MIN_LENGTH = b"\x00\x00\x00\x04"  # a message length word below this is garbage
 
 
 _NOT_READY = FrontendStream()
-_FAIL_LOG_LEVELS = {"no_such_database": logging.INFO, "shutdown": logging.DEBUG}
+_FAIL_LOG_LEVELS = {
+    "no_such_database": logging.INFO,
+    "shutdown": logging.DEBUG,
+    # Not a PostgreSQL client at all (PostgreSQL logs it at LOG level): quiet.
+    "invalid_startup_packet": logging.INFO,
+}
 AdminLogin = Callable[["ClientConnection", codec.StartupMessage, bytes], None]
 
 
@@ -138,6 +143,8 @@ class ClientRegistry:
         self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}
         self._random_keys: list[tuple[int, int]] = []
         self.errors: Counter[str] = Counter()  # errors before a pool was chosen, by reason
+        # Every log line a client can cause again and again goes through this (log_limits.py).
+        self.log_limiter = manager.log_limiter
         self.connects = 0  # TCP connections accepted
         self.accepting = True
         self.admin_login: AdminLogin | None = None
@@ -200,7 +207,10 @@ async def send_cancel(client: ClientConnection, server: ServerConnection, pool: 
             asyncio.open_connection(login.host, login.port), CANCEL_TIMEOUT
         )
     except (OSError, TimeoutError) as exc:
-        log.warning("cancel request to %s:%d failed: %s", login.host, login.port, exc)
+        client.registry.log_limiter.log(
+            log, logging.WARNING, ("cancel_failed", login.host, login.port),
+            "cancel request to %s:%d failed: %s", login.host, login.port, exc,
+        )  # fmt: skip
     else:
         try:
             if client.server is server:  # still that client's transaction
@@ -208,7 +218,10 @@ async def send_cancel(client: ClientConnection, server: ServerConnection, pool: 
                 # The postmaster signals the backend, then closes: after EOF the cancel is done.
                 await asyncio.wait_for(reader.read(), CANCEL_TIMEOUT)
         except (OSError, TimeoutError) as exc:
-            log.warning("cancel request to %s:%d failed: %s", login.host, login.port, exc)
+            client.registry.log_limiter.log(
+                log, logging.WARNING, ("cancel_failed", login.host, login.port),
+                "cancel request to %s:%d failed: %s", login.host, login.port, exc,
+            )  # fmt: skip
         finally:
             writer.close()
     finally:
@@ -415,8 +428,8 @@ class ClientConnection(asyncio.Protocol):
                 return
             try:
                 terminate = self.frontend.feed(data)
-            except ProtocolViolation as exc:
-                self.fail(exc)
+            except ProtocolViolation as violation:  # not `exc`: see tests/unit/test_compiled_rules.py
+                self.fail(violation)
                 return
             if terminate < 0:
                 self.traffic.bytes_received += len(data)  # type: ignore[union-attr]
@@ -436,11 +449,15 @@ class ClientConnection(asyncio.Protocol):
         if self._lost:  # a failed TLS handshake may report the loss twice
             return
         self._lost = True
+        failed = self.closed  # pypooler closed it (after an error) rather than the client
         self.closed = True
         self.ready = False
         registry = self.registry
         registry.clients.discard(self)
-        registry.logging_in.pop(self, None)
+        if self in registry.logging_in:
+            del registry.logging_in[self]
+            if not failed:
+                self._left_during_login()
         if self.cancel_key is not None:
             registry.cancel_keys.pop(self.cancel_key, None)
         if self.waiting:
@@ -950,21 +967,25 @@ class ClientConnection(asyncio.Protocol):
                     rewriter.intercept_listen = False  # the server is the client's: LISTEN on it
                     traffic.pinned += 1
                     traffic.pinned_total += 1
-                    log.info(
+                    self.registry.log_limiter.log(
+                        log, logging.INFO, ("pin", self.database, self.user, kind),
                         "client %s db=%s user=%s app=%s keeps its server until it disconnects:"
                         " %s (session_state_policy pin)",
                         self.peer, self.database, self.user, application, EXPLANATIONS[kind],
-                    )
+                    )  # fmt: skip
             elif policy == "log" and (application, kind) not in self.registry.warned:
                 warned = self.registry.warned
                 if len(warned) >= MAX_WARNED_KEYS:
                     warned.clear()  # bounded: warn again rather than grow
                 warned.add((application, kind))
-                log.warning(
+                # Once per application and kind; the limiter bounds clients that make up
+                # a new application_name each time.
+                self.registry.log_limiter.log(
+                    log, logging.WARNING, ("session_state", kind),
                     "db=%s user=%s app=%s: %s, so in transaction pooling the next client of that"
                     " server inherits it (%s; logged once per application and kind)",
                     self.database, self.user, application, EXPLANATIONS[kind], HINTS[kind],
-                )
+                )  # fmt: skip
 
     def _terminate(self, data: bytes, offset: int) -> None:
         server = self.server
@@ -1241,7 +1262,10 @@ class ClientConnection(asyncio.Protocol):
     def _tls_failed(self, raw: asyncio.Transport, exc: Exception | None) -> None:
         self._tls_handshake = False
         if exc is not None:
-            log.info("client %s: TLS handshake failed: %s", self.peer, exc)
+            self.registry.log_limiter.log(
+                log, logging.INFO, ("tls_handshake",),
+                "client %s: TLS handshake failed: %s", self.peer, exc,
+            )  # fmt: skip
         raw.close()
         self.connection_lost(exc)
 
@@ -1317,9 +1341,9 @@ class ClientConnection(asyncio.Protocol):
         except PoolerError as exc:
             self.fail(exc)
             return
-        except Exception as exc:  # a bug must end this login, not leave it hanging
+        except Exception as bug:  # a bug must end this login, not leave it hanging
             log.exception("auth_query for user %r failed", self.user)
-            self.fail(PoolerError(f"internal error while looking up the password: {exc}"))
+            self.fail(PoolerError(f"internal error while looking up the password: {bug}"))
             return
         if not self.closed:
             self._begin_auth(method, secret)
@@ -1428,19 +1452,26 @@ class ClientConnection(asyncio.Protocol):
 
     def _welcome(self, last_reply: bytes = b"") -> None:
         pool = self.pool
-        traffic = self.traffic = pool.stats.for_application(self.application_name)
-        traffic.logins += 1
-        traffic.login.observe(time.monotonic_ns() - self.connected_ns)
         settings = self.registry.settings
         startup = self.startup
         assert startup is not None
         welcome = pool.welcomes.get(startup.raw)
         if welcome is None:
             try:
-                welcome = self._work_out_welcome(startup, pool, settings)
+                worked_out = self._work_out_welcome(startup, pool, settings)
             except PoolerError as exc:
                 self.fail(exc)
                 return
+            if not isinstance(worked_out, Welcome):
+                # Values whose spelling the pool has yet to learn from a server (once each).
+                if last_reply:
+                    self.transport.write(last_reply)
+                asyncio.get_running_loop().create_task(self._welcome_after_learning(worked_out))
+                return
+            welcome = worked_out
+        traffic = self.traffic = pool.stats.for_application(self.application_name)
+        traffic.logins += 1
+        traffic.login.observe(time.monotonic_ns() - self.connected_ns)
         # Everything the session needs from the packet is in `welcome` now; an idle client
         # should not keep its parsed copy (about 600 bytes each).
         self.startup = None
@@ -1479,35 +1510,62 @@ class ClientConnection(asyncio.Protocol):
             self._early = b""
             self.data_received(early)
 
-    def _work_out_welcome(self, startup: codec.StartupMessage, pool: Pool, settings: Settings) -> Welcome:
+    async def _welcome_after_learning(self, unspelled: list[tuple[str, str]]) -> None:
+        try:
+            await self.pool.learn_spellings(unspelled)
+        except PoolerError as exc:
+            self.fail(exc)
+            return
+        if not self.closed:
+            self._welcome()
+
+    def _work_out_welcome(
+        self, startup: codec.StartupMessage, pool: Pool, settings: Settings
+    ) -> Welcome | list[tuple[str, str]]:
         """The session a login with this startup packet gets (see session_parameters.py),
-        remembered by the pool for the next login with the same packet."""
+        remembered by the pool for the next login with the same packet; or the reported
+        (name, value) pairs whose spelling the pool must learn from a server first."""
         parameters = pool.parameters
         assert parameters is not None
         overrides, others = startup_settings(
             startup.parameters, pool.parameter_names(), settings.ignore_startup_parameters
         )
-        wanted = dict(parameters)
-        wanted["application_name"] = self.application_name
-        # Values no server has accepted yet are applied once, waiting for the answer.
-        apply_first = bool(others)
+        # Reported values as the server reports them (PostgreSQL never echoes a startup
+        # packet: `eucjp` is reported as `EUC_JP`); what it does not know yet is learned first.
+        spellings = pool.spellings
+        spelled: dict[str, str] = {}
+        unspelled: list[tuple[str, str]] = []
         for name, value in overrides.items():
-            if not same_value(name, value, wanted.get(name, "")):
-                wanted[name] = value
-                apply_first = apply_first or name != "application_name"  # any text is valid
+            if name == "application_name":
+                spelled[name] = clean_ascii(value)
+            elif same_value(name, value, parameters.get(name, "")):
+                spelled[name] = parameters[name]  # the default, however the client spelled it
+            else:
+                spelling = spellings.get((name, value))
+                if spelling is None:
+                    unspelled.append((name, value))
+                else:
+                    spelled[name] = spelling
+        if unspelled:
+            return unspelled
+        application_name = spelled.get("application_name", clean_ascii(self.application_name))
+        wanted = dict(parameters)
+        wanted.update(spelled)
+        wanted["application_name"] = application_name
         session = intern_parameters(wanted)
         # What RESET returns the client to: its startup values of reported settings.
         startup_values = {
-            name: value for name, value in overrides.items()
-            if not same_value(name, value, parameters.get(name, ""))
+            name: value for name, value in spelled.items() if value != parameters.get(name)
         }  # fmt: skip
-        if any(name != "application_name" for name in overrides):
+        if any(name != "application_name" for name in startup_values):
             statuses = codec.AUTHENTICATION_OK + codec.build_parameter_statuses(session)
         else:
             statuses = pool.welcome_prefix() + codec.build_parameter_status(
-                "application_name", self.application_name
+                "application_name", application_name
             )
-        welcome = Welcome(session, others, apply_first, statuses, startup_values)
+        # Other settings no server has accepted yet are applied once, waiting for the answer
+        # (reported ones were checked when their spelling was learned).
+        welcome = Welcome(session, others, bool(others), statuses, startup_values)
         if len(pool.welcomes) >= WELCOMES_KEPT:
             pool.welcomes.clear()
         pool.welcomes[startup.raw] = welcome
@@ -1518,17 +1576,35 @@ class ClientConnection(asyncio.Protocol):
     def fail(self, exc: PoolerError) -> None:
         """Send `exc` as an ErrorResponse and close (all of pypooler's own errors are FATAL)."""
         self._count_error(exc.reason)
-        log.log(
+        # A client retrying a refused login would repeat this line forever: rate-limited per
+        # reason, database and user (not per address, which changes with every retry).
+        self.registry.log_limiter.log(
+            log,
             # A drain closes every client with "shutdown": one summary line says so instead.
             _FAIL_LOG_LEVELS.get(exc.reason, logging.WARNING),
+            (exc.reason, self.database, self.user),
             "client %s db=%s user=%s app=%s: %s%s",
             self.peer, self.database or "-", self.user or "-", self.application_name or "-",
             exc.message, f" ({exc.log_detail})" if exc.log_detail else "",
-        )
+        )  # fmt: skip
         if not self.closed and not self.transport.is_closing():
-            self.transport.write(exc.to_error_response())
+            if not exc.silent:
+                self.transport.write(exc.to_error_response())
             self.transport.close()
         self.closed = True
+
+    def _left_during_login(self) -> None:
+        """The client closed before logging in: an incomplete startup packet is logged, as
+        PostgreSQL does (quietly: port scanners and health checks do this all day); a
+        connection closed before sending anything is not."""
+        reader = self._startup_reader
+        if reader is not None and len(reader):
+            self.registry.errors["incomplete_startup_packet"] += 1
+            self.registry.log_limiter.log(
+                log, logging.INFO, ("incomplete_startup_packet",),
+                "client %s: incomplete startup packet (%d bytes, then the connection closed)",
+                self.peer, len(reader),
+            )  # fmt: skip
 
     def _count_error(self, reason: str) -> None:
         if self.pool is not None:

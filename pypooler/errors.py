@@ -18,6 +18,8 @@ class PoolerError(Exception):
     sqlstate: ClassVar[str] = SQLState.INTERNAL_ERROR
     severity: ClassVar[str] = "FATAL"
     reason: ClassVar[str] = "internal_error"
+    # True: logged (quietly, rate-limited) and the connection closed, nothing sent to the client.
+    silent: ClassVar[bool] = False
 
     def __init__(self, message: str, *, detail: str | None = None, hint: str | None = None) -> None:
         super().__init__(message)
@@ -38,6 +40,15 @@ class PoolerError(Exception):
 class ProtocolViolation(PoolerError):
     sqlstate = SQLState.PROTOCOL_VIOLATION
     reason = "protocol_violation"
+
+
+class InvalidStartupPacket(ProtocolViolation):
+    """The first bytes are not a startup packet at all: a length word PostgreSQL rejects (a
+    Terminate sent before the startup packet, an HTTP request, a port scanner). PostgreSQL
+    logs "invalid length of startup packet" and closes without a word; so does pypooler."""
+
+    reason = "invalid_startup_packet"
+    silent = True
 
 
 class UnsupportedProtocol(ProtocolViolation):

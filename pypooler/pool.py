@@ -40,7 +40,9 @@ from pypooler.errors import (
     QueryWaitTimeout,
     ServerConnectFailed,
     ShuttingDown,
+    StartupParameterRejected,
 )
+from pypooler.log_limits import LogLimiter
 from pypooler.parameter_sets import ParameterSet, intern_parameters
 from pypooler.prepared import SchemaVersion, ServerStatements, StatementRegistry
 from pypooler.protocol import codec
@@ -48,7 +50,7 @@ from pypooler.protocol.scram import Secret
 from pypooler.protocol.transaction import BackendStream
 from pypooler.rewriting import RewritingBackend
 from pypooler.server import ServerConnection, ServerLogin, open_server_connection
-from pypooler.session_parameters import READ_ONLY
+from pypooler.session_parameters import READ_ONLY, spelling_sql
 from pypooler.stats import NS_PER_S, PoolStats, Snapshot
 from pypooler.tls import server_ssl_context
 
@@ -100,6 +102,7 @@ class Borrower:
             self.future.set_exception(exc)
 
 WELCOMES_KEPT = 256  # distinct startup packets remembered per pool (then forgotten at once)
+SPELLINGS_KEPT = 1024  # (name, value) spellings remembered per pool (then forgotten at once)
 
 
 class Welcome(NamedTuple):
@@ -135,7 +138,10 @@ class Pool:
         mode: PoolMode,
         settings: Settings,
         schema: SchemaVersion | None = None,
+        log_limiter: LogLimiter | None = None,
     ) -> None:
+        # Shared with the manager's other pools and the clients (log_limits.py).
+        self.log_limiter = log_limiter if log_limiter is not None else LogLimiter()
         self.database = database
         self.user = user
         self.login = login
@@ -162,6 +168,9 @@ class Pool:
         # What a login with a given startup packet is told and carries (see ClientConnection.
         # _welcome): most clients of a pool send the same packet, so it is worked out once.
         self.welcomes: dict[bytes, Welcome] = {}
+        # (reported setting, value as a client gave it) -> the value as the server reports it
+        # (see session_parameters.py): learned once, so welcomes stay a dict lookup.
+        self.spellings: dict[tuple[str, str], str] = {}
         self.last_connect_error: PoolerError | None = None
         self._retry_at_ns = 0  # no new server connects before this (server_login_retry)
         self.stats = PoolStats(
@@ -237,6 +246,51 @@ class Pool:
                 return
         server.last_used_ns = now_ns or time.monotonic_ns()
         self.idle.append(server)
+
+    async def learn_spellings(self, pairs: list[tuple[str, str]]) -> None:
+        """Ask a server how it reports each (name, value) of reported settings, and remember it.
+
+        The values are set locally, so the server goes back to the pool as it was. A value
+        the server refuses raises StartupParameterRejected with its error, which PostgreSQL
+        itself would have answered with a FATAL one at login.
+        """
+        request = codec.build_query(spelling_sql(pairs, self.parameters or {}))
+        timeout = self.settings.query_wait_timeout or None
+        errors: list[dict[str, str]] = []
+        try:
+            async with asyncio.timeout(timeout):
+                server = await self.borrow()
+        except TimeoutError:
+            raise QueryWaitTimeout(
+                f"query_wait_timeout: no server within {timeout:g} s to check the startup"
+                " parameters",
+                detail=f"pool_size is {self.size}",
+            ) from None
+        try:
+            row, clean = await server.query_first_row(request, errors)
+        except BaseException:
+            server.close()
+            raise
+        if clean:
+            self.release(server)
+        else:
+            server.close()
+        if errors:
+            error = errors[0]
+            raise StartupParameterRejected(
+                error.get("M", "invalid startup parameter"),
+                sqlstate=error.get("C"),
+                detail=error.get("D"),
+                hint=error.get("H"),
+            )
+        if row is None or len(row) != 2 * len(pairs):
+            raise ServerConnectFailed("the server did not answer pypooler's settings check")
+        if len(self.spellings) + len(pairs) > SPELLINGS_KEPT:
+            self.spellings.clear()
+        for index, pair in enumerate(pairs):
+            value = row[2 * index + 1]
+            # Always an entry, so the login that asked does not ask again.
+            self.spellings[pair] = value.decode("utf-8", "replace") if value is not None else pair[1]
 
     async def borrow(self) -> ServerConnection:
         """A server for pypooler itself, waiting in line like a client; give it back with
@@ -340,7 +394,11 @@ class Pool:
     def _connect_failed(self, exc: PoolerError) -> None:
         self.last_connect_error = exc
         self.stats.server_connect_failures += 1
-        log.warning("pool %s/%s: %s", self.database, self.user, exc.message)
+        # Each client login may retry the server login: the same line again and again.
+        self.log_limiter.log(
+            log, logging.WARNING, ("server_connect", self.database, self.user, exc.reason),
+            "pool %s/%s: %s", self.database, self.user, exc.message,
+        )  # fmt: skip
         if self._parameters_ready is not None and not self._parameters_ready.done():
             self._parameters_ready.set_exception(exc)
             self._parameters_ready.exception()  # retrieved here; waiters re-raise it
@@ -581,6 +639,7 @@ class Pool:
         self.settings = settings
         self.wait_warn_ns = settings.wait_warn_ms * 1e6
         self.welcomes.clear()  # ignore_startup_parameters may have changed
+        self.spellings.clear()  # the server may have changed
         self.stats.max_applications = settings.stats_max_applications
         self.stats.max_statements = settings.stats_max_statements
         if mode != self.mode:
@@ -685,6 +744,7 @@ class PoolManager:
         self.disabled: set[str] = set()
         # Per PostgreSQL database (host, port, dbname): schema changes seen, for every pool of it.
         self.schemas: dict[tuple[str, int, str], SchemaVersion] = {}
+        self.log_limiter = LogLimiter()  # flushed by the maintenance pass (app.py)
 
     def database_config(self, database: str) -> tuple[str, DatabaseConfig] | None:
         """The [databases] entry serving `database`: its own, else the '*' fallback."""
@@ -741,6 +801,7 @@ class PoolManager:
                 mode=db.pool_mode or self.settings.pool_mode,
                 settings=self.settings,
                 schema=self.schemas.setdefault((login.host, login.port, login.database), SchemaVersion()),
+                log_limiter=self.log_limiter,
             )
             if self.is_paused(database):
                 pool.pause()

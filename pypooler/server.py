@@ -377,10 +377,13 @@ class ServerConnection(asyncio.Protocol):
                     break
         except PoolerError as exc:
             self._login_failed(exc)
-        except ScramProofMismatch as exc:
+        except ScramProofMismatch as mismatch:
+            # Its own name: compiled, one name bound by two `except` clauses is one variable
+            # typed by the first, and a ScramProofMismatch in the `exc` of `except PoolerError`
+            # is a TypeError (tests/unit/test_compiled_rules.py).
             self._login_failed(
                 ServerLoginFailed(
-                    f"SCRAM pass-through for user {self.login.user!r} cannot work: {exc}",
+                    f"SCRAM pass-through for user {self.login.user!r} cannot work: {mismatch}",
                     hint="the auth_file verifier must be the one stored in the server's pg_authid",
                 )
             )
@@ -511,10 +514,13 @@ class ServerConnection(asyncio.Protocol):
         self._internal_reader = codec.MessageReader()
         self.transport.write(request)
 
-    async def query_first_row(self, request: bytes) -> tuple[list[bytes | None] | None, bool]:
+    async def query_first_row(
+        self, request: bytes, errors: list[dict[str, str]] | None = None
+    ) -> tuple[list[bytes | None] | None, bool]:
         """Run `request` (ending in Sync or a Query) and return its first DataRow, or None, and
         whether the server is reusable (idle, no error). Raises ServerConnectFailed if the
-        connection dies, or ServerLoginFailed carrying the server's error."""
+        connection dies, or ServerLoginFailed carrying the server's error (unless `errors` is
+        given: the server's error fields are put there instead)."""
         done: asyncio.Future[tuple[list[bytes | None] | None, bool]] = (
             asyncio.get_running_loop().create_future()
         )
@@ -538,7 +544,10 @@ class ServerConnection(asyncio.Protocol):
             elif msg_type == c.B_ERROR_RESPONSE:
                 error = codec.parse_error_fields(body)
             elif msg_type == c.B_READY_FOR_QUERY:
-                if error is not None:
+                if error is not None and errors is not None:
+                    errors.append(error)
+                    done.set_result((None, body == b"I"))
+                elif error is not None:
                     done.set_exception(
                         ServerLoginFailed(
                             f"query failed: {error.get('M', 'unknown error')}", sqlstate=error.get("C")

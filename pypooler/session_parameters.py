@@ -18,6 +18,10 @@ Rules:
   value exactly as a startup packet gives it (a list such as search_path included), and resets
   other settings with `RESET`.
 - Read-only reported parameters (server_version, is_superuser, ...) are never set.
+- A client is told reported values as PostgreSQL spells them (`eucjp` is `EUC_JP`,
+  `iso, dmy` is `ISO, DMY`, `europe/rome` is `Europe/Rome`): the pool asks a server once per
+  (name, value) with `spelling_sql` and keeps the answer; application_name is cleaned here
+  (`clean_ascii`), as PostgreSQL does.
 - A startup parameter is applied, ignored (`ignore_startup_parameters`), or refused with an
   error naming it: never dropped silently. `replication` and `options` switches other than
   `-c name=value` / `--name=value` are refused here; a setting PostgreSQL rejects is refused
@@ -26,7 +30,7 @@ Rules:
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Final
 
 from pypooler.errors import UnsupportedStartupParameter
@@ -133,18 +137,43 @@ def startup_settings(
 
 def same_value(name: str, a: str, b: str) -> bool:
     """Whether a startup value means what the server reports, where the spelling differs only in
-    ways PostgreSQL ignores (encoding names: `utf-8` is `UTF8`; case, for a few settings)."""
+    ways PostgreSQL ignores (encoding names: `utf-8` is `UTF8`; case, for time zones): a value
+    that means the server's default is spelled as the default without asking a server."""
     if a == b:
         return True
     if name.lower() == "client_encoding":
         return _encoding_key(a) == _encoding_key(b)
-    if name.lower() in ("timezone", "standard_conforming_strings", "default_transaction_read_only"):
+    if name.lower() == "timezone":
         return a.lower() == b.lower()
     return False
 
 
 def _encoding_key(name: str) -> str:
     return "".join(char for char in name.lower() if char.isalnum())
+
+
+def clean_ascii(text: str) -> str:
+    """application_name as PostgreSQL keeps and reports it: each byte outside printable ASCII
+    (of the UTF-8 text) becomes `?`."""
+    if text.isascii() and text.isprintable():
+        return text
+    return "".join(char if " " <= char <= "~" else "?" * len(char.encode()) for char in text)
+
+
+def spelling_sql(pairs: Sequence[tuple[str, str]], defaults: Mapping[str, str]) -> str:
+    """One SELECT whose row gives each (name, value) as the server reports it: the value set
+    locally (undone when the query's implicit transaction ends, so the server keeps its
+    settings) on top of the server's default, as a startup packet applies it (`DateStyle=dmy`
+    keeps the default's `ISO`). Columns alternate: the default set again, then the value."""
+    calls = []
+    for name, value in pairs:
+        default = defaults.get(name)
+        if default is not None:
+            calls.append(f"pg_catalog.set_config({_literal(name)}, {_literal(default)}, true)")
+        else:
+            calls.append("NULL")
+        calls.append(f"pg_catalog.set_config({_literal(name)}, {_literal(value)}, true)")
+    return f"SELECT {', '.join(calls)}"
 
 
 def settings_sql(

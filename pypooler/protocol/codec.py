@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from pypooler.errors import ProtocolViolation, UnsupportedProtocol
+from pypooler.errors import InvalidStartupPacket, ProtocolViolation, UnsupportedProtocol
 from pypooler.protocol import constants as c
 
 HEADER: Final = struct.Struct("!BI")  # type byte, Int32 length (counts itself, not the type byte)
@@ -168,6 +168,10 @@ def _parse_startup_parameters_exactly(packet: bytes, pos: int) -> dict[str, str]
         pos = value_end + 1
 
 
+# PostgreSQL's bound counts the packet without its length word.
+_MAX_STARTUP_TOTAL: Final = c.MAX_STARTUP_PACKET + 4
+
+
 class StartupPacketReader:
     """Collects the length-prefixed, untyped packets of the startup phase from a byte stream."""
 
@@ -179,27 +183,33 @@ class StartupPacketReader:
     def feed(self, data: bytes) -> StartupPacket | None:
         """Add bytes; return the next complete packet, or None if more bytes are needed.
 
-        Call `take_rest()` after a packet to get the bytes that followed it.
+        A length word PostgreSQL would not take (the total outside 8..MAX_STARTUP_PACKET + 4)
+        raises InvalidStartupPacket: such bytes are not a startup packet at all (a Terminate
+        sent first, an HTTP request), and PostgreSQL only logs them. Call `take_rest()` after a
+        packet to get the bytes that followed it.
         """
         if not self._buffer and len(data) >= 8:
             # The usual read: exactly one packet, parsed as it came (no copy through the buffer).
             (length,) = UINT32.unpack_from(data)
-            if length == len(data):
+            if length == len(data) and length <= _MAX_STARTUP_TOTAL:
                 return parse_startup_packet(data)
         self._buffer += data
         if len(self._buffer) < 4:
             return None
         (length,) = UINT32.unpack_from(self._buffer)
-        if length < 8 or length > c.MAX_STARTUP_PACKET:
-            raise ProtocolViolation(
-                f"invalid length of startup packet: {length} bytes"
-                f" (must be 8..{c.MAX_STARTUP_PACKET})"
+        if length < 8 or length > _MAX_STARTUP_TOTAL:
+            raise InvalidStartupPacket(
+                f"invalid length of startup packet: {length} bytes (must be 8..{_MAX_STARTUP_TOTAL})"
             )
         if len(self._buffer) < length:
             return None
         packet = bytes(self._buffer[:length])
         del self._buffer[:length]
         return parse_startup_packet(packet)
+
+    def __len__(self) -> int:
+        """Bytes of an incomplete packet held (at EOF: PostgreSQL's "incomplete startup packet")."""
+        return len(self._buffer)
 
     def take_rest(self) -> bytes:
         rest = bytes(self._buffer)

@@ -13,7 +13,7 @@ PROTOCOL_3_0: Final = 196608  # 3 << 16
 CANCEL_REQUEST_CODE: Final = 80877102
 SSL_REQUEST_CODE: Final = 80877103
 GSSENC_REQUEST_CODE: Final = 80877104
-MAX_STARTUP_PACKET: Final = 10_000  # PostgreSQL's own limit for a startup packet
+MAX_STARTUP_PACKET: Final = 10_000  # PostgreSQL's own limit for a startup packet, its length word not counted
 
 # Frontend (client -> server) message types.
 F_BIND: Final = ord("B")

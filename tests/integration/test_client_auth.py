@@ -426,3 +426,35 @@ async def test_reload_rereads_auth_file_and_keeps_it_when_broken(
     auth_file.write_text('"pp_plain" "SCRAM-SHA-256$broken"\n')
     assert pooler.call(lambda: pooler.pooler.reload(pooler.settings)) is False
     assert await asyncpg_login(pooler, "pp_plain", "plainpass") == "pp_plain"  # old file kept
+
+
+async def test_a_stale_auth_file_verifier_is_named_with_its_hint(
+    start_pooler: Runner, postgres: EmbeddedPostgres, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # auth_file was written, then the role's password changed on the server: the client still
+    # proves the old password, so the ClientKey passed through no longer matches the server's
+    # StoredKey. On both builds that is one clear error, never a TypeError from the compiled one.
+    role = f"pp_stale_{uuid.uuid4().hex[:8]}"
+    await asyncio.to_thread(
+        postgres.psql,
+        f"SET password_encryption = 'scram-sha-256'; CREATE ROLE {role} LOGIN PASSWORD 'old';"
+        f" GRANT ALL ON DATABASE pypooler_test TO {role};",
+    )
+    verifier = await asyncio.to_thread(
+        postgres.psql, f"SELECT rolpassword FROM pg_authid WHERE rolname = '{role}'"
+    )
+    await asyncio.to_thread(
+        postgres.psql, f"SET password_encryption = 'scram-sha-256'; ALTER ROLE {role} PASSWORD 'new'"
+    )
+    pooler = start_pooler(
+        auth_type="scram-sha-256", auth_file=write_auth_file(tmp_path, {role: verifier.strip()})
+    )
+
+    with pytest.raises(asyncpg.PostgresError) as raised:
+        await asyncpg_login(pooler, role, "old")
+
+    error: Any = raised.value
+    assert f"SCRAM pass-through for user {role!r} cannot work" in error.args[0]
+    assert error.hint == "the auth_file verifier must be the one stored in the server's pg_authid"
+    assert "TypeError" not in error.args[0] and "object expected" not in error.args[0]
+    assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]

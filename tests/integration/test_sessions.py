@@ -20,6 +20,9 @@ import pytest
 from psycopg import errors as pg_errors
 
 from pypooler.embedded import EmbeddedPostgres
+from pypooler.log_limits import INTERVAL_S, LINES_PER_INTERVAL
+from pypooler.protocol import codec
+from pypooler.protocol import constants as c
 from tests.pgwire import RawClient, data_rows, error_fields
 from tests.prometheus import sample, scrape
 
@@ -164,6 +167,118 @@ def test_reset_returns_to_startup_values_from_the_next_transaction(
         assert other.execute(READ_SETTINGS).fetchone() == defaults
 
 
+# Startup values spelled otherwise than PostgreSQL reports them (drivers compare the reports:
+# pgjdbc wants DateStyle to start with "ISO").
+RESPELLED = {"client_encoding": "eucjp", "DateStyle": "iso, dmy", "TimeZone": "europe/rome"}
+REPORTED = ("client_encoding", "DateStyle", "TimeZone", "IntervalStyle", "application_name")
+
+
+def reported(messages: list[tuple[int, bytes]]) -> dict[str, str]:
+    statuses = dict(
+        codec.parse_parameter_status(body) for msg_type, body in messages if msg_type == c.B_PARAMETER_STATUS
+    )
+    return {name: statuses[name] for name in REPORTED if name in statuses}
+
+
+async def welcome(
+    host: str, port: int, parameters: dict[str, str]
+) -> tuple[RawClient, list[tuple[int, bytes]]]:
+    client = await RawClient.connect(host, port)
+    client.send(codec.build_startup_message({"user": "postgres", "database": "pypooler_test", **parameters}))
+    return client, await client.until_ready()
+
+
+@pytest.mark.parametrize("pool_mode", ["transaction", "session"])
+@pytest.mark.parametrize(
+    "parameters",
+    [
+        RESPELLED,
+        {"DateStyle": "dmy"},  # on top of the server's default: ISO, DMY
+        {"options": "-c timezone=europe/rome -c intervalstyle=SQL_STANDARD"},
+        {"application_name": "caf\u00e9\u0001"},  # PostgreSQL makes it ASCII: "caf???"
+    ],
+)
+async def test_reported_settings_are_reported_as_postgresql_spells_them(
+    postgres: EmbeddedPostgres, start_pooler: Any, parameters: dict[str, str], pool_mode: str
+) -> None:
+    pooler = start_pooler(pool_size=1, pool_mode=pool_mode)
+    # In session mode a RESET returns to the server's defaults (a limit, see the README).
+    statements = ["SET TimeZone = 'america/new_york'", "SET DateStyle = 'sql, ymd'"]
+    if pool_mode == "transaction":
+        statements.append("RESET ALL")
+    for attempt in range(2):  # the second login comes from the pool's cache
+        direct, direct_welcome = await welcome(postgres.host, postgres.port, parameters)
+        pooled, pooled_welcome = await welcome(pooler.host, pooler.port, parameters)
+        try:
+            expected, seen = reported(direct_welcome), reported(pooled_welcome)
+            assert seen == expected, attempt
+            # SET and RESET later on: the server's spelling (RESET's value at the latest once
+            # the transaction is over, see the README's limits).
+            for sql in statements:
+                expected.update(reported(await direct.query(sql)))
+                seen.update(reported(await pooled.query(sql)))
+                seen.update(reported(await pooled.query("SELECT 1")))
+                assert seen == expected, (attempt, sql)
+        finally:
+            await direct.close()
+            await pooled.close()
+
+
+@pytest.mark.parametrize(
+    "parameters",
+    [{"TimeZone": "Mars/Olympus_Mons"}, {"DateStyle": "nope"}, {"client_encoding": "no_such_encoding"}],
+)
+async def test_a_reported_setting_postgresql_refuses_is_refused_at_login_with_its_error(
+    postgres: EmbeddedPostgres, start_pooler: Any, parameters: dict[str, str]
+) -> None:
+    pooler = start_pooler(pool_size=1)
+    for _ in range(2):
+        direct, direct_reply = await welcome(postgres.host, postgres.port, parameters)
+        pooled, pooled_reply = await welcome(pooler.host, pooler.port, parameters)
+        await direct.close()
+        await pooled.close()
+        expected, seen = error_fields(direct_reply), error_fields(pooled_reply)
+        assert expected is not None and seen is not None
+        assert {k: seen.get(k) for k in "SCMD"} == {k: expected.get(k) for k in "SCMD"}
+    # The server went back to the pool clean.
+    other = await RawClient.login(pooler.host, pooler.port)
+    plain = await RawClient.login(postgres.host, postgres.port)
+    try:
+        sql = "SHOW TimeZone; SHOW DateStyle; SHOW client_encoding"
+        assert data_rows(await other.query(sql)) == data_rows(await plain.query(sql))
+    finally:
+        await other.close()
+        await plain.close()
+
+
+async def test_a_new_reported_value_waits_for_a_server_once_per_pool(start_pooler: Any) -> None:
+    # A limit: the spelling of a value never seen in the pool is learned from a server, so that
+    # first login waits while every server is held; PostgreSQL would not make it wait.
+    pooler = start_pooler(pool_size=1)
+    holder = await RawClient.login(pooler.host, pooler.port)
+    try:
+        await holder.query("BEGIN")
+        login = asyncio.create_task(RawClient.login(pooler.host, pooler.port, TimeZone="europe/rome"))
+        await asyncio.sleep(0.5)
+        assert not login.done()
+        # A value that is the server's default however it is spelled needs no server.
+        default = await RawClient.login(pooler.host, pooler.port, client_encoding="utf-8")
+        assert default.parameters["client_encoding"] == "UTF8"
+        await default.close()
+        await holder.query("COMMIT")
+        waited = await asyncio.wait_for(login, 10)
+        assert waited.parameters["TimeZone"] == "Europe/Rome"
+        await waited.close()
+        # Learned: the next such login does not wait, even with the server held.
+        await holder.query("BEGIN")
+        again = await asyncio.wait_for(RawClient.login(pooler.host, pooler.port, TimeZone="europe/rome"), 2)
+        assert again.parameters["TimeZone"] == "Europe/Rome"
+        await again.close()
+        await holder.query("COMMIT")
+    finally:
+        await holder.close()
+
+
 def test_reset_in_session_mode_returns_to_the_servers_defaults(start_pooler: Any) -> None:
     """Session mode applies startup settings with SQL once, and does not read the client's
     statements: a RESET there returns to the server's defaults for the rest of the session."""
@@ -211,6 +326,32 @@ async def test_startup_parameters_that_cannot_be_applied_are_refused(
     reply = await other.query("SELECT current_setting('TimeZone') <> 'Mars/Olympus_Mons'")
     assert data_rows(reply) == [["t"]]
     await other.close()
+
+
+async def test_a_client_retrying_a_refused_replication_login_writes_a_bounded_log(
+    start_pooler: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A replication client retrying in a loop once wrote 64,580 identical WARNING lines in ten
+    # minutes: now at most LINES_PER_INTERVAL, then one summary when the interval is over.
+    pooler = start_pooler(pool_size=1)
+    attempts = 200
+    for _ in range(attempts):
+        try:
+            client = await RawClient.login(pooler.host, pooler.port, replication="database")
+        except AssertionError as exc:
+            assert exc.args[0]["C"] == "0A000"  # every client is still told why
+        else:
+            await client.close()
+            pytest.fail("a replication login was let in")
+
+    refused = [r for r in caplog.records if "replication connections are not supported" in r.getMessage()]
+    assert len(refused) == LINES_PER_INTERVAL
+    limiter = pooler.pooler.manager.log_limiter
+    pooler.call(lambda: limiter.flush(time.monotonic_ns() + int(INTERVAL_S * 1e9)))
+    summaries = [r for r in caplog.records if "similar lines suppressed" in r.getMessage()]
+    assert len(summaries) == 1
+    assert summaries[0].getMessage().startswith(f"{attempts - LINES_PER_INTERVAL} similar lines suppressed")
+    assert "replication connections are not supported" in summaries[0].getMessage()
 
 
 # --------------------------------------------------------------------------- cancel

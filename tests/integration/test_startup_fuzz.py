@@ -8,8 +8,10 @@ waiting for client_login_timeout), and reads until pypooler closes.
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -138,3 +140,53 @@ def good_client(fuzz_pooler: Any) -> Any:
         passfile="/nonexistent/pypooler-tests/pgpass",
     ) as conn:  # fmt: skip
         yield conn
+
+
+# What PostgreSQL 15 does with first bytes that are no startup packet, or a bad one (observed on
+# the session cluster, and asserted again below): "close" means it sends nothing and only logs
+# ("invalid length of startup packet", "incomplete startup packet"); "error" means a FATAL
+# ErrorResponse (PostgreSQL words protocol 2's in protocol 2's own format).
+FIRST_BYTES = {
+    "terminate before the startup packet (node-postgres connect(); end())": (b"X\0\0\0\4", "close"),
+    "nothing at all": (b"", "close"),
+    "half a length word": (b"\0\0", "close"),
+    "length 4": (struct.pack("!I", 4), "close"),
+    "length 7": (struct.pack("!Ii", 7, c.PROTOCOL_3_0)[:7], "close"),
+    "length over the limit": (
+        struct.pack("!Ii", c.MAX_STARTUP_PACKET + 5, c.PROTOCOL_3_0) + b"x" * 64,
+        "close",
+    ),
+    "a body shorter than its length": (struct.pack("!Ii", 100, c.PROTOCOL_3_0) + b"user\0", "close"),
+    "an HTTP request": (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "close"),
+    "protocol 2": (struct.pack("!Ii", 8, 2 << 16), "error"),
+    "protocol 4": (struct.pack("!Ii", 8, 4 << 16), "error"),
+    "garbage with a plausible length": (b"\0\0\0\x10hello world!", "error"),
+    "no user": (struct.pack("!Ii", 9, c.PROTOCOL_3_0) + b"\0", "error"),
+    "no terminator": (struct.pack("!Ii", 12, c.PROTOCOL_3_0) + b"user", "error"),
+}
+
+
+@pytest.mark.parametrize("case", list(FIRST_BYTES))
+def test_first_bytes_that_are_no_startup_packet_are_closed_on_as_postgresql_does(
+    case: str, start_pooler: Callable[..., Any], postgres: EmbeddedPostgres, caplog: pytest.LogCaptureFixture
+) -> None:
+    data, expected = FIRST_BYTES[case]
+    caplog.set_level(logging.INFO, logger="pypooler.client")
+    pooler = start_pooler()
+
+    direct = exchange(postgres.port, data)
+    pooled = exchange(pooler.port, data)
+
+    assert (direct == b"", pooled == b"") == ((expected == "close"),) * 2, (direct, pooled)
+    if expected == "error":
+        fields = codec.parse_error_fields(codec.MessageReader().feed(pooled)[0][1])
+        assert fields["S"] == "FATAL" and fields["M"]
+    # Logged once, quietly, as PostgreSQL does at its LOG level; nothing for an empty one.
+    for _ in range(100):  # the line about a client's EOF may come just after the close
+        logged = [r for r in caplog.records if r.name == "pypooler.client"]
+        if logged or not data:
+            break
+        time.sleep(0.01)
+    if expected == "close":
+        assert [r.levelname for r in logged] == (["INFO"] if data else []), logged
+        assert all("startup packet" in r.getMessage() for r in logged)

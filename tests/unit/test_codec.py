@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pypooler import errors
-from pypooler.errors import PoolerError, ProtocolViolation, UnsupportedProtocol
+from pypooler.errors import InvalidStartupPacket, PoolerError, ProtocolViolation, UnsupportedProtocol
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
 from pypooler.protocol.codec import (
@@ -433,20 +433,29 @@ def test_startup_reader_ssl_then_startup_message() -> None:
     assert reader.feed(startup[3:]) == StartupMessage(c.PROTOCOL_3_0, {"user": "u"})
 
 
-@pytest.mark.parametrize("length", [0, 4, 7, c.MAX_STARTUP_PACKET + 1, 2**31, 2**32 - 1])
+# PostgreSQL's MAX_STARTUP_PACKET_LENGTH counts the packet without its four-byte length word.
+@pytest.mark.parametrize("length", [0, 4, 7, c.MAX_STARTUP_PACKET + 5, 2**31, 2**32 - 1, 0x58000000])
 def test_startup_reader_refuses_bad_length_before_the_body(length: int) -> None:
     reader = StartupPacketReader()
     header = struct.pack("!I", length)
 
     assert reader.feed(header[:3]) is None
-    with pytest.raises(ProtocolViolation, match="invalid length of startup packet"):
+    assert len(reader) == 3
+    with pytest.raises(InvalidStartupPacket, match="invalid length of startup packet"):
         reader.feed(header[3:])  # four bytes are enough to refuse: the body is never awaited
 
 
-def test_startup_reader_accepts_the_largest_packet() -> None:
-    filler = "x" * (c.MAX_STARTUP_PACKET - len(codec.build_startup_message({"user": "u", "o": ""})))
+def test_startup_reader_refuses_a_whole_packet_over_the_limit_in_one_read() -> None:
+    filler = "x" * (c.MAX_STARTUP_PACKET + 5 - len(codec.build_startup_message({"user": "u", "o": ""})))
     packet = codec.build_startup_message({"user": "u", "o": filler})
-    assert len(packet) == c.MAX_STARTUP_PACKET
+    with pytest.raises(InvalidStartupPacket):
+        StartupPacketReader().feed(packet)
+
+
+def test_startup_reader_accepts_the_largest_packet() -> None:
+    filler = "x" * (c.MAX_STARTUP_PACKET + 4 - len(codec.build_startup_message({"user": "u", "o": ""})))
+    packet = codec.build_startup_message({"user": "u", "o": filler})
+    assert len(packet) == c.MAX_STARTUP_PACKET + 4
 
     reader = StartupPacketReader()
     assert reader.feed(packet[:-1]) is None

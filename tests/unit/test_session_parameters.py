@@ -6,9 +6,11 @@ import pytest
 
 from pypooler.errors import UnsupportedStartupParameter
 from pypooler.session_parameters import (
+    clean_ascii,
     options_settings,
     same_value,
     settings_sql,
+    spelling_sql,
     split_options,
     startup_settings,
 )
@@ -57,6 +59,21 @@ def test_same_value_where_postgresql_ignores_the_spelling() -> None:
     assert same_value("TimeZone", "utc", "UTC")
     assert not same_value("DateStyle", "ISO", "ISO, MDY")
     assert not same_value("application_name", "App", "app")
+
+
+def test_application_name_is_cleaned_as_postgresql_cleans_it() -> None:
+    assert clean_ascii("psql") == "psql"
+    assert clean_ascii("h\u00e9llo\x01x") == "h??llo?x"  # as PostgreSQL 15 reports it
+    assert clean_ascii("\U0001f600") == "????"
+
+
+def test_spelling_sql_sets_each_value_locally_on_top_of_the_default() -> None:
+    sql = spelling_sql([("DateStyle", "dmy"), ("x", "it's")], {"DateStyle": "ISO, MDY"})
+    assert sql == (
+        "SELECT pg_catalog.set_config(E'DateStyle', E'ISO, MDY', true),"
+        " pg_catalog.set_config(E'DateStyle', E'dmy', true),"
+        " NULL, pg_catalog.set_config(E'x', E'it''s', true)"
+    )
 
 
 def test_settings_sql() -> None:
