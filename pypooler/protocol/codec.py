@@ -115,7 +115,7 @@ def parse_startup_packet(packet: bytes) -> StartupPacket:
             raise ProtocolViolation("invalid cancel request length")
         pid, key = TWO_INT32.unpack_from(packet, 8)
         return CancelRequest(pid, key)
-    major = code >> 16
+    major = (code & 0xFFFFFFFF) >> 16  # the header is read signed; a version is two unsigned halves
     if major != 3:
         minor = code & 0xFFFF
         raise UnsupportedProtocol(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import re
 import struct
 from collections.abc import Callable, Iterator
 
@@ -609,3 +610,13 @@ def test_fuzz_body_parsers(body: bytes) -> None:
     ):
         only_protocol_violation(lambda parse=parse: parse(body))
     only_protocol_violation(lambda: codec.read_cstring(body, 0))
+
+
+@pytest.mark.parametrize(
+    ("code", "shown"),
+    [(0xDEADBEEF, "57005.48879"), (0x00020000, "2.0"), (0x00040001, "4.1"), (0xFFFFFFFF, "65535.65535")],
+)
+def test_an_unsupported_protocol_is_named_as_major_minor_unsigned(code: int, shown: str) -> None:
+    packet = struct.pack("!II", 8 + 9, code) + b"user\0x\0\0\0"
+    with pytest.raises(UnsupportedProtocol, match=rf"unsupported frontend protocol {re.escape(shown)}:"):
+        codec.parse_startup_packet(packet)
