@@ -909,6 +909,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         " Python sources",
     )
     parser.add_argument(
+        "--log-connections",
+        action="store_true",
+        help="PgBouncer and pypooler log every login and disconnection (both default to it) to a"
+        " file, instead of neither logging them",
+    )
+    parser.add_argument(
         "--results-dir",
         type=Path,
         default=Path(__file__).resolve().parent / "results",
@@ -966,8 +972,16 @@ def benchmark(args: argparse.Namespace) -> str:
         postgres.start()
         progress(f"PostgreSQL is up on {postgres.host}:{postgres.port}; pgbench -i -s {args.scale}")
         pgbench_init(postgres, args.scale)
-        proxies.append(start_pgbouncer(workdir, postgres, args.pgbouncer))
-        proxies.append(start_pypooler(workdir, postgres))
+        # --log-connections: both log a line per login and per disconnection (their default),
+        # to a file, as deployed; otherwise neither logs them.
+        pgbouncer_logs = {"log_connections": 1, "log_disconnections": 1} if args.log_connections else None
+        pypooler_logs: dict[str, str | int | float | bool] | None = (
+            {"log_connections": True, "log_disconnections": True, "log_level": "INFO"}
+            if args.log_connections
+            else None
+        )
+        proxies.append(start_pgbouncer(workdir, postgres, args.pgbouncer, settings=pgbouncer_logs))
+        proxies.append(start_pypooler(workdir, postgres, settings=pypooler_logs))
         pgbouncer, pypooler = proxies[0], proxies[1]
         targets: list[tuple[str, int, Proxy | None]] = [
             ("direct", postgres.port, None),
@@ -978,7 +992,9 @@ def benchmark(args: argparse.Namespace) -> str:
             baseline_source = checkout_revision(
                 workdir, args.baseline, args.baseline_patch, compiled=args.baseline_compiled
             )
-            baseline = start_pypooler(workdir, postgres, name=baseline_label, source=baseline_source)
+            baseline = start_pypooler(
+                workdir, postgres, name=baseline_label, source=baseline_source, settings=pypooler_logs
+            )
             proxies.append(baseline)
             targets.append((baseline.name, baseline.port, baseline))
         machine = describe_machine(postgres, args.pgbouncer)
