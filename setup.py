@@ -26,7 +26,7 @@ HOT_PATH = [
     "pypooler/protocol/transaction.py",
     "pypooler/protocol/codec.py",
     "pypooler/protocol/constants.py",
-    "pypooler/errors.py",
+    "pypooler/protocol/errors.py",
     "pypooler/rewriting.py",
     "pypooler/prepared.py",
     "pypooler/session_state.py",

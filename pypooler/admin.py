@@ -35,7 +35,10 @@ from typing import TYPE_CHECKING, Any, Final
 from pypooler import __version__
 from pypooler.advisor import advice_table
 from pypooler.config import RESTART_ONLY_SETTINGS, ConfigError, Settings
-from pypooler.errors import (
+from pypooler.pool import Pool, PoolManager
+from pypooler.protocol import codec
+from pypooler.protocol import constants as c
+from pypooler.protocol.errors import (
     AdminCommandError,
     AdminInvalidValue,
     AdminNotAllowed,
@@ -44,10 +47,8 @@ from pypooler.errors import (
     KilledByAdmin,
     PoolerError,
     ProtocolViolation,
+    build_notice_response,
 )
-from pypooler.pool import Pool, PoolManager
-from pypooler.protocol import codec
-from pypooler.protocol import constants as c
 from pypooler.stats import TrafficStats
 
 if TYPE_CHECKING:
@@ -397,7 +398,7 @@ class AdminConsole:
             subject = command.argument
             assert subject is not None
             if subject == "HELP":
-                return codec.build_notice_response(
+                return build_notice_response(
                     "pypooler admin console", detail=f"commands: {VALID_COMMANDS}"
                 ) + codec.build_command_complete("SHOW")
             if subject == "ADVICE":
@@ -904,7 +905,7 @@ class AdminConnection(asyncio.Protocol):
         if not self.closed:
             self.closed = True
             self.transport.write(
-                codec.build_error_response("FATAL", exc.sqlstate, exc.message, detail=exc.detail)
+                exc.to_error_response("FATAL")
             )
             self.transport.close()
 

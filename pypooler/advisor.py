@@ -18,10 +18,10 @@ import time
 from dataclasses import dataclass, field
 
 from pypooler.config import Settings
-from pypooler.errors import PoolerError
 from pypooler.pool import Pool, PoolManager
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
+from pypooler.protocol.errors import PoolerError
 from pypooler.server import ServerConnection, ServerLogin, open_server_connection
 from pypooler.stats import Histogram, TrafficStats
 

@@ -38,10 +38,10 @@ from pathlib import Path
 from typing import Final, NoReturn
 
 from pypooler.config import AuthType, ConfigError, DatabaseConfig, Settings
-from pypooler.errors import AuthRejected, PasswordAuthFailed, ProtocolViolation
 from pypooler.log_limits import LogLimiter
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
+from pypooler.protocol.errors import AuthRejected, PasswordAuthFailed, ProtocolViolation
 from pypooler.protocol.scram import (
     Md5Hash,
     PlainPassword,

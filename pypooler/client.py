@@ -51,7 +51,14 @@ from pypooler.auth import (
     ClientAuthExchange,
 )
 from pypooler.config import ADMIN_DATABASE_NAMES, PoolMode, Settings
-from pypooler.errors import (
+from pypooler.listening import MAX_QUEUED_NOTIFICATIONS, Listener
+from pypooler.log_output import connection_line
+from pypooler.parameter_sets import intern_parameters
+from pypooler.pool import WELCOMES_KEPT, Pool, PoolManager, Welcome
+from pypooler.prepared import ClientStatements
+from pypooler.protocol import codec
+from pypooler.protocol import constants as c
+from pypooler.protocol.errors import (
     AuthRejected,
     ClientLoginTimeout,
     DatabaseDisabled,
@@ -63,13 +70,6 @@ from pypooler.errors import (
     StatementModeTransaction,
     TooManyClients,
 )
-from pypooler.listening import MAX_QUEUED_NOTIFICATIONS, Listener
-from pypooler.log_output import connection_line
-from pypooler.parameter_sets import intern_parameters
-from pypooler.pool import WELCOMES_KEPT, Pool, PoolManager, Welcome
-from pypooler.prepared import ClientStatements
-from pypooler.protocol import codec
-from pypooler.protocol import constants as c
 from pypooler.protocol.listen import (
     COMMITTED_TAIL,
     LISTEN,

@@ -59,9 +59,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, Protocol
 
-from pypooler.errors import PoolerError, ServerConnectFailed
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
+from pypooler.protocol.errors import PoolerError, ServerConnectFailed, ShuttingDown
 from pypooler.protocol.listen import notification_channel, quote_channel
 from pypooler.server import ServerConnection, open_server_connection
 from pypooler.stats import NS_PER_S
@@ -78,7 +78,7 @@ RECONNECT_FIRST_S: Final = 0.1  # the first retry after the listener connection 
 RECONNECT_MAX_S: Final = 10.0  # the backoff doubles up to this
 _Q: Final = c.F_QUERY
 # What a LISTEN still waiting for the listener connection gets at shutdown (57P01: admin_shutdown).
-_SHUTTING_DOWN: Final = codec.build_error_response("ERROR", "57P01", "pypooler is shutting down")
+_SHUTTING_DOWN: Final = ShuttingDown("pypooler is shutting down").to_error_response("ERROR")
 
 
 # --------------------------------------------------------------------------- the map
@@ -380,8 +380,10 @@ class Listener:
     def _fail_waiting(self, exc: PoolerError) -> None:
         """No connection could be opened: LISTENs waiting for one fail with its error."""
         waiting, self._waiting = self._waiting, {}
-        error = ServerConnectFailed(f"pypooler could not open its listener connection: {exc.message}")
-        response = codec.build_error_response("ERROR", error.sqlstate, error.message, hint=exc.hint)
+        error = ServerConnectFailed(
+            f"pypooler could not open its listener connection: {exc.message}", hint=exc.hint
+        )
+        response = error.to_error_response("ERROR")
         for confirms in waiting.values():
             for confirm in confirms:
                 confirm(response)

@@ -33,7 +33,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from pypooler.config import DatabaseConfig, PoolMode, Settings
-from pypooler.errors import (
+from pypooler.log_limits import LogLimiter
+from pypooler.parameter_sets import ParameterSet, intern_parameters
+from pypooler.prepared import SchemaVersion, ServerStatements, StatementRegistry
+from pypooler.protocol import codec
+from pypooler.protocol.errors import (
     AuthLookupFailed,
     IdleTransactionTimeout,
     PoolerError,
@@ -42,10 +46,6 @@ from pypooler.errors import (
     ShuttingDown,
     StartupParameterRejected,
 )
-from pypooler.log_limits import LogLimiter
-from pypooler.parameter_sets import ParameterSet, intern_parameters
-from pypooler.prepared import SchemaVersion, ServerStatements, StatementRegistry
-from pypooler.protocol import codec
 from pypooler.protocol.scram import Secret
 from pypooler.protocol.transaction import BackendStream
 from pypooler.rewriting import RewritingBackend

@@ -45,13 +45,6 @@ from collections import deque
 from collections.abc import Callable
 from typing import Final
 
-from pypooler.errors import (
-    DuplicatePreparedStatement,
-    PoolerError,
-    ProtocolViolation,
-    SessionStateRefused,
-    UndefinedPreparedStatement,
-)
 from pypooler.prepared import (
     SERVER_NAME_PREFIX,
     ClientStatements,
@@ -63,6 +56,13 @@ from pypooler.prepared import (
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
 from pypooler.protocol.codec import NATIVE, pack_header, unpack_header
+from pypooler.protocol.errors import (
+    DuplicatePreparedStatement,
+    PoolerError,
+    ProtocolViolation,
+    SessionStateRefused,
+    UndefinedPreparedStatement,
+)
 from pypooler.protocol.listen import ListenRequest, listen_request, parse_listen_statement, unlisten_channels
 from pypooler.protocol.transaction import (
     CONTROL_FIRST_BYTES,

@@ -31,17 +31,17 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from pypooler.config import ServerTlsMode
-from pypooler.errors import (
+from pypooler.parameter_sets import intern_parameters
+from pypooler.prepared import ServerStatements
+from pypooler.protocol import codec
+from pypooler.protocol import constants as c
+from pypooler.protocol.errors import (
     PoolerError,
     ProtocolViolation,
     ServerConnectFailed,
     ServerLoginFailed,
     StartupParameterRejected,
 )
-from pypooler.parameter_sets import intern_parameters
-from pypooler.prepared import ServerStatements
-from pypooler.protocol import codec
-from pypooler.protocol import constants as c
 from pypooler.protocol.scram import (
     MECHANISM,
     MECHANISM_PLUS,

@@ -33,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from typing import Final
 
-from pypooler.errors import UnsupportedStartupParameter
+from pypooler.protocol.errors import UnsupportedStartupParameter
 
 # Reported parameters no session can change (lower case).
 READ_ONLY: Final = frozenset({

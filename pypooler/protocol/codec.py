@@ -15,8 +15,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from pypooler.errors import InvalidStartupPacket, ProtocolViolation, UnsupportedProtocol
 from pypooler.protocol import constants as c
+from pypooler.protocol.errors import InvalidStartupPacket, ProtocolViolation, UnsupportedProtocol
 
 HEADER: Final = struct.Struct("!BI")  # type byte, Int32 length (counts itself, not the type byte)
 INT32: Final = struct.Struct("!i")
@@ -376,33 +376,6 @@ def build_message(msg_type: int, body: bytes = b"") -> bytes:
 
 def _cstring(text: str) -> bytes:
     return text.encode("utf-8").replace(b"\0", b"") + b"\0"
-
-
-def build_error_response(
-    severity: str,
-    sqlstate: str,
-    message: str,
-    *,
-    detail: str | None = None,
-    hint: str | None = None,
-    notice: bool = False,
-) -> bytes:
-    parts = [
-        b"S" + _cstring(severity),
-        b"V" + _cstring(severity),
-        b"C" + _cstring(sqlstate),
-        b"M" + _cstring(message),
-    ]
-    if detail:
-        parts.append(b"D" + _cstring(detail))
-    if hint:
-        parts.append(b"H" + _cstring(hint))
-    parts.append(b"\0")
-    return build_message(c.B_NOTICE_RESPONSE if notice else c.B_ERROR_RESPONSE, b"".join(parts))
-
-
-def build_notice_response(message: str, *, sqlstate: str = "00000", detail: str | None = None) -> bytes:
-    return build_error_response("NOTICE", sqlstate, message, detail=detail, notice=True)
 
 
 def build_parameter_status(name: str, value: str) -> bytes:

@@ -19,6 +19,7 @@ from typing import Final
 
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
+from pypooler.protocol.errors import InFailedTransaction, build_notice_response
 from pypooler.session_state import NOT_A_WORD_START, head_key
 
 LISTEN: Final = "LISTEN"
@@ -218,7 +219,7 @@ def _request_from_text(text: bytes, shape: bytes) -> ListenRequest | None:
     action, channel, given = parsed
     notice = b""
     if channel is not None and len(given) > len(channel):
-        notice = codec.build_notice_response(
+        notice = build_notice_response(
             f'identifier "{given.decode("utf-8", "replace")}" will be truncated to'
             f' "{channel.decode("utf-8", "replace")}"',
             sqlstate="42622",
@@ -323,9 +324,9 @@ def listen_request(data: bytes, named_text: bytes | None = None) -> ListenReques
     return _request_from_text(text, bytes(shape))
 
 
-_IN_FAILED_BLOCK: Final = codec.build_error_response(
-    "ERROR", "25P02", "current transaction is aborted, commands ignored until end of transaction block"
-)
+_IN_FAILED_BLOCK: Final = InFailedTransaction(
+    "current transaction is aborted, commands ignored until end of transaction block"
+).to_error_response()
 _NO_PARAMETERS: Final = codec.build_message(c.B_PARAMETER_DESCRIPTION, b"\0\0")
 _NO_DATA: Final = codec.build_message(c.B_NO_DATA)
 _BIND_COMPLETE: Final = codec.build_message(c.B_BIND_COMPLETE)

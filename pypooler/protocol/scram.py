@@ -37,7 +37,7 @@ from typing import Final
 
 from scramp.utils import saslprep
 
-from pypooler.errors import ChannelBindingError, ProtocolViolation
+from pypooler.protocol.errors import ChannelBindingError, ProtocolViolation
 
 MECHANISM: Final = "SCRAM-SHA-256"
 MECHANISM_PLUS: Final = "SCRAM-SHA-256-PLUS"

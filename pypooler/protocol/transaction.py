@@ -24,9 +24,9 @@ from __future__ import annotations
 
 from typing import Final
 
-from pypooler.errors import ProtocolViolation
 from pypooler.protocol import constants as c
 from pypooler.protocol.codec import NATIVE, unpack_header
+from pypooler.protocol.errors import ProtocolViolation
 
 _Q: Final = c.F_QUERY
 _S: Final = c.F_SYNC

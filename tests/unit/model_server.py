@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import struct
 
-from pypooler.protocol import codec
+from pypooler.protocol import codec, errors
 from pypooler.protocol import constants as c
 
 ABORTED = "current transaction is aborted, commands ignored until end of transaction block"
@@ -138,7 +138,7 @@ class ModelServer:
         self.skipping = True
         if self.status == c.TX_IN_TRANSACTION:
             self.status = c.TX_FAILED
-        return codec.build_error_response("ERROR", sqlstate, message)
+        return errors.build_error_response("ERROR", sqlstate, message)
 
 
 NO_DATA = codec.build_message(c.B_NO_DATA)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from pypooler.admin import Command, ResultSet, parse_command, parse_commands
-from pypooler.errors import AdminCommandError
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
+from pypooler.protocol.errors import AdminCommandError
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 from pypooler.auth import Authenticator, ClientAuthExchange, load_auth_file, load_hba
 from pypooler.config import ConfigError, DatabaseConfig, Settings, load_settings
-from pypooler.errors import AuthRejected, PasswordAuthFailed, PoolerError
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
+from pypooler.protocol.errors import AuthRejected, PasswordAuthFailed, PoolerError
 from pypooler.protocol.scram import (
     MECHANISM,
     Md5Hash,

@@ -15,9 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pypooler import errors
-from pypooler.errors import InvalidStartupPacket, PoolerError, ProtocolViolation, UnsupportedProtocol
-from pypooler.protocol import codec
+from pypooler.protocol import codec, errors
 from pypooler.protocol import constants as c
 from pypooler.protocol.codec import (
     CancelRequest,
@@ -27,6 +25,7 @@ from pypooler.protocol.codec import (
     StartupMessage,
     StartupPacketReader,
 )
+from pypooler.protocol.errors import InvalidStartupPacket, PoolerError, ProtocolViolation, UnsupportedProtocol
 
 # Enough examples to find framing mistakes, few enough that the module runs in about a second.
 FUZZ = settings(max_examples=150, deadline=None)
@@ -68,7 +67,7 @@ GSSENC_REQUEST = startup_packet(c.GSSENC_REQUEST_CODE)
 @pytest.mark.parametrize("detail", [None, "", "the detail"])
 @pytest.mark.parametrize("hint", [None, "", "the hint"])
 def test_error_response_round_trip(detail: str | None, hint: str | None) -> None:
-    message = codec.build_error_response("ERROR", "42P01", "no such table", detail=detail, hint=hint)
+    message = errors.build_error_response("ERROR", "42P01", "no such table", detail=detail, hint=hint)
 
     msg_type, body = body_of(message)
     fields = codec.parse_error_fields(body)
@@ -84,7 +83,7 @@ def test_error_response_round_trip(detail: str | None, hint: str | None) -> None
 
 
 def test_notice_response_round_trip() -> None:
-    msg_type, body = body_of(codec.build_notice_response("hello", detail="more"))
+    msg_type, body = body_of(errors.build_notice_response("hello", detail="more"))
 
     assert msg_type == c.B_NOTICE_RESPONSE
     assert codec.parse_error_fields(body) == {
@@ -98,7 +97,7 @@ def test_notice_response_round_trip() -> None:
 
 def test_error_response_drops_nul_from_text() -> None:
     # A NUL would end the field early and shift every field after it.
-    _, body = body_of(codec.build_error_response("ERROR", "XX000", "a\0b", hint="c\0d"))
+    _, body = body_of(errors.build_error_response("ERROR", "XX000", "a\0b", hint="c\0d"))
 
     assert codec.parse_error_fields(body) == {
         "S": "ERROR", "V": "ERROR", "C": "XX000", "M": "ab", "H": "cd",
@@ -110,7 +109,7 @@ def test_error_response_drops_nul_from_text() -> None:
 def test_error_response_round_trips_any_text(
     message: str, detail: str | None, hint: str | None
 ) -> None:
-    _, body = body_of(codec.build_error_response("FATAL", "08P01", message, detail=detail, hint=hint))
+    _, body = body_of(errors.build_error_response("FATAL", "08P01", message, detail=detail, hint=hint))
     fields = codec.parse_error_fields(body)
 
     assert fields["M"] == message
@@ -471,7 +470,7 @@ SERVER_LOGIN = (
     + codec.build_parameter_status("server_version", "16.2")
     + codec.build_backend_key_data(1, 2)
     + codec.build_message(c.B_NO_DATA)  # an empty body
-    + codec.build_notice_response("hi")
+    + errors.build_notice_response("hi")
     + codec.READY_FOR_QUERY_IDLE
 )
 

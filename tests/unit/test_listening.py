@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pypooler.listening import ChannelMap
-from pypooler.protocol import codec
+from pypooler.protocol import codec, errors
 from pypooler.protocol import constants as c
 from pypooler.protocol.listen import (
     LISTEN,
@@ -153,7 +153,7 @@ def test_replies_match_the_messages_one_for_one() -> None:
     assert types(reply) == "1tn2CZ" and codec.build_command_complete("UNLISTEN") in reply
     failed = listen_reply(batch, c.TX_FAILED)
     assert types(failed) == "EZ" and b"25P02" in failed and failed.endswith(b"E")
-    error = codec.build_error_response("ERROR", "08001", "no listener")
+    error = errors.build_error_response("ERROR", "08001", "no listener")
     assert listen_reply(query, c.TX_IDLE, error) == error + codec.READY_FOR_QUERY_IDLE
 
 

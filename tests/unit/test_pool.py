@@ -17,8 +17,8 @@ import pytest
 
 from pypooler import pool as pool_module
 from pypooler.config import Settings, load_settings
-from pypooler.errors import PoolerError, QueryWaitTimeout, ServerConnectFailed, ShuttingDown
 from pypooler.pool import Pool
+from pypooler.protocol.errors import PoolerError, QueryWaitTimeout, ServerConnectFailed, ShuttingDown
 from pypooler.protocol.transaction import FrontendStream
 from pypooler.server import ServerLogin
 

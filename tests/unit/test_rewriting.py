@@ -16,10 +16,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pypooler.errors import ProtocolViolation
 from pypooler.prepared import ClientStatements, SchemaVersion, ServerStatements, StatementRegistry
-from pypooler.protocol import codec
+from pypooler.protocol import codec, errors
 from pypooler.protocol import constants as c
+from pypooler.protocol.errors import ProtocolViolation
 from pypooler.rewriting import PLACEHOLDER_CLOSE, RewritingBackend, RewritingFrontend
 from tests.unit.model_server import (
     FLUSH,
@@ -605,7 +605,7 @@ def test_a_stale_plan_error_from_the_server_moves_the_schema_version_on(cut: int
     backend = RewritingBackend(schema=schema)
     frontend = RewritingFrontend(None)
     frontend.feed_to(query("SELECT * FROM t"), None)
-    error = codec.build_error_response("ERROR", "0A000", "cached plan must not change result type")
+    error = errors.build_error_response("ERROR", "0A000", "cached plan must not change result type")
     data = error + codec.READY_FOR_QUERY_IDLE
     parts = [data] if cut is None else [data[:cut], data[cut:]]
     forwarded = b""

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scramp import ScramClient, ScramMechanism
 
-from pypooler.errors import ChannelBindingError, PoolerError, ProtocolViolation
+from pypooler.protocol.errors import ChannelBindingError, PoolerError, ProtocolViolation
 from pypooler.protocol.scram import (
     MECHANISM,
     MECHANISM_PLUS,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pypooler.errors import UnsupportedStartupParameter
+from pypooler.protocol.errors import UnsupportedStartupParameter
 from pypooler.session_parameters import (
     clean_ascii,
     options_settings,

@@ -17,9 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pypooler.errors import ProtocolViolation
-from pypooler.protocol import codec
+from pypooler.protocol import codec, errors
 from pypooler.protocol import constants as c
+from pypooler.protocol.errors import ProtocolViolation
 from pypooler.protocol.transaction import STATEMENT_SAMPLE, BackendStream, FrontendStream
 from pypooler.rewriting import RewritingBackend, RewritingFrontend
 
@@ -96,7 +96,7 @@ def complete(tag: str) -> bytes:
 
 
 def error(message: str = "syntax error") -> bytes:
-    return codec.build_error_response("ERROR", "42601", message)
+    return errors.build_error_response("ERROR", "42601", message)
 
 
 def copy_response(msg_type: int, columns: int = 1) -> bytes:
@@ -889,6 +889,6 @@ def test_fuzz_random_bytes_split_consistently(raw: bytes, cuts: list[int], outst
 def test_the_backend_stream_knows_when_a_fatal_reached_the_client(severity: str, fatal: bool) -> None:
     for stream in (BackendStream(), RewritingBackend()):
         frontend = FrontendStream() if type(stream) is BackendStream else RewritingFrontend(None)
-        error = codec.build_error_response(severity, "57P01", "terminating connection")
+        error = errors.build_error_response(severity, "57P01", "terminating connection")
         stream.feed(codec.build_message(ord("D"), b"\0\0") + error, frontend)
         assert stream.fatal is fatal

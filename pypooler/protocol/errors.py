@@ -1,15 +1,56 @@
-"""Errors pypooler reports to clients, one class per reason.
+"""Errors pypooler reports to clients, one class per reason, and the one ErrorResponse builder.
 
 Each class carries the SQLSTATE and severity a client sees, so the ErrorResponse is built in one
-place (`to_error_response`). FATAL errors end the client connection; ERROR ones leave it open.
-`reason` is a short stable name used in logs and (later) metrics labels.
+place (`to_error_response`, over `build_error_response`, which also builds NoticeResponses and,
+in tests, PostgreSQL's own errors). FATAL errors end the client connection; ERROR ones leave it
+open. `reason` is a short stable name used in logs and metrics labels.
+
+Sans-IO and at the bottom of the protocol layer: it imports only `constants`, and `codec` (which
+raises ProtocolViolation) imports it, never the other way round.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+import struct
+from typing import ClassVar, Final
 
+from pypooler.protocol import constants as c
 from pypooler.protocol.constants import SQLState
+
+_HEADER: Final = struct.Struct("!BI")  # a message's type byte and length (codec.pack_header's)
+
+
+def _cstring(text: str) -> bytes:
+    return text.encode("utf-8").replace(b"\0", b"") + b"\0"
+
+
+def build_error_response(
+    severity: str,
+    sqlstate: str,
+    message: str,
+    *,
+    detail: str | None = None,
+    hint: str | None = None,
+    notice: bool = False,
+) -> bytes:
+    """An ErrorResponse (NoticeResponse with `notice`): severity, SQLSTATE, message, detail, hint."""
+    parts = [
+        b"S" + _cstring(severity),
+        b"V" + _cstring(severity),
+        b"C" + _cstring(sqlstate),
+        b"M" + _cstring(message),
+    ]
+    if detail:
+        parts.append(b"D" + _cstring(detail))
+    if hint:
+        parts.append(b"H" + _cstring(hint))
+    parts.append(b"\0")
+    body = b"".join(parts)
+    return _HEADER.pack(c.B_NOTICE_RESPONSE if notice else c.B_ERROR_RESPONSE, len(body) + 4) + body
+
+
+def build_notice_response(message: str, *, sqlstate: str = "00000", detail: str | None = None) -> bytes:
+    return build_error_response("NOTICE", sqlstate, message, detail=detail, notice=True)
 
 
 class PoolerError(Exception):
@@ -29,11 +70,11 @@ class PoolerError(Exception):
         # Said in pypooler's log, never to the client (e.g. why a password check failed).
         self.log_detail: str | None = None
 
-    def to_error_response(self) -> bytes:
-        from pypooler.protocol.codec import build_error_response
-
+    def to_error_response(self, severity: str | None = None) -> bytes:
+        """The ErrorResponse; `severity` overrides the class's (an ERROR where the class ends the
+        connection elsewhere)."""
         return build_error_response(
-            self.severity, self.sqlstate, self.message, detail=self.detail, hint=self.hint
+            severity or self.severity, self.sqlstate, self.message, detail=self.detail, hint=self.hint
         )
 
 
@@ -169,6 +210,14 @@ class StartupParameterRejected(PoolerError):
         super().__init__(message, detail=detail, hint=hint)
         if sqlstate:
             self.sqlstate = sqlstate  # type: ignore[misc]  # the server's own code wins
+
+
+class InFailedTransaction(PoolerError):
+    """A statement pypooler answers itself (LISTEN) in a transaction block that already failed."""
+
+    sqlstate = SQLState.IN_FAILED_SQL_TRANSACTION
+    severity = "ERROR"
+    reason = "in_failed_transaction"
 
 
 class ShuttingDown(PoolerError):
