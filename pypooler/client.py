@@ -936,7 +936,7 @@ class ClientConnection(asyncio.Protocol):
                 self.listener.unlisten_all(self)  # DISCARD ALL includes UNLISTEN *
         if rewriter.unlistens:
             # UNLISTENs that went to the server with other statements: done here too.
-            unlistens, rewriter.unlistens = rewriter.unlistens, []
+            unlistens, rewriter.unlistens = rewriter.unlistens, ()
             if self.listener is not None:
                 for channel in unlistens:
                     if channel is None:
@@ -954,7 +954,7 @@ class ClientConnection(asyncio.Protocol):
         kinds = rewriter.session_state
         if not kinds:
             return
-        rewriter.session_state = []
+        rewriter.session_state = ()
         traffic = self.traffic
         assert traffic is not None
         policy = self.registry.settings.session_state_policy

@@ -220,7 +220,9 @@ class RewritingFrontend(FrontendStream):
         self._closes = 0  # Close messages sent in the open batch
         self._counted = False  # any of the three above set: reset them when the batch ends
         self.noted = False  # session_state, reset_seen or terminated set: the caller looks
-        self.session_state: list[str] = []
+        # Tuples, not lists: an empty tuple is shared, and most clients never add to these
+        # (an idle client's memory is the bound on how many a pooler holds).
+        self.session_state: tuple[str, ...] = ()
         self.reset_seen = False
         self.settings_reset = False
         # `requests` during the batch whose Parse of the unnamed statement came after other
@@ -234,7 +236,7 @@ class RewritingFrontend(FrontendStream):
         self.intercept_listen = intercept_listen  # listen_mode = "multiplex"
         self.listen_request: ListenRequest | None = None
         self.discarded = False
-        self.unlistens: list[bytes | None] = []
+        self.unlistens: tuple[bytes | None, ...] = ()
 
     def feed(self, data: bytes, start: int = 0) -> int:
         raise TypeError("RewritingFrontend is fed with feed_to(data, server)")
@@ -487,7 +489,7 @@ class RewritingFrontend(FrontendStream):
                     if not (pos or carry) and self._listen_read(kinds, data):
                         return b""
                     if UNLISTEN in kinds:
-                        self.unlistens += unlisten_channels(data[pos + 5 : text_end])
+                        self.unlistens += tuple(unlisten_channels(data[pos + 5 : text_end]))
                         self.noted = True
                 text = self.last_statement = data[pos + 5 : min(text_end, pos + 5 + STATEMENT_SAMPLE)]
                 if not self.xact_statement_final:
@@ -753,7 +755,7 @@ class RewritingFrontend(FrontendStream):
         refusal = None
         for kind in kinds:
             if kind in LEAK_KINDS:
-                self.session_state.append(kind)
+                self.session_state += (kind,)
                 self.noted = True
                 if self.refuse and refusal is None:
                     refusal = SessionStateRefused(

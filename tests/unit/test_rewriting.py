@@ -351,7 +351,7 @@ def test_refused_statements_answer_an_error_and_leave_the_server_consistent() ->
     assert [t for t, _ in messages] == [c.B_ERROR_RESPONSE, c.B_READY_FOR_QUERY]
     fields = codec.parse_error_fields(messages[0][1])
     assert fields["C"] == "0A000" and "session state (set)" in fields["M"]
-    assert pooled.clients[1].session_state == ["set"]
+    assert pooled.clients[1].session_state == ("set",)
     # Inside a transaction block the server itself fails the transaction, as PostgreSQL would.
     seen = pooled.run(1, 0, query("BEGIN") + parse("", "select pg_advisory_lock(1)") + bind()
                       + execute() + SYNC)  # fmt: skip
@@ -367,7 +367,7 @@ def test_session_state_is_reported_under_every_policy_but_error() -> None:
     data = query("LISTEN x") + parse("s", "CREATE TEMP TABLE t (i int)") + SYNC
     frontend = pooled.frontend(1)
     assert frontend.feed_to(data, pooled.servers[0].statements) != data  # s is tracked
-    assert frontend.session_state == ["listen", "temp_table"]
+    assert frontend.session_state == ("listen", "temp_table")
 
 
 # --------------------------------------------------------------------------- reads cut anywhere
