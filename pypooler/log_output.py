@@ -109,6 +109,8 @@ _writer: LineWriter | None = None
 _client_log: Final = logging.getLogger("pypooler.client")
 _stamp_second = -1
 _stamp_prefix = ""
+_stamp_ms = -1
+_stamp = ""
 
 
 def install(level: str | int, stream: TextIO = sys.stderr) -> LineWriter:
@@ -132,14 +134,19 @@ def flush() -> None:
 
 
 def _timestamp() -> str:
-    """logging's default asctime ("2026-12-06 05:00:00,123"), the date part made once a second."""
-    global _stamp_second, _stamp_prefix
-    now = time.time()
-    second = int(now)
+    """logging's default asctime ("2026-12-06 05:00:00,123"): the date part made once a second,
+    the whole once a millisecond (a burst of logins shares it)."""
+    global _stamp_ms, _stamp_second, _stamp_prefix, _stamp
+    ms = int(time.time() * 1000)
+    if ms == _stamp_ms:
+        return _stamp
+    second = ms // 1000
     if second != _stamp_second:
         _stamp_second = second
         _stamp_prefix = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-    return f"{_stamp_prefix},{int((now - second) * 1000):03d}"
+    _stamp_ms = ms
+    _stamp = f"{_stamp_prefix},{ms % 1000:03d}"
+    return _stamp
 
 
 def connection_line(
