@@ -298,13 +298,7 @@ class Pooler:
         """End every client still connected with FATAL 57P01 (see the module docstring); their
         servers are closed as they go (PostgreSQL rolls back what was running)."""
         for client in list(self.registry.clients):
-            if client.closed:
-                continue
-            server = client.server
-            if server is not None and not server.backend.at_message_boundary:
-                client.transport.close()  # half a message forwarded: no error can follow it
-            else:
-                client.fail(administrator_terminated())
+            client.terminate(administrator_terminated())
 
     def request_shutdown(self) -> None:
         """SHUTDOWN on the admin console."""

@@ -1594,6 +1594,19 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
         self.closed = True
 
+    def terminate(self, exc: PoolerError) -> None:
+        """End the client whatever it is doing (shutdown): `exc` as its FATAL error, then the
+        close; only the close inside a TLS handshake (nothing can be said in clear) or when
+        half a server message has been forwarded to it (an error cannot follow that). A linked
+        server is closed as the client goes (see _give_back_on_exit)."""
+        if self.closed:
+            return
+        server = self.server
+        if self._tls_handshake or (server is not None and not server.backend.at_message_boundary):
+            self.transport.close()
+            return
+        self.fail(exc)
+
     def _left_during_login(self) -> None:
         """The client closed before logging in: an incomplete startup packet is logged, as
         PostgreSQL does (quietly: port scanners and health checks do this all day); a
