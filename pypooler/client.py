@@ -5,8 +5,8 @@ TLS is configured, else 'N'; GSSENCRequest answered 'N'; CancelRequest routed; S
 read), authentication (the method from auth_type or hba, the user's secret from auth_file or
 auth_query, then the `auth.ClientAuthExchange` fed message by message), welcome
 (AuthenticationOk, the pool's ParameterStatus set, our own BackendKeyData, ReadyForQuery), then
-ready. Until ready, `client_login_timeout` (checked by the shared maintenance pass, no timer per
-client) bounds the whole login; nothing of it touches the ready path. When ready, every read is
+ready. Until ready, `client_login_timeout` (decided by the maintenance pass, maintenance.py; no
+timer per client) bounds the whole login; nothing of it touches the ready path. When ready, every read is
 fed to the `FrontendStream` tracker and either forwarded to the linked server in one `write` of
 the very bytes received, or held while the pool finds a server.
 
@@ -1242,6 +1242,9 @@ class ClientConnection(asyncio.Protocol):
 
     async def _start_tls(self, tls: ClientTls) -> None:
         raw = self.transport
+        # client_login_timeout is decided by the maintenance pass (it closes `raw`, which ends
+        # the handshake). The loop wants a handshake timeout of its own (else its default):
+        # the same value, counted from later than the pass counts, so it never fires first.
         timeout = self.registry.settings.client_login_timeout or None
         try:
             transport = await asyncio.get_running_loop().start_tls(
