@@ -127,7 +127,7 @@ async def bind_listening_sockets(host: str, port: int, backlog: int) -> list[soc
             try:
                 sock.bind(address)
             except OSError as exc:
-                raise OSError(exc.errno, f"cannot listen on {address[0]}:{address[1]}: {exc.strerror}") from None
+                raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
             sock.listen(backlog)
             sock.setblocking(False)
     except BaseException:

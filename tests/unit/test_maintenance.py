@@ -73,7 +73,7 @@ def test_the_interval_is_clamped() -> None:
 
 def test_a_disabled_timeout_does_not_count() -> None:
     base = {**EVERY_PERIOD_OFF, "query_wait_timeout": 5.0}
-    assert maintenance_interval(settings(**base, idle_transaction_timeout=0)) == pytest.approx(0.5)
+    assert maintenance_interval(settings(**{**base, "idle_transaction_timeout": 0})) == pytest.approx(0.5)
 
 
 # --------------------------------------------------------------------------- the pass
