@@ -102,7 +102,7 @@ class Pooler:
         self.maintenance = Maintenance(
             self.manager, self.registry, settings, resume_accepting=self._resume_accepting
         )
-        self._stopping = False
+        self._stopped: asyncio.Future[None] | None = None  # set once stop() has begun
         self.port = settings.listen_port
         self.metrics = MetricsServer(self.manager, self.registry)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -308,10 +308,18 @@ class Pooler:
             asyncio.get_running_loop().create_task(self.stop())
 
     async def stop(self) -> None:
-        """Stop listening, end every client and server connection."""
-        if self._stopping:
+        """Stop listening, end every client and server connection. A second call (SHUTDOWN
+        on the console, then the owner's own stop) waits for the first to finish."""
+        if self._stopped is not None:
+            await asyncio.shield(self._stopped)
             return
-        self._stopping = True
+        self._stopped = asyncio.get_running_loop().create_future()
+        try:
+            await self._stop()
+        finally:
+            self._stopped.set_result(None)
+
+    async def _stop(self) -> None:
         for task in self._tasks:
             task.cancel()
         self.maintenance.stop()
