@@ -23,6 +23,8 @@ that holds the most of them. The rules kept here:
   (`Acceptor.resume`), so clients are served again as soon as others leave.
 - Accepting is not the forwarding path: an accepted socket becomes a transport through
   `loop.connect_accepted_socket`, and from there on nothing differs from the loop's own server.
+  It costs more per connection than uvloop's accept in C (about 45 against 20 µs of CPU for a
+  bare accept, measured on the 2-core reference machine): the price of seeing the failures.
 """
 
 from __future__ import annotations
