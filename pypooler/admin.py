@@ -689,6 +689,8 @@ class AdminConsole:
             "dns_zones": 0,
             "dns_queries": 0,
             "dns_pending": 0,
+            # pypooler's own: accept() calls that failed for want of file descriptors.
+            "accept_failures": registry.accept_failures,
         }
         return ResultSet(LISTS_COLUMNS, [[name, str(n)] for name, n in items.items()])
 

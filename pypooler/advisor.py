@@ -166,6 +166,7 @@ async def server_limits(login: ServerLogin, timeout: float) -> ServerLimits | No
             "select current_setting('max_connections'),"
             " current_setting('superuser_reserved_connections'),"
             " coalesce(current_setting('reserved_connections', true), '0')",
+            timeout,
         )
     finally:
         server.close()
@@ -176,7 +177,10 @@ async def server_limits(login: ServerLogin, timeout: float) -> ServerLimits | No
     return limits
 
 
-async def _query_row(server: ServerConnection, sql: str) -> list[str] | None:
+async def _query_row(server: ServerConnection, sql: str, timeout: float) -> list[str] | None:
+    """The first row of `sql`, on a connection the advisor opened for itself; `timeout`
+    (server_connect_timeout, as for the connect): asking is part of connecting to learn the
+    limits, and a server that does not answer such a query in that time is not answering."""
     done: asyncio.Future[list[str] | None] = asyncio.get_running_loop().create_future()
     row: list[str] | None = None
 
@@ -193,7 +197,7 @@ async def _query_row(server: ServerConnection, sql: str) -> list[str] | None:
         return False
 
     server.run_internal(sql, on_message)
-    return await asyncio.wait_for(done, 10)
+    return await asyncio.wait_for(done, timeout)
 
 
 def _decode_data_row(body: bytes) -> list[str]:

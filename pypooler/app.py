@@ -2,10 +2,10 @@
 
 `Pooler` is what `pypooler run` (and the tests) start: it owns the listening socket, the
 `Authenticator` (auth_file, hba, auth_query), the TLS contexts, the `PoolManager`, the
-`ClientRegistry`, the `AdminConsole`, one periodic maintenance callback (query_wait_timeout,
-server_idle_timeout, client_login_timeout) shared by every pool and client, so no per-client
-timers exist on the hot path, and one stats-snapshot callback every `stats_period` (averages,
-rates, advice). Building a `Pooler` loads every file the settings name and raises `ConfigError`
+`ClientRegistry`, the `AdminConsole` and the `Maintenance` pass (maintenance.py: every timeout
+and periodic job, stats snapshots included, so no per-client timers exist on the hot path).
+Accepting is accepting.py's (the open files limit, the descriptor budget, accept failures).
+Building a `Pooler` loads every file the settings name and raises `ConfigError`
 (one line per problem) if any is unusable; a reload does the same and keeps the old ones then.
 
 Reload and shutdown are methods here so every trigger shares one code path (SIGHUP and the admin
@@ -16,8 +16,13 @@ console's RELOAD call `reload()`; SIGTERM, SIGINT and SHUTDOWN call `drain()` th
 - `drain()` is PgBouncer's "wait for servers" shutdown, per client: stop accepting, close
   clients that are between transactions at once (safe: nothing of theirs is running, and they
   reconnect elsewhere), refuse new transactions with SQLSTATE 57P01, let transactions already
-  running finish, and close each such client as its transaction ends. It returns when no client
-  is left inside a transaction, or at the timeout; `stop()` then closes whatever is left.
+  running finish, and close each such client as its transaction ends. A client "between
+  transactions" is one holding no server, or one keeping its server (session mode, or pinned by
+  session_state_policy = "pin") with nothing outstanding and no transaction open. It returns
+  when no client is left inside a transaction, or at the timeout; `stop()` then ends whatever is
+  left, each client with PostgreSQL's FATAL 57P01 "terminating connection due to administrator
+  command" (SIGINT's fast drain and a second signal too), never a bare close, unless a
+  server message is half forwarded to it (an error cannot follow half a message).
 """
 
 from __future__ import annotations
@@ -28,25 +33,30 @@ import ipaddress
 import logging
 import os
 import socket
-import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from pypooler import advisor
+from pypooler.accepting import (
+    Acceptor,
+    LoopAcceptor,
+    bind_listening_sockets,
+    check_descriptor_budget,
+    raise_descriptor_limit,
+)
 from pypooler.admin import AdminConsole
 from pypooler.auth import Authenticator
 from pypooler.client import ClientConnection, ClientRegistry
 from pypooler.config import RESTART_ONLY_SETTINGS, ConfigError, Settings
+from pypooler.maintenance import Maintenance
 from pypooler.metrics import MetricsServer
 from pypooler.pool import PoolManager, shutdown_refused
 from pypooler.protocol import codec
+from pypooler.protocol.errors import ShuttingDown
 from pypooler.tls import client_tls, server_ssl_context
 
 log = logging.getLogger("pypooler")
 
-# Seconds between maintenance passes: a tenth of the shortest timeout, kept within these bounds.
-MAINTENANCE_MIN_INTERVAL = 0.05
-MAINTENANCE_MAX_INTERVAL = 1.0
 LISTEN_BACKLOG = 4096  # serverless bursts open many connections at once
 # How long stop() waits for connections to close cleanly before aborting them.
 STOP_GRACE_S = 2.0
@@ -56,15 +66,10 @@ STOP_POLL_S = 0.005
 DRAIN_POLL_S = 0.05
 
 
-def maintenance_interval(settings: Settings) -> float:
-    timeouts = [
-        t
-        for t in (settings.query_wait_timeout, settings.server_idle_timeout, settings.client_login_timeout)
-        if t > 0
-    ]
-    if not timeouts:
-        return MAINTENANCE_MAX_INTERVAL
-    return min(MAINTENANCE_MAX_INTERVAL, max(MAINTENANCE_MIN_INTERVAL, min(timeouts) / 10))
+def administrator_terminated() -> ShuttingDown:
+    """How a shutdown ends a client it cannot wait for any longer: PostgreSQL's own words for
+    a backend ended by the administrator (SQLSTATE 57P01), which drivers take as "reconnect"."""
+    return ShuttingDown("terminating connection due to administrator command")
 
 
 class Pooler:
@@ -94,36 +99,51 @@ class Pooler:
         self.registry.admin_login = self.console.login
         self.registry.reload = self._reload_for_console
         self.registry.shutdown = self.request_shutdown
-        self._listener: asyncio.Server | None = None
-        self._maintenance: asyncio.TimerHandle | None = None
-        self._snapshots: asyncio.TimerHandle | None = None
-        self._stopping = False
+        self._acceptor: Acceptor | LoopAcceptor | None = None
+        self.maintenance = Maintenance(
+            self.manager, self.registry, settings, resume_accepting=self._resume_accepting
+        )
+        self._stopped: asyncio.Future[None] | None = None  # set once stop() has begun
         self.port = settings.listen_port
         self.metrics = MetricsServer(self.manager, self.registry)
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
+        # Before any socket is opened: every client and server connection is a descriptor.
+        limit = raise_descriptor_limit()
+        log.info("open files limit: %d", limit)
+        scarce = check_descriptor_budget(self.settings, limit) is not None
         if self.settings.metrics_port is not None:
             await self.metrics.start(self.settings.metrics_addr, self.settings.metrics_port)
-        loop = asyncio.get_running_loop()
-        self._listener = await loop.create_server(
-            # A C-level partial: no interpreted frame per accepted connection.
-            functools.partial(ClientConnection, self.registry),
-            self.settings.listen_addr,
-            self.settings.listen_port,
-            backlog=LISTEN_BACKLOG,
-            reuse_address=True,
+        sockets = await bind_listening_sockets(
+            self.settings.listen_addr, self.settings.listen_port, LISTEN_BACKLOG
         )
-        sockets = self._listener.sockets
+        # A C-level partial: no interpreted frame per accepted connection.
+        factory = functools.partial(ClientConnection, self.registry)
+        # Our own accept only where descriptors may run out (see accepting.py).
+        self._acceptor = (
+            Acceptor(
+                sockets,
+                factory,
+                log_limiter=self.manager.log_limiter,
+                on_failure=self._accept_failed,
+                describe=self._describe_connections,
+            )
+            if scarce
+            else LoopAcceptor(sockets, factory)
+        )
         if sockets:
             self.port = sockets[0].getsockname()[1]
         if self.settings.tcp_keepalive:
             # Accepted sockets inherit SO_KEEPALIVE from the listener (Linux): one setsockopt
-            # here instead of a socket object and a syscall per client connection.
+            # here instead of a syscall per client connection.
             for sock in sockets:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        self._schedule_maintenance()
-        self._schedule_snapshots()
+        if isinstance(self._acceptor, LoopAcceptor):
+            await self._acceptor.start()
+        else:
+            self._acceptor.start()
+        self.maintenance.start()
         self.metrics.listening = True
         # Warn now if the configured bounds cannot fit the servers (needs forced users).
         self._background(advisor.check_capacity(self.manager, self.settings))
@@ -143,29 +163,19 @@ class Pooler:
                 " without a C compiler (or from a source checkout not yet compiled: make compile)"
             )
 
-    def _schedule_maintenance(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._maintenance = loop.call_later(maintenance_interval(self.settings), self._maintain)
+    def _accept_failed(self, exc: OSError) -> None:
+        self.registry.accept_failures += 1
 
-    def _maintain(self) -> None:
-        try:
-            self.manager.expire()
-            self.registry.expire_logins(time.monotonic_ns())
-            self.manager.log_limiter.flush()  # summaries of lines suppressed a while ago
-        except Exception:  # maintenance must never stop running
-            log.exception("maintenance pass failed")
-        self._schedule_maintenance()
+    def _describe_connections(self) -> str:
+        servers = sum(len(pool.servers) + pool.connecting for pool in self.manager.pools.values())
+        return f"{len(self.registry.clients)} clients and {servers} servers open"
 
-    def _schedule_snapshots(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._snapshots = loop.call_later(self.settings.stats_period, self._take_snapshots)
-
-    def _take_snapshots(self) -> None:
-        try:
-            self.manager.take_snapshots()
-        except Exception:  # snapshots must never stop being taken
-            log.exception("stats snapshot failed")
-        self._schedule_snapshots()
+    def _resume_accepting(self) -> None:
+        """The maintenance pass: accept again after running out of descriptors (not while
+        draining, when the sockets are closed)."""
+        acceptor = self._acceptor
+        if acceptor is not None and acceptor.paused and not self.draining:
+            acceptor.resume()
 
     def _background(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -239,11 +249,10 @@ class Pooler:
         changes += self.manager.reload(new, stored_secret=auth.stored_secret, server_tls=server_tls)
         if new.log_level != old.log_level:
             logging.getLogger("pypooler").setLevel(new.log_level)
-        if new.stats_period != old.stats_period and self._snapshots is not None:
-            self._snapshots.cancel()
-            self._schedule_snapshots()
+        self.maintenance.reload(new)  # a new interval, and the stats_period
         log.info("reloaded configuration: %s", "; ".join(changes) or "no changes")
-        if self._listener is not None and not self.draining:
+        if self._acceptor is not None and not self.draining:
+            check_descriptor_budget(new)
             self._background(advisor.check_capacity(self.manager, new))
         return True
 
@@ -257,8 +266,8 @@ class Pooler:
         self.draining = True
         self.metrics.draining = True
         self.registry.accepting = False
-        if self._listener is not None:
-            self._listener.close()
+        if self._acceptor is not None:
+            self._acceptor.close()
         self.manager.drain()
         log.info(
             "draining: %d clients, %d inside a transaction; up to %g s",
@@ -271,6 +280,7 @@ class Pooler:
                 return 0
             if loop.time() >= deadline:
                 log.warning("drain timeout (%g s): closing %d clients inside a transaction", timeout, busy)
+                self._terminate_clients()
                 return busy
             await asyncio.sleep(DRAIN_POLL_S)
 
@@ -284,15 +294,21 @@ class Pooler:
             if server is None:
                 client.fail(shutdown_refused())  # logging in, or between transactions
             elif (
-                client.mode == "session"
+                (client.mode == "session" or client.pinned)  # keeps its server between transactions
                 and client.idle_since_ns  # the server answered everything
                 and not client.idle_in_xact
                 and client.frontend.at_rest
             ):
-                client.fail(shutdown_refused())  # a session between transactions
+                client.fail(shutdown_refused())  # a session (or a pinned client) at rest
             else:
                 busy += 1
         return busy
+
+    def _terminate_clients(self) -> None:
+        """End every client still connected with FATAL 57P01 (see the module docstring); their
+        servers are closed as they go (PostgreSQL rolls back what was running)."""
+        for client in list(self.registry.clients):
+            client.terminate(administrator_terminated())
 
     def request_shutdown(self) -> None:
         """SHUTDOWN on the admin console."""
@@ -302,24 +318,26 @@ class Pooler:
             asyncio.get_running_loop().create_task(self.stop())
 
     async def stop(self) -> None:
-        """Stop listening, end every client and server connection."""
-        if self._stopping:
+        """Stop listening, end every client and server connection. A second call (SHUTDOWN
+        on the console, then the owner's own stop) waits for the first to finish."""
+        if self._stopped is not None:
+            await asyncio.shield(self._stopped)
             return
-        self._stopping = True
+        self._stopped = asyncio.get_running_loop().create_future()
+        try:
+            await self._stop()
+        finally:
+            self._stopped.set_result(None)
+
+    async def _stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        if self._snapshots is not None:
-            self._snapshots.cancel()
-        if self._maintenance is not None:
-            self._maintenance.cancel()
-        if self._listener is not None:
-            self._listener.close()
+        self.maintenance.stop()
+        if self._acceptor is not None:
+            self._acceptor.close()
         self.registry.accepting = False
-        for client in list(self.registry.clients):
-            client.transport.close()
+        self._terminate_clients()
         self.manager.close()
-        if self._listener is not None:
-            await self._listener.wait_closed()
         # Let every transport really close (TLS closes take round trips) before the loop may be
         # closed: a transport still open then makes uvloop refuse to close the loop.
         loop = asyncio.get_running_loop()

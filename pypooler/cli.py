@@ -12,6 +12,9 @@ Signals while running:
   `shutdown_drain_timeout`, exit 0.
 - SIGINT does the same with at most FAST_DRAIN_S for running transactions (Ctrl-C at a terminal).
 - A second SIGTERM or SIGINT during the drain closes everything at once and exits 1.
+- Whatever a drain leaves running, and what a second signal cuts, ends as PostgreSQL ends a
+  terminated backend: FATAL 57P01 "terminating connection due to administrator command"
+  (Pooler.stop), not a bare close.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ TLS is configured, else 'N'; GSSENCRequest answered 'N'; CancelRequest routed; S
 read), authentication (the method from auth_type or hba, the user's secret from auth_file or
 auth_query, then the `auth.ClientAuthExchange` fed message by message), welcome
 (AuthenticationOk, the pool's ParameterStatus set, our own BackendKeyData, ReadyForQuery), then
-ready. Until ready, `client_login_timeout` (checked by the shared maintenance pass, no timer per
-client) bounds the whole login; nothing of it touches the ready path. When ready, every read is
+ready. Until ready, `client_login_timeout` (decided by the maintenance pass, maintenance.py; no
+timer per client) bounds the whole login; nothing of it touches the ready path. When ready, every read is
 fed to the `FrontendStream` tracker and either forwarded to the linked server in one `write` of
 the very bytes received, or held while the pool finds a server.
 
@@ -84,7 +84,7 @@ from pypooler.rewriting import RewritingBackend, RewritingFrontend
 from pypooler.server import ServerConnection, tune_transport
 from pypooler.session_parameters import clean_ascii, same_value, settings_sql, startup_settings
 from pypooler.session_state import EXPLANATIONS, HINTS
-from pypooler.stats import NS_PER_S, STATEMENT_ALWAYS_NS, TrafficStats
+from pypooler.stats import STATEMENT_ALWAYS_NS, TrafficStats
 from pypooler.tls import ClientTls
 
 log = logging.getLogger("pypooler.client")
@@ -93,8 +93,6 @@ CANCEL_KEY = struct.Struct("!ii")
 CANCEL_KEYS_PER_BATCH = 256
 # Bytes a client may send while it waits for a server before we stop reading from it.
 PENDING_LIMIT = 256 * 1024
-# Seconds to wait for the postmaster to take a CancelRequest (it closes the connection when done).
-CANCEL_TIMEOUT = 5.0
 _TX_IDLE = c.TX_IDLE
 _TX_IN_TRANSACTION = c.TX_IN_TRANSACTION
 _X = c.F_TERMINATE
@@ -137,8 +135,8 @@ class ClientRegistry:
         # Live client connections, admin console sessions included (they count against
         # max_client_conn like any other client).
         self.clients: set[ClientConnection] = set()
-        # Clients not logged in yet, oldest first (dicts keep insertion order): the login
-        # timeout pass stops at the first one still within its time.
+        # Clients not logged in yet, oldest first (dicts keep insertion order): the maintenance
+        # pass (client_login_timeout) stops at the first one still within its time.
         self.logging_in: dict[ClientConnection, None] = {}
         self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}
         self._random_keys: list[tuple[int, int]] = []
@@ -146,27 +144,17 @@ class ClientRegistry:
         # Every log line a client can cause again and again goes through this (log_limits.py).
         self.log_limiter = manager.log_limiter
         self.connects = 0  # TCP connections accepted
+        # accept() calls that failed for want of file descriptors (accepting.py).
+        self.accept_failures = 0
+        # Cancel requests being delivered -> when they started (monotonic ns): the maintenance
+        # pass abandons those still in flight after CANCEL_TIMEOUT_S.
+        self.cancels: dict[asyncio.Task[None], int] = {}
         self.accepting = True
         self.admin_login: AdminLogin | None = None
         # (application_name, kind) pairs already warned about (session_state_policy = "log").
         self.warned: set[tuple[str, str]] = set()
         self.reload: Callable[[], None] | None = None
         self.shutdown: Callable[[], None] | None = None
-
-    def expire_logins(self, now_ns: int) -> None:
-        """Close clients that did not log in within client_login_timeout (slowloris)."""
-        timeout = self.settings.client_login_timeout
-        if not timeout or not self.logging_in:
-            return
-        limit = now_ns - int(timeout * NS_PER_S)
-        expired = []
-        for client in self.logging_in:
-            if client.connected_ns > limit:
-                break
-            expired.append(client)
-        for client in expired:
-            self.logging_in.pop(client, None)
-            client.login_timed_out(timeout)
 
     def new_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
         """A fresh random BackendKeyData for a client (unguessable, so nobody cancels others)."""
@@ -195,18 +183,31 @@ class ClientRegistry:
         if client is None or server is None:
             return
         server.cancels += 1
-        asyncio.get_running_loop().create_task(send_cancel(client, server, client.pool))
+        task = asyncio.get_running_loop().create_task(send_cancel(client, server, client.pool))
+        self.cancels[task] = time.monotonic_ns()
+        task.add_done_callback(self._cancel_done)
+
+    def _cancel_done(self, task: asyncio.Task[None]) -> None:
+        self.cancels.pop(task, None)
+
+    def cancel_timed_out(self, task: asyncio.Task[None], timeout: float) -> None:
+        """The maintenance pass gave up on a cancel request: stop delivering it (send_cancel's
+        cleanup lets its server be lent again)."""
+        self.log_limiter.log(
+            log, logging.WARNING, ("cancel_failed", "timeout"),
+            "cancel request not delivered within %g s: abandoned", timeout,
+        )  # fmt: skip
+        task.cancel()
 
 
 async def send_cancel(client: ClientConnection, server: ServerConnection, pool: Pool) -> None:
     """Deliver `client`'s cancel to `server` with the server's own key; then let the pool lend
     the server again if it was released meanwhile."""
     login = server.login
+    # No timeout here: the maintenance pass cancels this task after CANCEL_TIMEOUT_S.
     try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(login.host, login.port), CANCEL_TIMEOUT
-        )
-    except (OSError, TimeoutError) as exc:
+        reader, writer = await asyncio.open_connection(login.host, login.port)
+    except OSError as exc:
         client.registry.log_limiter.log(
             log, logging.WARNING, ("cancel_failed", login.host, login.port),
             "cancel request to %s:%d failed: %s", login.host, login.port, exc,
@@ -216,8 +217,8 @@ async def send_cancel(client: ClientConnection, server: ServerConnection, pool: 
             if client.server is server:  # still that client's transaction
                 writer.write(codec.build_cancel_request(server.process_id, server.secret_key))
                 # The postmaster signals the backend, then closes: after EOF the cancel is done.
-                await asyncio.wait_for(reader.read(), CANCEL_TIMEOUT)
-        except (OSError, TimeoutError) as exc:
+                await reader.read()
+        except OSError as exc:
             client.registry.log_limiter.log(
                 log, logging.WARNING, ("cancel_failed", login.host, login.port),
                 "cancel request to %s:%d failed: %s", login.host, login.port, exc,
@@ -1241,6 +1242,9 @@ class ClientConnection(asyncio.Protocol):
 
     async def _start_tls(self, tls: ClientTls) -> None:
         raw = self.transport
+        # client_login_timeout is decided by the maintenance pass (it closes `raw`, which ends
+        # the handshake). The loop wants a handshake timeout of its own (else its default):
+        # the same value, counted from later than the pass counts, so it never fires first.
         timeout = self.registry.settings.client_login_timeout or None
         try:
             transport = await asyncio.get_running_loop().start_tls(
@@ -1592,6 +1596,19 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.write(exc.to_error_response())
             self.transport.close()
         self.closed = True
+
+    def terminate(self, exc: PoolerError) -> None:
+        """End the client whatever it is doing (shutdown): `exc` as its FATAL error, then the
+        close; only the close inside a TLS handshake (nothing can be said in clear) or when
+        half a server message has been forwarded to it (an error cannot follow that). A linked
+        server is closed as the client goes (see _give_back_on_exit)."""
+        if self.closed:
+            return
+        server = self.server
+        if self._tls_handshake or (server is not None and not server.backend.at_message_boundary):
+            self.transport.close()
+            return
+        self.fail(exc)
 
     def _left_during_login(self) -> None:
         """The client closed before logging in: an incomplete startup packet is logged, as

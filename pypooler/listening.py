@@ -171,7 +171,9 @@ class Listener:
         self._waiting: dict[bytes, list[Confirm]] = {}
         self._error: bytes = b""  # the ErrorResponse of the command in flight, if any
         self._backoff = 0.0
-        self._empty_since_ns = 0  # no channel since then (0: some channel, or nothing open)
+        # No channel since then (0: some channel, or nothing open); maintenance.py closes the
+        # connection server_idle_timeout after it.
+        self.empty_since_ns = 0
         self.closed = False
         self.delivered = 0  # NotificationResponses passed to clients
         self.dropped = 0  # dropped from full client queues
@@ -187,7 +189,7 @@ class Listener:
             confirm(_SHUTTING_DOWN)
             return
         self.map.listen(client, channel)
-        self._empty_since_ns = 0
+        self.empty_since_ns = 0
         server = self.server
         if server is None:
             self._waiting.setdefault(channel, []).append(confirm)
@@ -217,7 +219,7 @@ class Listener:
         if server is not None and channel in self._on_server:
             self._send(server, channel, listen=False)
         if not self.map:
-            self._empty_since_ns = time.monotonic_ns()
+            self.empty_since_ns = time.monotonic_ns()
             if not self.pool.settings.server_idle_timeout:
                 self._close_server()
 
@@ -399,14 +401,13 @@ class Listener:
             self._on_server.clear()
             self._in_flight.clear()
             server.close()
-        self._empty_since_ns = 0
+        self.empty_since_ns = 0
 
     # ------------------------------------------------------------------ the pool's calls
 
-    def expire(self, now_ns: int, idle_timeout_s: float) -> None:
-        """Close the connection once no channel has been listened to for `idle_timeout_s`."""
-        if self._empty_since_ns and now_ns - self._empty_since_ns >= idle_timeout_s * NS_PER_S:
-            self._close_server()
+    def close_connection(self) -> None:
+        """No channel was listened to for server_idle_timeout (the maintenance pass decides)."""
+        self._close_server()
 
     def reconnect(self) -> None:
         """RECONNECT or a RELOAD with a new server login: reopen on the current login."""

@@ -33,6 +33,9 @@ log = logging.getLogger("pypooler.metrics")
 POOL_LABELS = ["database", "user"]
 APP_LABELS = ["database", "user", "application_name"]
 READY_PROBE_TIMEOUT_S = 1.0
+# A scraper or probe sends its request at once; one that does not is closed after this (an
+# awaited read of its own connection's task, not a pooler timeout: see maintenance.py).
+REQUEST_HEAD_TIMEOUT_S = 10.0
 READY_CACHE_S = 2.0  # a probe result is reused this long, so probes cannot hammer the server
 MAX_REQUEST_BYTES = 8192
 
@@ -211,6 +214,12 @@ class PoolCollector(Collector):
         )
         accepted.add_metric([], self.registry.connects)
         yield accepted
+        accept_failures = CounterMetricFamily(
+            "pypooler_accept_failures",
+            "Client connections that could not be accepted for want of file descriptors.",
+        )
+        accept_failures.add_metric([], self.registry.accept_failures)
+        yield accept_failures
         connected = GaugeMetricFamily("pypooler_clients_connected", "Client connections open now.")
         connected.add_metric([], len(self.registry.clients))
         yield connected
@@ -241,7 +250,7 @@ class MetricsServer:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_HEAD_TIMEOUT_S)
             parts = head[:MAX_REQUEST_BYTES].split(b" ", 2)
             method, path = (parts[0], parts[1].split(b"?")[0]) if len(parts) >= 2 else (b"", b"")
             if method not in (b"GET", b"HEAD"):

@@ -14,6 +14,9 @@ Rules:
   the cancel must never reach the next borrower's query.
 - In transaction and statement mode each server gets a `RewritingBackend` and a bounded
   `ServerStatements`; the pool's `StatementRegistry` names statements for all its servers.
+- Timeouts (query_wait_timeout, server_idle_timeout, server_lifetime, idle_transaction_timeout,
+  server_login_retry) are decided by the maintenance pass (maintenance.py), which calls the small
+  methods under "maintenance.py's calls"; the pool keeps no timer of its own.
 - A waiter is anything with `waiting`, `wait_started_ns`, `link` and `fail`: a ClientConnection,
   or a `Borrower` when pypooler needs a server for itself (auth_query).
 - Admin states cost the hot path one attribute test: `release` looks closer only when `draining`
@@ -39,9 +42,7 @@ from pypooler.prepared import SchemaVersion, ServerStatements, StatementRegistry
 from pypooler.protocol import codec
 from pypooler.protocol.errors import (
     AuthLookupFailed,
-    IdleTransactionTimeout,
     PoolerError,
-    QueryWaitTimeout,
     ServerConnectFailed,
     ShuttingDown,
     StartupParameterRejected,
@@ -172,7 +173,7 @@ class Pool:
         # (see session_parameters.py): learned once, so welcomes stay a dict lookup.
         self.spellings: dict[tuple[str, str], str] = {}
         self.last_connect_error: PoolerError | None = None
-        self._retry_at_ns = 0  # no new server connects before this (server_login_retry)
+        self.retry_at_ns = 0  # no new server connects before this (server_login_retry)
         self.stats = PoolStats(
             max_applications=settings.stats_max_applications,
             max_statements=settings.stats_max_statements,
@@ -255,17 +256,10 @@ class Pool:
         itself would have answered with a FATAL one at login.
         """
         request = codec.build_query(spelling_sql(pairs, self.parameters or {}))
-        timeout = self.settings.query_wait_timeout or None
         errors: list[dict[str, str]] = []
-        try:
-            async with asyncio.timeout(timeout):
-                server = await self.borrow()
-        except TimeoutError:
-            raise QueryWaitTimeout(
-                f"query_wait_timeout: no server within {timeout:g} s to check the startup"
-                " parameters",
-                detail=f"pool_size is {self.size}",
-            ) from None
+        # Waits in line like a client: the maintenance pass fails the wait (QueryWaitTimeout)
+        # after query_wait_timeout.
+        server = await self.borrow()
         try:
             row, clean = await server.query_first_row(request, errors)
         except BaseException:
@@ -323,7 +317,7 @@ class Pool:
     # ------------------------------------------------------------------ opening servers
 
     def _open_servers_for_waiters(self) -> None:
-        if self.closed or self.paused or (self._retry_at_ns and time.monotonic_ns() < self._retry_at_ns):
+        if self.closed or self.paused or (self.retry_at_ns and time.monotonic_ns() < self.retry_at_ns):
             return
         wanted = self.waiting - self.connecting
         room = self.size - len(self.servers) - self.connecting
@@ -407,9 +401,9 @@ class Pool:
             return  # servers exist or are coming; the waiters will be served by them
         retry = self.settings.server_login_retry
         if retry:
-            # Like PgBouncer: keep the waiters (query_wait_timeout bounds them) and try again later.
-            self._retry_at_ns = time.monotonic_ns() + int(retry * NS_PER_S)
-            asyncio.get_running_loop().call_later(retry, self._retry_connect)
+            # Like PgBouncer: keep the waiters (query_wait_timeout bounds them) and try again
+            # later: the maintenance pass calls retry_connect once this time has come.
+            self.retry_at_ns = time.monotonic_ns() + int(retry * NS_PER_S)
             return
         # No server can serve the waiters now: tell them why instead of leaving them hanging.
         while self.waiters:
@@ -418,10 +412,6 @@ class Pool:
                 client.waiting = False
                 self.waiting -= 1
                 client.fail(exc)
-
-    def _retry_connect(self) -> None:
-        self._retry_at_ns = 0
-        self._open_servers_for_waiters()
 
     def welcome_prefix(self) -> bytes:
         """AuthenticationOk and the ParameterStatus set minus application_name, built once."""
@@ -457,87 +447,40 @@ class Pool:
             await asyncio.shield(self._parameters_ready)
         return self.parameters
 
-    # ------------------------------------------------------------------ maintenance
+    # ------------------------------------------------------------------ maintenance.py's calls
 
-    def expire(self, now_ns: int) -> None:
-        """Time out waiters past query_wait_timeout and close servers idle too long."""
-        self.stats.new_pass(now_ns)
-        timeout = self.settings.query_wait_timeout
-        if timeout and self.waiting:
-            limit = now_ns - int(timeout * NS_PER_S)
-            waiters = self.waiters
-            while waiters and (not waiters[0].waiting or waiters[0].wait_started_ns <= limit):
-                client = waiters.popleft()
-                if client.waiting:
-                    client.waiting = False
-                    self.waiting -= 1
-                    self.warn_wait(client, now_ns - client.wait_started_ns, timed_out=True)
-                    client.fail(
-                        QueryWaitTimeout(
-                            f"query_wait_timeout: no server connection for {self.database}/"
-                            f"{self.user} became free within {timeout:g} s",
-                            detail="the database is paused (PAUSE or KILL on the admin console)"
-                            if self.paused
-                            else f"pool_size {self.size}: all {self.lent} servers were busy",
-                            hint="RESUME it on the admin console"
-                            if self.paused
-                            else "transactions hold servers too long, or pool_size is too small",
-                        )
-                    )
-        if self.lent and (self.settings.hold_warn_ms or self.settings.idle_transaction_timeout):
-            self._watch_holders(now_ns)
-        lifetime = self.settings.server_lifetime
-        if lifetime and self.servers:
-            self._retire_old_servers(now_ns - int(lifetime * NS_PER_S))
-        idle_timeout = self.settings.server_idle_timeout
-        if self.listener is not None:
-            self.listener.expire(now_ns, idle_timeout)
-        if idle_timeout and self.idle:
-            limit = now_ns - int(idle_timeout * NS_PER_S)
-            # idle is LIFO, so the longest-idle servers are at the front.
-            while self.idle and self.idle[0].last_used_ns <= limit:
-                self.idle.pop(0).close()
+    def first_waiter(self) -> Waiter | None:
+        """The client waiting longest (waiters that left are dropped on the way), or None."""
+        waiters = self.waiters
+        while waiters and not waiters[0].waiting:
+            waiters.popleft()
+        return waiters[0] if waiters else None
 
-    def _retire_old_servers(self, created_before_ns: int) -> None:
-        """server_lifetime: close servers created before that, idle ones now, lent ones when
-        they come back (through `draining`, like RECONNECT)."""
-        old = [s for s in self.servers if s.created_ns <= created_before_ns and not s.close_needed]
-        if not old:
-            return
-        for server in old:
+    def retire(self, servers: list[ServerConnection]) -> None:
+        """Close these servers (server_lifetime): idle ones now, lent ones when they come back
+        (through `draining`, like RECONNECT)."""
+        for server in servers:
             server.close_needed = True
         self.draining = True
         for server in [s for s in self.idle if s.close_needed]:
             server.close()
         self._update_draining()
 
+    def close_idle(self, server: ServerConnection) -> None:
+        """Close an idle server (server_idle_timeout); `server_closed` forgets it."""
+        self.idle.remove(server)
+        server.close()
+
+    def retry_connect(self) -> None:
+        """server_login_retry has passed since the last failed connect: try again for the
+        waiters."""
+        self.retry_at_ns = 0
+        self._open_servers_for_waiters()
+
     def holders(self, now_ns: int) -> list[ClientConnection]:
         """Clients holding a server right now, longest hold first."""
         clients = [s.client for s in self.servers if s.client is not None]
         return sorted(clients, key=lambda c: c.lent_ns)
-
-    def _watch_holders(self, now_ns: int) -> None:
-        """Hog detection: warn about, or end, clients that sit idle inside a transaction."""
-        warn_ns = self.settings.hold_warn_ms * 1e6
-        timeout_ns = self.settings.idle_transaction_timeout * NS_PER_S
-        for client in self.holders(now_ns):
-            if not (client.idle_since_ns and client.idle_in_xact):
-                continue
-            idle = now_ns - client.idle_since_ns
-            if timeout_ns and idle > timeout_ns:
-                client.fail(
-                    IdleTransactionTimeout(
-                        "terminating connection due to idle_transaction_timeout: idle in a"
-                        f" transaction for {idle / 1e9:.1f} s while holding a server",
-                        hint="commit or roll back before doing non-database work",
-                    )
-                )
-            elif warn_ns and idle > warn_ns and not client.hog_warned:
-                client.hog_warned = True
-                log.warning(
-                    "pool %s/%s: %s has held a server idle in transaction for %.0f ms",
-                    self.database, self.user, describe_holder(client, now_ns), idle / 1e6,
-                )
 
     def warn_wait(self, client: Waiter, waited_ns: int, *, timed_out: bool = False) -> None:
         """Say why a client waited: name the top holders (at most one line a second per pool)."""
@@ -744,7 +687,7 @@ class PoolManager:
         self.disabled: set[str] = set()
         # Per PostgreSQL database (host, port, dbname): schema changes seen, for every pool of it.
         self.schemas: dict[tuple[str, int, str], SchemaVersion] = {}
-        self.log_limiter = LogLimiter()  # flushed by the maintenance pass (app.py)
+        self.log_limiter = LogLimiter()  # flushed by the maintenance pass (maintenance.py)
 
     def database_config(self, database: str) -> tuple[str, DatabaseConfig] | None:
         """The [databases] entry serving `database`: its own, else the '*' fallback."""
@@ -870,11 +813,6 @@ class PoolManager:
     def drain(self) -> None:
         for pool in self.pools.values():
             pool.drain()
-
-    def expire(self) -> None:
-        now = time.monotonic_ns()
-        for pool in self.pools.values():
-            pool.expire(now)
 
     def close(self) -> None:
         for pool in self.pools.values():

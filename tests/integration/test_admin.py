@@ -403,6 +403,10 @@ async def test_shutdown_stops_the_pooler(start_pooler: Any) -> None:
     app = await RawClient.login(pooler.host, pooler.port)
     admin = await console(pooler)
     assert await command(admin, "SHUTDOWN") == "SHUTDOWN"
+    # Ended as PostgreSQL ends a terminated backend: FATAL 57P01, then the close.
+    fields = error_fields([await app.next_message(timeout=5)])
+    assert fields is not None and (fields["S"], fields["C"]) == ("FATAL", "57P01")
+    assert fields["M"] == "terminating connection due to administrator command"
     with pytest.raises(ConnectionError):
         await app.next_message(timeout=5)
     with pytest.raises(OSError):

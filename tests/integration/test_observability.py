@@ -118,6 +118,34 @@ async def test_idle_transaction_timeout(start_pooler: Any) -> None:
     assert pooler.pool().stats.errors["idle_transaction_timeout"] == 1
 
 
+async def test_idle_transaction_timeout_fires_on_time_with_default_settings(start_pooler: Any) -> None:
+    """idle_transaction_timeout = 1 s, everything else at its default: each client is ended
+    within 1.5 s of going idle in its transaction, whenever it went idle. Before the pass's
+    interval counted idle_transaction_timeout it was 1 s here, so the timeout fired 1 to 2 s
+    after going idle, depending on where in the pass's cycle the client went idle; three
+    clients 0.35 s apart cover that cycle, so one of them was always late."""
+    pooler = start_pooler(pool_size=3, idle_transaction_timeout=1)
+
+    async def idle_in_transaction(delay: float) -> float:
+        await asyncio.sleep(delay)
+        conn = await asyncpg.connect(pooler.dsn(), statement_cache_size=0)
+        try:
+            await conn.execute("begin")
+            await conn.fetchval("select 1")
+            idle_from = asyncio.get_running_loop().time()
+            while not conn.is_closed():
+                await asyncio.sleep(0.01)
+                if asyncio.get_running_loop().time() - idle_from > 5:
+                    break
+            return asyncio.get_running_loop().time() - idle_from
+        finally:
+            await conn.close(timeout=2)
+
+    lasted = await asyncio.gather(*(idle_in_transaction(delay) for delay in (0, 0.35, 0.7)))
+    assert all(0.9 <= seconds < 1.5 for seconds in lasted), lasted
+    assert pooler.pool().stats.errors["idle_transaction_timeout"] == 3
+
+
 async def test_health_endpoints(start_pooler: Any) -> None:
     pooler = start_pooler()
     for path, status in (("/healthz", 200), ("/readyz", 200)):

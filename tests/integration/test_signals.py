@@ -37,13 +37,24 @@ class PoolerProcess:
     def __init__(self, config: Path) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PYPOOLER_", "PG"))}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pypooler", "run", "--config", str(config)],
+            self.command(config),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         )  # fmt: skip
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+
+    def command(self, config: Path) -> list[str]:
+        return [sys.executable, "-m", "pypooler", "run", "--config", str(config)]
+
+    def drain_output(self) -> None:
+        """Move every line read so far into `seen`."""
+        while True:
+            try:
+                self.seen.append(self.lines.get_nowait())
+            except queue.Empty:
+                return
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -277,3 +288,58 @@ def test_reload_adds_a_database_and_keeps_socket_settings(
         assert package_logger.level == logging.DEBUG  # the log level reloads
     finally:
         package_logger.setLevel(level)
+
+
+def test_sigterm_closes_a_pinned_client_at_rest_at_once(pooler_factory: PoolerFactory) -> None:
+    """A client pinned by session_state_policy = "pin" keeps its server between transactions,
+    as a session-mode client does: at rest it is closed at once, not at the drain timeout."""
+    process, _, dsn, _ = pooler_factory(shutdown_drain_timeout=30, session_state_policy='"pin"')
+    pinned = connect(dsn, autocommit=True)
+    try:
+        pinned.execute("SET work_mem = '8MB'")  # session state: pinned to its server from here
+        process.wait_for(r"keeps its server until it disconnects")
+        assert pinned.execute("SHOW work_mem").fetchone() == ("8MB",)  # still its server
+        started = time.monotonic()
+        process.signal(signal.SIGTERM)
+        process.wait_for(r"draining: 1 clients, 0 inside a transaction")
+        assert process.proc.wait(10) == 0
+        assert time.monotonic() - started < 5  # not the 30 s drain timeout
+        with pytest.raises(psycopg.OperationalError):
+            pinned.execute("SELECT 1")
+    finally:
+        pinned.close()
+
+
+def test_sigint_ends_a_client_in_a_query_with_admin_shutdown(pooler_factory: PoolerFactory) -> None:
+    """SIGINT's fast drain ends what is still running with PostgreSQL's FATAL 57P01, as the
+    end of SIGTERM's drain does, never with a bare close."""
+    process, _, dsn, _ = pooler_factory(shutdown_drain_timeout=30)
+    in_query = connect(dsn, autocommit=True)
+    idle_in_transaction = connect(dsn)
+    errors: list[BaseException] = []
+
+    def run_query() -> None:
+        try:
+            in_query.execute("SELECT pg_sleep(3)")
+        except BaseException as exc:
+            errors.append(exc)
+
+    try:
+        idle_in_transaction.execute("SELECT 1")  # a transaction left open
+        query = threading.Thread(target=run_query, daemon=True)
+        query.start()
+        time.sleep(0.3)  # the query runs
+        process.signal(signal.SIGINT)
+        query.join(10)
+        assert process.proc.wait(10) == 0
+        (error,) = errors
+        assert isinstance(error, psycopg.OperationalError)
+        assert error.sqlstate == ADMIN_SHUTDOWN
+        assert "terminating connection due to administrator command" in str(error)
+        with pytest.raises(psycopg.OperationalError) as excinfo:
+            idle_in_transaction.execute("SELECT 2")
+        # Sent while it was idle: libpq reads it at the next statement (or sees the close first).
+        assert excinfo.value.sqlstate == ADMIN_SHUTDOWN or "administrator command" in str(excinfo.value)
+    finally:
+        in_query.close()
+        idle_in_transaction.close()

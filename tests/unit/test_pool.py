@@ -17,6 +17,7 @@ import pytest
 
 from pypooler import pool as pool_module
 from pypooler.config import Settings, load_settings
+from pypooler.maintenance import maintain_pool
 from pypooler.pool import Pool
 from pypooler.protocol.errors import PoolerError, QueryWaitTimeout, ServerConnectFailed, ShuttingDown
 from pypooler.protocol.transaction import FrontendStream
@@ -404,7 +405,10 @@ async def test_server_login_retry_keeps_waiters_and_tries_again(connector: FakeC
     await settle()
     assert connector.calls == 1
 
-    await asyncio.sleep(0.1)
+    maintain_pool(pool, time.monotonic_ns())  # the pass: within the delay, nothing yet
+    await settle()
+    assert connector.calls == 1
+    maintain_pool(pool, time.monotonic_ns() + NS)  # the pass after the delay retries
     await settle()
     assert connector.calls == 3  # one per waiter, after the delay
     s1, s2 = await connector.succeed(2)
@@ -472,10 +476,10 @@ async def test_query_wait_timeout_fails_only_expired_waiters(connector: FakeConn
         client.wait_started_ns = started  # as if each had queued at `started`
     pool.cancel_wait(left)
 
-    pool.expire(t0 + 10 * NS - 1)
+    maintain_pool(pool, t0 + 10 * NS - 1)
     assert [x.failures for x in (left, a, b, c)] == [[], [], [], []]
 
-    pool.expire(t0 + 10 * NS)
+    maintain_pool(pool, t0 + 10 * NS)
     assert left.failures == []
     assert len(a.failures) == 1
     timeout = a.failures[0]
@@ -486,7 +490,7 @@ async def test_query_wait_timeout_fails_only_expired_waiters(connector: FakeConn
     assert (b.waiting, c.waiting) == (True, True)
     assert pool.waiting == 2
 
-    pool.expire(t0 + 15 * NS)
+    maintain_pool(pool, t0 + 15 * NS)
     assert len(b.failures) == 1
     assert c.waiting
     assert pool.waiting == 1
@@ -503,7 +507,7 @@ async def test_query_wait_timeout_zero_waits_forever(connector: FakeConnector) -
     client = FakeClient()
     checkout(pool, client)
 
-    pool.expire(time.monotonic_ns() + 10**6 * NS)
+    maintain_pool(pool, time.monotonic_ns() + 10**6 * NS)
 
     assert client.waiting
     assert client.failures == []
@@ -515,15 +519,15 @@ async def test_server_idle_timeout_closes_the_longest_idle(connector: FakeConnec
     t0 = time.monotonic_ns()
     s1.last_used_ns, s2.last_used_ns, s3.last_used_ns = t0, t0 + 30 * NS, t0 + 50 * NS
 
-    pool.expire(t0 + 60 * NS - 1)
+    maintain_pool(pool, t0 + 60 * NS - 1)
     assert pool.idle == [s1, s2, s3]
 
-    pool.expire(t0 + 60 * NS)
+    maintain_pool(pool, t0 + 60 * NS)
     assert (s1.closed, s2.closed, s3.closed) == (True, False, False)
     assert pool.idle == [s2, s3]
     assert pool.servers == {s2, s3}
 
-    pool.expire(t0 + 100 * NS)
+    maintain_pool(pool, t0 + 100 * NS)
     assert pool.idle == [s3]
     assert pool.servers == {s3}
     assert connector.calls == 0  # nobody waits: nothing to replace
@@ -534,7 +538,7 @@ async def test_idle_timeout_spares_lent_servers(connector: FakeConnector) -> Non
     s1, s2 = add_idle(pool, 2)
     assert checkout(pool, FakeClient()) is s2
 
-    pool.expire(time.monotonic_ns() + 3600 * NS)
+    maintain_pool(pool, time.monotonic_ns() + 3600 * NS)
 
     assert s1.closed
     assert not s2.closed
@@ -548,7 +552,7 @@ async def test_server_lifetime_closes_at_release(connector: FakeConnector) -> No
         pool.servers.add(server)  # type: ignore[arg-type]
         server.on_close = pool.server_closed
 
-    pool.expire(time.monotonic_ns())  # the maintenance pass marks the old one; both are lent
+    maintain_pool(pool, time.monotonic_ns())  # the maintenance pass marks the old one; both are lent
     assert not old.closed and pool.draining
     release(pool, young)
     release(pool, old)
@@ -571,7 +575,7 @@ async def test_server_lifetime_expiry_with_a_waiter_opens_a_replacement(
     await settle()
     assert connector.calls == 0
 
-    pool.expire(time.monotonic_ns())
+    maintain_pool(pool, time.monotonic_ns())
     release(pool, old)
     assert old.closed
     assert waiter.linked == []
@@ -585,7 +589,7 @@ async def test_server_lifetime_zero_keeps_servers(connector: FakeConnector) -> N
     old = FakeServer(age_s=10**6)
     pool.servers.add(old)  # type: ignore[arg-type]
 
-    pool.expire(time.monotonic_ns())
+    maintain_pool(pool, time.monotonic_ns())
     release(pool, old)
 
     assert pool.idle == [old]
@@ -602,7 +606,7 @@ async def test_server_lifetime_closes_idle_servers_in_the_maintenance_pass(
         server.on_close = pool.server_closed
         release(pool, server)
 
-    pool.expire(time.monotonic_ns())
+    maintain_pool(pool, time.monotonic_ns())
 
     assert old.closed and not young.closed
     assert pool.idle == [young]
@@ -807,7 +811,7 @@ async def test_random_operations_keep_the_books(connector: FakeConnector) -> Non
                     await connector.fail(ServerConnectFailed("refused"))
             elif op == 5:
                 now += rng.randint(0, 3) * NS
-                pool.expire(now)
+                maintain_pool(pool, now)
             else:
                 await settle()
             assert_bounded(pool)
