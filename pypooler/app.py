@@ -40,6 +40,7 @@ from pypooler.config import RESTART_ONLY_SETTINGS, ConfigError, Settings
 from pypooler.metrics import MetricsServer
 from pypooler.pool import PoolManager, shutdown_refused
 from pypooler.protocol import codec
+from pypooler.protocol.transaction import releasable
 from pypooler.tls import client_tls, server_ssl_context
 
 log = logging.getLogger("pypooler")
@@ -283,13 +284,9 @@ class Pooler:
             server = client.server
             if server is None:
                 client.fail(shutdown_refused())  # logging in, or between transactions
-            elif (
-                client.mode == "session"
-                and client.idle_since_ns  # the server answered everything
-                and not client.idle_in_xact
-                and client.frontend.at_rest
-            ):
-                client.fail(shutdown_refused())  # a session between transactions
+            elif client.mode == "session" and releasable(client.frontend, server.backend):
+                # A session between transactions: its server could go back, were it not kept.
+                client.fail(shutdown_refused())
             else:
                 busy += 1
         return busy

@@ -1,5 +1,15 @@
 """Pool: the bounded set of server connections for one (database, user), and who waits for them.
 
+This module is the one lend path: every server a client (or pypooler itself) gets comes from
+`checkout` (an idle server at once, else a queue place and a new connection if the bound allows),
+and every server given back goes through `release` (handed to the first waiter, or kept idle) or
+`give_back` (release or close, by the release rule's answer). Clients never touch `idle` or
+`waiters`: they may peek at `next_idle` to choose their own fast path, then call `checkout`.
+Whether a server may be given back at all is decided by the release rule in
+protocol/transaction.py (`releasable`), never here. Lending stays in this module rather than a
+separate lending.py because its state (idle list, waiters, bound, drain flags) is the pool's
+state: split apart, either module would have to read the other's fields.
+
 Rules:
 - Bounded: servers open + servers connecting <= `size`, always.
 - Idle servers are reused LIFO (the most recently used one has warm caches; the cold ones age out
@@ -7,11 +17,13 @@ Rules:
 - `checkout` is a plain synchronous call: it returns an idle server at once or queues the client.
   `release` hands the server straight to the first client still waiting (a direct call, no Future,
   no trip through the idle list), because under load nearly every transaction takes that path.
+- Waiters leave the queue in one place, `_take_waiters`: one at a time at a release, or all at
+  once (all that timed out) when none will be served (`_fail_waiters`).
 - A waiter that gave up (disconnected or timed out) stays in the deque with `waiting` cleared and is
   skipped when reached; removing from the middle of a deque would be O(n).
 - The pool never touches sockets itself; it asks `open_server_connection` for new servers.
-- A server with a CancelRequest still being delivered is not lent again until delivery ends:
-  the cancel must never reach the next borrower's query.
+- A server with a CancelRequest still being delivered is not lent again until delivery ends
+  (`cancel_started` / `cancel_delivered`): the cancel must never reach the next borrower's query.
 - In transaction and statement mode each server gets a `RewritingBackend` and a bounded
   `ServerStatements`; the pool's `StatementRegistry` names statements for all its servers.
 - A waiter is anything with `waiting`, `wait_started_ns`, `link` and `fail`: a ClientConnection,
@@ -203,6 +215,13 @@ class Pool:
 
     # ------------------------------------------------------------------ lending
 
+    @property
+    def next_idle(self) -> ServerConnection | None:
+        """The server `checkout` would lend right now (the idle one on top), or None if it would
+        queue: a client's fast path looks at it before asking."""
+        idle = self.idle
+        return idle[-1] if idle else None
+
     def checkout(self, client: Waiter) -> ServerConnection | None:
         """An idle server now, or None with the client queued (it will get `link` called).
 
@@ -236,16 +255,64 @@ class Pool:
             return
         if self.draining and self._retire(server):
             return
+        if self.waiters:  # waiters that left are dropped here too, as they are reached
+            client = self._take_waiter()
+            if client is not None:
+                client.link(server)
+                return
+        server.last_used_ns = now_ns or time.monotonic_ns()
+        self.idle.append(server)
+
+    def give_back(self, server: ServerConnection, releasable: bool) -> None:
+        """Return a server whose holder is done with it: `release` it if the release rule said
+        so (`protocol.transaction.releasable` or `releasable_after_internal`), else close it (a
+        server is never returned dirty)."""
+        if releasable:
+            self.release(server)
+        else:
+            server.close()
+
+    def cancel_started(self, server: ServerConnection) -> None:
+        """A CancelRequest for `server` is on its way: `release` keeps the server until then."""
+        server.cancels += 1
+
+    def cancel_delivered(self, server: ServerConnection) -> None:
+        """The CancelRequest was taken by the postmaster (or failed): release the server now if
+        it was released meanwhile (the deferred half of `release`)."""
+        server.cancels -= 1
+        if not server.cancels and server.release_after_cancel:
+            server.release_after_cancel = False
+            self.release(server)
+
+    def _take_waiter(self) -> Waiter | None:
+        """Take the first client still waiting off the queue (dropping the ones that left)."""
         waiters = self.waiters
         while waiters:
             client = waiters.popleft()
             if client.waiting:
                 client.waiting = False
                 self.waiting -= 1
-                client.link(server)
-                return
-        server.last_used_ns = now_ns or time.monotonic_ns()
-        self.idle.append(server)
+                return client
+        return None
+
+    def _take_waiters(self, queued_by_ns: int | None = None) -> list[Waiter]:
+        """Take every client still waiting off the queue, or (`queued_by_ns`) those that queued
+        at or before then: the queue is FIFO, so they are at its front."""
+        taken: list[Waiter] = []
+        waiters = self.waiters
+        while waiters and (queued_by_ns is None or not waiters[0].waiting
+                           or waiters[0].wait_started_ns <= queued_by_ns):  # fmt: skip
+            client = waiters.popleft()
+            if client.waiting:
+                client.waiting = False
+                self.waiting -= 1
+                taken.append(client)
+        return taken
+
+    def _fail_waiters(self, exc: PoolerError) -> None:
+        """No server will come for the clients waiting now: tell each why."""
+        for client in self._take_waiters():
+            client.fail(exc)
 
     async def learn_spellings(self, pairs: list[tuple[str, str]]) -> None:
         """Ask a server how it reports each (name, value) of reported settings, and remember it.
@@ -271,10 +338,7 @@ class Pool:
         except BaseException:
             server.close()
             raise
-        if clean:
-            self.release(server)
-        else:
-            server.close()
+        self.give_back(server, clean)
         if errors:
             error = errors[0]
             raise StartupParameterRejected(
@@ -412,12 +476,7 @@ class Pool:
             asyncio.get_running_loop().call_later(retry, self._retry_connect)
             return
         # No server can serve the waiters now: tell them why instead of leaving them hanging.
-        while self.waiters:
-            client = self.waiters.popleft()
-            if client.waiting:
-                client.waiting = False
-                self.waiting -= 1
-                client.fail(exc)
+        self._fail_waiters(exc)
 
     def _retry_connect(self) -> None:
         self._retry_at_ns = 0
@@ -464,26 +523,20 @@ class Pool:
         self.stats.new_pass(now_ns)
         timeout = self.settings.query_wait_timeout
         if timeout and self.waiting:
-            limit = now_ns - int(timeout * NS_PER_S)
-            waiters = self.waiters
-            while waiters and (not waiters[0].waiting or waiters[0].wait_started_ns <= limit):
-                client = waiters.popleft()
-                if client.waiting:
-                    client.waiting = False
-                    self.waiting -= 1
-                    self.warn_wait(client, now_ns - client.wait_started_ns, timed_out=True)
-                    client.fail(
-                        QueryWaitTimeout(
-                            f"query_wait_timeout: no server connection for {self.database}/"
-                            f"{self.user} became free within {timeout:g} s",
-                            detail="the database is paused (PAUSE or KILL on the admin console)"
-                            if self.paused
-                            else f"pool_size {self.size}: all {self.lent} servers were busy",
-                            hint="RESUME it on the admin console"
-                            if self.paused
-                            else "transactions hold servers too long, or pool_size is too small",
-                        )
+            for client in self._take_waiters(queued_by_ns=now_ns - int(timeout * NS_PER_S)):
+                self.warn_wait(client, now_ns - client.wait_started_ns, timed_out=True)
+                client.fail(
+                    QueryWaitTimeout(
+                        f"query_wait_timeout: no server connection for {self.database}/"
+                        f"{self.user} became free within {timeout:g} s",
+                        detail="the database is paused (PAUSE or KILL on the admin console)"
+                        if self.paused
+                        else f"pool_size {self.size}: all {self.lent} servers were busy",
+                        hint="RESUME it on the admin console"
+                        if self.paused
+                        else "transactions hold servers too long, or pool_size is too small",
                     )
+                )
         if self.lent and (self.settings.hold_warn_ms or self.settings.idle_transaction_timeout):
             self._watch_holders(now_ns)
         lifetime = self.settings.server_lifetime
@@ -560,12 +613,7 @@ class Pool:
         self.closed = self.draining = True
         while self.idle:
             self.idle.pop().close()
-        while self.waiters:
-            client = self.waiters.popleft()
-            if client.waiting:
-                client.waiting = False
-                self.waiting -= 1
-                client.fail(shutdown_refused())
+        self._fail_waiters(shutdown_refused())
 
     def close(self) -> None:
         self.closed = True
@@ -576,12 +624,7 @@ class Pool:
                 self._closing.append(listener_server)
         for server in self._closing:
             server.close()
-        while self.waiters:
-            client = self.waiters.popleft()
-            if client.waiting:
-                client.waiting = False
-                self.waiting -= 1
-                client.fail(ShuttingDown("pypooler is shutting down"))
+        self._fail_waiters(ShuttingDown("pypooler is shutting down"))
 
     # ------------------------------------------------------------------ admin console
 
@@ -834,10 +877,7 @@ class PoolManager:
             failure = AuthLookupFailed(f"auth_query for user {user!r} failed: {exc.message}")
             failure.log_detail = exc.detail
             raise failure from None
-        if clean:
-            pool.release(server)
-        else:
-            server.close()
+        pool.give_back(server, clean)
         if not row or row[-1] is None:
             return None
         try:
