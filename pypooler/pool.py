@@ -17,8 +17,9 @@ Rules:
 - `checkout` is a plain synchronous call: it returns an idle server at once or queues the client.
   `release` hands the server straight to the first client still waiting (a direct call, no Future,
   no trip through the idle list), because under load nearly every transaction takes that path.
-- Waiters leave the queue in one place, `_take_waiters`: one at a time at a release, or all at
-  once (all that timed out) when none will be served (`_fail_waiters`).
+- Waiters leave the queue only through `_take_waiter` (the first one still waiting, at a release)
+  and `_take_waiters` (all of them, or all that timed out); `_fail_waiters` is the one loop that
+  tells every waiter no server will come (connect failure, drain, close).
 - A waiter that gave up (disconnected or timed out) stays in the deque with `waiting` cleared and is
   skipped when reached; removing from the middle of a deque would be O(n).
 - The pool never touches sockets itself; it asks `open_server_connection` for new servers.
@@ -41,7 +42,7 @@ import logging
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from pypooler.config import DatabaseConfig, PoolMode, Settings
@@ -295,10 +296,10 @@ class Pool:
                 return client
         return None
 
-    def _take_waiters(self, queued_by_ns: int | None = None) -> list[Waiter]:
+    def _take_waiters(self, queued_by_ns: int | None = None) -> Iterator[Waiter]:
         """Take every client still waiting off the queue, or (`queued_by_ns`) those that queued
-        at or before then: the queue is FIFO, so they are at its front."""
-        taken: list[Waiter] = []
+        at or before then: the queue is FIFO, so they are at its front. One at a time, as the
+        caller deals with each: the counts it logs are the queue's at that moment."""
         waiters = self.waiters
         while waiters and (queued_by_ns is None or not waiters[0].waiting
                            or waiters[0].wait_started_ns <= queued_by_ns):  # fmt: skip
@@ -306,8 +307,7 @@ class Pool:
             if client.waiting:
                 client.waiting = False
                 self.waiting -= 1
-                taken.append(client)
-        return taken
+                yield client
 
     def _fail_waiters(self, exc: PoolerError) -> None:
         """No server will come for the clients waiting now: tell each why."""
