@@ -777,9 +777,10 @@ class ClientConnection(asyncio.Protocol):
     def server_ready_for_query(self, data: bytes, end: int) -> None:
         """The server answered the client's last outstanding request (`end` is just past it).
 
-        In transaction and statement mode, a ReadyForQuery 'I' with the client at rest ends the
-        transaction: the hold is counted and the server goes back to the pool, all inline (this
-        runs once per transaction). A hold of one request (`query_start_ns` still `lent_ns`) is
+        In transaction and statement mode, when the release rule (`releasable`) says the server
+        may go back (a ReadyForQuery 'I', both streams at rest, the client not pinned), the
+        transaction has ended: the hold is counted and the server goes back to the pool, inline
+        (this runs once per transaction). A hold of one request (`query_start_ns` still `lent_ns`) is
         observed once, as hold and query time both (see TrafficStats).
         """
         server: ServerConnection = self.server  # type: ignore[assignment]  # linked: it called us
