@@ -518,9 +518,9 @@ class ServerConnection(asyncio.Protocol):
         self, request: bytes, errors: list[dict[str, str]] | None = None
     ) -> tuple[list[bytes | None] | None, bool]:
         """Run `request` (ending in Sync or a Query) and return its first DataRow, or None, and
-        whether the server may be released (`releasable_after_internal`). Raises ServerConnectFailed if the
-        connection dies, or ServerLoginFailed carrying the server's error (unless `errors` is
-        given: the server's error fields are put there instead)."""
+        whether the server may be released (`releasable_after_internal`). Raises
+        ServerConnectFailed if the connection dies, or ServerLoginFailed carrying the server's
+        error (unless `errors` is given: the server's error fields are put there instead)."""
         done: asyncio.Future[tuple[list[bytes | None] | None, bool]] = (
             asyncio.get_running_loop().create_future()
         )
