@@ -17,9 +17,9 @@ Rules:
 - `checkout` is a plain synchronous call: it returns an idle server at once or queues the client.
   `release` hands the server straight to the first client still waiting (a direct call, no Future,
   no trip through the idle list), because under load nearly every transaction takes that path.
-- Waiters leave the queue only through `_take_waiter` (the first one still waiting, at a release)
-  and `_take_waiters` (all of them, or all that timed out); `_fail_waiters` is the one loop that
-  tells every waiter no server will come (connect failure, drain, close).
+- Waiters leave the queue only through `_take_waiter` (the first one still waiting: at a release,
+  and one by one when they time out); `_fail_waiters` is the one loop that tells every waiter no
+  server will come (connect failure, drain, close).
 - A waiter that gave up (disconnected or timed out) stays in the deque with `waiting` cleared and is
   skipped when reached; removing from the middle of a deque would be O(n).
 - The pool never touches sockets itself; it asks `open_server_connection` for new servers.
@@ -42,7 +42,7 @@ import logging
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from pypooler.config import DatabaseConfig, PoolMode, Settings
@@ -285,33 +285,26 @@ class Pool:
             server.release_after_cancel = False
             self.release(server)
 
-    def _take_waiter(self) -> Waiter | None:
-        """Take the first client still waiting off the queue (dropping the ones that left)."""
+    def _take_waiter(self, queued_by_ns: int | None = None) -> Waiter | None:
+        """Take the first client still waiting off the queue, dropping the ones that left on the
+        way; with `queued_by_ns`, only if it queued at or before then (else None, and it stays).
+        The one place waiters leave the queue: a release takes one, `_fail_waiters` and the
+        query_wait_timeout pass call it until it answers None."""
         waiters = self.waiters
         while waiters:
-            client = waiters.popleft()
+            client = waiters.popleft()  # not waiters[0] first: compiled, that is a generic call
             if client.waiting:
+                if queued_by_ns is not None and client.wait_started_ns > queued_by_ns:
+                    waiters.appendleft(client)  # it keeps its place; FIFO: those behind it too
+                    return None
                 client.waiting = False
                 self.waiting -= 1
                 return client
         return None
 
-    def _take_waiters(self, queued_by_ns: int | None = None) -> Iterator[Waiter]:
-        """Take every client still waiting off the queue, or (`queued_by_ns`) those that queued
-        at or before then: the queue is FIFO, so they are at its front. One at a time, as the
-        caller deals with each: the counts it logs are the queue's at that moment."""
-        waiters = self.waiters
-        while waiters and (queued_by_ns is None or not waiters[0].waiting
-                           or waiters[0].wait_started_ns <= queued_by_ns):  # fmt: skip
-            client = waiters.popleft()
-            if client.waiting:
-                client.waiting = False
-                self.waiting -= 1
-                yield client
-
     def _fail_waiters(self, exc: PoolerError) -> None:
         """No server will come for the clients waiting now: tell each why."""
-        for client in self._take_waiters():
+        while (client := self._take_waiter()) is not None:
             client.fail(exc)
 
     async def learn_spellings(self, pairs: list[tuple[str, str]]) -> None:
@@ -523,7 +516,8 @@ class Pool:
         self.stats.new_pass(now_ns)
         timeout = self.settings.query_wait_timeout
         if timeout and self.waiting:
-            for client in self._take_waiters(queued_by_ns=now_ns - int(timeout * NS_PER_S)):
+            limit = now_ns - int(timeout * NS_PER_S)
+            while (client := self._take_waiter(limit)) is not None:
                 self.warn_wait(client, now_ns - client.wait_started_ns, timed_out=True)
                 client.fail(
                     QueryWaitTimeout(
