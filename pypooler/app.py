@@ -53,6 +53,7 @@ from pypooler.metrics import MetricsServer
 from pypooler.pool import PoolManager, shutdown_refused
 from pypooler.protocol import codec
 from pypooler.protocol.errors import ShuttingDown
+from pypooler.protocol.transaction import releasable
 from pypooler.tls import client_tls, server_ssl_context
 
 log = logging.getLogger("pypooler")
@@ -293,13 +294,10 @@ class Pooler:
             server = client.server
             if server is None:
                 client.fail(shutdown_refused())  # logging in, or between transactions
-            elif (
-                (client.mode == "session" or client.pinned)  # keeps its server between transactions
-                and client.idle_since_ns  # the server answered everything
-                and not client.idle_in_xact
-                and client.frontend.at_rest
-            ):
-                client.fail(shutdown_refused())  # a session (or a pinned client) at rest
+            elif (client.mode == "session" or client.pinned) and releasable(client.frontend, server.backend):
+                # A session (or a pinned client) between transactions: its server could go
+                # back, were it not kept.
+                client.fail(shutdown_refused())
             else:
                 busy += 1
         return busy

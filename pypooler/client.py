@@ -15,6 +15,12 @@ Lending, by pool mode:
   at the ReadyForQuery 'I' that leaves nothing outstanding (see protocol/transaction.py);
 - statement: the same, but a ReadyForQuery inside a transaction block ends the client with an error;
 - session: linked at the first message, released (after `server_reset_query`) when the client leaves.
+Every server comes from the pool's one lend path (pool.py): `Pool.checkout` (an idle server at
+once, else a queue place) or `Pool.release` handing a server to this waiting client (`link`);
+`_lend` is the client side of both. Every give-back asks the one release rule
+(`protocol.transaction.releasable`, or `releasable_after_internal` after pypooler's own queries)
+and goes through `Pool.release` / `Pool.give_back`; this module never touches the pool's idle
+list or queue, nor the trackers' private fields.
 The mode is the client's own (`mode`, the pool's at login). A RELOAD that changes the pool's mode
 changes it for clients with a rewriting stream (they may follow into session mode and back); a
 client that logged in under session mode keeps session mode, because its prepared statements and
@@ -79,7 +85,7 @@ from pypooler.protocol.listen import (
     may_be_listen,
 )
 from pypooler.protocol.scram import Secret
-from pypooler.protocol.transaction import FrontendStream
+from pypooler.protocol.transaction import FrontendStream, releasable, releasable_after_internal
 from pypooler.rewriting import RewritingBackend, RewritingFrontend
 from pypooler.server import ServerConnection, tune_transport
 from pypooler.session_parameters import clean_ascii, same_value, settings_sql, startup_settings
@@ -182,7 +188,7 @@ class ClientRegistry:
         server = client.server if client is not None else None
         if client is None or server is None:
             return
-        server.cancels += 1
+        client.pool.cancel_started(server)
         task = asyncio.get_running_loop().create_task(send_cancel(client, server, client.pool))
         self.cancels[task] = time.monotonic_ns()
         task.add_done_callback(self._cancel_done)
@@ -226,10 +232,7 @@ async def send_cancel(client: ClientConnection, server: ServerConnection, pool: 
         finally:
             writer.close()
     finally:
-        server.cancels -= 1
-        if not server.cancels and server.release_after_cancel:
-            server.release_after_cancel = False
-            pool.release(server)
+        pool.cancel_delivered(server)
 
 
 class ClientConnection(asyncio.Protocol):
@@ -385,31 +388,24 @@ class ClientConnection(asyncio.Protocol):
                 self.traffic.bytes_received += len(data)  # type: ignore[union-attr]
                 server = self.server
                 if server is None:
-                    # The commonest event of all, inline: take the idle server on top when it
-                    # has this client's settings; everything else goes through _needs_server.
-                    idle = self.pool.idle
-                    if not idle or self.pending is not None or data[0] == _X:
-                        self._needs_server(data)
-                        return
-                    server = idle[-1]
+                    # The commonest event of all: the server Pool.checkout would lend now is
+                    # idle and has this client's settings, so it is lent and the bytes go
+                    # straight through; everything else goes through _needs_server.
+                    pool = self.pool
+                    server = pool.next_idle
                     if (
-                        self.parameters is not server.parameters
+                        server is None
+                        or self.pending is not None
+                        or data[0] == _X
+                        or self.parameters is not server.parameters
                         or self.other_settings
                         or server.other_settings
                         or not server.rewriting
                     ):
                         self._needs_server(data)
                         return
-                    idle.pop()
-                    now = time.monotonic_ns()
-                    self.server = server
-                    server.client = self
-                    self.lent_ns = self.query_start_ns = now
-                    statements = server.statements
-                    if statements is not None and statements.in_use:
-                        statements.in_use.clear()  # ServerStatements.begin_lend, without a call
-                    if self.writing_paused or not self.xact_count:
-                        self._lend_extras(server, now)
+                    pool.checkout(self)  # lends `server`: an idle one is never queued for
+                    self._lend(server, time.monotonic_ns())
                 elif self.idle_since_ns:
                     # _resumes_after_idle, inline: once per request of a multi-request hold.
                     now = time.monotonic_ns()
@@ -572,8 +568,8 @@ class ClientConnection(asyncio.Protocol):
         """Called by the pool when a server frees up for this waiting client.
 
         Under load nearly every transaction comes this way, so the common case (one read
-        pending, nothing to set, the server's stream of this client's kind) is inline: the
-        lend as in `_lend`, then the bytes through the rewriter as in `data_received`.
+        pending, nothing to set, the server's stream of this client's kind) skips `_link`:
+        `_lend`, then the bytes through the rewriter as in `data_received`.
         """
         now = time.monotonic_ns()
         waited = self.waited_ns = now - self.wait_started_ns
@@ -596,16 +592,9 @@ class ClientConnection(asyncio.Protocol):
             return
         self.pending = None
         self.pending_bytes = 0
-        self.server = server
-        server.client = self
-        self.lent_ns = self.query_start_ns = now
-        statements = server.statements
-        if statements is not None and statements.in_use:
-            statements.in_use.clear()  # ServerStatements.begin_lend, without a call
-        if self.writing_paused or not self.xact_count:
-            self._lend_extras(server, now)
+        self._lend(server, now)
         try:
-            out = rewriter.feed_to(pending[0], statements)
+            out = rewriter.feed_to(pending[0], server.statements)
         except PoolerError as exc:
             self.fail(exc)
             return
@@ -685,10 +674,7 @@ class ClientConnection(asyncio.Protocol):
                 else:
                     server.other_settings_unknown = True
                 if self.closed or error is not None:
-                    if body == b"I":
-                        pool.release(server)
-                    else:
-                        server.close()
+                    pool.give_back(server, releasable_after_internal(body))
                     if error is not None and not self.closed:
                         self.fail(StartupParameterRejected(
                             error.get("M", "invalid session setting"),
@@ -713,13 +699,15 @@ class ClientConnection(asyncio.Protocol):
         server.run_internal(sql, on_message)
 
     def _lend(self, server: ServerConnection, now: int) -> None:
+        """Link `server`, which the pool just lent (Pool.checkout or Pool.release), to this client:
+        the client side of every lend."""
         if (self.rewriter is None) is server.rewriting:  # only after RELOAD changed pool_mode
             self.pool.fit_stream(server, rewriting=self.rewriter is not None)
         self.server = server
         server.client = self
         self.lent_ns = self.query_start_ns = now
         statements = server.statements
-        if statements is not None:
+        if statements is not None and statements.in_use:
             statements.in_use.clear()  # ServerStatements.begin_lend, without a call
         if self.writing_paused or not self.xact_count:
             self._lend_extras(server, now)
@@ -790,9 +778,10 @@ class ClientConnection(asyncio.Protocol):
     def server_ready_for_query(self, data: bytes, end: int) -> None:
         """The server answered the client's last outstanding request (`end` is just past it).
 
-        In transaction and statement mode, a ReadyForQuery 'I' with the client at rest ends the
-        transaction: the hold is counted and the server goes back to the pool, all inline (this
-        runs once per transaction). A hold of one request (`query_start_ns` still `lent_ns`) is
+        In transaction and statement mode, when the release rule (`releasable`) says the server
+        may go back (a ReadyForQuery 'I', both streams at rest, the client not pinned), the
+        transaction has ended: the hold is counted and the server goes back to the pool, inline
+        (this runs once per transaction). A hold of one request (`query_start_ns` still `lent_ns`) is
         observed once, as hold and query time both (see TrafficStats).
         """
         server: ServerConnection = self.server  # type: ignore[assignment]  # linked: it called us
@@ -807,11 +796,7 @@ class ClientConnection(asyncio.Protocol):
             else:
                 self.transport.write(data)
             frontend = self.frontend
-            # At rest (nothing outstanding: the caller saw to that) and at a message boundary.
-            if not (
-                self.pinned or frontend.open_tail or frontend.copy_in or frontend._head
-                or frontend._skip or backend._skip or backend._head
-            ):  # fmt: skip
+            if releasable(frontend, backend, keeps_server=self.pinned):
                 self.server = None
                 server.client = None
                 self.parameters = server.parameters  # what the client was last told
@@ -904,21 +889,16 @@ class ClientConnection(asyncio.Protocol):
         server.client = None
         if server.reading_paused:
             server.resume_reading()
-        clean = (
-            self.frontend.at_rest
-            and server.backend.at_message_boundary
-            and server.backend.tx_status == _TX_IDLE
-        )
+        # The client is gone, so nothing keeps the server: only its state decides.
+        clean = releasable(self.frontend, server.backend)
         reset_query = self.registry.settings.server_reset_query
-        if not clean:
-            server.close()
-        elif self.mode == "session" or self.pinned:
+        if clean and (self.mode == "session" or self.pinned):
             if reset_query:
                 reset_then_release(server, self.pool, reset_query)
             else:
                 server.close()  # without a reset query, a pinned server's state stays dirty
         else:
-            self.pool.release(server)
+            self.pool.give_back(server, clean)
 
     def _rewriter_noted(self, server: ServerConnection) -> None:
         """Act on what the rewriter noted (off the hot path): session_state_policy, settings
@@ -1005,12 +985,15 @@ class ClientConnection(asyncio.Protocol):
         """
         status = _TX_IDLE
         if server is not None:
-            status = server.backend.tx_status
-            if status == _TX_IDLE and not (self.pinned or self.mode == "session"):
+            backend = server.backend
+            status = backend.tx_status
+            # The rewriter took the request out of the stream (and closed an open tail, which
+            # the Sync below ends on the server): the client is at rest.
+            if releasable(self.frontend, backend, keeps_server=self.pinned or self.mode == "session"):
                 self._give_back_unused(server, request.sync_server)
             elif status == _TX_IDLE and request.sync_server:
-                # The client keeps its server (session mode since a RELOAD): end its batch there.
-                backend = server.backend
+                # The client keeps its server (session mode since a RELOAD; or, rarer, a server
+                # message is half forwarded, so the server cannot go back yet): end its batch there.
                 if isinstance(backend, RewritingBackend):
                     backend.abandon_batch()
                     backend.internal += 1
@@ -1093,12 +1076,9 @@ class ClientConnection(asyncio.Protocol):
             nonlocal replies
             if msg_type == c.B_READY_FOR_QUERY:
                 replies -= 1
-                if replies and body == b"I":
+                if replies and releasable_after_internal(body):
                     return False
-                if body == b"I":
-                    pool.release(server)
-                else:
-                    server.close()
+                pool.give_back(server, releasable_after_internal(body))
                 return True
             return msg_type == 0
 
@@ -1646,8 +1626,8 @@ def reset_then_release(server: ServerConnection, pool: Pool, query: str) -> None
         if msg_type == c.B_ERROR_RESPONSE:
             failed = True
         elif msg_type == c.B_READY_FOR_QUERY:
-            if failed or body != b"I":
-                server.close()
+            if failed or not releasable_after_internal(body):
+                server.close()  # the reset did not happen, or left a transaction open
             else:
                 # DISCARD ALL dropped pypooler's statements and settings; another reset query
                 # may not have: either way, forgetting is safe (see prepared.py).

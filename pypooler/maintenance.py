@@ -128,11 +128,7 @@ def expire_waiters(pool: Pool, now_ns: int, timeout_s: float) -> None:
     """query_wait_timeout: fail every waiter queued for longer (waiters are FIFO, so the pass
     stops at the first one still within its time)."""
     limit = now_ns - int(timeout_s * NS_PER_S)
-    while True:
-        client = pool.first_waiter()
-        if client is None or client.wait_started_ns > limit:
-            return
-        pool.cancel_wait(client)
+    while (client := pool.take_waiter(queued_by_ns=limit)) is not None:
         pool.warn_wait(client, now_ns - client.wait_started_ns, timed_out=True)
         client.fail(
             QueryWaitTimeout(

@@ -1,5 +1,15 @@
 """Pool: the bounded set of server connections for one (database, user), and who waits for them.
 
+This module is the one lend path: every server a client (or pypooler itself) gets comes from
+`checkout` (an idle server at once, else a queue place and a new connection if the bound allows),
+and every server given back goes through `release` (handed to the first waiter, or kept idle) or
+`give_back` (release or close, by the release rule's answer). Clients never touch `idle` or
+`waiters`: they may peek at `next_idle` to choose their own fast path, then call `checkout`.
+Whether a server may be given back at all is decided by the release rule in
+protocol/transaction.py (`releasable`), never here. Lending stays in this module rather than a
+separate lending.py because its state (idle list, waiters, bound, drain flags) is the pool's
+state: split apart, either module would have to read the other's fields.
+
 Rules:
 - Bounded: servers open + servers connecting <= `size`, always.
 - Idle servers are reused LIFO (the most recently used one has warm caches; the cold ones age out
@@ -7,11 +17,14 @@ Rules:
 - `checkout` is a plain synchronous call: it returns an idle server at once or queues the client.
   `release` hands the server straight to the first client still waiting (a direct call, no Future,
   no trip through the idle list), because under load nearly every transaction takes that path.
+- Waiters leave the queue only through `take_waiter` (the first one still waiting: at a release,
+  and one by one when they time out); `_fail_waiters` is the one loop that tells every waiter no
+  server will come (connect failure, drain, close).
 - A waiter that gave up (disconnected or timed out) stays in the deque with `waiting` cleared and is
   skipped when reached; removing from the middle of a deque would be O(n).
 - The pool never touches sockets itself; it asks `open_server_connection` for new servers.
-- A server with a CancelRequest still being delivered is not lent again until delivery ends:
-  the cancel must never reach the next borrower's query.
+- A server with a CancelRequest still being delivered is not lent again until delivery ends
+  (`cancel_started` / `cancel_delivered`): the cancel must never reach the next borrower's query.
 - In transaction and statement mode each server gets a `RewritingBackend` and a bounded
   `ServerStatements`; the pool's `StatementRegistry` names statements for all its servers.
 - Timeouts (query_wait_timeout, server_idle_timeout, server_lifetime, idle_transaction_timeout,
@@ -204,6 +217,13 @@ class Pool:
 
     # ------------------------------------------------------------------ lending
 
+    @property
+    def next_idle(self) -> ServerConnection | None:
+        """The server `checkout` would lend right now (the idle one on top), or None if it would
+        queue: a client's fast path looks at it before asking."""
+        idle = self.idle
+        return idle[-1] if idle else None
+
     def checkout(self, client: Waiter) -> ServerConnection | None:
         """An idle server now, or None with the client queued (it will get `link` called).
 
@@ -237,16 +257,56 @@ class Pool:
             return
         if self.draining and self._retire(server):
             return
-        waiters = self.waiters
-        while waiters:
-            client = waiters.popleft()
-            if client.waiting:
-                client.waiting = False
-                self.waiting -= 1
+        if self.waiters:  # waiters that left are dropped here too, as they are reached
+            client = self.take_waiter()
+            if client is not None:
                 client.link(server)
                 return
         server.last_used_ns = now_ns or time.monotonic_ns()
         self.idle.append(server)
+
+    def give_back(self, server: ServerConnection, releasable: bool) -> None:
+        """Return a server whose holder is done with it: `release` it if the release rule said
+        so (`protocol.transaction.releasable` or `releasable_after_internal`), else close it (a
+        server is never returned dirty)."""
+        if releasable:
+            self.release(server)
+        else:
+            server.close()
+
+    def cancel_started(self, server: ServerConnection) -> None:
+        """A CancelRequest for `server` is on its way: `release` keeps the server until then."""
+        server.cancels += 1
+
+    def cancel_delivered(self, server: ServerConnection) -> None:
+        """The CancelRequest was taken by the postmaster (or failed): release the server now if
+        it was released meanwhile (the deferred half of `release`)."""
+        server.cancels -= 1
+        if not server.cancels and server.release_after_cancel:
+            server.release_after_cancel = False
+            self.release(server)
+
+    def take_waiter(self, queued_by_ns: int | None = None) -> Waiter | None:
+        """Take the first client still waiting off the queue, dropping the ones that left on the
+        way; with `queued_by_ns`, only if it queued at or before then (else None, and it stays).
+        The one place waiters leave the queue: a release takes one, `_fail_waiters` and the
+        query_wait_timeout pass call it until it answers None."""
+        waiters = self.waiters
+        while waiters:
+            client = waiters.popleft()  # not waiters[0] first: compiled, that is a generic call
+            if client.waiting:
+                if queued_by_ns is not None and client.wait_started_ns > queued_by_ns:
+                    waiters.appendleft(client)  # it keeps its place; FIFO: those behind it too
+                    return None
+                client.waiting = False
+                self.waiting -= 1
+                return client
+        return None
+
+    def _fail_waiters(self, exc: PoolerError) -> None:
+        """No server will come for the clients waiting now: tell each why."""
+        while (client := self.take_waiter()) is not None:
+            client.fail(exc)
 
     async def learn_spellings(self, pairs: list[tuple[str, str]]) -> None:
         """Ask a server how it reports each (name, value) of reported settings, and remember it.
@@ -265,10 +325,7 @@ class Pool:
         except BaseException:
             server.close()
             raise
-        if clean:
-            self.release(server)
-        else:
-            server.close()
+        self.give_back(server, clean)
         if errors:
             error = errors[0]
             raise StartupParameterRejected(
@@ -406,12 +463,7 @@ class Pool:
             self.retry_at_ns = time.monotonic_ns() + int(retry * NS_PER_S)
             return
         # No server can serve the waiters now: tell them why instead of leaving them hanging.
-        while self.waiters:
-            client = self.waiters.popleft()
-            if client.waiting:
-                client.waiting = False
-                self.waiting -= 1
-                client.fail(exc)
+        self._fail_waiters(exc)
 
     def welcome_prefix(self) -> bytes:
         """AuthenticationOk and the ParameterStatus set minus application_name, built once."""
@@ -449,12 +501,6 @@ class Pool:
 
     # ------------------------------------------------------------------ maintenance.py's calls
 
-    def first_waiter(self) -> Waiter | None:
-        """The client waiting longest (waiters that left are dropped on the way), or None."""
-        waiters = self.waiters
-        while waiters and not waiters[0].waiting:
-            waiters.popleft()
-        return waiters[0] if waiters else None
 
     def retire(self, servers: list[ServerConnection]) -> None:
         """Close these servers (server_lifetime): idle ones now, lent ones when they come back
@@ -503,12 +549,7 @@ class Pool:
         self.closed = self.draining = True
         while self.idle:
             self.idle.pop().close()
-        while self.waiters:
-            client = self.waiters.popleft()
-            if client.waiting:
-                client.waiting = False
-                self.waiting -= 1
-                client.fail(shutdown_refused())
+        self._fail_waiters(shutdown_refused())
 
     def close(self) -> None:
         self.closed = True
@@ -519,12 +560,7 @@ class Pool:
                 self._closing.append(listener_server)
         for server in self._closing:
             server.close()
-        while self.waiters:
-            client = self.waiters.popleft()
-            if client.waiting:
-                client.waiting = False
-                self.waiting -= 1
-                client.fail(ShuttingDown("pypooler is shutting down"))
+        self._fail_waiters(ShuttingDown("pypooler is shutting down"))
 
     # ------------------------------------------------------------------ admin console
 
@@ -777,10 +813,7 @@ class PoolManager:
             failure = AuthLookupFailed(f"auth_query for user {user!r} failed: {exc.message}")
             failure.log_detail = exc.detail
             raise failure from None
-        if clean:
-            pool.release(server)
-        else:
-            server.close()
+        pool.give_back(server, clean)
         if not row or row[-1] is None:
             return None
         try:

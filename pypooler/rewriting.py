@@ -556,7 +556,9 @@ class RewritingFrontend(FrontendStream):
         `listen_request`): the client has nothing outstanding, so the answer goes in its place."""
         if LISTEN not in kinds and UNLISTEN not in kinds:
             return False
-        if self.outstanding or self.open_tail or self.copy_in:
+        # At rest before this read (the caller saw to a message boundary): had the client held a
+        # server, the release rule (`releasable`) would give it back once this is answered.
+        if not self.at_rest:
             return False
         request = listen_request(data)
         if request is None:
@@ -570,14 +572,12 @@ class RewritingFrontend(FrontendStream):
         batch for pypooler to answer (as `_listen_read`). When it is not, the statement goes
         to the server as session state, noted (never refused: its Parse was accepted)."""
         text = statement.key[: max(0, statement.key.find(b"\0"))]
-        # After an unsynced batch (asyncpg prepares with Parse, Describe, Flush and waits for
-        # the answer before it binds) only outside a transaction block: the server is then
-        # given back with a Sync of its own (ClientConnection._give_back_unused).
-        if (
-            whole
-            and not (self.outstanding or self.copy_in)
-            and (not self.open_tail or self.status == _TX_IDLE)
-        ):
+        # At rest, as for `_listen_read`; or at rest but for the tail of an unsynced batch
+        # (asyncpg prepares with Parse, Describe, Flush and waits for the answer before it
+        # binds) outside a transaction block: that tail is closed below, and the server given
+        # back with a Sync of its own (ClientConnection._give_back_unused).
+        open_tail_only = self.open_tail and self.status == _TX_IDLE and not (self.outstanding or self.copy_in)
+        if whole and (self.at_rest or open_tail_only):
             request = listen_request(data, text)
             if request is not None:
                 if self.open_tail:

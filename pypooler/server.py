@@ -56,7 +56,7 @@ from pypooler.protocol.scram import (
     md5_response,
     parse_secret,
 )
-from pypooler.protocol.transaction import BackendStream
+from pypooler.protocol.transaction import BackendStream, releasable_after_internal
 
 if TYPE_CHECKING:
     from pypooler.client import ClientConnection
@@ -518,9 +518,9 @@ class ServerConnection(asyncio.Protocol):
         self, request: bytes, errors: list[dict[str, str]] | None = None
     ) -> tuple[list[bytes | None] | None, bool]:
         """Run `request` (ending in Sync or a Query) and return its first DataRow, or None, and
-        whether the server is reusable (idle, no error). Raises ServerConnectFailed if the
-        connection dies, or ServerLoginFailed carrying the server's error (unless `errors` is
-        given: the server's error fields are put there instead)."""
+        whether the server may be released (`releasable_after_internal`). Raises
+        ServerConnectFailed if the connection dies, or ServerLoginFailed carrying the server's
+        error (unless `errors` is given: the server's error fields are put there instead)."""
         done: asyncio.Future[tuple[list[bytes | None] | None, bool]] = (
             asyncio.get_running_loop().create_future()
         )
@@ -546,7 +546,7 @@ class ServerConnection(asyncio.Protocol):
             elif msg_type == c.B_READY_FOR_QUERY:
                 if error is not None and errors is not None:
                     errors.append(error)
-                    done.set_result((None, body == b"I"))
+                    done.set_result((None, releasable_after_internal(body)))
                 elif error is not None:
                     done.set_exception(
                         ServerLoginFailed(
@@ -554,7 +554,7 @@ class ServerConnection(asyncio.Protocol):
                         )
                     )
                 else:
-                    done.set_result((first_row, body == b"I"))
+                    done.set_result((first_row, releasable_after_internal(body)))
                 return True
             return False
 

@@ -14,6 +14,14 @@ still awaits one (`outstanding == 0`), and the client has not begun a new extend
 since its last Sync (`open_tail`): a pipelined client may have Parse/Bind/Execute in flight that the
 server will answer only after the next Sync, and that server must not go to another client.
 
+The release rule (`releasable`) lives here, and only here: every place that gives a server back
+(the end of a transaction, a client leaving, a LISTEN pypooler answered itself, a drain deciding
+whether a session is between transactions) asks it, and tests call it rather than restate it.
+The streams expose what it reads as public properties (`at_rest`, `at_message_boundary`,
+`tx_status`); nobody outside this module reads `_head` or `_skip`. A server pypooler drove itself
+(settings, server_reset_query, auth_query), with no client stream in between, is judged by
+`releasable_after_internal` from its last ReadyForQuery.
+
 COPY FROM STDIN started by an extended-protocol Execute: the server ignores Sync messages it receives
 in copy-in mode (libpq sends one right after the Execute, and another after CopyDone). Those Syncs
 will never get a ReadyForQuery, so when copy data first appears we take back the Syncs counted since
@@ -37,6 +45,8 @@ _COPY_DATA: Final = c.F_COPY_DATA
 _COPY_DONE: Final = c.F_COPY_DONE
 _COPY_FAIL: Final = c.F_COPY_FAIL
 _Z: Final = c.B_READY_FOR_QUERY
+_TX_IDLE: Final = c.TX_IDLE
+_IDLE_BODY: Final = bytes((c.TX_IDLE,))  # a ReadyForQuery's body when the server is idle
 _ERROR: Final = c.B_ERROR_RESPONSE
 # How an ErrorResponse that ends the server's connection starts: its severity field first, as
 # PostgreSQL always sends it.
@@ -76,8 +86,19 @@ class FrontendStream:
 
     @property
     def at_rest(self) -> bool:
-        """Nothing sent by the client is pending on the server."""
-        return not (self.outstanding or self.open_tail or self.copy_in or self._head or self._skip)
+        """Nothing sent by the client is pending on the server: no request awaiting its
+        ReadyForQuery, no open extended-protocol tail, not in COPY FROM STDIN, and the client's
+        stream is at a message boundary."""
+        if self.outstanding or self.open_tail or self.copy_in or self._head or self._skip:  # noqa: SIM103
+            return False  # an `if`, as in `releasable`: no boxing when compiled
+        return True
+
+    @property
+    def at_message_boundary(self) -> bool:
+        """No client message is half forwarded (a cut header kept, or a body still passing)."""
+        if self._skip or self._head:  # noqa: SIM103 (an `if`, as in `releasable`)
+            return False
+        return True
 
     def _complete_head(self, data: bytes) -> int:
         """feed() when the last read ended inside a message header."""
@@ -199,7 +220,10 @@ class BackendStream:
 
     @property
     def at_message_boundary(self) -> bool:
-        return not (self._skip or self._head)
+        """No server message is half forwarded (a cut header kept, or a body still passing)."""
+        if self._skip or self._head:  # noqa: SIM103 (an `if`, as in `releasable`)
+            return False
+        return True
 
     def _complete_head(self, data: bytes, frontend: FrontendStream) -> int:
         """feed() when the last read ended inside a message header."""
@@ -264,3 +288,42 @@ class BackendStream:
             if pos < end:
                 self._head = data[pos:]
         return done
+
+
+def releasable(frontend: FrontendStream, backend: BackendStream, *, keeps_server: bool = False) -> bool:
+    """The release rule: whether the server behind `backend` may go back to the pool now.
+
+    It may when the transaction is over and nothing of either direction is in flight:
+    - the server's latest ReadyForQuery said idle ('I'): not in a transaction block, not in a
+      failed one;
+    - the client is at rest (`FrontendStream.at_rest`): nothing outstanding, no open
+      extended-protocol tail, not in COPY FROM STDIN, at a message boundary;
+    - the server's stream is at a message boundary: the next borrower must not get the rest of a
+      message meant for this client;
+    - and the client does not keep its server between transactions (`keeps_server`: session
+      mode, or a client pinned by session_state_policy = "pin"). Such a server goes back only
+      when its client leaves, after `server_reset_query`: ask again then with the default.
+
+    What happens to a releasable server is the pool's business (Pool.release): handed to the
+    first waiter, kept until a CancelRequest in flight is delivered, closed while draining.
+    """
+    # `at_rest` and both `at_message_boundary` tests, read as fields (this module owns them): the
+    # rule runs once per transaction, and the property calls cost more than the tests. An `if`,
+    # not `return not (...)`: compiled, a `return` of an `or` of ints, bools and bytes boxes them
+    # into one object and asks its truth, where an `if` branches on each test.
+    if (  # noqa: SIM103 (see above)
+        keeps_server
+        or backend.tx_status != _TX_IDLE
+        or frontend.outstanding or frontend.open_tail or frontend.copy_in or frontend._head or frontend._skip
+        or backend._head or backend._skip
+    ):  # fmt: skip
+        return False
+    return True
+
+
+def releasable_after_internal(ready_for_query: bytes) -> bool:
+    """The release rule for a server pypooler drove itself (session settings, server_reset_query,
+    a LISTEN's unused server, auth_query, a spelling check): its internal reader consumed every
+    reply up to this ReadyForQuery (`ready_for_query` is its body, the status byte), so both
+    directions are at a boundary and nothing is outstanding; only the status remains to ask."""
+    return ready_for_query == _IDLE_BODY

@@ -308,6 +308,68 @@ async def test_release_hands_over_to_the_first_client_still_waiting(
     assert a.failures == c.failures == []
 
 
+async def test_next_idle_is_the_server_checkout_lends(connector: FakeConnector) -> None:
+    pool = make_pool(size=2)
+    assert pool.next_idle is None
+    _, s2 = add_idle(pool, 2)
+
+    top = pool.next_idle
+
+    assert top is s2  # LIFO: the last one released
+    assert checkout(pool, FakeClient()) is top
+    assert pool.next_idle is not top
+
+
+async def test_give_back_releases_what_the_rule_passed_and_closes_the_rest(
+    connector: FakeConnector,
+) -> None:
+    pool = make_pool(size=2)
+    clean, dirty = add_idle(pool, 2)
+    checkout(pool, FakeClient())
+    checkout(pool, FakeClient())
+    waiter = FakeClient()
+    checkout(pool, waiter)
+
+    dirty.client = None
+    pool.give_back(dirty, False)  # type: ignore[arg-type]
+    assert dirty.closed and waiter.linked == []
+    clean.client = None
+    pool.give_back(clean, True)  # type: ignore[arg-type]
+
+    assert waiter.linked == [clean] and not clean.closed
+
+
+async def test_a_cancel_in_flight_defers_the_release_until_it_is_delivered(
+    connector: FakeConnector,
+) -> None:
+    pool = make_pool(size=1)
+    (server,) = add_idle(pool, 1)
+    checkout(pool, FakeClient())
+    waiter = FakeClient()
+    checkout(pool, waiter)
+    pool.cancel_started(server)  # type: ignore[arg-type]
+    pool.cancel_started(server)  # type: ignore[arg-type]
+
+    release(pool, server)
+    assert waiter.linked == [] and server.release_after_cancel
+    pool.cancel_delivered(server)  # type: ignore[arg-type]
+    assert waiter.linked == []  # one cancel is still on its way
+    pool.cancel_delivered(server)  # type: ignore[arg-type]
+
+    assert waiter.linked == [server] and not server.release_after_cancel
+
+
+async def test_a_cancel_delivered_without_a_release_changes_nothing(connector: FakeConnector) -> None:
+    pool = make_pool(size=1)
+    (server,) = add_idle(pool, 1)
+    checkout(pool, FakeClient())
+    pool.cancel_started(server)  # type: ignore[arg-type]
+
+    pool.cancel_delivered(server)  # type: ignore[arg-type]
+
+    assert server.cancels == 0 and pool.idle == [] and server.client is not None
+
+
 async def test_release_goes_idle_when_every_waiter_left(connector: FakeConnector) -> None:
     pool = make_pool(size=1)
     client = FakeClient()

@@ -20,6 +20,7 @@ from pypooler.prepared import ClientStatements, SchemaVersion, ServerStatements,
 from pypooler.protocol import codec, errors
 from pypooler.protocol import constants as c
 from pypooler.protocol.errors import ProtocolViolation
+from pypooler.protocol.transaction import releasable
 from pypooler.rewriting import PLACEHOLDER_CLOSE, RewritingBackend, RewritingFrontend
 from tests.unit.model_server import (
     FLUSH,
@@ -82,7 +83,7 @@ class Pooled:
                 seen.append(part if replaced is None else replaced)
         assert frontend.at_rest and shared.backend.at_message_boundary
         assert not frontend.batches, "a batch was left unsettled"
-        if shared.backend.tx_status == c.TX_IDLE:
+        if releasable(frontend, shared.backend):
             self.holder.pop(server, None)
         else:
             self.holder[server] = client

@@ -20,7 +20,13 @@ from hypothesis import strategies as st
 from pypooler.protocol import codec, errors
 from pypooler.protocol import constants as c
 from pypooler.protocol.errors import ProtocolViolation
-from pypooler.protocol.transaction import STATEMENT_SAMPLE, BackendStream, FrontendStream
+from pypooler.protocol.transaction import (
+    STATEMENT_SAMPLE,
+    BackendStream,
+    FrontendStream,
+    releasable,
+    releasable_after_internal,
+)
 from pypooler.rewriting import RewritingBackend, RewritingFrontend
 
 FUZZ = settings(max_examples=120, deadline=None)
@@ -705,6 +711,77 @@ def test_backend_ready_for_query_must_have_length_5(length: int, cut: int | None
     with pytest.raises(ProtocolViolation, match="ReadyForQuery"):
         for piece in cut_at(data, [] if cut is None else [cut]):
             be.feed(piece, fe)
+
+
+# --------------------------------------------------------------------------- the release rule
+
+
+def releasable_after_each(steps: list[Step], cut: dict[int, list[int]] | None = None) -> list[bool]:
+    """After each step (fed as cut), whether the rule lets the server go back."""
+    fe, be = FrontendStream(), BackendStream()
+    answers = []
+    for index, (side, data) in enumerate(steps):
+        feed_step(fe, be, side, cut_at(data, (cut or {}).get(index, [])))
+        answers.append(releasable(fe, be))
+    return answers
+
+
+RELEASES = {
+    "simple_query": [False, True],
+    "multi_statement": [False, True],
+    "extended_batch": [False, True],
+    "pipelined": [False, False, True],
+    # The ReadyForQuery of the first batch comes while the second is still being sent.
+    "open_tail": [False, False, False, False, True],
+    # Inside the block ('T') the server stays with the client; COMMIT's 'I' ends it.
+    "transaction_block": [False, False, False, False, False, True],
+    # A failed block ('E') keeps the server too, until ROLLBACK.
+    "errors": [False, True, False, False, False, False, False, False, False, True, False, True],
+    "copy_in_simple": [False, False, False, False, True],
+    "copy_out_simple": [False, False, True],
+    "copy_out_extended": [False, False, True],
+    "copy_in_extended": [False, False, False, False, False, True],
+    "copy_fail_simple": [False, False, False, True],
+    "copy_fail_extended": [False, False, False, False, True],
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONVERSATIONS))
+def test_the_release_rule_on_every_conversation_and_every_cut(name: str) -> None:
+    steps = CONVERSATIONS[name]
+    assert releasable_after_each(steps) == RELEASES[name]
+    for cut in every_cut(steps):
+        assert releasable_after_each(steps, cut) == RELEASES[name], cut
+
+
+def test_fresh_streams_are_releasable_unless_the_client_keeps_its_server() -> None:
+    assert releasable(FrontendStream(), BackendStream())
+    assert not releasable(FrontendStream(), BackendStream(), keeps_server=True)
+
+
+def test_a_server_message_half_forwarded_keeps_the_server() -> None:
+    fe, be = FrontendStream(), BackendStream()
+    fe.feed(query("SELECT 1"))
+    reply = select_reply("1")
+    notice = codec.build_message(c.B_NOTICE_RESPONSE, b"SNOTICE\0Mhello\0\0")
+    assert be.feed(reply + notice[:7], fe) == len(reply)
+    assert fe.at_rest and be.tx_status == I
+    assert not be.at_message_boundary
+    assert not releasable(fe, be)
+    be.feed(notice[7:], fe)
+    assert releasable(fe, be)
+
+
+def test_a_client_header_cut_short_keeps_the_server() -> None:
+    fe, be = FrontendStream(), BackendStream()
+    fe.feed(query("SELECT 1")[:3])
+    assert not fe.at_message_boundary and not fe.at_rest
+    assert not releasable(fe, be)
+
+
+@pytest.mark.parametrize(("status", "expected"), [(I, True), (T, False), (E, False)])
+def test_the_release_rule_after_pypoolers_own_queries(status: int, expected: bool) -> None:
+    assert releasable_after_internal(bytes((status,))) is expected
 
 
 # --------------------------------------------------------------------------- properties
