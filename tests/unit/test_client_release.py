@@ -19,7 +19,7 @@ from pypooler.client import ClientConnection
 from pypooler.config import load_settings
 from pypooler.parameter_sets import intern_parameters
 from pypooler.pool import Pool
-from pypooler.protocol import codec
+from pypooler.protocol import codec, errors
 from pypooler.protocol import constants as c
 from pypooler.protocol.transaction import releasable
 from pypooler.server import ServerConnection, ServerLogin
@@ -126,7 +126,7 @@ async def test_a_transaction_block_keeps_its_server_until_it_ends() -> None:
     client.data_received(query("BEGIN"))
     assert not rig.reply(client, answer("BEGIN", T))
     client.data_received(query("SELEC 1"))
-    failed = codec.build_error_response("ERROR", "42601", "syntax error") + codec.build_ready_for_query(E)
+    failed = errors.build_error_response("ERROR", "42601", "syntax error") + codec.build_ready_for_query(E)
     assert not rig.reply(client, failed)
     client.data_received(query("ROLLBACK"))
 
