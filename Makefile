@@ -46,6 +46,7 @@ run: $(COMPILED)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pypooler tests bench
+	$(VENV)/bin/ruff format --check pypooler tests bench
 	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint Dockerfile
 	$(VENV)/bin/shellcheck docker/entrypoint.sh

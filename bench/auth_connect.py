@@ -149,9 +149,7 @@ def wait_until_serving(proxy: Proxy, postgres: EmbeddedPostgres) -> None:
     raise RuntimeError(f"{proxy.name} did not start: {last}\n{read_tail(proxy.log_path)}")
 
 
-def start_pgbouncer(
-    home: Path, postgres: EmbeddedPostgres, secret: str, *, name: str = "PgBouncer"
-) -> Proxy:
+def start_pgbouncer(home: Path, postgres: EmbeddedPostgres, secret: str, *, name: str = "PgBouncer") -> Proxy:
     run_as = pwd.getpwnam(UNPRIVILEGED_USER) if os.geteuid() == 0 else None
     home.mkdir(mode=0o700)
     port = random_free_port()
@@ -416,8 +414,7 @@ def report(
     )
     lines.append("")
     lines += login_table(
-        "### The same with the plain password in both auth_files (SCRAM keys derived by the"
-        " proxy)",
+        "### The same with the plain password in both auth_files (SCRAM keys derived by the proxy)",
         loop_plain,
         "logins/s",
     )
@@ -455,9 +452,7 @@ def main(argv: list[str] | None = None) -> int:
         port, seconds = argv[1:3]
         print(uvloop.run(_login_loop(int(port), float(seconds))))
         return 0
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.auth_connect", description=__doc__.splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m bench.auth_connect", description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=int, default=DEFAULT_DURATION_S, help="seconds per run")
     parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help="interleaved rounds")
     args = parser.parse_args(argv)
@@ -491,9 +486,7 @@ def measure(
         with running([]) as proxies:
             proxies.append(start_pgbouncer(workdir / "pgbouncer", postgres, verifier))
             proxies.append(start_pypooler(workdir / "pypooler", postgres, verifier))
-            proxies.append(
-                start_pypooler(workdir / "pypooler-tls", postgres, verifier, name="tls", tls=True)
-            )
+            proxies.append(start_pypooler(workdir / "pypooler-tls", postgres, verifier, name="tls", tls=True))
             # The same two with the plain password in auth_file: each must build SCRAM keys.
             proxies.append(start_pgbouncer(workdir / "pgbouncer-plain", postgres, PASSWORD))
             proxies.append(start_pypooler(workdir / "pypooler-plain", postgres, PASSWORD))

@@ -251,9 +251,7 @@ class Proxy:
         if self.process.returncode is not None:
             return  # stopped already
         if not self.alive():
-            self.exit_notes.append(
-                f"exited on its own (code {self.process.returncode}) before we stopped it"
-            )
+            self.exit_notes.append(f"exited on its own (code {self.process.returncode}) before we stopped it")
             return
         with contextlib.suppress(ProcessLookupError):
             self.process.send_signal(self.stop_signal)
@@ -261,8 +259,7 @@ class Proxy:
             code = self.process.wait(timeout=PROXY_STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             self.exit_notes.append(
-                f"did not exit {PROXY_STOP_TIMEOUT_S:.0f} s after {self.stop_signal.name}; "
-                "killed"
+                f"did not exit {PROXY_STOP_TIMEOUT_S:.0f} s after {self.stop_signal.name}; killed"
             )
             self.process.kill()
             self.process.wait()
@@ -281,9 +278,7 @@ def client_env(postgres: EmbeddedPostgres, port: int) -> dict[str, str]:
     return env
 
 
-def run_psql(
-    postgres: EmbeddedPostgres, port: int, sql: str
-) -> subprocess.CompletedProcess[str]:
+def run_psql(postgres: EmbeddedPostgres, port: int, sql: str) -> subprocess.CompletedProcess[str]:
     env = client_env(postgres, port)
     env["PGCONNECT_TIMEOUT"] = "2"
     return subprocess.run(
@@ -377,8 +372,7 @@ def start_pgbouncer(
             "[databases]\n"
             f"{DEFAULT_DBNAME} = host={postgres.host} port={postgres.port} "
             f"dbname={DEFAULT_DBNAME}\n"
-            "\n[pgbouncer]\n"
-            + "".join(f"{key} = {value}\n" for key, value in section.items())
+            "\n[pgbouncer]\n" + "".join(f"{key} = {value}\n" for key, value in section.items())
         )
         if run_as is not None:
             os.chown(ini, run_as.pw_uid, run_as.pw_gid)
@@ -512,7 +506,8 @@ def remove_checkout(path: Path) -> None:
     repo = Path(__file__).resolve().parent.parent
     subprocess.run(
         ["git", "-C", str(repo), "worktree", "remove", "--force", str(path)],
-        check=False, capture_output=True,
+        check=False,
+        capture_output=True,
     )
 
 
@@ -653,11 +648,17 @@ def pypooler_revision() -> str:
     try:
         head = subprocess.run(
             ["git", "-C", str(package_dir), "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, timeout=CLIENT_TIMEOUT_S, check=True,
+            capture_output=True,
+            text=True,
+            timeout=CLIENT_TIMEOUT_S,
+            check=True,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "-C", str(package_dir), "status", "--porcelain", "--", "."],
-            capture_output=True, text=True, timeout=CLIENT_TIMEOUT_S, check=True,
+            capture_output=True,
+            text=True,
+            timeout=CLIENT_TIMEOUT_S,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "not a git checkout"
@@ -873,9 +874,7 @@ def render_report(
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.compare", description=__doc__.splitlines()[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m bench.compare", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--duration", type=int, default=DEFAULT_DURATION_S, help="seconds per pgbench run (-T)"
     )
@@ -1024,16 +1023,12 @@ def benchmark(args: argparse.Namespace) -> str:
                     results.append(run)
                     if run.ok:
                         cpu = run.cpu_us_per_xact
-                        summary = (
-                            f"{run.tps:,.0f} tps, {run.latency_ms} ms"
-                            + ("" if cpu is None else f", {cpu:.1f} µs/xact")
+                        summary = f"{run.tps:,.0f} tps, {run.latency_ms} ms" + (
+                            "" if cpu is None else f", {cpu:.1f} µs/xact"
                         )
                     else:
                         summary = f"FAILED: {run.error}"
-                    progress(
-                        f"[{len(results)}/{total}] round {round_no} {point.label} {name}: "
-                        f"{summary}"
-                    )
+                    progress(f"[{len(results)}/{total}] round {round_no} {point.label} {name}: {summary}")
         for proxy in proxies:
             proxy.stop()
         notes = render_notes(results, proxies, drain_notes)

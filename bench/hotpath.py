@@ -88,9 +88,13 @@ async def main() -> None:
     server.connection_made(FakeTransport())
     # As a server that a pgbench client already gave its application_name (the steady state:
     # no settings to send at a lend).
-    server.data_received(codec.AUTHENTICATION_OK + codec.build_parameter_status("server_version", "15")
-                         + codec.build_parameter_status("application_name", "pgbench")
-                         + codec.build_backend_key_data(1, 2) + codec.build_ready_for_query())
+    server.data_received(
+        codec.AUTHENTICATION_OK
+        + codec.build_parameter_status("server_version", "15")
+        + codec.build_parameter_status("application_name", "pgbench")
+        + codec.build_backend_key_data(1, 2)
+        + codec.build_ready_for_query()
+    )
     pool.servers.add(server)
     server.on_close = pool.server_closed
     server.parameters = intern_parameters(server.parameters)

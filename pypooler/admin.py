@@ -81,9 +81,7 @@ CONSOLE_PARAMETERS: Final = {
     "integer_datetimes": "on",
     "standard_conforming_strings": "on",
 }
-_EXTENDED_PROTOCOL: Final = frozenset(
-    (c.F_PARSE, c.F_BIND, c.F_DESCRIBE, c.F_EXECUTE, c.F_CLOSE, c.F_FLUSH)
-)
+_EXTENDED_PROTOCOL: Final = frozenset((c.F_PARSE, c.F_BIND, c.F_DESCRIBE, c.F_EXECUTE, c.F_CLOSE, c.F_FLUSH))
 _COPY_MESSAGES: Final = frozenset((c.F_COPY_DATA, c.F_COPY_DONE, c.F_COPY_FAIL))
 
 # --------------------------------------------------------------------------- columns
@@ -406,8 +404,7 @@ class AdminConsole:
             return self.show(subject).encode()
         if not is_admin:
             raise AdminPermissionDenied(
-                f"admin access needed for {command.verb}: this user is in stats_users, which may"
-                " only SHOW",
+                f"admin access needed for {command.verb}: this user is in stats_users, which may only SHOW",
                 hint="list the user in admin_users",
             )
         run = self._commands[command.verb]
@@ -705,10 +702,15 @@ class AdminConsole:
         found.sort(key=lambda entry: entry[0], reverse=True)
         rows: list[Row] = [
             [
-                pool.database, pool.user, str(stats.count), _ms(total_ns),
+                pool.database,
+                pool.user,
+                str(stats.count),
+                _ms(total_ns),
                 _ms(total_ns / stats.count) if stats.count else "0.000",
-                _s_as_ms(stats.hold.quantile_s(0.5)), _s_as_ms(stats.hold.quantile_s(0.99)),
-                _ms(stats.idle_ns), text,
+                _s_as_ms(stats.hold.quantile_s(0.5)),
+                _s_as_ms(stats.hold.quantile_s(0.99)),
+                _ms(stats.idle_ns),
+                text,
             ]
             for total_ns, pool, text, stats in found
         ]
@@ -906,8 +908,5 @@ class AdminConnection(asyncio.Protocol):
         )  # fmt: skip
         if not self.closed:
             self.closed = True
-            self.transport.write(
-                exc.to_error_response("FATAL")
-            )
+            self.transport.write(exc.to_error_response("FATAL"))
             self.transport.close()
-

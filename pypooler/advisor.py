@@ -138,8 +138,7 @@ def advise_pool(
             )
         else:
             verdicts.append(
-                f"capacity ok: {bound_x_instances} of {server_limits.available} server"
-                " connections at most"
+                f"capacity ok: {bound_x_instances} of {server_limits.available} server connections at most"
             )
     return advice
 
@@ -280,9 +279,7 @@ ADVICE_COLUMNS = [
 ]  # fmt: skip
 
 
-async def advice_table(
-    manager: PoolManager, settings: Settings
-) -> tuple[list[str], list[list[str | None]]]:
+async def advice_table(manager: PoolManager, settings: Settings) -> tuple[list[str], list[list[str | None]]]:
     """SHOW ADVICE: one row per pool, figures as text, verdicts joined by ' | '."""
     rows: list[list[str | None]] = []
     for a in await advise(manager, settings):
@@ -311,9 +308,7 @@ async def check_capacity(manager: PoolManager, settings: Settings) -> list[str]:
             logins.setdefault((db.host, db.port), login)
     for key, total in _bounds_by_server(manager, settings).items():
         server_login = logins.get(key)
-        limits = (
-            await server_limits(server_login, settings.server_connect_timeout) if server_login else None
-        )
+        limits = await server_limits(server_login, settings.server_connect_timeout) if server_login else None
         if limits is None:
             continue
         demand = total * settings.expected_instances

@@ -93,9 +93,7 @@ class Pooler:
         if settings.auth_user:
             self.auth.query = self.manager.run_auth_query
         self.auth.log_limiter = self.manager.log_limiter
-        self.registry = ClientRegistry(
-            settings, self.manager, auth=self.auth, tls=client_tls(settings)
-        )
+        self.registry = ClientRegistry(settings, self.manager, auth=self.auth, tls=client_tls(settings))
         self.console = AdminConsole(self.registry)
         self.registry.admin_login = self.console.login
         self.registry.reload = self._reload_for_console
@@ -155,8 +153,11 @@ class Pooler:
             )
         log.info(
             "listening on %s:%d (pool_mode=%s, %d database entries, %s build)",
-            self.settings.listen_addr, self.port, self.settings.pool_mode,
-            len(self.settings.databases), "compiled" if codec.NATIVE else "pure-Python",
+            self.settings.listen_addr,
+            self.port,
+            self.settings.pool_mode,
+            len(self.settings.databases),
+            "compiled" if codec.NATIVE else "pure-Python",
         )
         if not codec.NATIVE and not os.environ.get("PYPOOLER_PURE"):
             log.warning(
@@ -272,7 +273,9 @@ class Pooler:
         self.manager.drain()
         log.info(
             "draining: %d clients, %d inside a transaction; up to %g s",
-            len(self.registry.clients), self._close_clients_at_rest(), timeout,
+            len(self.registry.clients),
+            self._close_clients_at_rest(),
+            timeout,
         )
         while True:
             busy = self._close_clients_at_rest()

@@ -699,4 +699,3 @@ class Authenticator:
             verifier = ScramVerifier.from_password(password)
             self._plain_verifiers[key] = verifier
         return verifier
-

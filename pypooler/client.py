@@ -1282,8 +1282,7 @@ class ClientConnection(asyncio.Protocol):
                 if self.database in registry.manager.disabled:
                     raise DatabaseDisabled(
                         f'database "{self.database}" does not allow connections now',
-                        hint="an administrator ran DISABLE on the admin console; ENABLE allows them"
-                        " again",
+                        hint="an administrator ran DISABLE on the admin console; ENABLE allows them again",
                     )
                 found = registry.manager.database_config(self.database)
                 if found is None:
@@ -1297,9 +1296,7 @@ class ClientConnection(asyncio.Protocol):
                 )
             if tls is not None and tls.mode == "verify-full":
                 auth.check_certificate(self.user, self._peer_certificate())
-            method = auth.method_for(
-                database_config, self.database, self.user, self.address, tls=self.tls
-            )
+            method = auth.method_for(database_config, self.database, self.user, self.address, tls=self.tls)
             if method == "cert":
                 auth.check_certificate(self.user, self._peer_certificate())
         except PoolerError as exc:

@@ -339,10 +339,7 @@ class _MappingEnvSource(EnvSettingsSource):
         super().__init__(settings_cls)
 
     def _load_env_vars(self) -> Mapping[str, str | None]:
-        return {
-            name if self.case_sensitive else name.lower(): value
-            for name, value in self._environ.items()
-        }
+        return {name if self.case_sensitive else name.lower(): value for name, value in self._environ.items()}
 
 
 class _TomlFileSource(TomlConfigSettingsSource):
@@ -381,10 +378,7 @@ _TOML_AT_END = re.compile(r"^(?P<reason>.*) \(at end of document\)$")
 def _describe_toml_error(exc: tomllib.TOMLDecodeError) -> str:
     message = str(exc)
     if match := _TOML_POSITION.match(message):
-        return (
-            f"TOML syntax error at line {match['line']}, column {match['column']}:"
-            f" {match['reason']}"
-        )
+        return f"TOML syntax error at line {match['line']}, column {match['column']}: {match['reason']}"
     if match := _TOML_AT_END.match(message):
         return f"TOML syntax error at end of file: {match['reason']}"
     return f"TOML syntax error: {message}"
@@ -573,9 +567,7 @@ def _reason(kind: str, ctx: dict[str, Any]) -> str | None:
     if template is None:
         return None
     # Float bounds arrive as 0.0; people write and read them as 0.
-    bounds = {
-        key: f"{value:g}" if isinstance(value, float) else value for key, value in ctx.items()
-    }
+    bounds = {key: f"{value:g}" if isinstance(value, float) else value for key, value in ctx.items()}
     try:
         return template.format(**bounds)
     except KeyError:  # a pydantic version that names the bound differently

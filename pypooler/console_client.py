@@ -18,8 +18,14 @@ class ConsoleError(Exception):
 
 
 async def simple_query(
-    host: str, port: int, sql: str, *, user: str = "postgres", password: str | None = None,
-    database: str = "pgbouncer", timeout: float = 30,
+    host: str,
+    port: int,
+    sql: str,
+    *,
+    user: str = "postgres",
+    password: str | None = None,
+    database: str = "pgbouncer",
+    timeout: float = 30,
 ) -> tuple[list[str], list[list[str | None]]]:
     """Run one statement on the console; return (column names, rows)."""
     async with asyncio.timeout(timeout):

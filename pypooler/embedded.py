@@ -163,8 +163,7 @@ def find_bindir() -> str:
         tried.append(bindir)
     raise EmbeddedPostgresError(
         "no PostgreSQL server binaries (initdb, pg_ctl, postgres) found; install the server "
-        "package (e.g. apt-get install postgresql) or set PYPOOLER_PG_BINDIR. Tried: "
-        + ", ".join(tried)
+        "package (e.g. apt-get install postgresql) or set PYPOOLER_PG_BINDIR. Tried: " + ", ".join(tried)
     )
 
 
@@ -297,10 +296,7 @@ class EmbeddedPostgres:
             if isinstance(exc, EmbeddedPostgresError | subprocess.SubprocessError | OSError):
                 message = f"embedded PostgreSQL failed to start: {exc}"
                 if self.log_path and os.path.exists(self.log_path):
-                    message += (
-                        f"\nserver log {self.log_path} (last lines):\n"
-                        + _read_tail(self.log_path)
-                    )
+                    message += f"\nserver log {self.log_path} (last lines):\n" + _read_tail(self.log_path)
                 raise EmbeddedPostgresError(message) from exc
             raise
 
@@ -379,9 +375,7 @@ class EmbeddedPostgres:
             raise EmbeddedPostgresError(f"{name} not found in {self.bindir}")
         return path
 
-    def dsn(
-        self, user: str = SUPERUSER, dbname: str = DEFAULT_DBNAME, password: str | None = None
-    ) -> str:
+    def dsn(self, user: str = SUPERUSER, dbname: str = DEFAULT_DBNAME, password: str | None = None) -> str:
         """A postgresql:// URL for this cluster over TCP.
 
         The password is included only when given: a role's password is not filled in for you,
@@ -423,8 +417,7 @@ class EmbeddedPostgres:
         )  # fmt: skip
         if result.returncode != 0:
             raise EmbeddedPostgresError(
-                f"psql as {user} on {dbname} failed ({result.returncode}): "
-                f"{result.stderr.strip()}"
+                f"psql as {user} on {dbname} failed ({result.returncode}): {result.stderr.strip()}"
             )
         return result.stdout.strip()
 
@@ -437,8 +430,7 @@ class EmbeddedPostgres:
         if dbname is not None:
             conditions.append(f"datname = {_quote_literal(dbname)}")
         output = self.psql(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE "
-            + " AND ".join(conditions),
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE " + " AND ".join(conditions),
             dbname="postgres",
         )
         return int(output)
@@ -485,9 +477,7 @@ class EmbeddedPostgres:
                     f" (initdb runs as {_UNPRIVILEGED_USER!r}: every parent directory of "
                     f"{self.tmp_dir} must be searchable by it; pass base_dir='/tmp'?)"
                 )
-            raise EmbeddedPostgresError(
-                f"initdb failed ({result.returncode}){hint}: {result.stderr.strip()}"
-            )
+            raise EmbeddedPostgresError(f"initdb failed ({result.returncode}){hint}: {result.stderr.strip()}")
 
     def _write_conf(self, port: int) -> None:
         settings: dict[str, str] = {
@@ -536,8 +526,7 @@ class EmbeddedPostgres:
             f"host all {_hba_name(self.superuser)} {LOOPBACK}/32 trust",
         ]
         lines += [
-            f"host all {_hba_name(role.name)} {LOOPBACK}/32 {role.method}"
-            for role in self.roles.values()
+            f"host all {_hba_name(role.name)} {LOOPBACK}/32 {role.method}" for role in self.roles.values()
         ]
         lines.append(f"host all all {LOOPBACK}/32 scram-sha-256")
         self._write_owned(os.path.join(self.data_dir, "pg_hba.conf"), "\n".join(lines) + "\n")
@@ -545,9 +534,7 @@ class EmbeddedPostgres:
     def _start_postmaster(self) -> None:
         attempts = 1 if self._fixed_port is not None else _START_ATTEMPTS
         for attempt in range(1, attempts + 1):
-            self.port = (
-                self._fixed_port if self._fixed_port is not None else random_free_port()
-            )
+            self.port = self._fixed_port if self._fixed_port is not None else random_free_port()
             self._write_conf(self.port)
             log_size = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
             result = self._run_server_binary(
@@ -565,8 +552,7 @@ class EmbeddedPostgres:
                 logger.info("port %d was taken, retrying with another", self.port)
                 continue
             raise EmbeddedPostgresError(
-                f"pg_ctl start on port {self.port} failed ({result.returncode}): "
-                f"{result.stderr.strip()}"
+                f"pg_ctl start on port {self.port} failed ({result.returncode}): {result.stderr.strip()}"
             )
 
     def _create_roles_and_database(self) -> None:
@@ -627,9 +613,7 @@ class EmbeddedPostgres:
         pid = self._postmaster_pid()
         if pid is None:
             return
-        self._run_server_binary(
-            [self.bin("pg_ctl"), "stop", "-D", self.data_dir, "-m", "immediate", "-w"]
-        )
+        self._run_server_binary([self.bin("pg_ctl"), "stop", "-D", self.data_dir, "-m", "immediate", "-w"])
         pid = self._postmaster_pid()
         if pid is None:
             return

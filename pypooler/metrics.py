@@ -154,18 +154,21 @@ class PoolCollector(Collector):
             "pypooler_server_connect_seconds", "Server connect and login time.", labels=POOL_LABELS
         )
         clients = GaugeMetricFamily(
-            "pypooler_clients", "Clients by state: active (holding a server), waiting, idle.",
+            "pypooler_clients",
+            "Clients by state: active (holding a server), waiting, idle.",
             labels=[*POOL_LABELS, "state"],
         )
         servers = GaugeMetricFamily(
-            "pypooler_servers", "Server connections by state: active (lent), idle, login.",
+            "pypooler_servers",
+            "Server connections by state: active (lent), idle, login.",
             labels=[*POOL_LABELS, "state"],
         )
         pool_size = GaugeMetricFamily(
             "pypooler_pool_size", "Bound on server connections of the pool.", labels=POOL_LABELS
         )
         oldest_wait = GaugeMetricFamily(
-            "pypooler_oldest_waiter_seconds", "Age of the longest-waiting client (0: none).",
+            "pypooler_oldest_waiter_seconds",
+            "Age of the longest-waiting client (0: none).",
             labels=POOL_LABELS,
         )
         listen_channels = GaugeMetricFamily(
@@ -206,8 +209,18 @@ class PoolCollector(Collector):
             for fingerprint, statement in pool_stats.statements.items():
                 statement_count.add_metric([*key, fingerprint], statement.count)
                 statement_hold.add_metric([*key, fingerprint], statement.hold.sum_ns / 1e9)
-        yield from (connects, connect_failures, connect_time, clients, servers, pool_size,
-                    listen_channels, oldest_wait, statement_count, statement_hold)
+        yield from (
+            connects,
+            connect_failures,
+            connect_time,
+            clients,
+            servers,
+            pool_size,
+            listen_channels,
+            oldest_wait,
+            statement_count,
+            statement_hold,
+        )
 
         accepted = CounterMetricFamily(
             "pypooler_client_connections", "TCP connections accepted from clients."
@@ -270,7 +283,8 @@ class MetricsServer:
                 body = b""
             writer.write(
                 f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
-                "Connection: close\r\n\r\n".encode() + body
+                "Connection: close\r\n\r\n".encode()
+                + body
             )
             await writer.drain()
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, OSError):

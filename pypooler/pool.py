@@ -115,6 +115,7 @@ class Borrower:
         if not self.future.done():
             self.future.set_exception(exc)
 
+
 WELCOMES_KEPT = 256  # distinct startup packets remembered per pool (then forgotten at once)
 SPELLINGS_KEPT = 1024  # (name, value) spellings remembered per pool (then forgotten at once)
 
@@ -127,6 +128,8 @@ class Welcome(NamedTuple):
     apply_first: bool  # values no server has accepted yet: applied with a round trip
     statuses: bytes  # AuthenticationOk and the ParameterStatus messages
     startup_values: dict[str, str]  # reported settings the packet sets: what RESET returns to
+
+
 SHUTDOWN_POLL_S = 0.005
 # Stats snapshots kept per pool: the latest two bound the last complete stats_period.
 SNAPSHOTS_KEPT = 2
@@ -501,7 +504,6 @@ class Pool:
 
     # ------------------------------------------------------------------ maintenance.py's calls
 
-
     def retire(self, servers: list[ServerConnection]) -> None:
         """Close these servers (server_lifetime): idle ones now, lent ones when they come back
         (through `draining`, like RECONNECT)."""
@@ -538,8 +540,14 @@ class Pool:
         log.warning(
             "pool %s/%s: client %s app=%s %s %.0f ms for a server (pool_size %d, %d waiting);"
             " top holders: %s",
-            self.database, self.user, client.peer, client.application_name or "-",
-            "gave up after" if timed_out else "waited", waited_ns / 1e6, self.size, self.waiting,
+            self.database,
+            self.user,
+            client.peer,
+            client.application_name or "-",
+            "gave up after" if timed_out else "waited",
+            waited_ns / 1e6,
+            self.size,
+            self.waiting,
             "; ".join(describe_holder(c, now) for c in holders[:3]) or "none",
         )
 
@@ -837,8 +845,12 @@ class PoolManager:
             self.server_tls = server_tls
         self.apply_settings(settings)
         return [
-            f"pool {db}/{user}: " + ("server changed" if before[(db, user)][0] != _login_key(p.login)
-                                     else f"pool_size {before[(db, user)][1]} -> {p.size}")
+            f"pool {db}/{user}: "
+            + (
+                "server changed"
+                if before[(db, user)][0] != _login_key(p.login)
+                else f"pool_size {before[(db, user)][1]} -> {p.size}"
+            )
             for (db, user), p in self.pools.items()
             if before[(db, user)] != (_login_key(p.login), p.size)
         ]

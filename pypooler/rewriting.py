@@ -257,7 +257,8 @@ class RewritingFrontend(FrontendStream):
                 and not NOT_A_WORD_START[data[5]]
                 and (  # session_state.head_key(data, 5), inline
                     (data[5] | 0x20) << 16 | (data[6] | 0x20) << 8 | (data[7] | 0x20)
-                ) not in SUSPECT_HEAD_KEYS
+                )
+                not in SUSPECT_HEAD_KEYS
                 and (
                     not suspect_text(data, 5, length)
                     if NATIVE  # the same two tests as regular expressions: cheaper from the sources
@@ -353,8 +354,12 @@ class RewritingFrontend(FrontendStream):
                         if len(verdicts) >= MAX_REMEMBERED_TEXTS:
                             verdicts.clear()
                         verdicts[text] = kinds
-                    if kinds and self.intercept_listen and not (pos or carry) and self._listen_read(kinds,
-                                                                                                     data):
+                    if (
+                        kinds
+                        and self.intercept_listen
+                        and not (pos or carry)
+                        and self._listen_read(kinds, data)
+                    ):
                         return b""  # fmt: skip
                     refusal = self._session_state(kinds, server) if kinds else None
                     if refusal is not None:

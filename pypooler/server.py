@@ -242,9 +242,7 @@ class ServerConnection(asyncio.Protocol):
 
     def send_startup(self) -> None:
         login = self.login
-        self.transport.write(
-            codec.build_startup_message({"user": login.user, "database": login.database})
-        )
+        self.transport.write(codec.build_startup_message({"user": login.user, "database": login.database}))
 
     async def negotiate_tls(self) -> None:
         """SSLRequest, then TLS on 'S'; on 'N' go on in clear only when the mode is prefer."""
@@ -258,8 +256,7 @@ class ServerConnection(asyncio.Protocol):
             if login.tls_mode == "prefer":
                 return
             raise ServerConnectFailed(
-                f"server {login.describe()} does not support SSL, but server_tls_sslmode is"
-                f" {login.tls_mode}"
+                f"server {login.describe()} does not support SSL, but server_tls_sslmode is {login.tls_mode}"
             )
         assert login.ssl_context is not None
         try:
@@ -465,9 +462,7 @@ class ServerConnection(asyncio.Protocol):
             der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
             binding = certificate_hash(der) if der else None
         if login.password is not None:
-            self._scram = ScramClientExchange(
-                password=login.password, channel_binding=binding, tls=self.tls
-            )
+            self._scram = ScramClientExchange(password=login.password, channel_binding=binding, tls=self.tls)
         elif isinstance(login.secret, ScramVerifier) and login.client_key is not None:
             self._scram = ScramClientExchange(
                 pass_through=(login.secret, login.client_key), channel_binding=binding, tls=self.tls
@@ -482,7 +477,10 @@ class ServerConnection(asyncio.Protocol):
         else:
             raise _only_hashed(login, "SCRAM-SHA-256 authentication")
         log.debug(
-            "server %s: %s login as %r%s", login.describe(), self._scram.mechanism, login.user,
+            "server %s: %s login as %r%s",
+            login.describe(),
+            self._scram.mechanism,
+            login.user,
             " by pass-through" if login.password is None else "",
         )
         self.transport.write(
@@ -596,7 +594,10 @@ class ServerConnection(asyncio.Protocol):
                 fields = codec.parse_error_fields(body)
                 log.info(
                     "server %s pid=%d closing: %s %s",
-                    self.describe(), self.process_id, fields.get("C"), fields.get("M"),
+                    self.describe(),
+                    self.process_id,
+                    fields.get("C"),
+                    fields.get("M"),
                 )
                 self.close()
                 return
@@ -615,7 +616,10 @@ class ServerConnection(asyncio.Protocol):
         statements already went to the server, so neither can go on."""
         log.error(
             "server %s pid=%d refused session settings: %s %s",
-            self.describe(), self.process_id, fields.get("C"), fields.get("M"),
+            self.describe(),
+            self.process_id,
+            fields.get("C"),
+            fields.get("M"),
         )
         self.client = None
         client.server = None

@@ -33,6 +33,8 @@ BOUNDS_NS: Final = [int(b * 1e9) for b in BUCKET_BOUNDS_S]
 
 def bucket_of(ns: int) -> int:
     return bisect_left(BOUNDS_NS, ns)
+
+
 OTHER: Final = "other"
 
 

@@ -55,9 +55,7 @@ def client_tls(settings: Settings) -> ClientTls | None:
             context.load_verify_locations(cafile=settings.client_tls_ca_file)
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError([f"client_tls_ca_file: cannot load: {exc}"]) from None
-        context.verify_mode = (
-            ssl.CERT_REQUIRED if mode in ("verify-ca", "verify-full") else ssl.CERT_OPTIONAL
-        )
+        context.verify_mode = ssl.CERT_REQUIRED if mode in ("verify-ca", "verify-full") else ssl.CERT_OPTIONAL
     try:
         with open(settings.client_tls_cert_file, encoding="ascii", errors="replace") as pem:
             der = ssl.PEM_cert_to_DER_cert(_first_certificate(pem.read()))
@@ -101,9 +99,7 @@ def server_ssl_context(settings: Settings) -> ssl.SSLContext | None:
         try:
             context.load_cert_chain(settings.server_tls_cert_file, settings.server_tls_key_file)
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(
-                [f"server_tls_cert_file / server_tls_key_file: cannot load: {exc}"]
-            ) from None
+            raise ConfigError([f"server_tls_cert_file / server_tls_key_file: cannot load: {exc}"]) from None
     return context
 
 

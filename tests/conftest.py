@@ -78,8 +78,13 @@ class RunningPooler:
         self.loop.call_soon_threadsafe(run)
         return future.result(timeout)
 
-    def dsn(self, user: str = "postgres", dbname: str = "pypooler_test", password: str | None = None,
-            **params: str) -> str:
+    def dsn(
+        self,
+        user: str = "postgres",
+        dbname: str = "pypooler_test",
+        password: str | None = None,
+        **params: str,
+    ) -> str:
         auth = f"{user}:{password}" if password else user
         query = "&".join(f"{k}={v}" for k, v in params.items())
         return f"postgresql://{auth}@{self.host}:{self.port}/{dbname}" + (f"?{query}" if query else "")

@@ -24,8 +24,9 @@ class RawClient:
         return cls(reader, writer)
 
     @classmethod
-    async def login(cls, host: str, port: int, user: str = "postgres",
-                    database: str = "pypooler_test", **params: str) -> RawClient:
+    async def login(
+        cls, host: str, port: int, user: str = "postgres", database: str = "pypooler_test", **params: str
+    ) -> RawClient:
         client = await cls.connect(host, port)
         client.send(codec.build_startup_message({"user": user, "database": database, **params}))
         messages = await client.until_ready()

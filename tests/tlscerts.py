@@ -16,9 +16,7 @@ _TIMEOUT_S = 30
 
 
 def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(
-        [OPENSSL, *args], cwd=cwd, check=True, capture_output=True, timeout=_TIMEOUT_S
-    )
+    subprocess.run([OPENSSL, *args], cwd=cwd, check=True, capture_output=True, timeout=_TIMEOUT_S)
 
 
 @dataclass(frozen=True)

@@ -465,14 +465,15 @@ def build_close_statement(name: bytes) -> bytes:
 
 def build_describe_statement(name: bytes) -> bytes:
     return build_message(c.F_DESCRIBE, b"S" + name + b"\0")
+
+
 def build_parameterized_query(sql: str, parameters: Iterable[str | None]) -> bytes:
     """Parse, Bind, Execute and Sync of one unnamed statement with text parameters: how pypooler
     runs a query of its own (auth_query) without ever splicing values into SQL."""
     values = list(parameters)
     parse = build_message(c.F_PARSE, b"\0" + _cstring(sql) + INT16.pack(0))
     bind_values = b"".join(
-        INT32.pack(-1) if value is None else INT32.pack(len(raw := value.encode())) + raw
-        for value in values
+        INT32.pack(-1) if value is None else INT32.pack(len(raw := value.encode())) + raw for value in values
     )
     bind = build_message(
         c.F_BIND,
@@ -480,7 +481,6 @@ def build_parameterized_query(sql: str, parameters: Iterable[str | None]) -> byt
     )
     execute = build_message(c.F_EXECUTE, b"\0" + INT32.pack(0))
     return parse + bind + execute + SYNC
-
 
 
 def build_command_complete(tag: str) -> bytes:

@@ -66,8 +66,18 @@ def is_transaction_control(text: bytes) -> bool:
 class FrontendStream:
     """Client -> server direction."""
 
-    __slots__ = ("_extended", "_head", "_skip", "_syncs_since_execute", "copy_in", "last_statement",
-                 "open_tail", "outstanding", "xact_statement", "xact_statement_final")
+    __slots__ = (
+        "_extended",
+        "_head",
+        "_skip",
+        "_syncs_since_execute",
+        "copy_in",
+        "last_statement",
+        "open_tail",
+        "outstanding",
+        "xact_statement",
+        "xact_statement_final",
+    )
 
     def __init__(self) -> None:
         self._skip = 0  # bytes of the current message body still to pass

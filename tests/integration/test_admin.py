@@ -23,9 +23,7 @@ from pypooler.protocol import constants as c
 from tests.conftest import RunningPooler
 from tests.pgwire import RawClient, data_rows, error_fields
 
-FIXTURE = json.loads(
-    (Path(__file__).parent.parent / "fixtures" / "pgbouncer_1_18_columns.json").read_text()
-)
+FIXTURE = json.loads((Path(__file__).parent.parent / "fixtures" / "pgbouncer_1_18_columns.json").read_text())
 # The SHOW commands the issue asks for; the fixture has every one PgBouncer 1.18 knows.
 PGBOUNCER_SHOWS = (
     "POOLS", "STATS", "STATS_TOTALS", "STATS_AVERAGES", "TOTALS", "CLIENTS", "SERVERS",
@@ -115,9 +113,7 @@ async def test_every_show_has_pgbouncer_columns_and_types(start_pooler: Any) -> 
         await admin.close()
 
 
-async def test_psql_psycopg_alias_case_and_semicolons(
-    start_pooler: Any, postgres: EmbeddedPostgres
-) -> None:
+async def test_psql_psycopg_alias_case_and_semicolons(start_pooler: Any, postgres: EmbeddedPostgres) -> None:
     pooler = start_pooler(pool_size=2)
     url = f"postgresql://postgres@{pooler.host}:{pooler.port}"
     result = await asyncio.to_thread(
@@ -155,7 +151,10 @@ async def test_stats_pools_clients_servers_after_traffic(start_pooler: Any) -> N
         (pool,) = await show(admin, "POOLS")
         assert (pool["database"], pool["user"], pool["pool_mode"]) == (DB, "postgres", "transaction")
         assert (pool["cl_active"], pool["cl_waiting"], pool["sv_active"], pool["sv_idle"]) == (
-            "1", "1", "1", "0",
+            "1",
+            "1",
+            "1",
+            "0",
         )
         assert int(str(pool["maxwait"])) * 1_000_000 + int(str(pool["maxwait_us"])) >= 100_000
 
@@ -242,9 +241,7 @@ async def test_show_advice_sends_the_advisor_table(start_pooler: Any) -> None:
     admin = await console(pooler)
     try:
         messages = await admin.query("SHOW ADVICE")
-        columns, rows = pooler.call_async(
-            advice_table(pooler.pooler.manager, pooler.pooler.settings)
-        )
+        columns, rows = pooler.call_async(advice_table(pooler.pooler.manager, pooler.pooler.settings))
         assert row_description(messages) == [[name, c.OID_TEXT] for name in columns]
         # Rates move with the clock between the two calls; compare everything else.
         moving = {columns.index(name) for name in ("window_s", "xact_per_s", "connections_needed", "verdict")}
@@ -356,9 +353,7 @@ async def test_reconnect_replaces_servers_as_they_are_released(start_pooler: Any
         await admin.close()
 
 
-async def test_reload_applies_pool_size_and_new_databases(
-    postgres: EmbeddedPostgres, tmp_path: Path
-) -> None:
+async def test_reload_applies_pool_size_and_new_databases(postgres: EmbeddedPostgres, tmp_path: Path) -> None:
     config = tmp_path / "pypooler.toml"
 
     def write(pool_size: int, *, extra: str = "") -> None:

@@ -44,7 +44,9 @@ def wait_for_line(proc: subprocess.Popen[str], pattern: str, timeout: float = 30
 def psql(dsn: str, sql: str) -> str:
     result = subprocess.run(
         [PSQL, "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", dsn, "-c", sql],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
@@ -55,7 +57,9 @@ def test_check_config_reports_every_problem(tmp_path: Path) -> None:
     config.write_text('listen_port = -1\ndefault_pool_size = 0\nlisen_addr = "x"\n')
     result = subprocess.run(
         [sys.executable, "-m", "pypooler", "check-config", "--config", str(config)],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 2
     problems = [line for line in result.stderr.splitlines() if "config error" in line]

@@ -216,9 +216,7 @@ async def test_scram_pass_through_survives_server_recycling(
     assert (result.returncode, result.stdout.strip()) == (0, "pp_scram"), result.stderr
 
 
-async def test_forced_user_logs_in_with_its_auth_file_password(
-    start_pooler: Runner, tmp_path: Path
-) -> None:
+async def test_forced_user_logs_in_with_its_auth_file_password(start_pooler: Runner, tmp_path: Path) -> None:
     pooler = start_pooler(
         user="pp_md5",
         auth_type="md5",

@@ -343,12 +343,16 @@ def test_psycopg_simple_and_extended_queries(postgres: EmbeddedPostgres, pooler:
             conn.rollback()
         return seen
 
-    assert scenario(pooler.dsn()) == scenario(postgres.dsn()) == [
-        [(1, "a")],
-        [("client-side",)],
-        [(42, "x", True)],
-        [(2**40, b"\x00\xff")],
-    ]
+    assert (
+        scenario(pooler.dsn())
+        == scenario(postgres.dsn())
+        == [
+            [(1, "a")],
+            [("client-side",)],
+            [(42, "x", True)],
+            [(2**40, b"\x00\xff")],
+        ]
+    )
 
 
 def test_psycopg_transactions(
@@ -407,14 +411,18 @@ def test_psycopg_error_leaves_transaction_failed(
             seen.append(conn.execute("SELECT 4").fetchone())
         return seen
 
-    assert scenario(pooler.dsn()) == scenario(postgres.dsn()) == [
-        TransactionStatus.INERROR,
-        TransactionStatus.IDLE,
-        (3,),
-        TransactionStatus.INERROR,
-        TransactionStatus.IDLE,
-        (4,),
-    ]
+    assert (
+        scenario(pooler.dsn())
+        == scenario(postgres.dsn())
+        == [
+            TransactionStatus.INERROR,
+            TransactionStatus.IDLE,
+            (3,),
+            TransactionStatus.INERROR,
+            TransactionStatus.IDLE,
+            (4,),
+        ]
+    )
 
 
 def test_psycopg_autocommit(
@@ -477,12 +485,16 @@ def test_psycopg_named_cursor_in_transaction(postgres: EmbeddedPostgres, pooler:
             conn.commit()
         return [[r[0] for r in first], len(rest), rest[0][0], sum(r[0] for r in rest)]
 
-    assert scenario(pooler.dsn()) == scenario(postgres.dsn()) == [
-        list(range(1, 11)),
-        500,
-        501,
-        sum(range(501, 1001)),
-    ]
+    assert (
+        scenario(pooler.dsn())
+        == scenario(postgres.dsn())
+        == [
+            list(range(1, 11)),
+            500,
+            501,
+            sum(range(501, 1001)),
+        ]
+    )
 
 
 def test_psycopg_copy_text_and_binary(
@@ -692,14 +704,18 @@ async def test_asyncpg_fetch_with_parameters(postgres: EmbeddedPostgres, pooler:
 
     direct = await scenario(postgres.dsn(), "")
     pooled = await scenario(pooler.dsn(), "")
-    assert pooled == direct == [
-        [(1, "n1"), (2, "n2"), (3, "n3")],
-        {"a": 1, "b": "two", "c": 3},
-        2**41,
-        True,
-        None,
-        "SELECT 2",
-    ]
+    assert (
+        pooled
+        == direct
+        == [
+            [(1, "n1"), (2, "n2"), (3, "n3")],
+            {"a": 1, "b": "two", "c": 3},
+            2**41,
+            True,
+            None,
+            "SELECT 2",
+        ]
+    )
 
 
 async def test_asyncpg_executemany(

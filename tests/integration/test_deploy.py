@@ -135,7 +135,7 @@ def test_dockerfile_runs_pypooler_as_non_root_with_healthcheck() -> None:
     assert re.search(r"^FROM python:3\.\d+-slim", dockerfile, re.MULTILINE)
     assert re.search(r"^USER (?!root|0\b)\S+", dockerfile, re.MULTILINE)
     assert re.search(r"^EXPOSE 6432 9127$", dockerfile, re.MULTILINE)
-    assert 'HEALTHCHECK' in dockerfile and '"healthcheck"' in dockerfile
+    assert "HEALTHCHECK" in dockerfile and '"healthcheck"' in dockerfile
     assert "ENV PYPOOLER_CONFIG=/etc/pypooler/pypooler.toml" in dockerfile
     assert "COPY docker/pypooler.toml /etc/pypooler/pypooler.toml" in dockerfile
     image_settings = load_settings(IMAGE_CONFIG, env={})

@@ -30,9 +30,7 @@ async def culprit_and_victims(dsn: str) -> None:
             await conn.close()
 
     async def victim() -> None:
-        conn = await asyncpg.connect(
-            dsn, statement_cache_size=0, server_settings={"application_name": "api"}
-        )
+        conn = await asyncpg.connect(dsn, statement_cache_size=0, server_settings={"application_name": "api"})
         try:
             for i in range(10):
                 assert await conn.fetchval("select $1::int", i) == i
@@ -46,8 +44,10 @@ async def test_metrics_and_advice_name_the_culprit(
     start_pooler: Any, postgres: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="pypooler")
-    postgres.psql("drop table if exists hog; create table hog (id int primary key, n int);"
-                  " insert into hog values (1, 0)")
+    postgres.psql(
+        "drop table if exists hog; create table hog (id int primary key, n int);"
+        " insert into hog values (1, 0)"
+    )
     pooler = start_pooler(pool_size=2, hold_warn_ms=200, wait_warn_ms=100, stats_period=3600)
     before = scrape(pooler.metrics_url)
     await culprit_and_victims(pooler.dsn())
@@ -62,17 +62,28 @@ async def test_metrics_and_advice_name_the_culprit(
         assert count == expected
         # Histogram counts equal transaction counts.
         assert sample(hold, "pypooler_hold_seconds_count", **app_labels) == count
-        assert sample(after["pypooler_checkout_wait_seconds"], "pypooler_checkout_wait_seconds_count",
-                      **app_labels) == count
-        assert sample(after["pypooler_idle_in_transaction_seconds"],
-                      "pypooler_idle_in_transaction_seconds_count", **app_labels) == count
+        assert (
+            sample(
+                after["pypooler_checkout_wait_seconds"], "pypooler_checkout_wait_seconds_count", **app_labels
+            )
+            == count
+        )
+        assert (
+            sample(
+                after["pypooler_idle_in_transaction_seconds"],
+                "pypooler_idle_in_transaction_seconds_count",
+                **app_labels,
+            )
+            == count
+        )
     checkout = {**labels, "application_name": "checkout"}
     api = {**labels, "application_name": "api"}
     # Every culprit hold is at least the sleep; most of it idle in transaction.
     assert sample(hold, "pypooler_hold_seconds_bucket", le="0.25", **checkout) == 0
     assert sample(hold, "pypooler_hold_seconds_sum", **checkout) >= 6 * HOLD_S
-    idle_sum = sample(after["pypooler_idle_in_transaction_seconds"],
-                      "pypooler_idle_in_transaction_seconds_sum", **checkout)
+    idle_sum = sample(
+        after["pypooler_idle_in_transaction_seconds"], "pypooler_idle_in_transaction_seconds_sum", **checkout
+    )
     assert 6 * HOLD_S * 0.9 <= idle_sum <= sample(hold, "pypooler_hold_seconds_sum", **checkout)
     # The victims were short but had to wait.
     assert sample(hold, "pypooler_hold_seconds_bucket", le="0.1", **api) == 60

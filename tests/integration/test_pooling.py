@@ -14,11 +14,13 @@ from tests.pgwire import RawClient, data_rows, error_fields
 
 
 async def pooler_backends(postgres: EmbeddedPostgres, user: str) -> int:
-    return int(await asyncio.to_thread(
-        postgres.psql,
-        f"select count(*) from pg_stat_activity where usename = '{user}'"
-        " and backend_type = 'client backend'",
-    ))
+    return int(
+        await asyncio.to_thread(
+            postgres.psql,
+            f"select count(*) from pg_stat_activity where usename = '{user}'"
+            " and backend_type = 'client backend'",
+        )
+    )
 
 
 async def test_500_clients_share_a_pool_of_5(start_pooler: Any, postgres: EmbeddedPostgres) -> None:
@@ -147,6 +149,7 @@ async def test_client_sockets_get_keepalive_from_the_listener(start_pooler: Any)
     pooler = start_pooler()
     client = await RawClient.login(pooler.host, pooler.port)
     try:
+
         def keepalive() -> list[int]:
             return [
                 c.transport.get_extra_info("socket").getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)

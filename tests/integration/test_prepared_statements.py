@@ -67,6 +67,7 @@ async def test_asyncpg_default_statement_cache_200_clients_over_2_servers(start_
     assert names and all(name is not None and name.startswith("PYPOOLER_") for name in names)
     # One server-side statement per distinct text (and asyncpg's introspection), not per client.
     assert len(names) < 40
+
     def held_by_servers_only() -> bool:
         # Every client left: what the pool still names is exactly what its servers have.
         pool = pooler.pool()
@@ -186,7 +187,7 @@ async def test_pipelines_with_errors_answer_as_postgresql_does(
         await holder.query("BEGIN")
         seen += [await exchange(pooled, step) for step in PIPELINE[1:]]
         assert seen == expected, seen
-        assert "E 42P05 prepared statement \"s1\" already exists" in seen[1]
+        assert 'E 42P05 prepared statement "s1" already exists' in seen[1]
         await holder.query("COMMIT")
     finally:
         await direct.close()
@@ -264,12 +265,15 @@ async def test_sql_deallocate_of_a_protocol_statement_is_not_translated(
         assert summary(await direct.query("DEALLOCATE s1")) == ["C", "Z I"]
         assert await exchange(direct, use) == ['E 26000 prepared statement "s1" does not exist', "Z I"]
         assert summary(await pooled.query("DEALLOCATE s1")) == [
-            'E 26000 prepared statement "s1" does not exist', "Z I"
+            'E 26000 prepared statement "s1" does not exist',
+            "Z I",
         ]
         assert await exchange(pooled, use) == ["2", "D ['42']", "C", "Z I"]
         # The protocol's Close is translated: afterwards the client's name is unknown.
         assert await exchange(pooled, close("s1") + use) == [
-            "3", 'E 26000 prepared statement "s1" does not exist', "Z I"
+            "3",
+            'E 26000 prepared statement "s1" does not exist',
+            "Z I",
         ]
     finally:
         await direct.close()

@@ -499,8 +499,7 @@ async def test_session_state_policy_log(
     start_pooler: Any, kind: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     statement, leaked = SESSION_STATE[kind]
-    pooler = start_pooler(pool_size=1, session_state_policy="log",
-                           listen_mode="session_state")
+    pooler = start_pooler(pool_size=1, session_state_policy="log", listen_mode="session_state")
     client = await RawClient.login(pooler.host, pooler.port, application_name="leaky")
     other = await RawClient.login(pooler.host, pooler.port)
     try:
@@ -523,8 +522,7 @@ async def test_session_state_policy_log(
 @pytest.mark.parametrize("kind", SESSION_STATE)
 async def test_session_state_policy_error(start_pooler: Any, kind: str) -> None:
     statement, leaked = SESSION_STATE[kind]
-    pooler = start_pooler(pool_size=1, session_state_policy="error",
-                           listen_mode="session_state")
+    pooler = start_pooler(pool_size=1, session_state_policy="error", listen_mode="session_state")
     client = await RawClient.login(pooler.host, pooler.port)
     other = await RawClient.login(pooler.host, pooler.port)
     try:
@@ -546,8 +544,7 @@ async def test_session_state_policy_error(start_pooler: Any, kind: str) -> None:
 @pytest.mark.parametrize("kind", SESSION_STATE)
 async def test_session_state_policy_pin(start_pooler: Any, kind: str) -> None:
     statement, leaked = SESSION_STATE[kind]
-    pooler = start_pooler(pool_size=2, session_state_policy="pin",
-                           listen_mode="session_state")
+    pooler = start_pooler(pool_size=2, session_state_policy="pin", listen_mode="session_state")
     client = await RawClient.login(pooler.host, pooler.port)
     other = await RawClient.login(pooler.host, pooler.port)
     try:

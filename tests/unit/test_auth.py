@@ -50,7 +50,7 @@ def authenticator(**overrides: object) -> Authenticator:
 def test_auth_file_formats(tmp_path: Path) -> None:
     path = tmp_path / "userlist.txt"
     path.write_text(
-        '; a comment\n# another\n\n'
+        "; a comment\n# another\n\n"
         '"alice" "s3cret"\n'
         '"bob" "md5' + "0" * 32 + '" extra fields are ignored\n'
         f'"carol" "{VERIFIER}"\n'

@@ -100,15 +100,17 @@ def test_error_response_drops_nul_from_text() -> None:
     _, body = body_of(errors.build_error_response("ERROR", "XX000", "a\0b", hint="c\0d"))
 
     assert codec.parse_error_fields(body) == {
-        "S": "ERROR", "V": "ERROR", "C": "XX000", "M": "ab", "H": "cd",
+        "S": "ERROR",
+        "V": "ERROR",
+        "C": "XX000",
+        "M": "ab",
+        "H": "cd",
     }
 
 
 @FUZZ
 @given(message=WIRE_TEXT, detail=st.none() | WIRE_TEXT, hint=st.none() | WIRE_TEXT)
-def test_error_response_round_trips_any_text(
-    message: str, detail: str | None, hint: str | None
-) -> None:
+def test_error_response_round_trips_any_text(message: str, detail: str | None, hint: str | None) -> None:
     _, body = body_of(errors.build_error_response("FATAL", "08P01", message, detail=detail, hint=hint))
     fields = codec.parse_error_fields(body)
 
@@ -188,8 +190,9 @@ def test_unsupported_protocol_is_a_protocol_violation() -> None:
     assert UnsupportedProtocol.reason != ProtocolViolation.reason
 
 
-@pytest.mark.parametrize(("name", "value"), [("server_version", "16.2"), ("TimeZone", ""),
-                                               ("application_name", "naïve ☃")])
+@pytest.mark.parametrize(
+    ("name", "value"), [("server_version", "16.2"), ("TimeZone", ""), ("application_name", "naïve ☃")]
+)
 def test_parameter_status_round_trip(name: str, value: str) -> None:
     msg_type, body = body_of(codec.build_parameter_status(name, value))
 
@@ -291,9 +294,9 @@ def test_console_row_builders() -> None:
 
 @FUZZ
 @given(
-    parameters=st.dictionaries(
-        WIRE_TEXT.filter(bool), WIRE_TEXT, max_size=5
-    ).filter(lambda p: len(codec.build_startup_message(p)) <= c.MAX_STARTUP_PACKET)
+    parameters=st.dictionaries(WIRE_TEXT.filter(bool), WIRE_TEXT, max_size=5).filter(
+        lambda p: len(codec.build_startup_message(p)) <= c.MAX_STARTUP_PACKET
+    )
 )
 def test_startup_message_round_trip(parameters: dict[str, str]) -> None:
     packet = codec.parse_startup_packet(codec.build_startup_message(parameters))
@@ -317,9 +320,7 @@ def test_startup_message_user_and_database() -> None:
 def test_fixed_startup_packets() -> None:
     assert codec.parse_startup_packet(codec.build_ssl_request()) == SSLRequest()
     assert codec.parse_startup_packet(GSSENC_REQUEST) == GSSENCRequest()
-    assert codec.parse_startup_packet(codec.build_cancel_request(1234, -5678)) == CancelRequest(
-        1234, -5678
-    )
+    assert codec.parse_startup_packet(codec.build_cancel_request(1234, -5678)) == CancelRequest(1234, -5678)
 
 
 @pytest.mark.parametrize(
@@ -383,9 +384,7 @@ STARTUP_CASES = {
     "cancel": (codec.build_cancel_request(42, -7), CancelRequest(42, -7)),
     "startup": (
         codec.build_startup_message({"user": "alice", "database": "app", "application_name": "t"}),
-        StartupMessage(
-            c.PROTOCOL_3_0, {"user": "alice", "database": "app", "application_name": "t"}
-        ),
+        StartupMessage(c.PROTOCOL_3_0, {"user": "alice", "database": "app", "application_name": "t"}),
     ),
 }
 # What may follow a startup packet in the same read: a TLS ClientHello after SSLRequest, a
@@ -485,9 +484,9 @@ def expected_messages(data: bytes) -> list[tuple[int, bytes]]:
     return messages
 
 
-def read_messages(chunks: list[bytes], max_message: int = codec.MAX_BUFFERED_MESSAGE) -> list[
-    tuple[int, bytes]
-]:
+def read_messages(
+    chunks: list[bytes], max_message: int = codec.MAX_BUFFERED_MESSAGE
+) -> list[tuple[int, bytes]]:
     reader = MessageReader(max_message)
     messages = []
     for chunk in chunks:
@@ -573,9 +572,7 @@ def test_fuzz_startup_reader(chunks: list[bytes]) -> None:
         # Plausible headers with random bodies reach deeper than pure noise.
         st.builds(
             lambda code, body: startup_packet(code, body),
-            st.sampled_from(
-                [c.PROTOCOL_3_0, c.CANCEL_REQUEST_CODE, c.SSL_REQUEST_CODE, 2 << 16, 0]
-            ),
+            st.sampled_from([c.PROTOCOL_3_0, c.CANCEL_REQUEST_CODE, c.SSL_REQUEST_CODE, 2 << 16, 0]),
             st.binary(max_size=40),
         ),
     )

@@ -568,8 +568,7 @@ def test_password_auth_needs_a_secret_source(tmp_path: Path) -> None:
 
     assert problems_of(excinfo) == [
         "auth_type: md5 needs auth_file or auth_user (auth_query) to find passwords",
-        "databases.app.auth_type: scram-sha-256 needs auth_file or auth_user (auth_query) to find"
-        " passwords",
+        "databases.app.auth_type: scram-sha-256 needs auth_file or auth_user (auth_query) to find passwords",
     ]
 
 

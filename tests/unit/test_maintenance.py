@@ -198,7 +198,11 @@ def test_accepting_is_resumed_by_the_pass() -> None:
     manager, registry, clock = FakeManager(), FakeRegistry(), Clock()
     resumed: list[int] = []
     pass_ = Maintenance(
-        manager, registry, settings(), clock=clock, resume_accepting=lambda: resumed.append(1)  # type: ignore[arg-type]
+        manager,
+        registry,
+        settings(),
+        clock=clock,
+        resume_accepting=lambda: resumed.append(1),  # type: ignore[arg-type]
     )
     pass_.run(clock.now)
     assert resumed == [1]

@@ -281,8 +281,11 @@ def test_a_statement_whose_parse_fails_reports_that_error_again_later_in_the_sam
     # again instead of "does not exist". Both are errors at the same place.
     pooled = Pooled()
     seen = pooled.run(1, 0, parse("x", "FAIL") + SYNC + bind("x") + execute() + SYNC)
-    errors = [codec.parse_error_fields(body)["M"]
-              for msg_type, body in codec.MessageReader().feed(seen) if msg_type == c.B_ERROR_RESPONSE]
+    errors = [
+        codec.parse_error_fields(body)["M"]
+        for msg_type, body in codec.MessageReader().feed(seen)
+        if msg_type == c.B_ERROR_RESPONSE
+    ]
     assert errors == ["syntax error", "syntax error"]
     assert pooled.run(1, 0, run_prepared("x")) == Direct().run(1, run_prepared("x"))
 
@@ -501,8 +504,9 @@ client_message = st.one_of(
 )
 batch = st.one_of(
     st.lists(client_message, max_size=6).map(lambda messages: b"".join(messages) + SYNC),
-    st.sampled_from(["BEGIN", "COMMIT", "ROLLBACK", "FAIL", "SELECT 1", "DEALLOCATE ALL",
-                     "DISCARD ALL"]).map(query),
+    st.sampled_from(["BEGIN", "COMMIT", "ROLLBACK", "FAIL", "SELECT 1", "DEALLOCATE ALL", "DISCARD ALL"]).map(
+        query
+    ),
 )
 step = st.tuples(st.integers(1, 3), st.integers(0, 1), batch)
 
@@ -510,9 +514,7 @@ step = st.tuples(st.integers(1, 3), st.integers(0, 1), batch)
 @FUZZ
 @given(steps=st.lists(step, min_size=1, max_size=12), capacity=st.integers(1, 3),
        seed=st.integers(0, 1000))  # fmt: skip
-def test_fuzz_clients_see_what_a_direct_connection_shows(
-    steps: list[Step], capacity: int, seed: int
-) -> None:
+def test_fuzz_clients_see_what_a_direct_connection_shows(steps: list[Step], capacity: int, seed: int) -> None:
     check(steps, capacity=capacity, seed=seed)
 
 

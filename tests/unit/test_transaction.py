@@ -92,9 +92,7 @@ def ready(status: int) -> bytes:
 
 
 def rows(*values: str) -> bytes:
-    return codec.build_row_description([("x", 25)]) + b"".join(
-        codec.build_data_row([v]) for v in values
-    )
+    return codec.build_row_description([("x", 25)]) + b"".join(codec.build_data_row([v]) for v in values)
 
 
 def complete(tag: str) -> bytes:
@@ -216,8 +214,10 @@ OPEN_TAIL = [
     ("client", parse("SELECT 2") + bind() + execute()),
     ("server", extended_reply("1")),
     ("client", SYNC),
-    ("server", PARSE_COMPLETE + BIND_COMPLETE + codec.build_data_row(["2"]) + complete("SELECT 1")
-     + ready(I)),
+    (
+        "server",
+        PARSE_COMPLETE + BIND_COMPLETE + codec.build_data_row(["2"]) + complete("SELECT 1") + ready(I),
+    ),
 ]
 
 TRANSACTION_BLOCK = [
@@ -256,16 +256,28 @@ COPY_IN_SIMPLE = [
 
 COPY_OUT_SIMPLE = [
     ("client", query("COPY t TO STDOUT")),
-    ("server", COPY_OUT_RESPONSE + codec.build_message(c.B_COPY_DATA, b"1\n")
-     + codec.build_message(c.B_COPY_DATA, b"2\n") + SERVER_COPY_DONE),
+    (
+        "server",
+        COPY_OUT_RESPONSE
+        + codec.build_message(c.B_COPY_DATA, b"1\n")
+        + codec.build_message(c.B_COPY_DATA, b"2\n")
+        + SERVER_COPY_DONE,
+    ),
     ("server", complete("COPY 2") + ready(I)),
 ]
 
 # COPY TO STDOUT does not read from the client, so the Sync after Execute is answered as usual.
 COPY_OUT_EXTENDED = [
     ("client", extended("COPY t TO STDOUT")),
-    ("server", PARSE_COMPLETE + BIND_COMPLETE + NO_DATA + COPY_OUT_RESPONSE
-     + codec.build_message(c.B_COPY_DATA, b"1\n") + SERVER_COPY_DONE),
+    (
+        "server",
+        PARSE_COMPLETE
+        + BIND_COMPLETE
+        + NO_DATA
+        + COPY_OUT_RESPONSE
+        + codec.build_message(c.B_COPY_DATA, b"1\n")
+        + SERVER_COPY_DONE,
+    ),
     ("server", complete("COPY 1") + ready(I)),
 ]
 
@@ -802,19 +814,34 @@ def test_random_cuts_reach_the_same_verdicts(data: st.DataObject) -> None:
 
 def message_stream(types: list[int]) -> st.SearchStrategy[bytes]:
     """Well-framed messages of the given types with random bodies."""
-    message = st.builds(
-        codec.build_message, st.sampled_from(types), st.binary(max_size=12)
-    )
+    message = st.builds(codec.build_message, st.sampled_from(types), st.binary(max_size=12))
     return st.lists(message, max_size=12).map(b"".join)
 
 
 FRONTEND_TYPES = [
-    c.F_QUERY, c.F_PARSE, c.F_BIND, c.F_DESCRIBE, c.F_EXECUTE, c.F_SYNC, c.F_FLUSH, c.F_CLOSE,
-    c.F_COPY_DATA, c.F_COPY_DONE, c.F_COPY_FAIL, c.F_FUNCTION_CALL, c.F_TERMINATE,
+    c.F_QUERY,
+    c.F_PARSE,
+    c.F_BIND,
+    c.F_DESCRIBE,
+    c.F_EXECUTE,
+    c.F_SYNC,
+    c.F_FLUSH,
+    c.F_CLOSE,
+    c.F_COPY_DATA,
+    c.F_COPY_DONE,
+    c.F_COPY_FAIL,
+    c.F_FUNCTION_CALL,
+    c.F_TERMINATE,
 ]
 BACKEND_TYPES = [
-    c.B_PARSE_COMPLETE, c.B_BIND_COMPLETE, c.B_ROW_DESCRIPTION, c.B_DATA_ROW,
-    c.B_COMMAND_COMPLETE, c.B_ERROR_RESPONSE, c.B_NOTICE_RESPONSE, c.B_COPY_IN_RESPONSE,
+    c.B_PARSE_COMPLETE,
+    c.B_BIND_COMPLETE,
+    c.B_ROW_DESCRIPTION,
+    c.B_DATA_ROW,
+    c.B_COMMAND_COMPLETE,
+    c.B_ERROR_RESPONSE,
+    c.B_NOTICE_RESPONSE,
+    c.B_COPY_IN_RESPONSE,
 ]
 
 
@@ -911,9 +938,9 @@ def noisy_stream(types: list[int]) -> st.SearchStrategy[bytes]:
         st.integers(0, 8),
         st.sampled_from([I, T, E]),
     )
-    return st.lists(
-        st.one_of(message, bad_header, odd_length, st.binary(max_size=6)), max_size=10
-    ).map(b"".join)
+    return st.lists(st.one_of(message, bad_header, odd_length, st.binary(max_size=6)), max_size=10).map(
+        b"".join
+    )
 
 
 @FUZZ
