@@ -72,6 +72,7 @@ from pypooler.protocol.errors import (
     PoolerError,
     ProtocolViolation,
     ServerConnectionLost,
+    ServerFatalForwarded,
     StartupParameterRejected,
     StatementModeTransaction,
     TooManyClients,
@@ -858,10 +859,8 @@ class ClientConnection(asyncio.Protocol):
         """The linked server's connection ended under this client."""
         self.server = None
         server.client = None
-        if server.backend.fatal:
-            # The server's own FATAL (a terminated backend's 57P01, say) reached the client:
-            # PostgreSQL ends a connection with one FATAL, so pypooler adds none of its own.
-            self._server_fatal_forwarded()
+        if server.backend.fatal:  # a terminated backend's 57P01, say
+            self.fail(ServerFatalForwarded("closed after its server's FATAL"))
             return
         self.fail(
             ServerConnectionLost(
@@ -872,16 +871,6 @@ class ClientConnection(asyncio.Protocol):
                 hint="the server may have been restarted or the backend terminated; reconnect",
             )
         )
-
-    def _server_fatal_forwarded(self) -> None:
-        self._count_error(ServerConnectionLost.reason)
-        log.info(
-            "client %s db=%s user=%s app=%s: closed after its server's FATAL",
-            self.peer, self.database or "-", self.user or "-", self.application_name or "-",
-        )  # fmt: skip
-        if not self.closed:
-            self.transport.close()
-        self.closed = True
 
     def _give_back_on_exit(self, server: ServerConnection) -> None:
         """The client left while linked: return the server only if it is provably clean."""

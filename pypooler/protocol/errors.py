@@ -149,6 +149,13 @@ class ServerConnectionLost(PoolerError):
     reason = "server_died"
 
 
+class ServerFatalForwarded(ServerConnectionLost):
+    """The server ended the connection with a FATAL of its own, which the client already got:
+    PostgreSQL ends a connection with one FATAL, so pypooler adds none (the close only)."""
+
+    silent = True
+
+
 class StatementModeTransaction(PoolerError):
     """A multi-statement transaction in statement pool mode."""
 

@@ -52,6 +52,20 @@ def psql(dsn: str, sql: str) -> str:
     return result.stdout.strip()
 
 
+def run_with_config(
+    tmp_path: Path, postgres: EmbeddedPostgres, processes: list[subprocess.Popen[str]]
+) -> tuple[subprocess.Popen[str], int]:
+    """`pypooler run --config FILE` in front of the session PostgreSQL: the process and its port."""
+    config = tmp_path / "pypooler.toml"
+    config.write_text(
+        "listen_port = 0\n"
+        f'[databases.pypooler_test]\nhost = "{postgres.host}"\nport = {postgres.port}\npool_size = 2\n'
+    )
+    proc = start_cli("run", "--config", str(config))
+    processes.append(proc)
+    return proc, int(wait_for_line(proc, r"listening on 127\.0\.0\.1:(\d+)").group(1))
+
+
 def test_check_config_reports_every_problem(tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
     config.write_text('listen_port = -1\ndefault_pool_size = 0\nlisen_addr = "x"\n')
@@ -72,14 +86,7 @@ def test_check_config_reports_every_problem(tmp_path: Path) -> None:
 def test_run_with_config_and_sigint(
     tmp_path: Path, postgres: EmbeddedPostgres, processes: list[subprocess.Popen[str]]
 ) -> None:
-    config = tmp_path / "pypooler.toml"
-    config.write_text(
-        "listen_port = 0\n"
-        f'[databases.pypooler_test]\nhost = "{postgres.host}"\nport = {postgres.port}\npool_size = 2\n'
-    )
-    proc = start_cli("run", "--config", str(config))
-    processes.append(proc)
-    port = int(wait_for_line(proc, r"listening on 127\.0\.0\.1:(\d+)").group(1))
+    proc, port = run_with_config(tmp_path, postgres, processes)
     dsn = f"postgresql://postgres@127.0.0.1:{port}/pypooler_test"
     assert psql(dsn, "select 6 * 7") == "42"
     login = wait_for_line(proc, r"login: 127\.0\.0\.1:\d+ db=pypooler_test user=postgres app=psql")
@@ -102,14 +109,7 @@ def test_run_without_databases_starts_an_embedded_postgres(
 def test_client_supplied_names_cannot_forge_log_lines(
     tmp_path: Path, postgres: EmbeddedPostgres, processes: list[subprocess.Popen[str]]
 ) -> None:
-    config = tmp_path / "pypooler.toml"
-    config.write_text(
-        "listen_port = 0\n"
-        f'[databases.pypooler_test]\nhost = "{postgres.host}"\nport = {postgres.port}\npool_size = 2\n'
-    )
-    proc = start_cli("run", "--config", str(config))
-    processes.append(proc)
-    port = int(wait_for_line(proc, r"listening on 127\.0\.0\.1:(\d+)").group(1))
+    proc, port = run_with_config(tmp_path, postgres, processes)
     forged = "x\n2026-12-06 05:00:00,000 CRITICAL pypooler: FORGED LINE"
     result = subprocess.run(
         [PSQL, "-X", "-w", "-h", "127.0.0.1", "-p", str(port), "-U", forged, "-d", forged, "-c", "select 1"],
