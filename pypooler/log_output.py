@@ -2,11 +2,13 @@
 
 Rules this module keeps:
 - One writer for every line. `install()` puts a `BufferedLineHandler` on the root logger; it
-  and `connection_line` append to the same list, which one `write` and one `flush` empty once
-  per event-loop iteration (`call_soon` on the first line since the last write): lines reach the
-  log within the iteration that made them and in the order they were made, and a burst of
-  logins costs one system call, not two per connection. `flush()` at shutdown writes the rest,
-  and without a running loop (start-up, after the loop ends) lines are written at once.
+  and `connection_line` append to the same list, which one `write` and one `flush` empty: at the
+  end of the event-loop iteration that made a line through `logging` (warnings, errors: what an
+  operator may be waiting for), and within `CONNECTION_LINES_DELAY_S` of a connection line
+  (`login:`/`closing:`, two per connection and the bulk of the log), so that a client per
+  transaction costs a share of one system call rather than one per loop iteration. Lines stay
+  in the order they were made; `flush()` at shutdown writes the rest, and without a running
+  loop (start-up, after the loop ends) lines are written at once.
 - The two lines of every connection (`login:`, `closing:`, on by default) skip the logging
   machinery (LogRecord, handler lock, formatter): `connection_line` writes the same text the
   formatter would, with a timestamp string made once per second. Where `install()` was not
@@ -27,6 +29,8 @@ import time
 from typing import Final, TextIO
 
 FORMAT: Final = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# How late a connection line may reach the log (see the module rules; bench/logcost).
+CONNECTION_LINES_DELAY_S: Final = 0.02
 
 # Control characters (C0, DEL, C1) and Unicode line separators, as Python escapes them.
 _ESCAPES: Final = {
@@ -41,21 +45,23 @@ def escape(text: str) -> str:
 
 
 class LineWriter:
-    """Lines to one stream, written once per event-loop iteration (see the module rules)."""
+    """Lines to one stream, written in batches (see the module rules)."""
 
-    __slots__ = ("_lines", "_lock", "_scheduled", "stream")
+    __slots__ = ("_delayed", "_lines", "_lock", "_soon", "stream")
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
         self._lines: list[str] = []
-        self._scheduled = False
+        self._soon = False  # a flush is due at the end of this loop iteration
+        self._delayed: asyncio.TimerHandle | None = None  # a flush due within the delay
         # A line may come from another thread (an executor's); the loop's own lines are the rule.
         self._lock = threading.Lock()
 
-    def write(self, line: str) -> None:
+    def write(self, line: str, *, may_wait: bool = False) -> None:
+        """Queue `line`; `may_wait`: it may wait up to CONNECTION_LINES_DELAY_S for company."""
         with self._lock:
             self._lines.append(line)
-            if self._scheduled:
+            if self._soon or (may_wait and self._delayed is not None):
                 return
             loop: asyncio.AbstractEventLoop | None
             try:
@@ -63,14 +69,20 @@ class LineWriter:
             except RuntimeError:
                 loop = None
             else:
-                self._scheduled = True
-                loop.call_soon(self.flush)
+                if may_wait:
+                    self._delayed = loop.call_later(CONNECTION_LINES_DELAY_S, self.flush)
+                else:
+                    self._soon = True
+                    loop.call_soon(self.flush)
         if loop is None:
             self.flush()
 
     def flush(self) -> None:
         with self._lock:
-            self._scheduled = False
+            self._soon = False
+            if self._delayed is not None:
+                self._delayed.cancel()
+                self._delayed = None
             lines = self._lines
             if not lines:
                 return
@@ -160,4 +172,4 @@ def connection_line(
     if writer is None:
         _client_log.info("%s", text)
     else:
-        writer.write(f"{_timestamp()} INFO pypooler.client: {text}\n")
+        writer.write(f"{_timestamp()} INFO pypooler.client: {text}\n", may_wait=True)

@@ -1,4 +1,4 @@
-"""pypooler.log_output: lines in order, one write per loop iteration, nothing forged."""
+"""pypooler.log_output: lines in order, written in batches, nothing forged."""
 
 from __future__ import annotations
 
@@ -91,3 +91,29 @@ def test_below_the_level_nothing_is_written(installed: CountingStream) -> None:
     logging.getLogger().setLevel(logging.WARNING)
     log_output.connection_line("login", "127.0.0.1:1", "db", "user", "app")
     assert installed.getvalue() == ""
+
+
+async def test_connection_lines_wait_a_little_for_company(installed: CountingStream) -> None:
+    # A client per transaction logs two lines per connection, one connection per loop
+    # iteration: they share a write instead of making one each.
+    for port in range(1, 6):
+        log_output.connection_line("login", f"127.0.0.1:{port}", "db", "user", "app")
+        await asyncio.sleep(0)
+    assert installed.getvalue() == ""
+    await asyncio.sleep(log_output.CONNECTION_LINES_DELAY_S * 2)
+    assert [line.split(" ")[5] for line in installed.getvalue().splitlines()] == [
+        f"127.0.0.1:{port}" for port in range(1, 6)
+    ]
+    assert installed.writes == 1
+
+
+async def test_a_warning_takes_the_waiting_connection_lines_along_in_order(installed: CountingStream) -> None:
+    log_output.connection_line("login", "127.0.0.1:1", "db", "user", "app")
+    logging.getLogger("pypooler.test").warning("then this")
+    await asyncio.sleep(0)
+    lines = installed.getvalue().splitlines()
+    assert [line.split(" ", 3)[3] for line in lines] == [
+        "pypooler.client: login: 127.0.0.1:1 db=db user=user app=app", "pypooler.test: then this",
+    ]  # fmt: skip
+    await asyncio.sleep(log_output.CONNECTION_LINES_DELAY_S * 2)
+    assert installed.writes == 1
