@@ -188,7 +188,10 @@ class Acceptor:
         self._loop = asyncio.get_running_loop()
         self._connecting: set[asyncio.Task[object]] = set()
 
-    def start(self) -> None:
+    async def start(self) -> None:  # async as LoopAcceptor.start: one interface for app.py
+        self._watch()
+
+    def _watch(self) -> None:
         for sock in self.sockets:
             self._loop.add_reader(sock.fileno(), self._accept_ready, sock)
 
@@ -242,7 +245,7 @@ class Acceptor:
         """Accept again after a pause (called by the maintenance pass); a failure pauses again."""
         if self.paused and not self.closed:
             self.paused = False
-            self.start()
+            self._watch()
 
     def close(self) -> None:
         """Stop accepting and close the listening sockets (connections already made stay)."""

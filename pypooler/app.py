@@ -138,10 +138,7 @@ class Pooler:
             # here instead of a syscall per client connection.
             for sock in sockets:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if isinstance(self._acceptor, LoopAcceptor):
-            await self._acceptor.start()
-        else:
-            self._acceptor.start()
+        await self._acceptor.start()
         self.maintenance.start()
         self.metrics.listening = True
         # Warn now if the configured bounds cannot fit the servers (needs forced users).

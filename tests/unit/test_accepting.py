@@ -79,7 +79,7 @@ async def test_an_accept_out_of_descriptors_is_counted_and_pauses_until_resumed(
         log_limiter=LogLimiter(lines=2),
         on_failure=failures.append,
     )
-    acceptor.start()
+    await acceptor.start()
     client = socket.create_connection(real.getsockname())
     try:
         for _ in range(50):
