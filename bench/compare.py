@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -494,6 +495,34 @@ def checkout_revision(
     return target
 
 
+WHEEL_NAME = "pypooler-wheel"
+
+
+def install_wheel(workdir: Path) -> Path:
+    """The package as users get it: a wheel built from this tree the way the Dockerfile builds
+    it (`PYPOOLER_MYPYC=1 pip wheel`: the compiled build), unpacked into a directory the proxy
+    then imports from (`start_pypooler(source=...)`). Built from a copy without the in-place
+    build, so what runs is the wheel's own compilation."""
+    repo = Path(__file__).resolve().parent.parent
+    source = workdir / "wheel-src"
+    source.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(repo / name, source / name)
+    shutil.copytree(
+        repo / "pypooler", source / "pypooler", ignore=shutil.ignore_patterns("*.so", "__pycache__")
+    )
+    progress("building the wheel with mypyc, as the Dockerfile does (about two minutes)")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", "dist", "."],
+        cwd=source, env={**os.environ, "PYPOOLER_MYPYC": "1"}, check=True, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    (wheel,) = (source / "dist").glob("pypooler-*.whl")
+    installed = workdir / "wheel-installed"
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(installed)
+    return installed
+
+
 def baseline_name(revision: str, patch: Path | None, compiled: bool = False) -> str:
     return (
         f"pypooler@{revision}"
@@ -789,7 +818,8 @@ def render_table(results: Sequence[RunResult], points: Sequence[Point], rounds: 
 def render_baseline_table(
     results: Sequence[RunResult], points: Sequence[Point], rounds: int, baseline: str
 ) -> str:
-    """This tree against an older build, both measured against PgBouncer in the same rounds."""
+    """This tree against another build (an older revision, or the wheel), both measured against
+    PgBouncer in the same rounds."""
     lines = [
         f"| pgbench | {baseline} µs/xact | pypooler µs/xact | {baseline}/PgBouncer"
         " | pypooler/PgBouncer | pypooler / baseline ratio |",
@@ -908,6 +938,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         " Python sources",
     )
     parser.add_argument(
+        "--wheel",
+        action="store_true",
+        help="also run the wheel this tree builds (the compiled build, as the Dockerfile installs"
+        " it) in every round and print its ratio beside the in-place build's",
+    )
+    parser.add_argument(
         "--log-connections",
         action="store_true",
         help="PgBouncer and pypooler log every login and disconnection (both default to it) to a"
@@ -996,6 +1032,12 @@ def benchmark(args: argparse.Namespace) -> str:
             )
             proxies.append(baseline)
             targets.append((baseline.name, baseline.port, baseline))
+        if args.wheel:
+            shipped = start_pypooler(
+                workdir, postgres, name=WHEEL_NAME, source=install_wheel(workdir), settings=pypooler_logs
+            )
+            proxies.append(shipped)
+            targets.append((shipped.name, shipped.port, shipped))
         machine = describe_machine(postgres, args.pgbouncer)
         progress(machine)
         warmup = Point(WARMUP_CLIENTS, reconnect=False)
@@ -1055,6 +1097,8 @@ def benchmark(args: argparse.Namespace) -> str:
     table = render_table(results, points, args.rounds)
     if args.baseline:
         table += "\n\n" + render_baseline_table(results, points, args.rounds, baseline_label)
+    if args.wheel:
+        table += "\n\n" + render_baseline_table(results, points, args.rounds, WHEEL_NAME)
     return render_report(
         started=started,
         machine=f"{machine}; load average {load_start:.2f} at start",
