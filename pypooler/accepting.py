@@ -108,10 +108,14 @@ def check_descriptor_budget(settings: Settings, limit: int | None = None) -> str
 
 async def bind_listening_sockets(host: str, port: int, backlog: int) -> list[socket.socket]:
     """Non-blocking listening sockets for every address `host` resolves to (as the loop's own
-    create_server would make them)."""
+    create_server would make them); `*` is every address, IPv4 and IPv6, as in PgBouncer."""
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(
-        host, port, family=socket.AF_UNSPEC, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        None if host == "*" else host,
+        port,
+        family=socket.AF_UNSPEC,
+        type=socket.SOCK_STREAM,
+        flags=socket.AI_PASSIVE,
     )
     sockets: list[socket.socket] = []
     seen: set[tuple[int, object]] = set()

@@ -1,8 +1,9 @@
-"""Command line: `pypooler run`, `pypooler demo`, `pypooler check-config`.
+"""Command line: `pypooler run`, `pypooler demo`, `pypooler check-config`, `pypooler convert`.
 
 `run` with no database configured starts an embedded throwaway PostgreSQL (the same as `demo`), so
 a newcomer gets a working pooler from one command. Configuration problems print one line each and
-exit with status 2.
+exit with status 2. `--config` takes a TOML file or PgBouncer's own pgbouncer.ini (a name ending in
+`.ini`); `convert` prints such an ini as the equivalent TOML.
 
 Signals while running:
 - SIGHUP re-reads the config file and the environment and applies them without dropping a client
@@ -32,11 +33,13 @@ import uvloop
 from pypooler import __version__, log_output
 from pypooler.app import Pooler, check_files
 from pypooler.config import ConfigError, DatabaseConfig, Settings, load_settings
+from pypooler.pgbouncer_ini import read_ini, to_toml
 
 log = logging.getLogger("pypooler")
 
 EXIT_CONFIG_ERROR = 2
 EXIT_DRAIN_ABANDONED = 1
+CONFIG_HELP = "config file: TOML, or PgBouncer's pgbouncer.ini (default: $PYPOOLER_CONFIG)"
 FAST_DRAIN_S = 1.0  # SIGINT's cap on the drain: a person pressing Ctrl-C wants it over quickly
 
 
@@ -45,11 +48,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pypooler {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the pooler (embedded PostgreSQL if none configured)")
-    run.add_argument("--config", "-c", help="TOML config file (default: $PYPOOLER_CONFIG)")
+    run.add_argument("--config", "-c", help=CONFIG_HELP)
     demo = commands.add_parser("demo", help="run the pooler in front of a throwaway PostgreSQL")
-    demo.add_argument("--config", "-c", help="TOML config file for pooler settings")
+    demo.add_argument("--config", "-c", help="config file for pooler settings (TOML or .ini)")
     check = commands.add_parser("check-config", help="validate a config file and exit")
-    check.add_argument("--config", "-c", help="TOML config file (default: $PYPOOLER_CONFIG)")
+    check.add_argument("--config", "-c", help=CONFIG_HELP)
+    convert = commands.add_parser("convert", help="print a pgbouncer.ini as pypooler's TOML")
+    convert.add_argument("ini", help="PgBouncer's config file")
     advise = commands.add_parser("advise", help="ask a running pypooler why its pools wait")
     advise.add_argument("--config", "-c", help="its config file (for listen address and port)")
     advise.add_argument("--host", help="pypooler host (default: listen_addr from the config)")
@@ -61,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "convert":
+        return _convert(args.ini)
     try:
         settings = load_settings(args.config)
         check_files(settings)
@@ -81,11 +88,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_output.flush()
 
 
+def _convert(path: str) -> int:
+    """Print `path` (a pgbouncer.ini) as TOML, its warnings as comments on top."""
+    ini = read_ini(path)
+    if ini.problems:
+        for problem in ini.problems:
+            print(f"pypooler: config error: {problem}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    header = [f"# pypooler settings converted from {path}"] + [f"# {warning}" for warning in ini.warnings]
+    print("\n".join(header) + "\n\n" + to_toml(ini.values), end="")
+    return 0
+
+
 def _advise(args: argparse.Namespace, settings: Settings) -> int:
     """Print SHOW ADVICE from a running pypooler as a report a person reads top to bottom."""
     from pypooler.console_client import ConsoleError, simple_query
 
-    host = args.host or settings.listen_addr
+    host = args.host or (settings.listen_addr if settings.listen_addr != "*" else "127.0.0.1")
     port = args.port or settings.listen_port
     try:
         columns, rows = uvloop.run(

@@ -3,7 +3,9 @@
 `load_settings()` is the one way the pooler reads its configuration. The rules it keeps:
 
 - Sources, highest priority first: keyword overrides given to `load_settings()`, then
-  `PYPOOLER_*` environment variables, then the TOML file, then the defaults written below.
+  `PYPOOLER_*` environment variables, then the config file, then the defaults written below.
+  The file is TOML, or PgBouncer's ini format when its name ends in `.ini` (pgbouncer_ini.py:
+  its keys translated, problems reported at their file and line, warnings logged).
   Tables merge key by key across sources, so `PYPOOLER_DATABASES__APP__PORT=5433` changes only
   the port of a `[databases.app]` defined in the file and keeps its host, user and password.
 - Environment variable names are case-insensitive and `__` steps into a table. So a database
@@ -27,6 +29,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tomllib
@@ -42,11 +45,14 @@ from pydantic_core import ErrorDetails
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
+    InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     SettingsError,
     TomlConfigSettingsSource,
 )
+
+from pypooler.pgbouncer_ini import IniSettings, read_ini
 
 __all__ = [
     "ADMIN_DATABASE_NAMES",
@@ -95,6 +101,8 @@ ADMIN_DATABASE_NAMES = frozenset({"pgbouncer", "pypooler"})
 RESTART_ONLY_SETTINGS = frozenset({"listen_addr", "listen_port", "metrics_addr", "metrics_port"})
 
 MAX_PORT = 65535
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(Exception):
@@ -158,6 +166,7 @@ class Settings(BaseSettings):
         extra="forbid",
     )
 
+    # One host name or address; "*" listens on every address (IPv4 and IPv6), as in PgBouncer.
     listen_addr: str = Field(default="127.0.0.1", min_length=1)
     # 0 asks the OS for any free port (tests use it).
     listen_port: int = Field(default=6432, ge=0, le=MAX_PORT)
@@ -292,7 +301,9 @@ class Settings(BaseSettings):
             init_settings,
             _MappingEnvSource(settings_cls, plan.environ),
         ]
-        if plan.toml_file is not None:
+        if plan.ini is not None:
+            sources.append(InitSettingsSource(settings_cls, init_kwargs=plan.ini.values))
+        elif plan.toml_file is not None:
             sources.append(_TomlFileSource(settings_cls, plan.toml_file))
         return tuple(sources)
 
@@ -324,6 +335,7 @@ class _LoadPlan:
 
     environ: Mapping[str, str]
     toml_file: Path | None
+    ini: IniSettings | None = None
 
 
 # A context variable rather than a class attribute: concurrent loads (threads, tasks) must not
@@ -407,13 +419,22 @@ def load_settings(
     if private:
         raise ConfigError([f"unknown setting {key!r}" for key in private])
 
-    plan = _LoadPlan(environ=environ, toml_file=None if path is None else Path(path))
+    ini = None
+    if path is not None and str(path).endswith(".ini"):
+        ini = read_ini(path)
+        if ini.problems:
+            raise ConfigError(ini.problems)
+        for warning in ini.warnings:
+            log.warning("%s", warning)
+    plan = _LoadPlan(environ=environ, toml_file=None if path is None else Path(path), ini=ini)
     token = _load_plan.set(plan)
     try:
         settings = Settings(**given)
     except ValidationError as exc:
         # from None: the ValidationError's own text would show rejected inputs, passwords too.
-        raise ConfigError([_describe_error(error) for error in exc.errors()]) from None
+        raise ConfigError(
+            [_at_origin(_describe_error(error), error, ini) for error in exc.errors()]
+        ) from None
     except SettingsError as exc:
         # Raised for a table given as JSON in one variable (PYPOOLER_DATABASES='{...}').
         raise ConfigError([f"environment: {_describe_settings_error(exc)}"]) from None
@@ -423,6 +444,18 @@ def load_settings(
     if problems:
         raise ConfigError(problems)
     return settings
+
+
+def _at_origin(problem: str, error: ErrorDetails, ini: IniSettings | None) -> str:
+    """`problem` prefixed with the ini file line its value came from, when it came from one."""
+    if ini is None:
+        return problem
+    loc = tuple(str(part) for part in error["loc"])
+    for depth in range(len(loc), 0, -1):
+        where = ini.origins.get(loc[:depth])
+        if where is not None:
+            return f"{where}: {problem}"
+    return problem
 
 
 def check_settings(settings: Settings) -> list[str]:

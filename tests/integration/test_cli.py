@@ -122,3 +122,30 @@ def test_client_supplied_names_cannot_forge_log_lines(
     output = proc.stdout.read()
     assert "FORGED LINE" in output  # logged, escaped on its own line
     assert not any(line.startswith("2026-12-06 05:00:00,000 CRITICAL") for line in output.splitlines())
+
+
+def test_run_reads_a_pgbouncer_ini_as_it_is(
+    tmp_path: Path, postgres: EmbeddedPostgres, processes: list[subprocess.Popen[str]]
+) -> None:
+    ini = tmp_path / "pgbouncer.ini"
+    ini.write_text(
+        f"[databases]\npypooler_test = host={postgres.host} port={postgres.port} pool_size=2\n\n"
+        "[pgbouncer]\nlisten_port = 0\nauth_type = trust\npool_mode = transaction\n"
+        f"logfile = {tmp_path}/pgbouncer.log\nadmin_users = postgres\n"
+    )
+    check = subprocess.run(
+        [sys.executable, "-m", "pypooler", "check-config", "--config", str(ini)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert check.returncode == 0 and "config ok: 1 database entries" in check.stdout
+    assert f"{ini}:8: logfile is not needed by pypooler" in check.stderr
+    converted = subprocess.run(
+        [sys.executable, "-m", "pypooler", "convert", str(ini)], capture_output=True, text=True, timeout=30
+    )
+    assert 'pool_mode = "transaction"' in converted.stdout and "logfile is not needed" in converted.stdout
+    proc = start_cli("run", "--config", str(ini))
+    processes.append(proc)
+    port = int(wait_for_line(proc, r"listening on 127\.0\.0\.1:(\d+) \(pool_mode=transaction").group(1))
+    assert psql(f"postgresql://postgres@127.0.0.1:{port}/pypooler_test", "select 6 * 7") == "42"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0

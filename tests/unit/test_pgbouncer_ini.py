@@ -1,0 +1,176 @@
+"""pgbouncer.ini read as pypooler settings: PgBouncer's format, its defaults, its errors."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from pypooler.config import ConfigError, load_settings
+from pypooler.pgbouncer_ini import parse_connection_string, read_ini, to_toml
+
+# Debian's stock /etc/pgbouncer/pgbouncer.ini (comments dropped), with one database added.
+STOCK = """\
+[databases]
+app = host=10.0.0.5 port=5433 dbname=app_prod pool_size=30
+
+[users]
+
+[pgbouncer]
+logfile = /var/log/postgresql/pgbouncer.log
+pidfile = /var/run/postgresql/pgbouncer.pid
+listen_addr = localhost
+listen_port = 6432
+unix_socket_dir = /var/run/postgresql
+auth_type = md5
+auth_file = {auth_file}
+"""
+
+
+@pytest.fixture
+def auth_file(tmp_path: Path) -> Path:
+    path = tmp_path / "userlist.txt"
+    path.write_text('"app" "md5a3556571e93b0d20722ba62be61e8c2d"\n')
+    return path
+
+
+def write(tmp_path: Path, text: str, name: str = "pgbouncer.ini") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_the_stock_debian_file_with_a_database(tmp_path: Path, auth_file: Path) -> None:
+    ini = read_ini(write(tmp_path, STOCK.format(auth_file=auth_file)))
+    assert ini.problems == []
+    assert ini.values["databases"] == {
+        "app": {"host": "10.0.0.5", "port": 5433, "dbname": "app_prod", "pool_size": 30}
+    }
+    assert ini.values["listen_addr"] == "localhost" and ini.values["listen_port"] == 6432
+    assert ini.values["auth_type"] == "md5" and ini.values["auth_file"] == str(auth_file)
+    # What the file leaves out is PgBouncer's default where pypooler's differs.
+    assert ini.values["pool_mode"] == "session" and ini.values["max_client_conn"] == 100
+    assert ini.values["admin_users"] == []
+    warned = " | ".join(ini.warnings)
+    assert "pgbouncer.ini:7: logfile is not needed by pypooler" in warned
+    assert "pgbouncer.ini:8: pidfile is not needed" in warned
+    assert "pgbouncer.ini:11: unix_socket_dir = '/var/run/postgresql' is ignored" in warned
+    assert len(ini.warnings) == 3
+
+
+def test_load_settings_reads_an_ini_file(tmp_path: Path, auth_file: Path) -> None:
+    settings = load_settings(write(tmp_path, STOCK.format(auth_file=auth_file)), env={})
+    assert settings.pool_mode == "session" and settings.databases["app"].port == 5433
+    assert settings.pool_size_for("app") == 30 and settings.server_dbname_for("app") == "app_prod"
+
+
+def test_environment_overrides_still_win(tmp_path: Path, auth_file: Path) -> None:
+    env = {"PYPOOLER_POOL_MODE": "transaction", "PYPOOLER_DATABASES__APP__PORT": "6000"}
+    settings = load_settings(write(tmp_path, STOCK.format(auth_file=auth_file)), env=env)
+    assert settings.pool_mode == "transaction"
+    assert settings.databases["app"].port == 6000 and settings.databases["app"].host == "10.0.0.5"
+
+
+def test_an_unknown_key_is_an_error_at_its_line(tmp_path: Path) -> None:
+    ini = read_ini(write(tmp_path, "[pgbouncer]\nlisten_port = 6432\nlisten_prot = 6433\n"))
+    assert ini.problems == [f"{tmp_path}/pgbouncer.ini:3: unknown setting 'listen_prot'"]
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    text = (
+        "[databases]\n"
+        "a = host=x port=five\n"
+        "b = host=x bogus=1\n"
+        "c = host=x connect_query='SET x = 1'\n"
+        "[users]\n"
+        "bob = max_user_connections=5\n"
+        "[pgbouncer]\n"
+        "max_db_connections = 50\n"
+        "tcp_keepalive = maybe\n"
+        "[pgboucner]\n"
+        "just text\n"
+    )
+    problems = read_ini(write(tmp_path, text)).problems
+    by_line = {int(problem.split(": ", 1)[0].rsplit(":", 1)[1]): problem for problem in problems}
+    assert sorted(by_line) == [2, 3, 4, 6, 8, 9, 10, 11] and len(problems) == 8
+    assert "port: must be an integer" in by_line[2]
+    assert "unknown option 'bogus'" in by_line[3]
+    assert "connect_query is not supported by this version" in by_line[4]
+    assert "max_user_connections is not supported by this version" in by_line[6]
+    assert "max_db_connections = '50' is not supported by this version" in by_line[8]
+    assert "unknown section [pgboucner]" in by_line[10]
+    assert "expected key = value" in by_line[11]
+
+
+def test_a_bound_pypooler_lacks_is_accepted_only_at_its_default(tmp_path: Path) -> None:
+    text = "[pgbouncer]\nmax_db_connections = 0\nquery_timeout = 0.0\nmin_pool_size = 5\n"
+    ini = read_ini(write(tmp_path, text))
+    assert ini.problems == []
+    assert [warning.split(": ", 1)[1] for warning in ini.warnings] == [
+        "min_pool_size = '5' is ignored: not supported by this version of pypooler"
+    ]
+
+
+def test_a_bad_value_is_reported_at_its_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, "[pgbouncer]\nauth_type = trust\n\npool_mode = sometimes\n"), env={})
+    expected = "pool_mode: must be one of 'session', 'transaction' or 'statement' (got 'sometimes')"
+    assert caught.value.problems == [f"{tmp_path}/pgbouncer.ini:4: {expected}"]
+
+
+def test_include_is_read_relative_to_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "conf.d").mkdir()
+    write(tmp_path / "conf.d", "[databases]\napp = host=db1\n", "databases.ini")
+    main = write(tmp_path, "[pgbouncer]\nauth_type = trust\n%include conf.d/databases.ini\n")
+    monkeypatch.chdir(tmp_path)
+    ini = read_ini(main)
+    assert ini.problems == [] and ini.values["databases"] == {"app": {"host": "db1"}}
+
+
+def test_an_include_loop_stops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "%include loop.ini\n", "loop.ini")
+    assert "nested more than 10 deep" in read_ini(tmp_path / "loop.ini").problems[0]
+
+
+def test_connection_strings_as_pgbouncer_reads_them() -> None:
+    assert parse_connection_string("host=db port=5432 password='it''s a \\'secret\\'' user=x") == {
+        "host": "db", "port": "5432", "password": "it's a 'secret'", "user": "x",
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="not closed"):
+        parse_connection_string("password='open")
+    with pytest.raises(ValueError, match="expected key=value"):
+        parse_connection_string("host db")
+
+
+def test_quoted_database_names_and_the_fallback(tmp_path: Path) -> None:
+    text = '[databases]\n"app-""v2""" = host=a dbname=b\n* = host=c\n[pgbouncer]\nauth_type = trust\n'
+    settings = load_settings(write(tmp_path, text), env={})
+    assert settings.databases['app-"v2"'].dbname == "b" and settings.databases["*"].host == "c"
+
+
+def test_a_database_without_host_goes_to_loopback_with_a_warning(tmp_path: Path) -> None:
+    ini = read_ini(write(tmp_path, "[databases]\napp = dbname=x\n"))
+    assert ini.values["databases"]["app"]["host"] == "127.0.0.1"
+    assert "no host=" in ini.warnings[0]
+
+
+def test_listen_addr_star_is_every_address(tmp_path: Path) -> None:
+    ini = read_ini(write(tmp_path, "[pgbouncer]\nlisten_addr = *\n"))
+    assert ini.values["listen_addr"] == "*"
+    problems = read_ini(write(tmp_path, "[pgbouncer]\nlisten_addr = 127.0.0.1, ::1\n")).problems
+    assert "one address" in problems[0]
+
+
+def test_convert_gives_toml_that_loads_to_the_same_settings(tmp_path: Path, auth_file: Path) -> None:
+    ini_path = write(
+        tmp_path,
+        STOCK.format(auth_file=auth_file) + "ignore_startup_parameters = extra_float_digits,search_path\n",
+    )
+    toml_text = to_toml(read_ini(ini_path).values)
+    tomllib.loads(toml_text)
+    toml_path = write(tmp_path, toml_text, "pypooler.toml")
+    assert load_settings(toml_path, env={}) == load_settings(ini_path, env={})
