@@ -23,6 +23,11 @@ that holds the most of them. The rules kept here:
   logged through the log limiter, and accepting pauses: new clients wait in the listen backlog
   instead of being dropped, and the maintenance pass resumes accepting on its next pass
   (`Acceptor.resume`), so clients are served again as soon as others leave.
+- Beside TCP, a unix-domain socket `.s.PGSQL.<port>` in `unix_socket_dir` (PgBouncer's and
+  libpq's naming, so `psql -h DIR -p PORT` finds it), made with `unix_socket_mode` and
+  `unix_socket_group` (`bind_unix_socket`). A socket file left by a pooler that died is
+  replaced; one that still answers is an error. The file is removed when the listener closes
+  (`remove_unix_socket`). Both kinds of socket go through the same acceptor.
 - Accepting is not the forwarding path: an accepted socket becomes a transport through
   `loop.connect_accepted_socket`, and from there on nothing differs from the loop's own server.
   It costs more per connection than uvloop's accept in C (see bench/README.md): the price of
@@ -32,10 +37,14 @@ that holds the most of them. The rules kept here:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import grp
 import logging
+import os
 import resource
 import socket
+import stat
 from collections.abc import Callable
 
 from pypooler.config import Settings
@@ -143,6 +152,66 @@ async def bind_listening_sockets(host: str, port: int, backlog: int) -> list[soc
     return sockets
 
 
+def unix_socket_path(directory: str, port: int) -> str:
+    return os.path.join(directory, f".s.PGSQL.{port}")
+
+
+def bind_unix_socket(directory: str, port: int, mode: int, group: str, backlog: int) -> socket.socket:
+    """A non-blocking listening unix-domain socket for `port` in `directory` (see the module
+    rules); OSError with a readable message when it cannot be made."""
+    path = unix_socket_path(directory, port)
+    _remove_stale(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            sock.bind(path)
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen on {path}: {exc.strerror}") from None
+        try:
+            if group:
+                os.chown(path, -1, grp.getgrnam(group).gr_gid)
+            os.chmod(path, mode)
+        except KeyError:
+            raise OSError(errno.EINVAL, f"unix_socket_group {group!r}: no such group") from None
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    return sock
+
+
+def _remove_stale(path: str) -> None:
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise OSError(errno.EEXIST, f"cannot listen on {path}: a file that is not a socket is there")
+    except FileNotFoundError:
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # left by a pooler that did not exit cleanly
+        return
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"cannot listen on {path}: another server is listening there")
+
+
+def unix_socket_files(sockets: list[socket.socket]) -> list[str]:
+    """The files of the unix-domain sockets among `sockets` (asked before they are closed)."""
+    return [sock.getsockname() for sock in sockets if sock.family == socket.AF_UNIX]
+
+
+def remove_unix_sockets(paths: list[str]) -> None:
+    for path in paths:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
 class LoopAcceptor:
     """The event loop's own server on `sockets` (see the module rules); never pauses."""
 
@@ -153,6 +222,7 @@ class LoopAcceptor:
         self.protocol_factory = protocol_factory
         self.paused = False
         self._servers: list[asyncio.Server] = []
+        self._files = unix_socket_files(sockets)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -167,6 +237,7 @@ class LoopAcceptor:
         for server in self._servers:
             server.close()
         self._servers = []
+        remove_unix_sockets(self._files)
 
 
 class Acceptor:
@@ -187,6 +258,7 @@ class Acceptor:
         self.log_limiter = log_limiter
         self.on_failure = on_failure
         self.describe = describe  # what is open, for the log line
+        self._files = unix_socket_files(sockets)
         self.paused = False
         self.closed = False
         self._loop = asyncio.get_running_loop()
@@ -261,5 +333,6 @@ class Acceptor:
                 self._loop.remove_reader(sock.fileno())
         for sock in self.sockets:
             sock.close()
+        remove_unix_sockets(self._files)
         for task in self._connecting:
             task.cancel()

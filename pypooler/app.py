@@ -41,6 +41,7 @@ from pypooler.accepting import (
     Acceptor,
     LoopAcceptor,
     bind_listening_sockets,
+    bind_unix_socket,
     check_descriptor_budget,
     raise_descriptor_limit,
 )
@@ -114,9 +115,22 @@ class Pooler:
         scarce = check_descriptor_budget(self.settings, limit) is not None
         if self.settings.metrics_port is not None:
             await self.metrics.start(self.settings.metrics_addr, self.settings.metrics_port)
-        sockets = await bind_listening_sockets(
-            self.settings.listen_addr, self.settings.listen_port, LISTEN_BACKLOG
-        )
+        settings = self.settings
+        sockets = await bind_listening_sockets(settings.listen_addr, settings.listen_port, LISTEN_BACKLOG)
+        if sockets:
+            self.port = sockets[0].getsockname()[1]
+        if settings.unix_socket_dir:
+            directory, mode, group = (
+                settings.unix_socket_dir,
+                settings.unix_socket_mode,
+                settings.unix_socket_group,
+            )
+            try:
+                sockets.append(bind_unix_socket(directory, self.port, mode, group, LISTEN_BACKLOG))
+            except BaseException:
+                for sock in sockets:
+                    sock.close()
+                raise
         # A C-level partial: no interpreted frame per accepted connection.
         factory = functools.partial(ClientConnection, self.registry)
         # Our own accept only where descriptors may run out (see accepting.py).
@@ -131,14 +145,16 @@ class Pooler:
             if scarce
             else LoopAcceptor(sockets, factory)
         )
-        if sockets:
-            self.port = sockets[0].getsockname()[1]
         if self.settings.tcp_keepalive:
             # Accepted sockets inherit SO_KEEPALIVE from the listener (Linux): one setsockopt
             # here instead of a syscall per client connection.
             for sock in sockets:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                if sock.family != socket.AF_UNIX:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         await self._acceptor.start()
+        for sock in sockets:
+            if sock.family == socket.AF_UNIX:
+                log.info("listening on unix socket %s", sock.getsockname())
         self.maintenance.start()
         self.metrics.listening = True
         # Warn now if the configured bounds cannot fit the servers (needs forced users).

@@ -98,7 +98,10 @@ CONFIG_PATH_ENV = "PYPOOLER_CONFIG"
 # A client asking for one of these databases reaches the admin console, never a server.
 ADMIN_DATABASE_NAMES = frozenset({"pgbouncer", "pypooler"})
 # Settings a RELOAD cannot change (they take effect at the next start): the listening sockets.
-RESTART_ONLY_SETTINGS = frozenset({"listen_addr", "listen_port", "metrics_addr", "metrics_port"})
+RESTART_ONLY_SETTINGS = frozenset(
+    {"listen_addr", "listen_port", "unix_socket_dir", "unix_socket_mode", "unix_socket_group"}
+    | {"metrics_addr", "metrics_port"}
+)
 
 MAX_PORT = 65535
 
@@ -170,6 +173,11 @@ class Settings(BaseSettings):
     listen_addr: str = Field(default="127.0.0.1", min_length=1)
     # 0 asks the OS for any free port (tests use it).
     listen_port: int = Field(default=6432, ge=0, le=MAX_PORT)
+    # Also listen on the unix-domain socket DIR/.s.PGSQL.<listen_port> (PgBouncer's default
+    # directory on Linux); "" listens on TCP only. Its mode, and its group ("" leaves it).
+    unix_socket_dir: str = "/tmp"
+    unix_socket_mode: int = Field(default=0o777, ge=0, le=0o7777)
+    unix_socket_group: str = ""
     pool_mode: PoolMode = "transaction"
     default_pool_size: int = Field(default=20, ge=1)
     max_client_conn: int = Field(default=1000, ge=1)

@@ -79,6 +79,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _octal(text: str) -> int:
+    try:
+        return int(text.strip(), 8)
+    except ValueError:
+        raise ValueError(f"must be an octal file mode such as 0777 (got {text!r})") from None
+
+
 def _text(text: str) -> str:
     return text.strip()
 
@@ -109,6 +116,9 @@ def _verbose(text: str) -> str:
 _SETTINGS: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "listen_addr": ("listen_addr", _listen_addr),
     "listen_port": ("listen_port", _integer),
+    "unix_socket_dir": ("unix_socket_dir", _text),
+    "unix_socket_mode": ("unix_socket_mode", _octal),
+    "unix_socket_group": ("unix_socket_group", _text),
     "pool_mode": ("pool_mode", _text),
     "max_client_conn": ("max_client_conn", _integer),
     "default_pool_size": ("default_pool_size", _integer),
@@ -199,9 +209,6 @@ _NOT_YET_HARMLESS: Final[dict[str, str]] = {
     "autodb_idle_timeout": "3600",
     "log_pooler_errors": "1",
     "listen_backlog": "128",
-    "unix_socket_dir": "/tmp",
-    "unix_socket_mode": "0777",
-    "unix_socket_group": "",
     "tcp_keepcnt": "0",
     "tcp_keepidle": "0",
     "tcp_keepintvl": "0",

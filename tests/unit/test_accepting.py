@@ -55,6 +55,7 @@ class OutOfDescriptors:
 
     def __init__(self, real: socket.socket) -> None:
         self.real = real
+        self.family = real.family
         self.accepts = 0
 
     def fileno(self) -> int:

@@ -55,8 +55,8 @@ def test_the_stock_debian_file_with_a_database(tmp_path: Path, auth_file: Path) 
     warned = " | ".join(ini.warnings)
     assert "pgbouncer.ini:7: logfile is not needed by pypooler" in warned
     assert "pgbouncer.ini:8: pidfile is not needed" in warned
-    assert "pgbouncer.ini:11: unix_socket_dir = '/var/run/postgresql' is ignored" in warned
-    assert len(ini.warnings) == 3
+    assert ini.values["unix_socket_dir"] == "/var/run/postgresql"
+    assert len(ini.warnings) == 2
 
 
 def test_load_settings_reads_an_ini_file(tmp_path: Path, auth_file: Path) -> None:
@@ -104,12 +104,15 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
 
 
 def test_a_bound_pypooler_lacks_is_accepted_only_at_its_default(tmp_path: Path) -> None:
-    text = "[pgbouncer]\nmax_db_connections = 0\nquery_timeout = 0.0\nmin_pool_size = 5\n"
+    text = (
+        "[pgbouncer]\nmax_db_connections = 0\nquery_timeout = 0\nmin_pool_size = 5\nunix_socket_mode = 0700\n"
+    )
     ini = read_ini(write(tmp_path, text))
     assert ini.problems == []
     assert [warning.split(": ", 1)[1] for warning in ini.warnings] == [
         "min_pool_size = '5' is ignored: not supported by this version of pypooler"
     ]
+    assert ini.values["unix_socket_mode"] == 0o700
 
 
 def test_a_bad_value_is_reported_at_its_line(tmp_path: Path) -> None:

@@ -1,0 +1,67 @@
+"""The unix-domain socket listener: `psql -h DIR -p PORT` (and the console) without TCP."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from pypooler.accepting import bind_unix_socket, unix_socket_path
+
+
+def psql_unix(directory: Path, port: int, database: str, sql: str) -> str:
+    result = subprocess.run(
+        ["psql", "-X", "-A", "-t", "-w", "-h", str(directory), "-p", str(port), "-U", "postgres",
+         "-d", database, "-c", sql],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+async def test_clients_and_the_console_over_the_unix_socket(
+    start_pooler: Callable[..., Any], tmp_path: Path
+) -> None:
+    pooler = start_pooler(unix_socket_dir=str(tmp_path), unix_socket_mode=0o700)
+    path = Path(unix_socket_path(str(tmp_path), pooler.port))
+    assert stat.S_ISSOCK(path.stat().st_mode) and stat.S_IMODE(path.stat().st_mode) == 0o700
+    assert psql_unix(tmp_path, pooler.port, "pypooler_test", "select 6 * 7") == "42"
+    assert "pypooler" in psql_unix(tmp_path, pooler.port, "pgbouncer", "SHOW VERSION")
+    conn = await asyncpg.connect(
+        host=str(tmp_path), port=pooler.port, user="postgres", database="pypooler_test"
+    )
+    try:
+        assert await conn.fetchval("select $1::int + 1", 41) == 42
+    finally:
+        await conn.close()
+    pooler.call_async(pooler.pooler.stop())
+    assert not path.exists()  # removed when the listener closes
+
+
+def test_a_socket_left_by_a_dead_pooler_is_replaced(tmp_path: Path) -> None:
+    path = unix_socket_path(str(tmp_path), 5555)
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(path)
+    stale.close()  # the file stays, nobody listens
+    sock = bind_unix_socket(str(tmp_path), 5555, 0o777, "", 16)
+    try:
+        with pytest.raises(OSError, match="another server is listening there"):
+            bind_unix_socket(str(tmp_path), 5555, 0o777, "", 16)
+    finally:
+        sock.close()
+        os.unlink(path)
+
+
+def test_a_file_that_is_not_a_socket_is_left_alone(tmp_path: Path) -> None:
+    path = Path(unix_socket_path(str(tmp_path), 5556))
+    path.write_text("not mine")
+    with pytest.raises(OSError, match="not a socket"):
+        bind_unix_socket(str(tmp_path), 5556, 0o777, "", 16)
+    assert path.read_text() == "not mine"
