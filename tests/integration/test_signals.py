@@ -88,7 +88,11 @@ class PoolerProcess:
 def write_config(
     path: Path, postgres: EmbeddedPostgres, port: int, metrics_port: int, **settings: object
 ) -> None:
-    top = {"listen_port": port, "metrics_port": metrics_port, "log_connections": "false", **settings}
+    # The unix socket beside the file: a pooler the teardown has to kill leaves no file in /tmp.
+    top = {
+        "listen_port": port, "metrics_port": metrics_port, "log_connections": "false",
+        "unix_socket_dir": f'"{path.parent}"', **settings,
+    }  # fmt: skip
     path.write_text(
         "".join(f"{key} = {value}\n" for key, value in top.items())
         + f'[databases.pypooler_test]\nhost = "{postgres.host}"\nport = {postgres.port}\npool_size = 2\n'
