@@ -49,6 +49,7 @@ from pypooler.admin import AdminConsole
 from pypooler.auth import Authenticator
 from pypooler.client import ClientConnection, ClientRegistry
 from pypooler.config import RESTART_ONLY_SETTINGS, ConfigError, Settings
+from pypooler.keepalive import apply_keepalive, keepalive_options
 from pypooler.maintenance import Maintenance
 from pypooler.metrics import MetricsServer
 from pypooler.pool import PoolManager, shutdown_refused
@@ -59,7 +60,6 @@ from pypooler.tls import client_tls, server_ssl_context
 
 log = logging.getLogger("pypooler")
 
-LISTEN_BACKLOG = 4096  # serverless bursts open many connections at once
 # How long stop() waits for connections to close cleanly before aborting them.
 STOP_GRACE_S = 2.0
 STOP_POLL_S = 0.005
@@ -116,7 +116,8 @@ class Pooler:
         if self.settings.metrics_port is not None:
             await self.metrics.start(self.settings.metrics_addr, self.settings.metrics_port)
         settings = self.settings
-        sockets = await bind_listening_sockets(settings.listen_addr, settings.listen_port, LISTEN_BACKLOG)
+        backlog = settings.listen_backlog
+        sockets = await bind_listening_sockets(settings.listen_addr, settings.listen_port, backlog)
         if sockets:
             self.port = sockets[0].getsockname()[1]
         if settings.unix_socket_dir:
@@ -126,7 +127,7 @@ class Pooler:
                 settings.unix_socket_group,
             )
             try:
-                sockets.append(bind_unix_socket(directory, self.port, mode, group, LISTEN_BACKLOG))
+                sockets.append(bind_unix_socket(directory, self.port, mode, group, backlog))
             except BaseException:
                 for sock in sockets:
                     sock.close()
@@ -145,12 +146,9 @@ class Pooler:
             if scarce
             else LoopAcceptor(sockets, factory)
         )
-        if self.settings.tcp_keepalive:
-            # Accepted sockets inherit SO_KEEPALIVE from the listener (Linux): one setsockopt
-            # here instead of a syscall per client connection.
-            for sock in sockets:
-                if sock.family != socket.AF_UNIX:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        options = keepalive_options(settings)
+        for sock in sockets:
+            apply_keepalive(sock, options)  # accepted sockets inherit them (keepalive.py)
         await self._acceptor.start()
         for sock in sockets:
             if sock.family == socket.AF_UNIX:
@@ -265,6 +263,10 @@ class Pooler:
         if new.log_level != old.log_level:
             logging.getLogger("pypooler").setLevel(new.log_level)
         self.maintenance.reload(new)  # a new interval, and the stats_period
+        if keepalive_options(new) != keepalive_options(old) and self._acceptor and not self.draining:
+            options = keepalive_options(new, resetting=True)
+            for sock in self._acceptor.sockets:
+                apply_keepalive(sock, options)
         log.info("reloaded configuration: %s", "; ".join(changes) or "no changes")
         if self._acceptor is not None and not self.draining:
             check_descriptor_budget(new)

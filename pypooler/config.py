@@ -99,7 +99,14 @@ CONFIG_PATH_ENV = "PYPOOLER_CONFIG"
 ADMIN_DATABASE_NAMES = frozenset({"pgbouncer", "pypooler"})
 # Settings a RELOAD cannot change (they take effect at the next start): the listening sockets.
 RESTART_ONLY_SETTINGS = frozenset(
-    {"listen_addr", "listen_port", "unix_socket_dir", "unix_socket_mode", "unix_socket_group"}
+    {
+        "listen_addr",
+        "listen_port",
+        "listen_backlog",
+        "unix_socket_dir",
+        "unix_socket_mode",
+        "unix_socket_group",
+    }
     | {"metrics_addr", "metrics_port"}
 )
 
@@ -178,6 +185,9 @@ class Settings(BaseSettings):
     unix_socket_dir: str = "/tmp"
     unix_socket_mode: int = Field(default=0o777, ge=0, le=0o7777)
     unix_socket_group: str = ""
+    # Connections the kernel queues for accept() (PgBouncer: 128); bursts of serverless
+    # functions connect all at once.
+    listen_backlog: int = Field(default=4096, ge=1)
     pool_mode: PoolMode = "transaction"
     default_pool_size: int = Field(default=20, ge=1)
     max_client_conn: int = Field(default=1000, ge=1)
@@ -196,6 +206,11 @@ class Settings(BaseSettings):
     # (SIGINT allows at most FAST_DRAIN_S of it); 0 closes at once.
     shutdown_drain_timeout: float = Field(default=20.0, ge=0, allow_inf_nan=False)
     tcp_keepalive: bool = True
+    # TCP keepalive timing and TCP_USER_TIMEOUT on client and server sockets; 0: the OS default.
+    tcp_keepidle: int = Field(default=0, ge=0)  # seconds idle before the first probe
+    tcp_keepintvl: int = Field(default=0, ge=0)  # seconds between probes
+    tcp_keepcnt: int = Field(default=0, ge=0)  # probes unanswered before the connection is dead
+    tcp_user_timeout: int = Field(default=0, ge=0)  # ms sent data may stay unacknowledged
     # Protocol-level named prepared statements kept per server in transaction and statement
     # mode (least recently used ones are closed beyond it); 0 passes them through untracked.
     max_prepared_statements: int = Field(default=200, ge=0)

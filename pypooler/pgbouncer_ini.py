@@ -143,6 +143,11 @@ _SETTINGS: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "query_wait_timeout": ("query_wait_timeout", _seconds),
     "idle_transaction_timeout": ("idle_transaction_timeout", _seconds),
     "tcp_keepalive": ("tcp_keepalive", _boolean),
+    "tcp_keepidle": ("tcp_keepidle", _integer),
+    "tcp_keepintvl": ("tcp_keepintvl", _integer),
+    "tcp_keepcnt": ("tcp_keepcnt", _integer),
+    "tcp_user_timeout": ("tcp_user_timeout", _integer),
+    "listen_backlog": ("listen_backlog", _integer),
     "client_tls_sslmode": ("client_tls_sslmode", _text),
     "client_tls_key_file": ("client_tls_key_file", _text),
     "client_tls_cert_file": ("client_tls_cert_file", _text),
@@ -208,11 +213,6 @@ _NOT_YET_HARMLESS: Final[dict[str, str]] = {
     "server_check_delay": "30",
     "autodb_idle_timeout": "3600",
     "log_pooler_errors": "1",
-    "listen_backlog": "128",
-    "tcp_keepcnt": "0",
-    "tcp_keepidle": "0",
-    "tcp_keepintvl": "0",
-    "tcp_user_timeout": "0",
 }
 # Ignoring these would drop a bound or change what clients see: an error unless at the default.
 _NOT_YET: Final[dict[str, str]] = {
