@@ -1379,7 +1379,11 @@ class ClientConnection(asyncio.Protocol):
             # From here on the console's protocol object gets this transport's callbacks.
             admin_login(self, startup, early)
             return
-        pool = self.registry.manager.get_pool(self.database, self.user)
+        try:
+            pool = self.registry.manager.get_pool(self.database, self.user)
+        except PoolerError as exc:  # max_auto_pools
+            self.fail(exc)
+            return
         if pool is None:  # the configuration cannot change under a login, but be exact
             self.fail(NoSuchDatabase(f'no such database: "{self.database}"'))
             return

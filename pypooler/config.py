@@ -198,6 +198,12 @@ class Settings(BaseSettings):
     server_login_retry: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     # Run when a session-mode client leaves, before its server is reused; "" runs nothing.
     server_reset_query: str = "DISCARD ALL"
+    # Remove a pool made for the "*" fallback or for a client's own user name (no forced user)
+    # once it has had no client and no server for this many seconds; 0 keeps them.
+    autodb_idle_timeout: float = Field(default=3600.0, ge=0, allow_inf_nan=False)
+    # At most this many such pools at once; a login that would make one more is refused (53400)
+    # unless an unused one can be removed to make room.
+    max_auto_pools: int = Field(default=1000, ge=1)
     # Close servers idle longer than this many seconds; 0 keeps them.
     server_idle_timeout: float = Field(default=600.0, ge=0, allow_inf_nan=False)
     # Close servers older than this many seconds when they are released; 0 keeps them.

@@ -180,6 +180,11 @@ class Listener:
         self.reconnects = 0
         self._last_drop_warning_ns = 0
 
+    @property
+    def unused(self) -> bool:
+        """No channel, no connection open or being opened: its pool may be removed."""
+        return self.server is None and self._connecting is None and not len(self.map)
+
     # ------------------------------------------------------------------ clients
 
     def listen(self, client: Subscriber, channel: bytes, confirm: Confirm) -> None:

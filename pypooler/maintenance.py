@@ -12,7 +12,9 @@ What one pass does, in this order:
   warned about (once per hold); servers older than `server_lifetime` retired (idle ones now,
   lent ones when released); the listener connection closed after `server_idle_timeout` without
   a channel; idle servers past `server_idle_timeout` closed; connects retried once
-  `server_login_retry` has passed since the last failure;
+  `server_login_retry` has passed since the last failure; an automatic pool (made for the "*"
+  entry or a client's own user name) noted when it became unused;
+- automatic pools unused for `autodb_idle_timeout` removed (`PoolManager.remove_unused`);
 - clients not logged in within `client_login_timeout` ended;
 - cancel requests still undelivered after `CANCEL_TIMEOUT_S` abandoned;
 - accepting resumed after the process ran out of file descriptors (accepting.py);
@@ -21,7 +23,7 @@ What one pass does, in this order:
 
 The interval rule: a tenth of the shortest enabled period among query_wait_timeout,
 client_login_timeout, idle_transaction_timeout, hold_warn_ms, server_idle_timeout,
-server_lifetime, server_login_retry and stats_period, kept within [MIN_INTERVAL_S,
+server_lifetime, server_login_retry, autodb_idle_timeout and stats_period, kept within [MIN_INTERVAL_S,
 MAX_INTERVAL_S] = [0.05 s, 1 s]. So a timeout fires at most a tenth of itself late (never more
 than 1 s, plus event-loop lag), and a pooler with only long timeouts wakes once a second (which
 also bounds the fixed CANCEL_TIMEOUT_S, 5 s, to 1 s late). With the defaults hold_warn_ms (1 s)
@@ -78,6 +80,7 @@ def timed_periods(settings: Settings) -> list[float]:
         settings.server_idle_timeout,
         settings.server_lifetime,
         settings.server_login_retry,
+        settings.autodb_idle_timeout,
         settings.stats_period,
     ]
     return [period for period in periods if period > 0]
@@ -122,6 +125,11 @@ def maintain_pool(pool: Pool, now_ns: int) -> None:
             pool.close_idle(pool.idle[0])
     if pool.retry_at_ns and now_ns >= pool.retry_at_ns:
         pool.retry_connect()
+    if pool.auto:
+        if not pool.unused:
+            pool.unused_since_ns = 0
+        elif not pool.unused_since_ns:
+            pool.unused_since_ns = now_ns
 
 
 def expire_waiters(pool: Pool, now_ns: int, timeout_s: float) -> None:
@@ -258,6 +266,8 @@ class Maintenance:
             maintain_pool(pool, now_ns)
         settings = self.settings
         registry = self.registry
+        if settings.autodb_idle_timeout and self.manager.auto_pools:
+            self.manager.remove_unused(now_ns - int(settings.autodb_idle_timeout * NS_PER_S))
         if settings.client_login_timeout and registry.logging_in:
             expire_logins(registry, now_ns, settings.client_login_timeout)
         if registry.cancels:

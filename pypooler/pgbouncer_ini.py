@@ -139,6 +139,7 @@ _SETTINGS: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "server_idle_timeout": ("server_idle_timeout", _seconds),
     "server_connect_timeout": ("server_connect_timeout", _seconds),
     "server_login_retry": ("server_login_retry", _seconds),
+    "autodb_idle_timeout": ("autodb_idle_timeout", _seconds),
     "client_login_timeout": ("client_login_timeout", _seconds),
     "query_wait_timeout": ("query_wait_timeout", _seconds),
     "idle_transaction_timeout": ("idle_transaction_timeout", _seconds),
@@ -211,7 +212,6 @@ _NOT_YET_HARMLESS: Final[dict[str, str]] = {
     "reserve_pool_timeout": "5",
     "server_check_query": "select 1",
     "server_check_delay": "30",
-    "autodb_idle_timeout": "3600",
     "log_pooler_errors": "1",
 }
 # Ignoring these would drop a bound or change what clients see: an error unless at the default.

@@ -59,6 +59,7 @@ from pypooler.protocol.errors import (
     ServerConnectFailed,
     ShuttingDown,
     StartupParameterRejected,
+    TooManyPools,
 )
 from pypooler.protocol.scram import Secret
 from pypooler.protocol.transaction import BackendStream
@@ -210,9 +211,24 @@ class Pool:
         # The pool's listener connection and its channels (listening.py), made at the first
         # LISTEN a client sends in transaction or statement mode; not one of `servers`.
         self.listener: Listener | None = None
+        # Made for the "*" entry or for a client's own user name (PoolManager): removed once it
+        # has been `unused` for autodb_idle_timeout since `unused_since_ns` (maintenance.py).
+        self.auto = False
+        self.unused_since_ns = 0
 
     def __repr__(self) -> str:
         return f"<Pool {self.database}/{self.user} {self.lent}/{self.size} lent, {self.waiting} waiting>"
+
+    @property
+    def unused(self) -> bool:
+        """No client, server lent, connect, waiter or listener connection: nothing lost if it
+        is removed (its idle servers closed)."""
+        listener = self.listener
+        return (
+            not (self.clients or self.connecting or self.waiting or self._opening)
+            and len(self.servers) == len(self.idle)
+            and (listener is None or listener.unused)
+        )
 
     @property
     def lent(self) -> int:
@@ -723,6 +739,7 @@ class PoolManager:
     ) -> None:
         self.settings = settings
         self.pools: dict[tuple[str, str], Pool] = {}
+        self.auto_pools = 0  # pools with `auto` set (see max_auto_pools)
         self.stored_secret = stored_secret
         # Built once: loading CA files per connection would cost more than the login.
         self.server_tls = server_tls if server_tls is not None else server_ssl_context(settings)
@@ -779,6 +796,14 @@ class PoolManager:
         key = (database, user)
         pool = self.pools.get(key)
         if pool is None:
+            auto = entry == "*" or db.user is None
+            if auto and self.auto_pools >= self.settings.max_auto_pools and not self._make_room():
+                raise TooManyPools(
+                    f"no pool for {database}/{user}: max_auto_pools ({self.settings.max_auto_pools})"
+                    " pools for unconfigured databases or users are in use",
+                    hint="configure the database with a user (one pool for all its clients),"
+                    " or raise max_auto_pools",
+                )
             login = self._server_login(database, db, user)
             pool = Pool(
                 database,
@@ -792,6 +817,9 @@ class PoolManager:
             )
             if self.is_paused(database):
                 pool.pause()
+            if auto:
+                pool.auto = True
+                self.auto_pools += 1
             self.pools[key] = pool
             log.debug("new pool %s/%s -> %s (entry %s)", database, user, login.describe(), entry)
         return pool
@@ -854,6 +882,37 @@ class PoolManager:
             for (db, user), p in self.pools.items()
             if before[(db, user)] != (_login_key(p.login), p.size)
         ]
+
+    def remove_unused(self, unused_since_ns: int) -> int:
+        """Remove the automatic pools unused since `unused_since_ns` or before (autodb_idle_timeout,
+        decided by the maintenance pass); return how many. They leave SHOW POOLS and /metrics."""
+        removed = [
+            key
+            for key, pool in self.pools.items()
+            if pool.auto and pool.unused_since_ns and pool.unused_since_ns <= unused_since_ns and pool.unused
+        ]
+        for key in removed:
+            self._remove(key)
+        return len(removed)
+
+    def _make_room(self) -> bool:
+        """At max_auto_pools: remove the automatic pool unused the longest, if any is unused."""
+        unused = [
+            (pool.unused_since_ns, key) for key, pool in self.pools.items() if pool.auto and pool.unused
+        ]
+        if not unused:
+            return False
+        self._remove(min(unused)[1])
+        return True
+
+    def _remove(self, key: tuple[str, str]) -> None:
+        pool = self.pools.pop(key)
+        self.auto_pools -= 1
+        pool.close()
+        schema = (pool.login.host, pool.login.port, pool.login.database)
+        if not any((p.login.host, p.login.port, p.login.database) == schema for p in self.pools.values()):
+            self.schemas.pop(schema, None)
+        log.debug("removed unused pool %s/%s", pool.database, pool.user)
 
     def drain(self) -> None:
         for pool in self.pools.values():

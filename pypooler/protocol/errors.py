@@ -108,6 +108,13 @@ class TooManyClients(PoolerError):
     reason = "max_client_conn"
 
 
+class TooManyPools(PoolerError):
+    """max_auto_pools pools for unconfigured databases or users are in use."""
+
+    sqlstate = SQLState.CONFIGURATION_LIMIT_EXCEEDED
+    reason = "max_auto_pools"
+
+
 class QueryWaitTimeout(PoolerError):
     sqlstate = SQLState.CONNECTION_FAILURE
     reason = "query_wait_timeout"

@@ -32,6 +32,7 @@ EVERY_PERIOD_OFF: dict[str, Any] = {
     "server_idle_timeout": 0,
     "server_lifetime": 0,
     "server_login_retry": 0,
+    "autodb_idle_timeout": 0,
     "stats_period": 3600,
 }
 
@@ -59,6 +60,7 @@ def test_defaults_pass_ten_times_per_hold_warn_ms() -> None:
         ("server_idle_timeout", 7.0, 0.7),
         ("server_login_retry", 8.0, 0.8),
         ("stats_period", 9.0, 0.9),
+        ("autodb_idle_timeout", 2.5, 0.25),
     ],
 )
 def test_every_enabled_period_counts(name: str, value: float, expected: float) -> None:
@@ -82,6 +84,7 @@ def test_a_disabled_timeout_does_not_count() -> None:
 class FakeManager:
     def __init__(self) -> None:
         self.pools: dict[tuple[str, str], Any] = {}
+        self.auto_pools = 0
         self.snapshots = 0
         self.log_limiter = LogLimiter()
 

@@ -1,0 +1,70 @@
+"""Bounded pools: a pool made for an unconfigured user or database goes away when unused
+(autodb_idle_timeout), and at most max_auto_pools of them exist (53400 past it)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import pytest
+
+from pypooler.embedded import EmbeddedPostgres
+from tests.prometheus import scrape
+
+
+def pool_keys(pooler: Any) -> set[tuple[str, str]]:
+    return pooler.call(lambda: set(pooler.pooler.manager.pools))
+
+
+def metric_pools(pooler: Any) -> set[tuple[str, str]]:
+    samples = scrape(pooler.metrics_url)["pypooler_pool_size"]
+    return {(s.labels["database"], s.labels["user"]) for s in samples}
+
+
+async def test_pools_of_unknown_users_are_removed_when_unused(
+    start_pooler: Callable[..., Any],
+) -> None:
+    pooler = start_pooler(autodb_idle_timeout=0.3)
+    for n in range(5):  # trust auth: any user name logs in; the server then refuses it
+        with pytest.raises(asyncpg.PostgresError):
+            await asyncpg.connect(pooler.dsn(user=f"ghost_{n}"))
+    conn = await asyncpg.connect(pooler.dsn())
+    try:
+        assert {("pypooler_test", f"ghost_{n}") for n in range(5)} <= pool_keys(pooler)
+        assert ("pypooler_test", "ghost_0") in metric_pools(pooler)
+        deadline = time.monotonic() + 10
+        while len(pool_keys(pooler)) > 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        # The pool in use stays; the others left the console and /metrics.
+        assert pool_keys(pooler) == {("pypooler_test", "postgres")}
+        assert metric_pools(pooler) == {("pypooler_test", "postgres")}
+        assert await conn.fetchval("select 1") == 1
+    finally:
+        await conn.close()
+
+
+async def test_max_auto_pools_refuses_one_more_until_one_is_unused(
+    start_pooler: Callable[..., Any], postgres: EmbeddedPostgres
+) -> None:
+    target = {"host": postgres.host, "port": postgres.port}
+    pooler = start_pooler(
+        max_auto_pools=2, autodb_idle_timeout=0,
+        databases={"pypooler_test": target, "postgres": target, "*": target},
+    )  # fmt: skip
+    first = await asyncpg.connect(pooler.dsn(dbname="pypooler_test"))
+    second = await asyncpg.connect(pooler.dsn(dbname="postgres"))
+    try:
+        with pytest.raises(asyncpg.PostgresError) as refused:
+            await asyncpg.connect(pooler.dsn(dbname="template1"))
+        assert refused.value.sqlstate == "53400"
+        assert "max_auto_pools (2)" in str(refused.value)
+        await second.close()
+        # An unused pool makes room at once, even with autodb_idle_timeout off.
+        third = await asyncpg.connect(pooler.dsn(dbname="template1"))
+        assert await third.fetchval("select current_database()") == "template1"
+        await third.close()
+        assert pool_keys(pooler) == {("pypooler_test", "postgres"), ("template1", "postgres")}
+    finally:
+        await first.close()
