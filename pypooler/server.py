@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
+from pypooler import flow
 from pypooler.config import ServerTlsMode
 from pypooler.parameter_sets import intern_parameters
 from pypooler.prepared import ServerStatements
@@ -63,11 +64,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pypooler.server")
 
-# Write-buffer marks for both sides of the proxy. High enough that a normal result never pauses,
-# low enough that a slow reader bounds what we hold per connection.
-WRITE_HIGH_WATER = 256 * 1024
-WRITE_LOW_WATER = 64 * 1024
-
 
 def tune_transport(transport: asyncio.BaseTransport, *, keepalive: bool = True) -> None:
     """Keepalive and write-buffer marks.
@@ -79,9 +75,7 @@ def tune_transport(transport: asyncio.BaseTransport, *, keepalive: bool = True) 
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    cast(asyncio.WriteTransport, transport).set_write_buffer_limits(
-        high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER
-    )
+    flow.limit_write_buffer(transport)
 
 
 class ServerLogin:
@@ -331,26 +325,18 @@ class ServerConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # PostgreSQL reads slower than the client sends (e.g. COPY FROM): stop reading the client.
-        client = self.client
-        if client is not None:
-            client.pause_reading()
+        flow.pause_reading(self.client)
 
     def resume_writing(self) -> None:
-        client = self.client
-        if client is not None:
-            client.resume_reading()
+        flow.resume_reading(self.client)
 
-    # ------------------------------------------------------------------ flow control
+    # ------------------------------------------------------------------ flow control (flow.py)
 
     def pause_reading(self) -> None:
-        if not self.reading_paused and not self.closed:
-            self.reading_paused = True
-            self.transport.pause_reading()
+        flow.pause_reading(self)
 
     def resume_reading(self) -> None:
-        if self.reading_paused and not self.closed:
-            self.reading_paused = False
-            self.transport.resume_reading()
+        flow.resume_reading(self)
 
     # ------------------------------------------------------------------ login
 
