@@ -1,18 +1,25 @@
-"""ServerConnection: one pypooler-owned connection to PostgreSQL.
+"""ServerConnection: one pypooler-owned connection to PostgreSQL, an adapter that owns no login rule.
 
-Lifecycle: `open_server_connection` connects, negotiates TLS when `server_tls_sslmode` asks for it
-(SSLRequest, one answer byte, then `start_tls` on the same protocol object), and logs in (trust,
-cleartext, md5, SCRAM-SHA-256 with a password or by pass-through of a client's ClientKey),
-capturing ParameterStatus and BackendKeyData; the pool then lends it to clients. While lent
-(`client` set) every read is fed to the `BackendStream` tracker and forwarded as-is to the client;
-the client decides at each ReadyForQuery whether the transaction ended. While not lent, the server
-should be silent: a FATAL error or EOF retires it, notices are dropped, parameter changes recorded.
+Lifecycle, one `ServerState` at a time (see the enum and `_NEXT`; `_set_state` is the only place
+it changes, and keeps the `closed` / `lost` flags others read in step): `open_server_connection`
+connects and `log_in` pumps the login machine (protocol/server_login.py), which decides
+everything about the login: SSLRequest and the answer's tls_mode rules, which secret answers
+which authentication request (SCRAM pass-through and channel binding included), ParameterStatus
+and BackendKeyData, and the pooler error a failure is. This module only moves its bytes, logs,
+and does the one step the machine cannot: `start_tls` on the same protocol object when it asks
+(LOGGING_IN -> TLS_HANDSHAKE -> LOGGING_IN). Logged in (READY), the pool lends it to clients.
+While lent (`client` set: a link, not a state) every read is fed to the `BackendStream` tracker
+and forwarded as-is to the client; the client decides at each ReadyForQuery whether the
+transaction ended. pypooler's own queries (session-mode reset, auth_query, settings, the
+listener connection) run in INTERNAL and return to READY when their callback has its answer.
+Otherwise the server should be silent: a FATAL error or EOF retires it, notices are dropped,
+parameter changes recorded. Flow control (both directions) is flow.py's.
 
-Rules: the forwarding branch comes first in `data_received` and does no allocation when nothing
-is rewritten; everything else (login, internal queries such as the session-mode reset or
-auth_query) goes through `MessageReader`. TLS changes which transport object we hold, never the
-forwarding code. Nothing may follow the server's 'S' answer in clear: such bytes would be injected
-into the TLS session (CVE-2021-23222), so they end the connection.
+Rules: the forwarding branch comes first in `data_received`, before any state test, and does no
+allocation when nothing is rewritten; everything else goes through `MessageReader`s. TLS changes
+which transport object we hold, never the forwarding code. Nothing may follow the server's 'S'
+answer in clear: such bytes would be injected into the TLS session (CVE-2021-23222), so they end
+the connection (the machine's rule).
 
 In transaction and statement mode the pool gives each server a `RewritingBackend` (see
 rewriting.py) and a `ServerStatements` LRU; the bytes forwarded may then differ from the bytes
