@@ -33,6 +33,7 @@ HOT_PATH = [
     "pypooler/session_parameters.py",
     "pypooler/stats.py",
     "pypooler/pool.py",
+    "pypooler/flow.py",
     "pypooler/server.py",
     "pypooler/client.py",
     "pypooler/protocol/listen.py",

@@ -49,6 +49,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any, cast
 
+from pypooler import flow
 from pypooler.auth import (
     AUTH_MESSAGE_LIMIT,
     TRUSTED,
@@ -484,29 +485,23 @@ class ClientConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         # The client reads slower than its server sends: stop reading the server.
         self.writing_paused = True
-        server = self.server
-        if server is not None:
-            server.pause_reading()
+        flow.pause_reading(self.server)
 
     def resume_writing(self) -> None:
         self.writing_paused = False
         server = self.server
         if server is not None:
-            server.resume_reading()
+            flow.resume_reading(server)
         elif self.notifications is not None and self.pending is None:
             self._flush_notifications()
 
-    # ------------------------------------------------------------------ flow control
+    # ------------------------------------------------------------------ flow control (flow.py)
 
     def pause_reading(self) -> None:
-        if not self.reading_paused and not self.closed:
-            self.reading_paused = True
-            self.transport.pause_reading()
+        flow.pause_reading(self)
 
     def resume_reading(self) -> None:
-        if self.reading_paused and not self.closed:
-            self.reading_paused = False
-            self.transport.resume_reading()
+        flow.resume_reading(self)
 
     # ------------------------------------------------------------------ lending
 

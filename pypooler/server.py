@@ -1,18 +1,25 @@
-"""ServerConnection: one pypooler-owned connection to PostgreSQL.
+"""ServerConnection: one pypooler-owned connection to PostgreSQL, an adapter that owns no login rule.
 
-Lifecycle: `open_server_connection` connects, negotiates TLS when `server_tls_sslmode` asks for it
-(SSLRequest, one answer byte, then `start_tls` on the same protocol object), and logs in (trust,
-cleartext, md5, SCRAM-SHA-256 with a password or by pass-through of a client's ClientKey),
-capturing ParameterStatus and BackendKeyData; the pool then lends it to clients. While lent
-(`client` set) every read is fed to the `BackendStream` tracker and forwarded as-is to the client;
-the client decides at each ReadyForQuery whether the transaction ended. While not lent, the server
-should be silent: a FATAL error or EOF retires it, notices are dropped, parameter changes recorded.
+Lifecycle, one `ServerState` at a time (see the enum and `_NEXT`; `_set_state` is the only place
+it changes, and keeps the `closed` / `lost` flags others read in step): `open_server_connection`
+connects and `log_in` pumps the login machine (protocol/server_login.py), which decides
+everything about the login: SSLRequest and the answer's tls_mode rules, which secret answers
+which authentication request (SCRAM pass-through and channel binding included), ParameterStatus
+and BackendKeyData, and the pooler error a failure is. This module only moves its bytes, logs,
+and does the one step the machine cannot: `start_tls` on the same protocol object when it asks
+(LOGGING_IN -> TLS_HANDSHAKE -> LOGGING_IN). Logged in (READY), the pool lends it to clients.
+While lent (`client` set: a link, not a state) every read is fed to the `BackendStream` tracker
+and forwarded as-is to the client; the client decides at each ReadyForQuery whether the
+transaction ended. pypooler's own queries (session-mode reset, auth_query, settings, the
+listener connection) run in INTERNAL and return to READY when their callback has its answer.
+Otherwise the server should be silent: a FATAL error or EOF retires it, notices are dropped,
+parameter changes recorded. Flow control (both directions) is flow.py's.
 
-Rules: the forwarding branch comes first in `data_received` and does no allocation when nothing
-is rewritten; everything else (login, internal queries such as the session-mode reset or
-auth_query) goes through `MessageReader`. TLS changes which transport object we hold, never the
-forwarding code. Nothing may follow the server's 'S' answer in clear: such bytes would be injected
-into the TLS session (CVE-2021-23222), so they end the connection.
+Rules: the forwarding branch comes first in `data_received`, before any state test, and does no
+allocation when nothing is rewritten; everything else goes through `MessageReader`s. TLS changes
+which transport object we hold, never the forwarding code. Nothing may follow the server's 'S'
+answer in clear: such bytes would be injected into the TLS session (CVE-2021-23222), so they end
+the connection (the machine's rule).
 
 In transaction and statement mode the pool gives each server a `RewritingBackend` (see
 rewriting.py) and a `ServerStatements` LRU; the bytes forwarded may then differ from the bytes
@@ -23,13 +30,15 @@ interned, so a client can keep a reference to the set it last saw and compare it
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import socket
 import ssl
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
+from pypooler import flow
 from pypooler.config import ServerTlsMode
 from pypooler.parameter_sets import intern_parameters
 from pypooler.prepared import ServerStatements
@@ -42,19 +51,13 @@ from pypooler.protocol.errors import (
     ServerLoginFailed,
     StartupParameterRejected,
 )
-from pypooler.protocol.scram import (
-    MECHANISM,
-    MECHANISM_PLUS,
-    Md5Hash,
-    PlainPassword,
-    ScramClientExchange,
-    ScramProofMismatch,
-    ScramVerifier,
-    Secret,
-    certificate_hash,
-    md5_hash,
-    md5_response,
-    parse_secret,
+from pypooler.protocol.scram import Md5Hash, PlainPassword, ScramVerifier, Secret, parse_secret
+from pypooler.protocol.server_login import (
+    LoggedIn,
+    LoginFailed,
+    LoginState,
+    ScramStarted,
+    ServerLoginExchange,
 )
 from pypooler.protocol.transaction import BackendStream, releasable_after_internal
 
@@ -62,11 +65,6 @@ if TYPE_CHECKING:
     from pypooler.client import ClientConnection
 
 log = logging.getLogger("pypooler.server")
-
-# Write-buffer marks for both sides of the proxy. High enough that a normal result never pauses,
-# low enough that a slow reader bounds what we hold per connection.
-WRITE_HIGH_WATER = 256 * 1024
-WRITE_LOW_WATER = 64 * 1024
 
 
 def tune_transport(transport: asyncio.BaseTransport, *, keepalive: bool = True) -> None:
@@ -79,9 +77,7 @@ def tune_transport(transport: asyncio.BaseTransport, *, keepalive: bool = True) 
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    cast(asyncio.WriteTransport, transport).set_write_buffer_limits(
-        high=WRITE_HIGH_WATER, low=WRITE_LOW_WATER
-    )
+    flow.limit_write_buffer(transport)
 
 
 class ServerLogin:
@@ -164,15 +160,49 @@ class ServerLogin:
     def describe(self) -> str:
         return f"{self.user}@{self.host}:{self.port}/{self.database}"
 
+    def exchange(self) -> ServerLoginExchange:
+        """A login machine with what we know now (a client may teach us more later: `learn`)."""
+        return ServerLoginExchange(
+            self.user, self.database, password=self.password, secret=self.secret,
+            client_key=self.client_key, tls_mode=self.tls_mode, target=self.describe(),
+        )  # fmt: skip
+
+
+class ServerState(enum.Enum):
+    """Where a server connection is in its life. `client` (set by a lend) is not a state: a READY
+    server is idle in its pool or lent, and while lent the forwarding branch reads `client` first.
+    """
+
+    LOGGING_IN = "the login machine (protocol/server_login.py) reads every byte"
+    TLS_HANDSHAKE = "start_tls is upgrading the transport; no byte may reach us in clear"
+    READY = "logged in: idle in its pool, or lent to `client` and forwarding"
+    INTERNAL = "pypooler's own query (run_internal, deliver_to): replies go to `_internal`"
+    CLOSING = "close() ran: Terminate sent, the transport is closing"
+    CLOSED = "connection_lost ran: the transport is gone"
+
+
+# The only transitions `_set_state` allows. INTERNAL -> INTERNAL: a callback's last message may
+# release the server into the next internal query (a waiting client applying its settings).
+_NEXT: Final[dict[ServerState, frozenset[ServerState]]] = {
+    ServerState.LOGGING_IN: frozenset(
+        {ServerState.TLS_HANDSHAKE, ServerState.READY, ServerState.CLOSING, ServerState.CLOSED}
+    ),
+    ServerState.TLS_HANDSHAKE: frozenset({ServerState.LOGGING_IN, ServerState.CLOSING, ServerState.CLOSED}),
+    ServerState.READY: frozenset({ServerState.INTERNAL, ServerState.CLOSING, ServerState.CLOSED}),
+    ServerState.INTERNAL: frozenset(
+        {ServerState.INTERNAL, ServerState.READY, ServerState.CLOSING, ServerState.CLOSED}
+    ),
+    ServerState.CLOSING: frozenset({ServerState.CLOSED}),
+    ServerState.CLOSED: frozenset(),
+}
+
 
 class ServerConnection(asyncio.Protocol):
     # Per-connection object: slots keep it small and attribute access fast.
     __slots__ = (
         "_internal",
         "_internal_reader",
-        "_logging_in",
-        "_login_reader",
-        "_scram",
+        "_login",
         "_tls_answer",
         "backend",
         "cancels",
@@ -193,6 +223,7 @@ class ServerConnection(asyncio.Protocol):
         "release_after_cancel",
         "rewriting",
         "secret_key",
+        "state",
         "statements",
         "tls",
         "transport",
@@ -200,10 +231,13 @@ class ServerConnection(asyncio.Protocol):
 
     def __init__(self, login: ServerLogin, login_done: asyncio.Future[None]) -> None:
         self.login = login
-        self._logging_in = True
-        self._login_reader = codec.MessageReader()
-        self._scram: ScramClientExchange | None = None
-        self._tls_answer: asyncio.Future[bytes] | None = None
+        self.state = ServerState.LOGGING_IN
+        # Read on the hot path (Pool.release, flow control) and by pool.py, admin.py and tests:
+        # plain attributes, changed only by _set_state (a property costs more in pure Python).
+        self.closed = False
+        self.lost = False
+        self._login: ServerLoginExchange | None = login.exchange()  # until logged in
+        self._tls_answer: asyncio.Future[bool] | None = None  # log_in waits on it: upgrade or not
         self.tls = False
         self._internal: Callable[[int, bytes], bool] | None = None
         self._internal_reader: codec.MessageReader | None = None
@@ -222,15 +256,26 @@ class ServerConnection(asyncio.Protocol):
         self.release_after_cancel = False  # released while those were in flight
         self.process_id = 0
         self.secret_key = 0
-        self.reading_paused = False
-        self.closed = False
-        self.lost = False  # connection_lost has run: the transport is really gone
-        # Close at the next release instead of lending again (RECONNECT, RELOAD, a smaller pool).
+        self.reading_paused = False  # flow.py's flag
+        # Close at the next release instead of lending again (RECONNECT, RELOAD, a smaller pool,
+        # server_lifetime): a mark the pool sets on a READY server, lent or idle, not a state.
         self.close_needed = False
         self.created_ns = time.monotonic_ns()
         self.last_used_ns = self.created_ns
         # Set by the owning pool; servers do not import pools (imports point one way).
         self.on_close: Callable[[ServerConnection], None] | None = None
+
+    def _set_state(self, new: ServerState) -> None:
+        """The one place the state changes, checked against `_NEXT`; keeps `closed`/`lost` in step."""
+        if new not in _NEXT[self.state]:
+            raise AssertionError(
+                f"server {self.login.describe()}: no transition from {self.state.name} to {new.name}"
+            )
+        self.state = new
+        if new is ServerState.CLOSING:
+            self.closed = True
+        elif new is ServerState.CLOSED:
+            self.closed = self.lost = True
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -239,43 +284,6 @@ class ServerConnection(asyncio.Protocol):
             return
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         tune_transport(self.transport)
-
-    def send_startup(self) -> None:
-        login = self.login
-        self.transport.write(codec.build_startup_message({"user": login.user, "database": login.database}))
-
-    async def negotiate_tls(self) -> None:
-        """SSLRequest, then TLS on 'S'; on 'N' go on in clear only when the mode is prefer."""
-        login = self.login
-        loop = asyncio.get_running_loop()
-        self._tls_answer = loop.create_future()
-        self.transport.write(codec.build_ssl_request())
-        answer = await self._tls_answer
-        self._tls_answer = None
-        if answer != b"S":
-            if login.tls_mode == "prefer":
-                return
-            raise ServerConnectFailed(
-                f"server {login.describe()} does not support SSL, but server_tls_sslmode is {login.tls_mode}"
-            )
-        assert login.ssl_context is not None
-        try:
-            transport = await loop.start_tls(
-                self.transport,
-                self,
-                login.ssl_context,
-                server_hostname=login.host if login.tls_mode == "verify-full" else None,
-            )
-        except (ssl.SSLError, ssl.CertificateError) as exc:
-            raise ServerConnectFailed(
-                f"TLS with server {login.describe()} failed: {exc}",
-                hint="check server_tls_sslmode and server_tls_ca_file",
-            ) from None
-        if transport is None:
-            raise ServerConnectFailed(f"server {login.describe()} closed the connection during TLS")
-        self.transport = transport
-        tune_transport(transport)
-        self.tls = True
 
     def data_received(self, data: bytes) -> None:
         client = self.client
@@ -301,28 +309,22 @@ class ServerConnection(asyncio.Protocol):
             else:
                 client.server_ready_for_query(data, end)
             return
-        if self._logging_in:
-            self._login_data(data)
-        elif self._internal is not None:
+        state = self.state
+        if state is ServerState.INTERNAL:
             self._internal_data(data)
-        else:
+        elif state is ServerState.READY:
             self._unlinked_data(data)
+        elif state is ServerState.LOGGING_IN or state is ServerState.TLS_HANDSHAKE:
+            self._login_data(data)
+        # CLOSING, CLOSED: what a closed server still sends concerns nobody.
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.lost = True
+        machine = self._login
+        self._set_state(ServerState.CLOSED)
         self._notify_closed()
-        answer = self._tls_answer
-        if answer is not None and not answer.done():
-            answer.set_exception(
-                ServerConnectFailed(
-                    f"server closed the connection before answering SSLRequest: {exc or 'EOF'}"
-                )
-            )
-        if not self.login_done.done():
-            self.login_done.set_exception(
-                ServerConnectFailed(f"server closed the connection during login: {exc or 'EOF'}")
-            )
+        if machine is not None and not self.login_done.done():
+            self.login_done.set_exception(machine.connection_lost(f"{exc or 'EOF'}"))
+        self._answer_tls(False)
         client = self.client
         if client is not None:
             client.server_lost(self)
@@ -331,161 +333,105 @@ class ServerConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # PostgreSQL reads slower than the client sends (e.g. COPY FROM): stop reading the client.
-        client = self.client
-        if client is not None:
-            client.pause_reading()
+        flow.pause_reading(self.client)
 
     def resume_writing(self) -> None:
-        client = self.client
-        if client is not None:
-            client.resume_reading()
+        flow.resume_reading(self.client)
 
-    # ------------------------------------------------------------------ flow control
+    # ------------------------------------------------------------------ flow control (flow.py)
 
     def pause_reading(self) -> None:
-        if not self.reading_paused and not self.closed:
-            self.reading_paused = True
-            self.transport.pause_reading()
+        flow.pause_reading(self)
 
     def resume_reading(self) -> None:
-        if self.reading_paused and not self.closed:
-            self.reading_paused = False
-            self.transport.resume_reading()
+        flow.resume_reading(self)
 
     # ------------------------------------------------------------------ login
 
-    def _login_data(self, data: bytes) -> None:
+    async def log_in(self) -> None:
+        """Send the login machine's first bytes, upgrade to TLS when it asks (the one step that
+        needs awaiting), and wait for the login's end; raises what it failed with."""
+        machine = self._login
+        assert machine is not None
+        if machine.state is LoginState.TLS_ANSWER:
+            answer = self._tls_answer = asyncio.get_running_loop().create_future()
+            self.transport.write(machine.start())
+            if await answer:
+                await self._start_tls(machine)
+        else:
+            self.transport.write(machine.start())
+        await self.login_done
+
+    async def _start_tls(self, machine: ServerLoginExchange) -> None:
+        login = self.login
+        assert login.ssl_context is not None
+        self._set_state(ServerState.TLS_HANDSHAKE)
+        try:
+            transport = await asyncio.get_running_loop().start_tls(
+                self.transport,
+                self,
+                login.ssl_context,
+                server_hostname=login.host if login.tls_mode == "verify-full" else None,
+            )
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            raise ServerConnectFailed(
+                f"TLS with server {login.describe()} failed: {exc}",
+                hint="check server_tls_sslmode and server_tls_ca_file",
+            ) from None
+        if transport is None:
+            raise ServerConnectFailed(f"server {login.describe()} closed the connection during TLS")
+        self.transport = transport
+        tune_transport(transport)
+        self.tls = True
+        if self.state is not ServerState.TLS_HANDSHAKE:  # closed meanwhile: log_in raises why
+            return
+        self._set_state(ServerState.LOGGING_IN)
+        ssl_object: Any = transport.get_extra_info("ssl_object")
+        machine.tls_established(ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None)
+        self._send_login_data(machine)
+
+    def _answer_tls(self, upgrade: bool) -> None:
         answer = self._tls_answer
         if answer is not None:
-            if answer.done():
-                self._login_failed(ProtocolViolation("server sent data during the TLS handshake"))
-            elif len(data) != 1:
-                # Bytes after 'S' would be read as if they came through TLS.
-                self._login_failed(
-                    ProtocolViolation("server sent unencrypted data after its answer to SSLRequest")
-                )
-            else:
-                answer.set_result(data)
-            return
-        try:
-            for msg_type, body in self._login_reader.feed(data):
-                self._login_message(msg_type, body)
-                if not self._logging_in:
-                    break
-        except PoolerError as exc:
-            self._login_failed(exc)
-        except ScramProofMismatch as mismatch:
-            # Its own name: compiled, one name bound by two `except` clauses is one variable
-            # typed by the first, and a ScramProofMismatch in the `exc` of `except PoolerError`
-            # is a TypeError (tests/unit/test_compiled_rules.py).
-            self._login_failed(
-                ServerLoginFailed(
-                    f"SCRAM pass-through for user {self.login.user!r} cannot work: {mismatch}",
-                    hint="the auth_file verifier must be the one stored in the server's pg_authid",
-                )
-            )
+            self._tls_answer = None
+            if not answer.done():
+                answer.set_result(upgrade)
 
-    def _login_message(self, msg_type: int, body: bytes) -> None:
-        login = self.login
-        if msg_type == c.B_AUTHENTICATION:
-            self._authenticate(login, *codec.parse_authentication(body))
-        elif msg_type == c.B_PARAMETER_STATUS:
-            name, value = codec.parse_parameter_status(body)
-            self.parameters[name] = value
-        elif msg_type == c.B_BACKEND_KEY_DATA:
-            self.process_id, self.secret_key = codec.parse_backend_key_data(body)
-        elif msg_type == c.B_READY_FOR_QUERY:
-            self._logging_in = False
-            self._scram = None
-            if self._login_reader and len(self._login_reader):
-                # Nothing may follow ReadyForQuery before we ask; treat it as a broken server.
-                raise ProtocolViolation("server sent data after ReadyForQuery during login")
+    def _send_login_data(self, machine: ServerLoginExchange) -> None:
+        out = machine.data_to_send()
+        if out:
+            self.transport.write(out)
+
+    def _login_data(self, data: bytes) -> None:
+        machine = self._login
+        assert machine is not None
+        events = machine.receive_data(data)
+        self._send_login_data(machine)
+        if machine.state is not LoginState.TLS_ANSWER:
+            self._answer_tls(machine.state is LoginState.TLS_HANDSHAKE)
+        for event in events:
+            if isinstance(event, ScramStarted):
+                log.debug(
+                    "server %s: %s login as %r%s",
+                    machine.target,
+                    event.mechanism,
+                    machine.user,
+                    " by pass-through" if event.pass_through else "",
+                )
+            elif isinstance(event, LoggedIn):
+                self._logged_in(machine)
+            elif isinstance(event, LoginFailed):
+                self._login_failed(event.error)
+            # StartTls: _answer_tls woke log_in, which does the handshake.
+
+    def _logged_in(self, machine: ServerLoginExchange) -> None:
+        self._login = None
+        self.parameters = machine.parameters
+        self.process_id = machine.process_id
+        self.secret_key = machine.secret_key
+        self._set_state(ServerState.READY)
+        if not self.login_done.done():
             self.login_done.set_result(None)
-        elif msg_type == c.B_ERROR_RESPONSE:
-            fields = codec.parse_error_fields(body)
-            raise ServerLoginFailed(
-                f"server login failed: {fields.get('M', 'unknown error')}",
-                detail=f"pypooler could not log in to {login.describe()}",
-                sqlstate=fields.get("C"),
-            )
-        elif msg_type == c.B_NOTICE_RESPONSE:
-            pass
-        else:
-            raise ProtocolViolation(f"unexpected message {chr(msg_type)!r} from server during login")
-
-    def _authenticate(self, login: ServerLogin, code: int, payload: bytes) -> None:
-        if code == c.AUTH_OK:
-            return
-        password = login.password
-        if code in (c.AUTH_CLEARTEXT, c.AUTH_MD5, c.AUTH_SASL) and password is None and login.secret is None:
-            raise ServerLoginFailed(
-                f"server asks for a password for user {login.user!r} but none is configured",
-                hint="set password in the [databases] entry or the user's secret in auth_file",
-            )
-        if code == c.AUTH_CLEARTEXT:
-            if password is None:
-                raise _only_hashed(login, "a cleartext password")
-            self.transport.write(codec.build_password_message(password.encode()))
-        elif code == c.AUTH_MD5:
-            if password is not None:
-                hashed = md5_hash(password, login.user)
-            elif isinstance(login.secret, Md5Hash):
-                hashed = login.secret.hashed
-            else:
-                raise _only_hashed(login, "MD5 password authentication")
-            self.transport.write(codec.build_password_message(md5_response(hashed, payload[:4])))
-        elif code == c.AUTH_SASL:
-            self._start_scram(login, codec.parse_sasl_mechanisms(payload))
-        elif code == c.AUTH_SASL_CONTINUE:
-            if self._scram is None:
-                raise ProtocolViolation("server sent SASLContinue without SASL")
-            self.transport.write(codec.build_sasl_response(self._scram.server_first(payload)))
-        elif code == c.AUTH_SASL_FINAL:
-            if self._scram is None:
-                raise ProtocolViolation("server sent SASLFinal without SASL")
-            self._scram.server_final(payload)  # verifies the server's signature
-        else:
-            method = c.AUTH_METHOD_NAMES.get(code, f"code {code}")
-            raise ServerLoginFailed(
-                f"server requested authentication method {method}, which pypooler does not support",
-                hint="allow md5, scram-sha-256, password or trust for pypooler in pg_hba.conf",
-            )
-
-    def _start_scram(self, login: ServerLogin, mechanisms: list[str]) -> None:
-        if MECHANISM not in mechanisms:
-            raise ServerLoginFailed(
-                f"server offers SASL mechanisms {mechanisms}, pypooler supports {MECHANISM}"
-            )
-        binding = None
-        if self.tls and MECHANISM_PLUS in mechanisms:
-            ssl_object: Any = self.transport.get_extra_info("ssl_object")
-            der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-            binding = certificate_hash(der) if der else None
-        if login.password is not None:
-            self._scram = ScramClientExchange(password=login.password, channel_binding=binding, tls=self.tls)
-        elif isinstance(login.secret, ScramVerifier) and login.client_key is not None:
-            self._scram = ScramClientExchange(
-                pass_through=(login.secret, login.client_key), channel_binding=binding, tls=self.tls
-            )
-        elif isinstance(login.secret, ScramVerifier):
-            raise ServerLoginFailed(
-                f"server asks for SCRAM-SHA-256 for user {login.user!r}: pypooler has only its SCRAM"
-                " verifier, and no client has logged in with SCRAM yet to pass its key through",
-                hint="let clients authenticate with scram-sha-256 (or md5) first, or store the"
-                " plain password in auth_file or [databases]",
-            )
-        else:
-            raise _only_hashed(login, "SCRAM-SHA-256 authentication")
-        log.debug(
-            "server %s: %s login as %r%s",
-            login.describe(),
-            self._scram.mechanism,
-            login.user,
-            " by pass-through" if login.password is None else "",
-        )
-        self.transport.write(
-            codec.build_sasl_initial_response(self._scram.mechanism, self._scram.client_first())
-        )
 
     def _login_failed(self, exc: PoolerError) -> None:
         if not self.login_done.done():
@@ -505,11 +451,12 @@ class ServerConnection(asyncio.Protocol):
         NotificationResponses this way for as long as it lives."""
         self._internal = on_message
         self._internal_reader = codec.MessageReader()
+        if not self.closed:  # a closed one calls on_message(0, ...) at connection_lost
+            self._set_state(ServerState.INTERNAL)
 
     def run_internal_request(self, request: bytes, on_message: Callable[[int, bytes], bool]) -> None:
         """`run_internal` for prebuilt messages (e.g. Parse/Bind/Execute/Sync)."""
-        self._internal = on_message
-        self._internal_reader = codec.MessageReader()
+        self.deliver_to(on_message)
         self.transport.write(request)
 
     async def query_first_row(
@@ -577,6 +524,8 @@ class ServerConnection(asyncio.Protocol):
                 if self._internal is on_message:
                     self._internal = None
                     self._internal_reader = None
+                    if self.state is ServerState.INTERNAL:  # not closed by the callback
+                        self._set_state(ServerState.READY)
                 return
 
     # ------------------------------------------------------------------ idle / unexpected
@@ -644,7 +593,7 @@ class ServerConnection(asyncio.Protocol):
     def close(self) -> None:
         """Close at once (a dirty or dead server is never returned to a pool)."""
         if not self.closed:
-            self.closed = True
+            self._set_state(ServerState.CLOSING)
             if self.transport is not None:
                 if not self.transport.is_closing():
                     self.transport.write(codec.TERMINATE)
@@ -658,16 +607,6 @@ class ServerConnection(asyncio.Protocol):
             on_close(self)
 
 
-def _only_hashed(login: ServerLogin, what: str) -> ServerLoginFailed:
-    kind = "an MD5 hash" if isinstance(login.secret, Md5Hash) else "a SCRAM verifier"
-    return ServerLoginFailed(
-        f"server asks for {what} for user {login.user!r}, but pypooler knows only {kind} of its"
-        " password, which cannot answer that",
-        hint="store the plain password in auth_file or [databases], or change the server's"
-        " pg_hba.conf method to match the stored secret",
-    )
-
-
 async def open_server_connection(login: ServerLogin, timeout: float) -> ServerConnection:
     """Connect and log in; raise ServerConnectFailed / ServerLoginFailed with a clear message."""
     loop = asyncio.get_running_loop()
@@ -678,10 +617,7 @@ async def open_server_connection(login: ServerLogin, timeout: float) -> ServerCo
                 lambda: ServerConnection(login, login_done), login.host, login.port
             )
             try:
-                if login.tls_mode != "disable":
-                    await server.negotiate_tls()
-                server.send_startup()
-                await login_done
+                await server.log_in()
             except BaseException:
                 server.close()
                 # Nobody will await it now: its exception, now or later, is not news.
