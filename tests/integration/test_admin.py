@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from pypooler.protocol import constants as c
 from tests.support.messages import SYNC, bind, execute, parse
 from tests.support.pgwire import RawClient, data_rows, error_fields, row_description
 from tests.support.poolers import RunningPooler
+from tests.support.waiting import eventually
 
 FIXTURE = json.loads((Path(__file__).parent.parent / "fixtures" / "pgbouncer_1_18_columns.json").read_text())
 # The SHOW commands the issue asks for; the fixture has every one PgBouncer 1.18 knows.
@@ -52,18 +52,6 @@ async def command(client: RawClient, text: str) -> str:
     assert fields is None, fields
     tags = [body.rstrip(b"\0").decode() for t, body in messages if t == c.B_COMMAND_COMPLETE]
     return tags[-1]
-
-
-async def eventually(check: Callable[[], Any], timeout: float = 5) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 # --------------------------------------------------------------------------- compatibility

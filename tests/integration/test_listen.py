@@ -22,6 +22,7 @@ from tests.support.messages import extended
 from tests.support.pgwire import RawClient, data_rows, error_fields, row_description
 from tests.support.poolers import RunningPooler
 from tests.support.prometheus import sample, scrape
+from tests.support.waiting import eventually
 
 CONNECT_TIMEOUT_S = 30
 DELIVERY_TIMEOUT_S = 10
@@ -149,10 +150,7 @@ async def test_a_listener_that_leaves_and_the_last_one_unlistens(start_pooler: A
         assert await asyncio.wait_for(queues[2].get(), DELIVERY_TIMEOUT_S) == "two"
         await conns[2].close()
         # Nobody listens any more: the listener connection UNLISTENed the channel.
-        for _ in range(100):
-            if not channels(pooler):
-                break
-            await asyncio.sleep(0.05)
+        await eventually(lambda: not channels(pooler))
         assert channels(pooler) == set()
         assert pooler.call(lambda: pooler.pool().listener._on_server) == set()
         (row,) = await show_listeners(pooler)

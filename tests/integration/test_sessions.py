@@ -26,6 +26,7 @@ from pypooler.protocol import constants as c
 from tests.support.messages import query
 from tests.support.pgwire import RawClient, data_rows, error_fields
 from tests.support.prometheus import sample, scrape
+from tests.support.waiting import wait_until
 
 CONNECT_TIMEOUT_S = 30
 CANCEL_WITHIN_S = 1.0
@@ -451,15 +452,8 @@ async def test_a_cancel_racing_the_end_of_a_transaction_never_cancels_the_next_b
 
 
 def wait_until_running(postgres: EmbeddedPostgres, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        running = postgres.psql(
-            "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'"
-        )
-        if running.strip() == "1":
-            return
-        time.sleep(0.02)
-    raise AssertionError("the query never started")
+    running = "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'"
+    wait_until(lambda: postgres.psql(running).strip() == "1", timeout, 0.02, "the query never started")
 
 
 # --------------------------------------------------------------------------- session state
