@@ -47,6 +47,7 @@ from tests.support.messages import (
     execute,
     extended,
     function_call,
+    notice,
     parse,
     query,
     ready,
@@ -716,12 +717,12 @@ def test_a_server_message_half_forwarded_keeps_the_server() -> None:
     fe, be = FrontendStream(), BackendStream()
     fe.feed(query("SELECT 1"))
     reply = select_reply("1")
-    notice = codec.build_message(c.B_NOTICE_RESPONSE, b"SNOTICE\0Mhello\0\0")
-    assert be.feed(reply + notice[:7], fe) == len(reply)
+    hello = notice("hello")
+    assert be.feed(reply + hello[:7], fe) == len(reply)
     assert fe.at_rest and be.tx_status == I
     assert not be.at_message_boundary
     assert not releasable(fe, be)
-    be.feed(notice[7:], fe)
+    be.feed(hello[7:], fe)
     assert releasable(fe, be)
 
 
@@ -819,15 +820,10 @@ def run_backend(data: bytes, cuts: list[int], outstanding: int) -> tuple[object,
     return (found, fe.outstanding, be.tx_status, be.at_message_boundary)
 
 
-@FUZZ
-@given(st.data())
-def test_frontend_any_framed_stream_any_cuts(data: st.DataObject) -> None:
-    stream = data.draw(message_stream(FRONTEND_TYPES))
-    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=8))
+def assert_frontend_splits_alike(stream: bytes, cuts: list[int]) -> None:
+    """Cut or whole, the same verdict; a Terminate is found where its header's last piece is."""
     whole = run_frontend(stream, [])
-
     split = run_frontend(stream, cuts)
-
     if whole[0] == "terminate" and split[0] == "terminate":
         start = whole[1]
         assert isinstance(start, int)
@@ -835,6 +831,15 @@ def test_frontend_any_framed_stream_any_cuts(data: st.DataObject) -> None:
         assert split[1] == (max(inside) if inside else start)
     else:
         assert split == whole
+
+
+@FUZZ
+@given(st.data())
+def test_frontend_any_framed_stream_any_cuts(data: st.DataObject) -> None:
+    stream = data.draw(message_stream(FRONTEND_TYPES))
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=8))
+
+    assert_frontend_splits_alike(stream, cuts)
 
 
 @FUZZ
@@ -889,15 +894,7 @@ def noisy_stream(types: list[int]) -> st.SearchStrategy[bytes]:
 def test_fuzz_noisy_streams_split_consistently(data: st.DataObject) -> None:
     frontend = data.draw(noisy_stream(FRONTEND_TYPES))
     cuts = data.draw(st.lists(st.integers(0, len(frontend)), max_size=6))
-    whole = run_frontend(frontend, [])
-    split = run_frontend(frontend, cuts)
-    if whole[0] == "terminate" and split[0] == "terminate":
-        start = whole[1]
-        assert isinstance(start, int)
-        inside = [cut for cut in cuts if start < cut < start + 5]
-        assert split[1] == (max(inside) if inside else start)
-    else:
-        assert split == whole
+    assert_frontend_splits_alike(frontend, cuts)
 
     backend = data.draw(noisy_stream([*BACKEND_TYPES, c.B_READY_FOR_QUERY]))
     cuts = data.draw(st.lists(st.integers(0, len(backend)), max_size=6))
