@@ -9,6 +9,8 @@
 - processes: a `pypooler run` process and its configuration file
 - prometheus: reading /metrics
 - tlscerts: a throwaway certificate authority
+- clock: a clock that stands still until a test moves it
+- waiting: polling until a condition holds
 
 Fixtures stay in tests/conftest.py, where pytest finds them.
 """
