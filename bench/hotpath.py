@@ -1,28 +1,25 @@
 """Python cost of the proxy per transaction and per login, without sockets or kernel noise.
 
-Drives real ClientConnection / ServerConnection / Pool objects through fake transports: a
-pgbench -S style transaction (Query in, RowDescription/DataRow/CommandComplete/ReadyForQuery
-out) and a full client login + Terminate. Prints the best-of-N µs per operation, so a change to
-the hot path can be measured before and after on a busy machine:
+Drives real ClientConnection / ServerConnection / Pool objects through the unit tests' fake
+transports (tests/support/transports.py): a pgbench -S style transaction (Query in,
+RowDescription/DataRow/CommandComplete/ReadyForQuery out) and a full client login + Terminate.
+Prints the best-of-N µs per operation, so a change to the hot path can be measured before and
+after on a busy machine:
 
     .venv/bin/python -m bench.hotpath
 """
 
 from __future__ import annotations
 
-import asyncio
 import random
 import statistics
 import time
-from typing import Any
 
 import uvloop
 
-from pypooler.app import Pooler
-from pypooler.config import load_settings
-from pypooler.parameter_sets import intern_parameters
 from pypooler.protocol import codec
-from pypooler.server import ServerConnection, ServerLogin
+from pypooler.protocol import constants as c
+from tests.support.transports import FakeTransport, pool_with_one_server
 
 QUERY = codec.build_query("SELECT abalance FROM pgbench_accounts WHERE aid = 48213;")
 REPLY = (
@@ -35,78 +32,19 @@ STARTUP = codec.build_startup_message({"user": "bench", "database": "bench", "ap
 ROUNDS = 7
 
 
-class FakeSocket:
-    family = 2  # AF_INET, so tune_transport sets its options
-
-    def setsockopt(self, *args: Any) -> None:
-        pass
-
-
-class FakeTransport(asyncio.Transport):
-    def __init__(self) -> None:
-        super().__init__()
-        self.written = 0
-        self.closed = False
-        self._extra = {"socket": FakeSocket(), "peername": ("127.0.0.1", 40000)}
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.written += len(data)
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self._extra.get(name, default)
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-
 def best_us(samples: list[float]) -> str:
     return f"{min(samples):6.2f} µs (median {statistics.median(samples):.2f})"
 
 
 async def main() -> None:
-    settings = load_settings(
-        None, env={}, log_connections=False, log_disconnections=False, metrics_port=None,
-        databases={"bench": {"host": "127.0.0.1", "port": 1, "pool_size": 1}},
-    )  # fmt: skip
-    pooler = Pooler(settings)
-    pool = pooler.manager.get_pool("bench", "bench")
-    assert pool is not None
-    login_done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    server = ServerConnection(ServerLogin("127.0.0.1", 1, "bench", "bench", None), login_done)
-    server.connection_made(FakeTransport())
     # As a server that a pgbench client already gave its application_name (the steady state:
-    # no settings to send at a lend).
-    server.data_received(
-        codec.AUTHENTICATION_OK
-        + codec.build_parameter_status("server_version", "15")
-        + codec.build_parameter_status("application_name", "pgbench")
-        + codec.build_backend_key_data(1, 2)
-        + codec.build_ready_for_query()
-    )
-    pool.servers.add(server)
-    server.on_close = pool.server_closed
-    server.parameters = intern_parameters(server.parameters)
-    pool.parameters = server.parameters
-    if pool.rewriting:
-        pool.fit_stream(server, rewriting=True)
-    pool.release(server)
+    # no settings to send at a lend). The fake transports count what they are sent, keep none.
+    pooler, pool, server = pool_with_one_server("bench", "bench", "pgbench", keep=False)
 
     from pypooler.client import ClientConnection
 
     client = ClientConnection(pooler.registry)
-    client.connection_made(FakeTransport())
+    client.connection_made(FakeTransport(keep=False))
     client.data_received(STARTUP)
     assert client.ready
 
@@ -128,7 +66,7 @@ async def main() -> None:
     # Under load (pgbench c >= 100 on a pool of 20) nearly every transaction waits: the second
     # client queues, and the first one's release hands the server over to it.
     second = ClientConnection(pooler.registry)
-    second.connection_made(FakeTransport())
+    second.connection_made(FakeTransport(keep=False))
     second.data_received(STARTUP)
     handoff: list[float] = []
     for _ in range(ROUNDS):
@@ -142,7 +80,7 @@ async def main() -> None:
     assert client.server is None and second.server is None and pool.idle == [server]
 
     # TPC-B-like: BEGIN, five statements, END, each its own round trip inside one hold.
-    in_xact = codec.build_message(ord("Z"), b"T")
+    in_xact = codec.build_ready_for_query(c.TX_IN_TRANSACTION)
     begin_reply = codec.build_command_complete("BEGIN") + in_xact
     statement_reply = codec.build_command_complete("UPDATE 1") + in_xact
     end_reply = codec.build_command_complete("COMMIT") + codec.build_ready_for_query()
@@ -174,7 +112,7 @@ async def main() -> None:
         start = time.perf_counter_ns()
         for _ in range(m):
             other = ClientConnection(pooler.registry)
-            transport = FakeTransport()
+            transport = FakeTransport(keep=False)
             other.connection_made(transport)
             other.data_received(STARTUP)
             other.data_received(QUERY)

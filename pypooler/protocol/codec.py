@@ -30,7 +30,8 @@ pack_header = HEADER.pack
 
 # Whether this module runs compiled (setup.py's mypyc build). The forwarding loops then read a
 # message header by indexing bytes, which compiles to C arithmetic and costs about an eighth of
-# unpack_header; from the sources, unpack_header is the cheaper of the two.
+# unpack_header; from the sources, unpack_header is the cheaper of the two. Each `if NATIVE:`
+# keeps the form that is cheaper in each build: `python -m bench.native_paths`, bench/README.md.
 NATIVE: Final = not __file__.endswith(".py")
 
 # Hard ceiling for a message pypooler itself must buffer whole (login and console traffic), so a

@@ -135,7 +135,7 @@ class FrontendStream:
             self._skip = pos - end
             return -1
         while end - pos >= 5:
-            if NATIVE:
+            if NATIVE:  # indexing 6-13x cheaper compiled, unpack_header 1.6-1.9x from sources: bench/README
                 msg_type = data[pos]
                 length = (data[pos + 1] << 24) | (data[pos + 2] << 16) | (data[pos + 3] << 8) | data[pos + 4]
             else:
@@ -266,7 +266,7 @@ class BackendStream:
             return -1
         done = -1
         while end - pos >= 5:
-            if NATIVE:
+            if NATIVE:  # indexing 6-13x cheaper compiled, unpack_header 1.6-1.9x from sources: bench/README
                 msg_type = data[pos]
                 length = (data[pos + 1] << 24) | (data[pos + 2] << 16) | (data[pos + 3] << 8) | data[pos + 4]
             else:

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +19,10 @@ from pypooler.config import load_settings
 from pypooler.embedded import EmbeddedPostgres
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
-from tests.conftest import RunningPooler
-from tests.pgwire import RawClient, data_rows, error_fields
+from tests.support.messages import SYNC, bind, execute, parse
+from tests.support.pgwire import RawClient, data_rows, error_fields, row_description
+from tests.support.poolers import RunningPooler
+from tests.support.waiting import eventually
 
 FIXTURE = json.loads((Path(__file__).parent.parent / "fixtures" / "pgbouncer_1_18_columns.json").read_text())
 # The SHOW commands the issue asks for; the fixture has every one PgBouncer 1.18 knows.
@@ -31,20 +32,6 @@ PGBOUNCER_SHOWS = (
 )  # fmt: skip
 NUMERIC_OIDS = {c.OID_INT4, c.OID_INT8, c.OID_NUMERIC}
 DB = "pypooler_test"
-
-
-def row_description(messages: list[tuple[int, bytes]]) -> list[list[Any]]:
-    for msg_type, body in messages:
-        if msg_type == c.B_ROW_DESCRIPTION:
-            (count,) = codec.INT16.unpack_from(body)
-            pos, columns = 2, []
-            for _ in range(count):
-                name, pos = codec.read_cstring(body, pos)
-                (oid,) = codec.INT32.unpack_from(body, pos + 6)
-                pos += 18
-                columns.append([name, oid])
-            return columns
-    raise AssertionError(f"no RowDescription in {messages}")
 
 
 async def console(pooler: RunningPooler, user: str = "postgres", database: str = "pgbouncer") -> RawClient:
@@ -65,18 +52,6 @@ async def command(client: RawClient, text: str) -> str:
     assert fields is None, fields
     tags = [body.rstrip(b"\0").decode() for t, body in messages if t == c.B_COMMAND_COMPLETE]
     return tags[-1]
-
-
-async def eventually(check: Callable[[], Any], timeout: float = 5) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 # --------------------------------------------------------------------------- compatibility
@@ -425,12 +400,7 @@ async def test_unknown_command_and_extended_protocol_leave_the_session_usable(
         assert "SHOW {POOLS|" in fields["M"] and "RELOAD" in fields["M"]
         fields = error_fields(await admin.query("select 1"))
         assert fields is not None and fields["C"] == "42601"
-        admin.send(
-            codec.build_message(c.F_PARSE, b"\0SHOW POOLS\0\0\0")
-            + codec.build_message(c.F_BIND, b"\0\0\0\0\0\0\0\0")
-            + codec.build_message(c.F_EXECUTE, b"\0\0\0\0\0")
-            + codec.SYNC
-        )
+        admin.send(parse("", "SHOW POOLS") + bind() + execute() + SYNC)
         messages = await admin.until_ready()
         assert [t for t, _ in messages] == [c.B_ERROR_RESPONSE, c.B_READY_FOR_QUERY]
         assert error_fields(messages)["C"] == "0A000"  # type: ignore[index]

@@ -29,7 +29,7 @@ from pypooler.embedded import EmbeddedPostgres
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
 from pypooler.protocol.scram import ScramClientExchange, ScramVerifier, md5_hash
-from tests.pgwire import RawClient, error_fields
+from tests.support.pgwire import RawClient, error_fields
 
 PASSWORDS = {"pp_md5": "md5pass", "pp_scram": "scrampass", "pp_plain": "plainpass"}
 NO_PASSFILE = "/nonexistent/pypooler-tests/pgpass"

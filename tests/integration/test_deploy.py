@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +18,7 @@ import yaml
 
 from pypooler.config import load_settings
 from pypooler.embedded import EmbeddedPostgres, random_free_port
+from tests.support.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
@@ -165,13 +165,6 @@ def entrypoint(*args: str, env: dict[str, str], timeout: float = 30) -> subproce
     return subprocess.run(
         [str(ENTRYPOINT), *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
-
-
-def wait_until(check: Callable[[], bool], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
 
 
 def test_entrypoint_runs_the_image_config_with_databases_from_the_environment(

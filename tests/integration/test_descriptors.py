@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from pypooler.embedded import EmbeddedPostgres
-from tests.integration.test_signals import PoolerProcess, connect, free_port, metric, write_config
+from tests.support.processes import PoolerProcess, connect, free_port, metric, write_config
 
 OPEN_FILES = 64  # soft = hard: pypooler cannot raise it
 CLIENTS = 100  # more than fit

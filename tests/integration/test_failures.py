@@ -12,7 +12,8 @@ import pytest
 
 from pypooler.embedded import EmbeddedPostgres
 from pypooler.protocol import codec
-from tests.pgwire import RawClient, data_rows, error_fields
+from tests.support.messages import startup_packet
+from tests.support.pgwire import RawClient, data_rows, error_fields, raw_exchange
 
 
 def rss_bytes() -> int:
@@ -171,22 +172,11 @@ async def test_slow_reader_bounds_buffering_of_a_200mb_result(start_pooler: Any)
     await client.close()
 
 
-def raw_startup_exchange(port: int, packet: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(packet)
-        received = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                return received
-            received += chunk
-
-
 @pytest.mark.parametrize(
     ("packet", "sqlstate", "words"),
     [
-        (struct.pack("!ii", 8, 2 << 16), "08P01", "unsupported frontend protocol 2.0"),
-        (struct.pack("!ii", 12, 3 << 16) + b"abcd", "08P01", "invalid startup packet layout"),
+        (startup_packet(2 << 16), "08P01", "unsupported frontend protocol 2.0"),
+        (startup_packet(3 << 16, b"abcd"), "08P01", "invalid startup packet layout"),
     ],
 )
 def test_bad_startup_packets_get_a_fatal_error(
@@ -194,7 +184,7 @@ def test_bad_startup_packets_get_a_fatal_error(
 ) -> None:
     # A length word PostgreSQL refuses gets no error, as from PostgreSQL: test_startup_fuzz.
     pooler = start_pooler()
-    reply = raw_startup_exchange(pooler.port, packet)
+    reply = raw_exchange(pooler.port, packet)
     assert reply[:1] == b"E"
     fields = codec.parse_error_fields(reply[5:])
     assert fields["S"] == "FATAL" and fields["C"] == sqlstate and words in fields["M"]
@@ -267,7 +257,7 @@ async def test_newer_protocol_minor_is_negotiated_down(start_pooler: Any) -> Non
     pooler = start_pooler()
     client = await RawClient.connect(pooler.host, pooler.port)
     params = b"user\0postgres\0database\0pypooler_test\0_pq_.future_option\0on\0\0"
-    client.send(struct.pack("!ii", 8 + len(params), (3 << 16) | 2) + params)
+    client.send(startup_packet((3 << 16) | 2, params))
     messages = await client.until_ready()
     negotiate = [body for msg_type, body in messages if msg_type == ord("v")]
     assert negotiate == [struct.pack("!ii", 0, 1) + b"_pq_.future_option\0"]

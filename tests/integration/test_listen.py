@@ -17,12 +17,12 @@ import psycopg
 import pytest
 
 from pypooler.embedded import EmbeddedPostgres
-from pypooler.protocol import codec
 from pypooler.protocol import constants as c
-from tests.conftest import RunningPooler
-from tests.integration.test_admin import row_description
-from tests.pgwire import RawClient, data_rows, error_fields
-from tests.prometheus import sample, scrape
+from tests.support.messages import extended
+from tests.support.pgwire import RawClient, data_rows, error_fields, row_description
+from tests.support.poolers import RunningPooler
+from tests.support.prometheus import sample, scrape
+from tests.support.waiting import eventually
 
 CONNECT_TIMEOUT_S = 30
 DELIVERY_TIMEOUT_S = 10
@@ -150,10 +150,7 @@ async def test_a_listener_that_leaves_and_the_last_one_unlistens(start_pooler: A
         assert await asyncio.wait_for(queues[2].get(), DELIVERY_TIMEOUT_S) == "two"
         await conns[2].close()
         # Nobody listens any more: the listener connection UNLISTENed the channel.
-        for _ in range(100):
-            if not channels(pooler):
-                break
-            await asyncio.sleep(0.05)
+        await eventually(lambda: not channels(pooler))
         assert channels(pooler) == set()
         assert pooler.call(lambda: pooler.pool().listener._on_server) == set()
         (row,) = await show_listeners(pooler)
@@ -268,13 +265,7 @@ async def test_extended_protocol_listen(start_pooler: Any, mode: str) -> None:
     sender = await RawClient.login(pooler.host, pooler.port)
     try:
         # Parse, Bind, Describe portal, Execute, Sync of the unnamed statement (libpq, JDBC).
-        client.send(
-            codec.build_parse(b"", b"LISTEN ext\0\0\0")
-            + codec.build_message(c.F_BIND, b"\0\0\0\0\0\0\0\0")
-            + codec.build_message(c.F_DESCRIBE, b"P\0")
-            + codec.build_message(c.F_EXECUTE, b"\0\0\0\0\0")
-            + codec.SYNC
-        )
+        client.send(extended("LISTEN ext"))
         reply = await client.until_ready()
         assert [chr(t) for t, _ in reply] == ["1", "2", "n", "C", "Z"]
         assert tags(reply) == ["LISTEN"]

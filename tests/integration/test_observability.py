@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from pypooler import advisor
-from tests.prometheus import sample, scrape
+from tests.support.prometheus import sample, scrape
 
 HOLD_S = 0.5  # what the culprit does inside its transaction: an HTTP call, say
 

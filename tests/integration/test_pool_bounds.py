@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from pypooler.embedded import EmbeddedPostgres
-from tests.prometheus import scrape
+from tests.support.prometheus import scrape
 
 
 def pool_keys(pooler: Any) -> set[tuple[str, str]]:

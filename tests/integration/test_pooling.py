@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 
 from pypooler.embedded import EmbeddedPostgres
-from tests.pgwire import RawClient, data_rows, error_fields
+from tests.support.pgwire import RawClient, data_rows, error_fields
 
 
 async def pooler_backends(postgres: EmbeddedPostgres, user: str) -> int:

@@ -20,8 +20,8 @@ import pytest
 from pypooler.embedded import EmbeddedPostgres
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
-from tests.pgwire import RawClient, data_rows
-from tests.unit.model_server import SYNC, bind, close, describe, execute, parse
+from tests.support.messages import SYNC, bind, close, describe, execute, parse
+from tests.support.pgwire import RawClient, data_rows
 
 CONNECT_TIMEOUT_S = 30
 PGBENCH_TIMEOUT_S = 60

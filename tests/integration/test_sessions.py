@@ -23,8 +23,10 @@ from pypooler.embedded import EmbeddedPostgres
 from pypooler.log_limits import INTERVAL_S, LINES_PER_INTERVAL
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
-from tests.pgwire import RawClient, data_rows, error_fields
-from tests.prometheus import sample, scrape
+from tests.support.messages import query
+from tests.support.pgwire import RawClient, data_rows, error_fields
+from tests.support.prometheus import sample, scrape
+from tests.support.waiting import wait_until
 
 CONNECT_TIMEOUT_S = 30
 CANCEL_WITHIN_S = 1.0
@@ -430,17 +432,17 @@ async def test_a_cancel_racing_the_end_of_a_transaction_never_cancels_the_next_b
         for attempt in range(15):
             # The first client's query ends while its cancel is on its way; the second client
             # is queued for the same server and must get it only after the cancel is spent.
-            first.send(codec_query("SELECT 1"))
+            first.send(query("SELECT 1"))
             cancel = asyncio.create_task(first.cancel(pooler.host, pooler.port))
             await asyncio.sleep(attempt * 0.0005)
-            second.send(codec_query("SELECT pg_sleep(0.05), 'second'"))
+            second.send(query("SELECT pg_sleep(0.05), 'second'"))
             await first.until_ready()
             await cancel
             reply = await second.until_ready()
             assert error_fields(reply) is None, (attempt, error_fields(reply))
             assert data_rows(reply) == [["", "second"]]
         # And a cancel from a client that holds no server sends nothing.
-        second.send(codec_query("SELECT pg_sleep(0.2), 'not cancelled'"))
+        second.send(query("SELECT pg_sleep(0.2), 'not cancelled'"))
         await asyncio.sleep(0.05)
         await first.cancel(pooler.host, pooler.port)
         assert data_rows(await second.until_ready()) == [["", "not cancelled"]]
@@ -449,22 +451,9 @@ async def test_a_cancel_racing_the_end_of_a_transaction_never_cancels_the_next_b
         await second.close()
 
 
-def codec_query(sql: str) -> bytes:
-    from pypooler.protocol import codec
-
-    return codec.build_query(sql)
-
-
 def wait_until_running(postgres: EmbeddedPostgres, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        running = postgres.psql(
-            "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'"
-        )
-        if running.strip() == "1":
-            return
-        time.sleep(0.02)
-    raise AssertionError("the query never started")
+    running = "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'"
+    wait_until(lambda: postgres.psql(running).strip() == "1", timeout, 0.02, "the query never started")
 
 
 # --------------------------------------------------------------------------- session state

@@ -9,7 +9,6 @@ waiting for client_login_timeout), and reads until pypooler closes.
 from __future__ import annotations
 
 import logging
-import socket
 import struct
 import time
 from collections.abc import Callable
@@ -24,6 +23,8 @@ from hypothesis import strategies as st
 from pypooler.embedded import EmbeddedPostgres
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
+from tests.support.messages import startup_packet
+from tests.support.pgwire import raw_exchange
 
 READ_TIMEOUT_S = 5
 EXAMPLES = 150
@@ -73,27 +74,6 @@ inputs = (
 )
 
 
-def exchange(port: int, data: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=READ_TIMEOUT_S) as sock:
-        try:
-            sock.sendall(data)
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:  # pypooler may already have closed on a bad first packet
-            pass
-        received = b""
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except ConnectionResetError:
-                break
-            except TimeoutError:
-                pytest.fail(f"pypooler neither answered nor closed within {READ_TIMEOUT_S} s: {data!r}")
-            if not chunk:
-                break
-            received += chunk
-        return received
-
-
 @settings(
     max_examples=EXAMPLES,
     deadline=None,
@@ -101,7 +81,7 @@ def exchange(port: int, data: bytes) -> bytes:
 )
 @given(data=inputs)
 def test_startup_fuzz(fuzz_pooler: Any, good_client: psycopg.Connection[Any], data: bytes) -> None:
-    received = exchange(fuzz_pooler.port, data)
+    received = raw_exchange(fuzz_pooler.port, data, READ_TIMEOUT_S)
 
     # Whatever came back is well-formed: answer bytes to SSL/GSS requests, then whole messages.
     while received[:1] in (b"N", b"S") and (len(received) == 1 or received[1:2] in (b"N", b"S", b"E", b"R")):
@@ -158,11 +138,11 @@ FIRST_BYTES = {
     ),
     "a body shorter than its length": (struct.pack("!Ii", 100, c.PROTOCOL_3_0) + b"user\0", "close"),
     "an HTTP request": (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "close"),
-    "protocol 2": (struct.pack("!Ii", 8, 2 << 16), "error"),
-    "protocol 4": (struct.pack("!Ii", 8, 4 << 16), "error"),
+    "protocol 2": (startup_packet(2 << 16), "error"),
+    "protocol 4": (startup_packet(4 << 16), "error"),
     "garbage with a plausible length": (b"\0\0\0\x10hello world!", "error"),
-    "no user": (struct.pack("!Ii", 9, c.PROTOCOL_3_0) + b"\0", "error"),
-    "no terminator": (struct.pack("!Ii", 12, c.PROTOCOL_3_0) + b"user", "error"),
+    "no user": (startup_packet(c.PROTOCOL_3_0, b"\0"), "error"),
+    "no terminator": (startup_packet(c.PROTOCOL_3_0, b"user"), "error"),
 }
 
 
@@ -174,8 +154,8 @@ def test_first_bytes_that_are_no_startup_packet_are_closed_on_as_postgresql_does
     caplog.set_level(logging.INFO, logger="pypooler.client")
     pooler = start_pooler()
 
-    direct = exchange(postgres.port, data)
-    pooled = exchange(pooler.port, data)
+    direct = raw_exchange(postgres.port, data, READ_TIMEOUT_S)
+    pooled = raw_exchange(pooler.port, data, READ_TIMEOUT_S)
 
     assert (direct == b"", pooled == b"") == ((expected == "close"),) * 2, (direct, pooled)
     if expected == "error":

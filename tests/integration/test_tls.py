@@ -1,4 +1,4 @@
-"""TLS on both sides of pypooler, with a throwaway CA (tests/tlscerts.py).
+"""TLS on both sides of pypooler, with a throwaway CA (tests/support/tlscerts.py).
 
 Client side: SSLRequest answered 'S' and the connection upgraded; require refuses plaintext;
 verify-full from libpq and asyncpg; SCRAM-SHA-256-PLUS channel binding; client certificates;
@@ -21,8 +21,8 @@ import pytest
 
 from pypooler.embedded import EmbeddedPostgres
 from pypooler.protocol import codec
-from tests.pgwire import RawClient, error_fields
-from tests.tlscerts import CertificateAuthority, make_ca
+from tests.support.pgwire import RawClient, error_fields
+from tests.support.tlscerts import CertificateAuthority, make_ca
 
 NO_PASSFILE = "/nonexistent/pypooler-tests/pgpass"
 CONNECT_TIMEOUT_S = 10

@@ -6,7 +6,6 @@ ProtocolViolation.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import re
 import struct
 from collections.abc import Callable, Iterator
@@ -26,6 +25,7 @@ from pypooler.protocol.codec import (
     StartupPacketReader,
 )
 from pypooler.protocol.errors import InvalidStartupPacket, PoolerError, ProtocolViolation, UnsupportedProtocol
+from tests.support.messages import cut_at, startup_packet
 
 # Enough examples to find framing mistakes, few enough that the module runs in about a second.
 FUZZ = settings(max_examples=150, deadline=None)
@@ -47,15 +47,6 @@ def splits(data: bytes) -> Iterator[list[bytes]]:
     for cut in range(len(data) + 1):
         yield [data[:cut], data[cut:]]
     yield [data[i : i + 1] for i in range(len(data))]
-
-
-def cut_at(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = [0, *sorted(cuts), len(data)]
-    return [data[a:b] for a, b in itertools.pairwise(points)]
-
-
-def startup_packet(code: int, body: bytes = b"") -> bytes:
-    return struct.pack("!Ii", 8 + len(body), code) + body
 
 
 GSSENC_REQUEST = startup_packet(c.GSSENC_REQUEST_CODE)
@@ -613,6 +604,6 @@ def test_fuzz_body_parsers(body: bytes) -> None:
     [(0xDEADBEEF, "57005.48879"), (0x00020000, "2.0"), (0x00040001, "4.1"), (0xFFFFFFFF, "65535.65535")],
 )
 def test_an_unsupported_protocol_is_named_as_major_minor_unsigned(code: int, shown: str) -> None:
-    packet = struct.pack("!II", 8 + 9, code) + b"user\0x\0\0\0"
+    packet = startup_packet(code, b"user\0x\0\0\0")
     with pytest.raises(UnsupportedProtocol, match=rf"unsupported frontend protocol {re.escape(shown)}:"):
         codec.parse_startup_packet(packet)

@@ -21,6 +21,7 @@ from pypooler.protocol.listen import (
     truncate_identifier,
     unlisten_channels,
 )
+from tests.support.messages import SYNC, bind, describe, execute, extended, parse, types
 
 # --- statements ---------------------------------------------------------------------------------
 
@@ -83,22 +84,7 @@ def test_unlistens_among_other_statements() -> None:
 # --- messages -----------------------------------------------------------------------------------
 
 
-def extended(sql: str, *, describe: bytes = b"P", flush: bool = False) -> bytes:
-    return (
-        codec.build_parse(b"", sql.encode() + b"\0\0\0")
-        + codec.build_message(c.F_BIND, b"\0\0\0\0\0\0\0\0")
-        + (codec.build_message(c.F_DESCRIBE, describe + b"\0") if describe else b"")
-        + codec.build_message(c.F_EXECUTE, b"\0\0\0\0\0")
-        + (codec.build_message(c.F_FLUSH) if flush else b"")
-        + codec.SYNC
-    )
-
-
-NAMED_BIND = (
-    codec.build_message(c.F_BIND, b"\0stmt_1\0\0\0\0\0\0\0")
-    + codec.build_message(c.F_EXECUTE, b"\0\0\0\0\0")
-    + codec.SYNC
-)
+NAMED_BIND = bind("stmt_1") + execute() + SYNC
 
 
 def test_a_simple_query_of_one_statement() -> None:
@@ -113,10 +99,10 @@ def test_extended_batches() -> None:
     request = listen_request(extended("UNLISTEN *", flush=True))
     assert request is not None and (request.action, request.channel) == (UNLISTEN, None)
     assert request.shape == b"PBdEHS"
-    assert listen_request(extended("LISTEN a", describe=b"")) is not None
+    assert listen_request(extended("LISTEN a", describe_kind="")) is not None
     assert listen_request(extended("LISTEN a")[:-5]) is None  # no Sync: the batch is not whole
-    assert listen_request(extended("LISTEN a") + codec.SYNC) is None
-    named_parse = codec.build_parse(b"s1", b"LISTEN a\0\0\0") + extended("LISTEN a")[16:]
+    assert listen_request(extended("LISTEN a") + SYNC) is None
+    named_parse = parse("s1", "LISTEN a") + extended("LISTEN a")[16:]
     assert listen_request(named_parse) is None
     with_values = extended("LISTEN a").replace(b"\0\0\0\0\0\0\0\0", b"\0\0\0\0\0\x01\0\0", 1)
     assert listen_request(with_values) is None
@@ -130,9 +116,6 @@ def test_a_bind_of_a_named_statement_needs_its_text() -> None:
 
 
 def test_replies_match_the_messages_one_for_one() -> None:
-    def types(reply: bytes) -> str:
-        return "".join(chr(t) for t, _ in codec.MessageReader().feed(reply))
-
     query = listen_request(codec.build_query("LISTEN a"))
     assert query is not None
     listened = codec.build_command_complete("LISTEN") + codec.READY_FOR_QUERY_IDLE
@@ -141,13 +124,7 @@ def test_replies_match_the_messages_one_for_one() -> None:
     batch = listen_request(extended("LISTEN a", flush=True))
     assert batch is not None
     assert types(listen_reply(batch, c.TX_IDLE)) == "12nCZ"
-    described = listen_request(
-        codec.build_parse(b"", b"UNLISTEN a\0\0\0")
-        + codec.build_describe_statement(b"")
-        + codec.build_message(c.F_BIND, b"\0\0\0\0\0\0")
-        + codec.build_message(c.F_EXECUTE, b"\0\0\0\0\0")
-        + codec.SYNC
-    )
+    described = listen_request(parse("", "UNLISTEN a") + describe() + bind() + execute() + SYNC)
     assert described is not None
     reply = listen_reply(described, c.TX_IDLE)
     assert types(reply) == "1tn2CZ" and codec.build_command_complete("UNLISTEN") in reply

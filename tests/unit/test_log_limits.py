@@ -7,16 +7,9 @@ import logging
 import pytest
 
 from pypooler.log_limits import LogLimiter
+from tests.support.clock import FakeClock
 
 S = 1_000_000_000
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 0
-
-    def __call__(self) -> int:
-        return self.now
 
 
 @pytest.fixture

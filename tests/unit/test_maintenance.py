@@ -21,6 +21,7 @@ from pypooler.maintenance import (
 )
 from pypooler.protocol.errors import IdleTransactionTimeout, PoolerError
 from pypooler.protocol.transaction import FrontendStream
+from tests.support.clock import FakeClock
 
 NS = 1_000_000_000
 
@@ -120,16 +121,8 @@ class FakeRegistry:
         self.abandoned.append(task)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000 * NS
-
-    def __call__(self) -> int:
-        return self.now
-
-
-def make(**overrides: Any) -> tuple[Maintenance, FakeManager, FakeRegistry, Clock]:
-    manager, registry, clock = FakeManager(), FakeRegistry(), Clock()
+def make(**overrides: Any) -> tuple[Maintenance, FakeManager, FakeRegistry, FakeClock]:
+    manager, registry, clock = FakeManager(), FakeRegistry(), FakeClock(1_000 * NS)
     pass_ = Maintenance(manager, registry, settings(**overrides), clock=clock)  # type: ignore[arg-type]
     return pass_, manager, registry, clock
 
@@ -198,7 +191,7 @@ def test_reload_recomputes_the_interval_and_the_snapshot_time() -> None:
 
 
 def test_accepting_is_resumed_by_the_pass() -> None:
-    manager, registry, clock = FakeManager(), FakeRegistry(), Clock()
+    manager, registry, clock = FakeManager(), FakeRegistry(), FakeClock(1_000 * NS)
     resumed: list[int] = []
     pass_ = Maintenance(
         manager,

@@ -22,17 +22,8 @@ from pypooler.protocol import constants as c
 from pypooler.protocol.errors import ProtocolViolation
 from pypooler.protocol.transaction import releasable
 from pypooler.rewriting import PLACEHOLDER_CLOSE, RewritingBackend, RewritingFrontend
-from tests.unit.model_server import (
-    FLUSH,
-    SYNC,
-    ModelServer,
-    bind,
-    close,
-    describe,
-    execute,
-    parse,
-    query,
-)
+from tests.support.messages import FLUSH, SYNC, bind, close, describe, execute, parse, query
+from tests.support.model_server import ModelServer
 
 FUZZ = settings(max_examples=150, deadline=None)
 

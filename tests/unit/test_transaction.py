@@ -8,7 +8,6 @@ points: wherever the reads fall, the tracker must reach the same verdicts.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,92 +27,40 @@ from pypooler.protocol.transaction import (
     releasable_after_internal,
 )
 from pypooler.rewriting import RewritingBackend, RewritingFrontend
+from tests.support.messages import (
+    BIND_COMPLETE,
+    COPY_DONE,
+    FLUSH,
+    NO_DATA,
+    PARSE_COMPLETE,
+    SERVER_COPY_DONE,
+    SYNC,
+    TERMINATE,
+    bind,
+    complete,
+    copy_data,
+    copy_fail,
+    copy_response,
+    cut_at,
+    describe,
+    error,
+    execute,
+    extended,
+    function_call,
+    notice,
+    parse,
+    query,
+    ready,
+    rows,
+    select_reply,
+)
 
 FUZZ = settings(max_examples=120, deadline=None)
 
 I, T, E = c.TX_IDLE, c.TX_IN_TRANSACTION, c.TX_FAILED  # noqa: E741  (the status letters)
 
-# --------------------------------------------------------------------------- client messages
-
-
-def query(sql: str) -> bytes:
-    return codec.build_query(sql)
-
-
-def parse(sql: str, name: str = "") -> bytes:
-    return codec.build_message(c.F_PARSE, f"{name}\0{sql}\0".encode() + b"\0\0")
-
-
-def bind(portal: str = "", statement: str = "") -> bytes:
-    # no parameter formats, no parameters, no result formats
-    return codec.build_message(c.F_BIND, f"{portal}\0{statement}\0".encode() + b"\0\0" * 3)
-
-
-def describe_portal(portal: str = "") -> bytes:
-    return codec.build_message(c.F_DESCRIBE, b"P" + portal.encode() + b"\0")
-
-
-def execute(portal: str = "", max_rows: int = 0) -> bytes:
-    return codec.build_message(c.F_EXECUTE, portal.encode() + b"\0" + struct.pack("!i", max_rows))
-
-
-SYNC = codec.SYNC
-FLUSH = codec.build_message(c.F_FLUSH)
-TERMINATE = codec.TERMINATE
-COPY_DONE = codec.build_message(c.F_COPY_DONE)
-
-
-def copy_data(payload: bytes) -> bytes:
-    return codec.build_message(c.F_COPY_DATA, payload)
-
-
-def copy_fail(reason: str) -> bytes:
-    return codec.build_message(c.F_COPY_FAIL, reason.encode() + b"\0")
-
-
-def function_call(oid: int) -> bytes:
-    return codec.build_message(c.F_FUNCTION_CALL, struct.pack("!ihhi", oid, 0, 0, 0) + b"\0\0")
-
-
-def extended(sql: str) -> bytes:
-    """One statement the way libpq's PQexecParams sends it: Parse/Bind/Describe/Execute/Sync."""
-    return parse(sql) + bind() + describe_portal() + execute() + SYNC
-
-
-# --------------------------------------------------------------------------- server messages
-
-PARSE_COMPLETE = codec.build_message(c.B_PARSE_COMPLETE)
-BIND_COMPLETE = codec.build_message(c.B_BIND_COMPLETE)
-NO_DATA = codec.build_message(c.B_NO_DATA)
-
-
-def ready(status: int) -> bytes:
-    return codec.build_ready_for_query(status)
-
-
-def rows(*values: str) -> bytes:
-    return codec.build_row_description([("x", 25)]) + b"".join(codec.build_data_row([v]) for v in values)
-
-
-def complete(tag: str) -> bytes:
-    return codec.build_command_complete(tag)
-
-
-def error(message: str = "syntax error") -> bytes:
-    return errors.build_error_response("ERROR", "42601", message)
-
-
-def copy_response(msg_type: int, columns: int = 1) -> bytes:
-    return codec.build_message(msg_type, struct.pack("!bh", 0, columns) + b"\0\0" * columns)
-
-
 COPY_IN_RESPONSE = copy_response(c.B_COPY_IN_RESPONSE)
 COPY_OUT_RESPONSE = copy_response(c.B_COPY_OUT_RESPONSE)
-SERVER_COPY_DONE = codec.build_message(c.B_COPY_DONE)
-
-
-def select_reply(*values: str, status: int = I) -> bytes:
-    return rows(*values) + complete(f"SELECT {len(values)}") + ready(status)
 
 
 def extended_reply(*values: str, status: int = I) -> bytes:
@@ -165,11 +112,6 @@ def replay(steps: list[Step], cut: dict[int, list[int]] | None = None) -> list[V
     return verdicts
 
 
-def cut_at(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = [0, *sorted(cuts), len(data)]
-    return [data[a:b] for a, b in itertools.pairwise(points)]
-
-
 def every_cut(steps: list[Step]) -> Iterator[dict[int, list[int]]]:
     """Each step cut once at every position, then each step fed one byte at a time."""
     for index, (_, data) in enumerate(steps):
@@ -211,7 +153,7 @@ PIPELINED = [
 OPEN_TAIL = [
     ("client", extended("SELECT 1")),
     # The second batch is still being sent when the first ReadyForQuery arrives.
-    ("client", parse("SELECT 2") + bind() + execute()),
+    ("client", parse("", "SELECT 2") + bind() + execute()),
     ("server", extended_reply("1")),
     ("client", SYNC),
     (
@@ -223,7 +165,7 @@ OPEN_TAIL = [
 TRANSACTION_BLOCK = [
     ("client", query("BEGIN")),
     ("server", complete("BEGIN") + ready(T)),
-    ("client", parse("INSERT INTO t VALUES (1)") + bind() + execute() + SYNC),
+    ("client", parse("", "INSERT INTO t VALUES (1)") + bind() + execute() + SYNC),
     ("server", PARSE_COMPLETE + BIND_COMPLETE + complete("INSERT 0 1") + ready(T)),
     ("client", query("COMMIT")),
     ("server", complete("COMMIT") + ready(I)),
@@ -368,7 +310,7 @@ def test_extended_batch() -> None:
 def test_extended_batch_before_its_sync_is_an_open_tail() -> None:
     fe = FrontendStream()
 
-    assert fe.feed(parse("SELECT 1") + bind() + describe_portal() + execute()) == -1
+    assert fe.feed(parse("", "SELECT 1") + bind() + describe(kind="P") + execute()) == -1
 
     assert fe.outstanding == 0
     assert fe.open_tail
@@ -379,7 +321,7 @@ def test_extended_batch_before_its_sync_is_an_open_tail() -> None:
 
 def test_flush_is_answered_only_at_the_next_sync() -> None:
     fe, be = FrontendStream(), BackendStream()
-    fe.feed(parse("SELECT 1") + bind() + execute() + FLUSH)
+    fe.feed(parse("", "SELECT 1") + bind() + execute() + FLUSH)
     # The server answers a Flush with what it has, but no ReadyForQuery: still in the batch.
     assert be.feed(extended_reply("1")[:-6], fe) == -1
     assert not fe.at_rest
@@ -775,12 +717,12 @@ def test_a_server_message_half_forwarded_keeps_the_server() -> None:
     fe, be = FrontendStream(), BackendStream()
     fe.feed(query("SELECT 1"))
     reply = select_reply("1")
-    notice = codec.build_message(c.B_NOTICE_RESPONSE, b"SNOTICE\0Mhello\0\0")
-    assert be.feed(reply + notice[:7], fe) == len(reply)
+    hello = notice("hello")
+    assert be.feed(reply + hello[:7], fe) == len(reply)
     assert fe.at_rest and be.tx_status == I
     assert not be.at_message_boundary
     assert not releasable(fe, be)
-    be.feed(notice[7:], fe)
+    be.feed(hello[7:], fe)
     assert releasable(fe, be)
 
 
@@ -878,15 +820,10 @@ def run_backend(data: bytes, cuts: list[int], outstanding: int) -> tuple[object,
     return (found, fe.outstanding, be.tx_status, be.at_message_boundary)
 
 
-@FUZZ
-@given(st.data())
-def test_frontend_any_framed_stream_any_cuts(data: st.DataObject) -> None:
-    stream = data.draw(message_stream(FRONTEND_TYPES))
-    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=8))
+def assert_frontend_splits_alike(stream: bytes, cuts: list[int]) -> None:
+    """Cut or whole, the same verdict; a Terminate is found where its header's last piece is."""
     whole = run_frontend(stream, [])
-
     split = run_frontend(stream, cuts)
-
     if whole[0] == "terminate" and split[0] == "terminate":
         start = whole[1]
         assert isinstance(start, int)
@@ -894,6 +831,15 @@ def test_frontend_any_framed_stream_any_cuts(data: st.DataObject) -> None:
         assert split[1] == (max(inside) if inside else start)
     else:
         assert split == whole
+
+
+@FUZZ
+@given(st.data())
+def test_frontend_any_framed_stream_any_cuts(data: st.DataObject) -> None:
+    stream = data.draw(message_stream(FRONTEND_TYPES))
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=8))
+
+    assert_frontend_splits_alike(stream, cuts)
 
 
 @FUZZ
@@ -948,15 +894,7 @@ def noisy_stream(types: list[int]) -> st.SearchStrategy[bytes]:
 def test_fuzz_noisy_streams_split_consistently(data: st.DataObject) -> None:
     frontend = data.draw(noisy_stream(FRONTEND_TYPES))
     cuts = data.draw(st.lists(st.integers(0, len(frontend)), max_size=6))
-    whole = run_frontend(frontend, [])
-    split = run_frontend(frontend, cuts)
-    if whole[0] == "terminate" and split[0] == "terminate":
-        start = whole[1]
-        assert isinstance(start, int)
-        inside = [cut for cut in cuts if start < cut < start + 5]
-        assert split[1] == (max(inside) if inside else start)
-    else:
-        assert split == whole
+    assert_frontend_splits_alike(frontend, cuts)
 
     backend = data.draw(noisy_stream([*BACKEND_TYPES, c.B_READY_FOR_QUERY]))
     cuts = data.draw(st.lists(st.integers(0, len(backend)), max_size=6))

@@ -1,9 +1,12 @@
-"""A minimal raw protocol-3 client for tests that need exact control of the bytes on the wire."""
+"""A minimal raw protocol-3 client for tests that need exact control of the bytes on the wire,
+one-shot raw exchanges on a socket, and reading replies."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+from typing import Any
 
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
@@ -114,3 +117,40 @@ def data_rows(messages: list[tuple[int, bytes]]) -> list[list[str | None]]:
                 pos += length
         rows.append(row)
     return rows
+
+
+def row_description(messages: list[tuple[int, bytes]]) -> list[list[Any]]:
+    for msg_type, body in messages:
+        if msg_type == c.B_ROW_DESCRIPTION:
+            (count,) = codec.INT16.unpack_from(body)
+            pos, columns = 2, []
+            for _ in range(count):
+                name, pos = codec.read_cstring(body, pos)
+                (oid,) = codec.INT32.unpack_from(body, pos + 6)
+                pos += 18
+                columns.append([name, oid])
+            return columns
+    raise AssertionError(f"no RowDescription in {messages}")
+
+
+def raw_exchange(port: int, data: bytes, timeout: float = 5, host: str = "127.0.0.1") -> bytes:
+    """Connect, send `data`, half-close (so truncated input ends in EOF instead of a wait for
+    client_login_timeout), and return all that comes back until the other side closes."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        try:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:  # pypooler may already have closed on a bad first packet
+            pass
+        received = b""
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            except TimeoutError:
+                raise AssertionError(f"neither an answer nor a close within {timeout} s: {data!r}") from None
+            if not chunk:
+                break
+            received += chunk
+        return received

@@ -17,6 +17,7 @@ import struct
 
 from pypooler.protocol import codec, errors
 from pypooler.protocol import constants as c
+from tests.support.messages import BIND_COMPLETE, NO_DATA
 
 ABORTED = "current transaction is aborted, commands ignored until end of transaction block"
 
@@ -71,7 +72,7 @@ class ModelServer:
             if self.status == c.TX_FAILED:
                 return self._error("25P02", ABORTED)
             self.portals[portal] = self.statements[name]
-            return codec.build_message(c.B_BIND_COMPLETE)
+            return BIND_COMPLETE
         if msg_type == c.F_DESCRIBE:
             name, _ = _cstring(body, 1)
             if body[0] == ord("S"):
@@ -141,45 +142,6 @@ class ModelServer:
         return errors.build_error_response("ERROR", sqlstate, message)
 
 
-NO_DATA = codec.build_message(c.B_NO_DATA)
-
-
 def _cstring(body: bytes, pos: int) -> tuple[bytes, int]:
     end = body.index(b"\0", pos)
     return body[pos:end], end + 1
-
-
-# --------------------------------------------------------------------------- client messages
-
-
-def parse(name: str, text: str, types: tuple[int, ...] = ()) -> bytes:
-    body = name.encode() + b"\0" + text.encode() + b"\0" + struct.pack(f"!h{len(types)}i", len(types), *types)
-    return codec.build_message(c.F_PARSE, body)
-
-
-def bind(statement: str = "", portal: str = "", parameter: bytes | None = None) -> bytes:
-    if parameter is None:
-        values = struct.pack("!hhh", 0, 0, 0)
-    else:
-        values = struct.pack("!hhi", 0, 1, len(parameter)) + parameter + struct.pack("!h", 0)
-    return codec.build_message(c.F_BIND, portal.encode() + b"\0" + statement.encode() + b"\0" + values)
-
-
-def describe(name: str, kind: str = "S") -> bytes:
-    return codec.build_message(c.F_DESCRIBE, kind.encode() + name.encode() + b"\0")
-
-
-def execute(portal: str = "") -> bytes:
-    return codec.build_message(c.F_EXECUTE, portal.encode() + b"\0" + struct.pack("!i", 0))
-
-
-def close(name: str, kind: str = "S") -> bytes:
-    return codec.build_message(c.F_CLOSE, kind.encode() + name.encode() + b"\0")
-
-
-def query(text: str) -> bytes:
-    return codec.build_query(text)
-
-
-SYNC = codec.SYNC
-FLUSH = codec.build_message(c.F_FLUSH)
