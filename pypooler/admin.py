@@ -11,7 +11,7 @@ Rules:
   (tests/fixtures/pgbouncer_1_18_columns.json was captured from a real one) and its units
   (STATS times in microseconds, bytes, maxwait in seconds plus maxwait_us), so
   pgbouncer_exporter and existing dashboards read pypooler unchanged. Columns PgBouncer has and
-  pypooler has no meaning for (cancel-request states, reserve_pool, DNS lists) are sent as 0.
+  pypooler has no meaning for (cancel-request states, DNS lists) are sent as 0.
 - pypooler's own SHOWs (TOP_STATEMENTS, HOLDERS, LISTENERS, ADVICE) put the unit in each column name.
 - Commands are read case-insensitively, with or without a trailing ';'. An unknown or malformed
   command is an ERROR (42601) naming the valid ones; the session goes on.
@@ -125,7 +125,9 @@ DATABASES_COLUMNS: Final[Sequence[Column]] = (
     ("max_connections", INT4), ("current_connections", INT4), ("paused", INT4),
     ("disabled", INT4),
 )  # fmt: skip
-USERS_COLUMNS: Final[Sequence[Column]] = (("name", TEXT), ("pool_mode", TEXT))
+USERS_COLUMNS: Final[Sequence[Column]] = (
+    ("name", TEXT), ("pool_mode", TEXT), ("max_user_connections", INT4), ("current_connections", INT4),
+)  # fmt: skip
 CONFIG_COLUMNS: Final[Sequence[Column]] = (
     ("key", TEXT), ("value", TEXT), ("default", TEXT), ("changeable", TEXT),
 )  # fmt: skip
@@ -633,13 +635,15 @@ class AdminConsole:
                 host, port, dbname = db.host, db.port, db.dbname or name
                 force_user, pool_mode = db.user, db.pool_mode
                 pool_size = db.pool_size or settings.default_pool_size
+                min_size, reserve, limit = settings.pool_limits(db)
             else:  # left the configuration at a RELOAD; its pools still serve their clients
                 login = pools[0].login
                 host, port, dbname, force_user, pool_mode = login.host, login.port, login.database, None, None
-                pool_size = pools[0].size
+                pool_size, min_size, reserve = pools[0].size, pools[0].min_size, pools[0].reserve_size
+                limit = pools[0].bounds[0].limit if pools[0].bounds else 0
             rows.append([
-                name, host, str(port), dbname, force_user, str(pool_size), "0", "0", pool_mode,
-                "0", str(sum(len(p.servers) + p.connecting for p in pools)),
+                name, host, str(port), dbname, force_user, str(pool_size), str(min_size), str(reserve),
+                pool_mode, str(limit), str(sum(len(p.servers) + p.connecting for p in pools)),
                 str(int(manager.is_paused(name))), str(int(name in manager.disabled)),
             ])  # fmt: skip
         return ResultSet(DATABASES_COLUMNS, rows)
@@ -651,7 +655,12 @@ class AdminConsole:
         return sorted(users)
 
     def show_users(self) -> ResultSet:
-        return ResultSet(USERS_COLUMNS, [[user, None] for user in self._users()])
+        limit = self.settings.max_user_connections
+        rows: list[Row] = []
+        for user in self._users():
+            bound = self.manager.user_bounds.get(user)
+            rows.append([user, None, str(limit), str(bound.used if bound is not None else 0)])
+        return ResultSet(USERS_COLUMNS, rows)
 
     def show_config(self) -> ResultSet:
         settings = self.settings

@@ -156,6 +156,10 @@ class DatabaseConfig(BaseModel):
     password: str | None = Field(default=None, repr=False)
     # None means Settings.default_pool_size.
     pool_size: int | None = Field(default=None, ge=1)
+    # None means Settings.min_pool_size, Settings.reserve_pool_size, Settings.max_db_connections.
+    min_pool_size: int | None = Field(default=None, ge=0)
+    reserve_pool: int | None = Field(default=None, ge=0)
+    max_db_connections: int | None = Field(default=None, ge=0)
     # None means Settings.pool_mode.
     pool_mode: PoolMode | None = None
     # None means Settings.auth_type.
@@ -191,6 +195,16 @@ class Settings(BaseSettings):
     pool_mode: PoolMode = "transaction"
     default_pool_size: int = Field(default=20, ge=1)
     max_client_conn: int = Field(default=1000, ge=1)
+    # Servers each pool keeps open even when idle (opened by the maintenance pass); 0: none.
+    min_pool_size: int = Field(default=0, ge=0)
+    # Servers a pool may open beyond its pool_size once a client has waited
+    # reserve_pool_timeout seconds; 0: no reserve.
+    reserve_pool_size: int = Field(default=0, ge=0)
+    reserve_pool_timeout: float = Field(default=5.0, ge=0, allow_inf_nan=False)
+    # Servers (open or connecting) across all pools of one database / of one server user,
+    # whatever the pools' sizes add up to; 0: no bound.
+    max_db_connections: int = Field(default=0, ge=0)
+    max_user_connections: int = Field(default=0, ge=0)
     # Seconds a client may wait for a server connection; 0 waits forever.
     query_wait_timeout: float = Field(default=120.0, ge=0, allow_inf_nan=False)
     server_connect_timeout: float = Field(default=15.0, gt=0, allow_inf_nan=False)
@@ -335,6 +349,15 @@ class Settings(BaseSettings):
         elif plan.toml_file is not None:
             sources.append(_TomlFileSource(settings_cls, plan.toml_file))
         return tuple(sources)
+
+    def pool_limits(self, db: DatabaseConfig) -> tuple[int, int, int]:
+        """(min_pool_size, reserve_pool, max_db_connections) of entry `db`: its own values, else
+        the top-level defaults."""
+        return (
+            self.min_pool_size if db.min_pool_size is None else db.min_pool_size,
+            self.reserve_pool_size if db.reserve_pool is None else db.reserve_pool,
+            self.max_db_connections if db.max_db_connections is None else db.max_db_connections,
+        )
 
     def pool_size_for(self, name: str) -> int:
         """Server connections kept for database `name`; KeyError if it is not configured."""

@@ -13,7 +13,9 @@ What one pass does, in this order:
   lent ones when released); the listener connection closed after `server_idle_timeout` without
   a channel; idle servers past `server_idle_timeout` closed; connects retried once
   `server_login_retry` has passed since the last failure; an automatic pool (made for the "*"
-  entry or a client's own user name) noted when it became unused;
+  entry or a client's own user name) noted when it became unused; the reserve (reserve_pool)
+  opened once a client has waited `reserve_pool_timeout`, and closed (with idle servers beyond
+  pool_size) when nobody waits; servers opened up to `min_pool_size`;
 - automatic pools unused for `autodb_idle_timeout` removed (`PoolManager.remove_unused`);
 - clients not logged in within `client_login_timeout` ended;
 - cancel requests still undelivered after `CANCEL_TIMEOUT_S` abandoned;
@@ -23,7 +25,8 @@ What one pass does, in this order:
 
 The interval rule: a tenth of the shortest enabled period among query_wait_timeout,
 client_login_timeout, idle_transaction_timeout, hold_warn_ms, server_idle_timeout,
-server_lifetime, server_login_retry, autodb_idle_timeout and stats_period, kept within [MIN_INTERVAL_S,
+server_lifetime, server_login_retry, autodb_idle_timeout, stats_period and (where a reserve is
+configured) reserve_pool_timeout, kept within [MIN_INTERVAL_S,
 MAX_INTERVAL_S] = [0.05 s, 1 s]. So a timeout fires at most a tenth of itself late (never more
 than 1 s, plus event-loop lag), and a pooler with only long timeouts wakes once a second (which
 also bounds the fixed CANCEL_TIMEOUT_S, 5 s, to 1 s late). With the defaults hold_warn_ms (1 s)
@@ -83,6 +86,8 @@ def timed_periods(settings: Settings) -> list[float]:
         settings.autodb_idle_timeout,
         settings.stats_period,
     ]
+    if settings.reserve_pool_size or any(db.reserve_pool for db in settings.databases.values()):
+        periods.append(settings.reserve_pool_timeout)
     return [period for period in periods if period > 0]
 
 
@@ -125,6 +130,15 @@ def maintain_pool(pool: Pool, now_ns: int) -> None:
             pool.close_idle(pool.idle[0])
     if pool.retry_at_ns and now_ns >= pool.retry_at_ns:
         pool.retry_connect()
+    if pool.reserve_size:
+        first_waited = pool.first_wait_started_ns()
+        if not first_waited:
+            if pool.reserve_open or len(pool.servers) > pool.size:
+                pool.close_reserve()
+        elif not pool.reserve_open and now_ns - first_waited >= settings.reserve_pool_timeout * NS_PER_S:
+            pool.open_reserve()
+    if pool.min_size and len(pool.servers) + pool.connecting < pool.min_size:
+        pool.keep_min_size()
     if pool.auto:
         if not pool.unused:
             pool.unused_since_ns = 0

@@ -166,6 +166,16 @@ class PoolCollector(Collector):
         pool_size = GaugeMetricFamily(
             "pypooler_pool_size", "Bound on server connections of the pool.", labels=POOL_LABELS
         )
+        min_pool_size = GaugeMetricFamily(
+            "pypooler_pool_min_size",
+            "Servers the pool keeps open even when idle (min_pool_size).",
+            labels=POOL_LABELS,
+        )
+        reserve_pool = GaugeMetricFamily(
+            "pypooler_pool_reserve_open",
+            "Servers the pool may open beyond pool_size now (reserve_pool, open after reserve_pool_timeout).",
+            labels=POOL_LABELS,
+        )
         oldest_wait = GaugeMetricFamily(
             "pypooler_oldest_waiter_seconds",
             "Age of the longest-waiting client (0: none).",
@@ -203,6 +213,8 @@ class PoolCollector(Collector):
             servers.add_metric([*key, "idle"], len(pool.idle))
             servers.add_metric([*key, "login"], pool.connecting)
             pool_size.add_metric(key, pool.size)
+            min_pool_size.add_metric(key, pool.min_size)
+            reserve_pool.add_metric(key, pool.reserve_size if pool.reserve_open else 0)
             listen_channels.add_metric(key, len(pool.listener.map) if pool.listener is not None else 0)
             oldest = next((c.wait_started_ns for c in pool.waiters if c.waiting), None)
             oldest_wait.add_metric(key, (now - oldest) / 1e9 if oldest is not None else 0.0)
@@ -216,11 +228,32 @@ class PoolCollector(Collector):
             clients,
             servers,
             pool_size,
+            min_pool_size,
+            reserve_pool,
             listen_channels,
             oldest_wait,
             statement_count,
             statement_hold,
         )
+
+        for kind, bounds, setting in (
+            ("database", self.manager.database_bounds, "max_db_connections"),
+            ("user", self.manager.user_bounds, "max_user_connections"),
+        ):
+            limit = GaugeMetricFamily(
+                f"pypooler_{kind}_max_connections",
+                f"Bound on servers across the pools of a {kind} ({setting}; 0: none).",
+                labels=[kind],
+            )
+            current = GaugeMetricFamily(
+                f"pypooler_{kind}_current_connections",
+                f"Servers open or connecting across the pools of a {kind}.",
+                labels=[kind],
+            )
+            for name, bound in bounds.items():
+                limit.add_metric([name], bound.limit)
+                current.add_metric([name], bound.used)
+            yield from (limit, current)
 
         accepted = CounterMetricFamily(
             "pypooler_client_connections", "TCP connections accepted from clients."

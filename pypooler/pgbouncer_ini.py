@@ -122,6 +122,11 @@ _SETTINGS: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "pool_mode": ("pool_mode", _text),
     "max_client_conn": ("max_client_conn", _integer),
     "default_pool_size": ("default_pool_size", _integer),
+    "min_pool_size": ("min_pool_size", _integer),
+    "reserve_pool_size": ("reserve_pool_size", _integer),
+    "reserve_pool_timeout": ("reserve_pool_timeout", _seconds),
+    "max_db_connections": ("max_db_connections", _integer),
+    "max_user_connections": ("max_user_connections", _integer),
     "ignore_startup_parameters": ("ignore_startup_parameters", _names),
     "stats_period": ("stats_period", _seconds),
     "auth_type": ("auth_type", _auth_type),
@@ -207,17 +212,12 @@ _NOT_NEEDED: Final[dict[str, str]] = {
 # Keys pypooler does not support yet, with PgBouncer's default (at which they mean "off").
 # Ignoring these changes nothing a client or the database relies on: a warning.
 _NOT_YET_HARMLESS: Final[dict[str, str]] = {
-    "min_pool_size": "0",
-    "reserve_pool_size": "0",
-    "reserve_pool_timeout": "5",
     "server_check_query": "select 1",
     "server_check_delay": "30",
     "log_pooler_errors": "1",
 }
 # Ignoring these would drop a bound or change what clients see: an error unless at the default.
 _NOT_YET: Final[dict[str, str]] = {
-    "max_db_connections": "0",
-    "max_user_connections": "0",
     "query_timeout": "0",
     "client_idle_timeout": "0",
     "application_name_add_host": "0",
@@ -232,13 +232,14 @@ _DATABASE_KEYS: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "password": ("password", lambda text: text),
     "pool_size": ("pool_size", _integer),
     "pool_mode": ("pool_mode", _text),
+    "min_pool_size": ("min_pool_size", _integer),
+    "reserve_pool": ("reserve_pool", _integer),
+    "max_db_connections": ("max_db_connections", _integer),
 }
-_DATABASE_NOT_YET_HARMLESS: Final = {"min_pool_size": "0", "reserve_pool": "0"}
 _DATABASE_NOT_YET: Final = frozenset(
     {
         "auth_user",
         "connect_query",
-        "max_db_connections",
         "client_encoding",
         "datestyle",
         "timezone",
@@ -369,9 +370,6 @@ def _database_entry(
                 problems.append(f"{where}: database {name}: {option}: {exc}")
                 continue
             result.origins[("databases", name, setting)] = where
-        elif option in _DATABASE_NOT_YET_HARMLESS:
-            if not _is_default(text, _DATABASE_NOT_YET_HARMLESS[option]):
-                result.warnings.append(f"{where}: database {name}: {option} is ignored: {NOT_YET}")
         elif option in _DATABASE_NOT_YET:
             problems.append(f"{where}: database {name}: {option} is {NOT_YET}")
         else:

@@ -11,7 +11,13 @@ separate lending.py because its state (idle list, waiters, bound, drain flags) i
 state: split apart, either module would have to read the other's fields.
 
 Rules:
-- Bounded: servers open + servers connecting <= `size`, always.
+- Bounded: servers open + servers connecting <= `size`, always; plus `reserve_size` more while
+  `reserve_open` (reserve_pool, opened by the maintenance pass once a client has waited
+  reserve_pool_timeout). Every pool of a database, and every pool of a server user, also shares
+  a `SharedBound` (max_db_connections, max_user_connections): a pool whose own bound has room
+  but a shared one has none closes an idle server of a sibling pool to make room, and a server
+  that goes away wakes the siblings that wait. Whatever opens a server (waiters, min_pool_size)
+  goes through `_open_servers` and so keeps every bound.
 - Idle servers are reused LIFO (the most recently used one has warm caches; the cold ones age out
   through `server_idle_timeout`). Waiting clients are served FIFO.
 - `checkout` is a plain synchronous call: it returns an idle server at once or queues the client.
@@ -145,6 +151,25 @@ def shutdown_refused() -> ShuttingDown:
     )
 
 
+class SharedBound:
+    """max_db_connections or max_user_connections: servers open or connecting across every pool
+    of one database, or of one server user; `limit` 0 is no bound (see the module rules)."""
+
+    __slots__ = ("limit", "name", "pools")
+
+    def __init__(self, name: str, limit: int) -> None:
+        self.name = name
+        self.limit = limit
+        self.pools: set[Pool] = set()
+
+    @property
+    def used(self) -> int:
+        return sum(len(pool.servers) + pool.connecting for pool in self.pools)
+
+    def room(self) -> int:
+        return self.limit - self.used if self.limit else 1 << 30
+
+
 class Pool:
     def __init__(
         self,
@@ -215,6 +240,13 @@ class Pool:
         # has been `unused` for autodb_idle_timeout since `unused_since_ns` (maintenance.py).
         self.auto = False
         self.unused_since_ns = 0
+        self.min_size = 0  # min_pool_size: servers the maintenance pass keeps open
+        self.reserve_size = 0  # reserve_pool: more servers once a client has waited long enough
+        self.reserve_open = False  # the reserve may be used now (decided by the maintenance pass)
+        self.bounds: tuple[SharedBound, ...] = ()  # max_db_connections, max_user_connections
+        # A sibling pool waits for room under a full shared bound: a server released with no
+        # waiter here is closed instead of kept idle, so the sibling can open one.
+        self.siblings_starved = False
 
     def __repr__(self) -> str:
         return f"<Pool {self.database}/{self.user} {self.lent}/{self.size} lent, {self.waiting} waiting>"
@@ -281,6 +313,8 @@ class Pool:
             if client is not None:
                 client.link(server)
                 return
+        if self.siblings_starved and self._yield_to_sibling(server):
+            return
         server.last_used_ns = now_ns or time.monotonic_ns()
         self.idle.append(server)
 
@@ -389,17 +423,69 @@ class Pool:
         if server.statements is not None:
             server.statements.clear()
         self._open_servers_for_waiters()
+        self._wake_siblings()
 
     # ------------------------------------------------------------------ opening servers
 
     def _open_servers_for_waiters(self) -> None:
-        if self.closed or self.paused or (self.retry_at_ns and time.monotonic_ns() < self.retry_at_ns):
+        self._open_servers(self.waiting - self.connecting, make_room=True)
+
+    def _open_servers(self, wanted: int, *, make_room: bool = False) -> None:
+        """Open up to `wanted` servers within every bound; with `make_room`, close idle servers
+        of sibling pools where only a shared bound stands in the way (see the module rules)."""
+        if wanted <= 0 or self.closed or self.paused:
             return
-        wanted = self.waiting - self.connecting
-        room = self.size - len(self.servers) - self.connecting
-        for _ in range(min(wanted, room)):
+        if self.retry_at_ns and time.monotonic_ns() < self.retry_at_ns:
+            return
+        size = self.size + self.reserve_size if self.reserve_open else self.size
+        own = min(wanted, size - len(self.servers) - self.connecting)
+        count = own
+        for bound in self.bounds:
+            if bound.limit:
+                count = min(count, bound.room())
+        for _ in range(count):
             self.connecting += 1
             self._spawn_open_server()
+        if make_room and count < own:
+            for bound in self.bounds:
+                # Each close wakes this pool again (server_closed -> _wake_siblings), which
+                # opens a server in the place made; stop once nothing more is wanted.
+                while self.waiting > self.connecting and bound.limit and bound.room() <= 0:
+                    if not self._close_sibling_idle(bound):
+                        # Every place is lent: the siblings give one up at their next release.
+                        for pool in bound.pools:
+                            pool.siblings_starved = pool is not self
+                        break
+
+    def _close_sibling_idle(self, bound: SharedBound) -> bool:
+        """Close the longest-idle server of another pool sharing `bound`; False if none is idle."""
+        # idle is LIFO: each pool's coldest server is at the front.
+        siblings = [pool for pool in bound.pools if pool is not self and pool.idle]
+        if not siblings:
+            return False
+        coldest = min(siblings, key=lambda pool: pool.idle[0].last_used_ns)
+        coldest.close_idle(coldest.idle[0])
+        return True
+
+    def _yield_to_sibling(self, server: ServerConnection) -> bool:
+        """A released server no waiter here wants: close it if a sibling pool waits for room
+        under a shared bound (its place goes to that sibling); else clear the flag."""
+        for bound in self.bounds:
+            if bound.limit and bound.room() <= 0:
+                for pool in bound.pools:
+                    if pool is not self and pool.waiting > pool.connecting and not pool.paused:
+                        server.close()  # server_closed -> _wake_siblings -> the sibling opens one
+                        return True
+        self.siblings_starved = False
+        return False
+
+    def _wake_siblings(self) -> None:
+        """A place under a shared bound may have freed: let the sibling pools that wait use it."""
+        for bound in self.bounds:
+            if bound.limit:
+                for pool in list(bound.pools):
+                    if pool is not self and pool.waiting > pool.connecting:
+                        pool._open_servers_for_waiters()
 
     def _spawn_open_server(self) -> None:
         self.track_task(asyncio.get_running_loop().create_task(self._open_server()))
@@ -464,6 +550,7 @@ class Pool:
     def _connect_failed(self, exc: PoolerError) -> None:
         self.last_connect_error = exc
         self.stats.server_connect_failures += 1
+        self._wake_siblings()
         # Each client login may retry the server login: the same line again and again.
         self.log_limiter.log(
             log, logging.WARNING, ("server_connect", self.database, self.user, exc.reason),
@@ -529,6 +616,28 @@ class Pool:
         for server in [s for s in self.idle if s.close_needed]:
             server.close()
         self._update_draining()
+
+    def first_wait_started_ns(self) -> int:
+        """When the client waiting longest began to wait (0: nobody waits)."""
+        for client in self.waiters:
+            if client.waiting:
+                return client.wait_started_ns
+        return 0
+
+    def open_reserve(self) -> None:
+        """reserve_pool_timeout has passed for a waiter: up to reserve_size more servers."""
+        self.reserve_open = True
+        self._open_servers_for_waiters()
+
+    def close_reserve(self) -> None:
+        """Nobody waits any more: the reserve closes, and idle servers beyond `size` with it."""
+        self.reserve_open = False
+        while len(self.servers) > self.size and self.idle:
+            self.close_idle(self.idle[0])
+
+    def keep_min_size(self) -> None:
+        """min_pool_size: open servers up to it, within every bound (no sibling's room taken)."""
+        self._open_servers(self.min_size - len(self.servers) - self.connecting)
 
     def close_idle(self, server: ServerConnection) -> None:
         """Close an idle server (server_idle_timeout); `server_closed` forgets it."""
@@ -740,6 +849,9 @@ class PoolManager:
         self.settings = settings
         self.pools: dict[tuple[str, str], Pool] = {}
         self.auto_pools = 0  # pools with `auto` set (see max_auto_pools)
+        # max_db_connections per database name, max_user_connections per server user (SharedBound).
+        self.database_bounds: dict[str, SharedBound] = {}
+        self.user_bounds: dict[str, SharedBound] = {}
         self.stored_secret = stored_secret
         # Built once: loading CA files per connection would cost more than the login.
         self.server_tls = server_tls if server_tls is not None else server_ssl_context(settings)
@@ -820,6 +932,7 @@ class PoolManager:
             if auto:
                 pool.auto = True
                 self.auto_pools += 1
+            self._apply_limits(pool, db)
             self.pools[key] = pool
             log.debug("new pool %s/%s -> %s (entry %s)", database, user, login.describe(), entry)
         return pool
@@ -909,6 +1022,11 @@ class PoolManager:
         pool = self.pools.pop(key)
         self.auto_pools -= 1
         pool.close()
+        for bounds, name in ((self.database_bounds, pool.database), (self.user_bounds, pool.user)):
+            bound = bounds[name]
+            bound.pools.discard(pool)
+            if not bound.pools:
+                del bounds[name]
         schema = (pool.login.host, pool.login.port, pool.login.database)
         if not any((p.login.host, p.login.port, p.login.database) == schema for p in self.pools.values()):
             self.schemas.pop(schema, None)
@@ -1005,12 +1123,26 @@ class PoolManager:
                 pool.wait_warn_ns = settings.wait_warn_ms * 1e6
                 continue
             _, db = found
+            self._apply_limits(pool, db)
             pool.reconfigure(
                 self._server_login(database, db, user),
                 size=db.pool_size or settings.default_pool_size,
                 mode=db.pool_mode or settings.pool_mode,
                 settings=settings,
             )
+
+    def _apply_limits(self, pool: Pool, db: DatabaseConfig) -> None:
+        """min_pool_size, reserve_pool and the shared bounds of `pool`, from its entry (else the
+        defaults); a RELOAD calls it again with the new ones."""
+        settings = self.settings
+        pool.min_size, pool.reserve_size, db_limit = settings.pool_limits(db)
+        by_database = self.database_bounds.setdefault(pool.database, SharedBound(pool.database, 0))
+        by_database.limit = db_limit
+        by_user = self.user_bounds.setdefault(pool.user, SharedBound(pool.user, 0))
+        by_user.limit = settings.max_user_connections
+        pool.bounds = (by_database, by_user)
+        by_database.pools.add(pool)
+        by_user.pools.add(pool)
 
     def take_snapshots(self) -> None:
         for pool in self.pools.values():

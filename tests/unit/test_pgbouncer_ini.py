@@ -84,9 +84,9 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
         "b = host=x bogus=1\n"
         "c = host=x connect_query='SET x = 1'\n"
         "[users]\n"
-        "bob = max_user_connections=5\n"
+        "bob = pool_mode=session\n"
         "[pgbouncer]\n"
-        "max_db_connections = 50\n"
+        "query_timeout = 50\n"
         "tcp_keepalive = maybe\n"
         "[pgboucner]\n"
         "just text\n"
@@ -97,22 +97,40 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     assert "port: must be an integer" in by_line[2]
     assert "unknown option 'bogus'" in by_line[3]
     assert "connect_query is not supported by this version" in by_line[4]
-    assert "max_user_connections is not supported by this version" in by_line[6]
-    assert "max_db_connections = '50' is not supported by this version" in by_line[8]
+    assert "pool_mode is not supported by this version" in by_line[6]
+    assert "query_timeout = '50' is not supported by this version" in by_line[8]
     assert "unknown section [pgboucner]" in by_line[10]
     assert "expected key = value" in by_line[11]
 
 
 def test_a_bound_pypooler_lacks_is_accepted_only_at_its_default(tmp_path: Path) -> None:
-    text = (
-        "[pgbouncer]\nmax_db_connections = 0\nquery_timeout = 0\nmin_pool_size = 5\nunix_socket_mode = 0700\n"
-    )
+    text = "[pgbouncer]\nclient_idle_timeout = 0\nquery_timeout = 0\nserver_check_delay = 5\n"
     ini = read_ini(write(tmp_path, text))
     assert ini.problems == []
     assert [warning.split(": ", 1)[1] for warning in ini.warnings] == [
-        "min_pool_size = '5' is ignored: not supported by this version of pypooler"
+        "server_check_delay = '5' is ignored: not supported by this version of pypooler"
     ]
-    assert ini.values["unix_socket_mode"] == 0o700
+
+
+def test_pgbouncer_limits_are_read(tmp_path: Path) -> None:
+    text = (
+        "[databases]\napp = host=db pool_size=10 min_pool_size=2 reserve_pool=3 max_db_connections=12\n"
+        "[pgbouncer]\nmin_pool_size = 1\nreserve_pool_size = 4\nreserve_pool_timeout = 2.5\n"
+        "max_db_connections = 50\nmax_user_connections = 40\nunix_socket_mode = 0700\n"
+    )
+    ini = read_ini(write(tmp_path, text))
+    assert ini.problems == []
+    assert ini.values["databases"]["app"] == {
+        "host": "db", "pool_size": 10, "min_pool_size": 2, "reserve_pool": 3, "max_db_connections": 12,
+    }  # fmt: skip
+    values = ini.values
+    assert (values["min_pool_size"], values["reserve_pool_size"], values["reserve_pool_timeout"]) == (
+        1,
+        4,
+        2.5,
+    )
+    assert (values["max_db_connections"], values["max_user_connections"]) == (50, 40)
+    assert values["unix_socket_mode"] == 0o700
 
 
 def test_a_bad_value_is_reported_at_its_line(tmp_path: Path) -> None:

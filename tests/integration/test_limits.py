@@ -1,0 +1,115 @@
+"""PgBouncer's limits on servers: max_db_connections, max_user_connections (shared by several
+pools), reserve_pool and min_pool_size, with real clients on a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+
+from pypooler.embedded import EmbeddedPostgres
+
+
+def used(pooler: Any, kind: str, name: str) -> int:
+    def read() -> int:
+        bound = getattr(pooler.pooler.manager, f"{kind}_bounds").get(name)
+        return bound.used if bound is not None else 0
+
+    return int(pooler.call(read))
+
+
+async def hold(dsn: str, seconds: float) -> None:
+    conn = await asyncpg.connect(dsn, statement_cache_size=0)
+    try:
+        await conn.execute(f"select pg_sleep({seconds})")
+    finally:
+        await conn.close()
+
+
+async def test_max_db_connections_bounds_every_pool_of_a_database(start_pooler: Callable[..., Any]) -> None:
+    pooler = start_pooler(pool_size=5, max_db_connections=3)
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, used(pooler, "database", "pypooler_test"))
+            await asyncio.sleep(0.01)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        users = ["postgres"] * 4 + ["pp_trust"] * 3  # two pools of one database
+        await asyncio.wait_for(asyncio.gather(*(hold(pooler.dsn(user=u), 0.3) for u in users)), 20)
+    finally:
+        watcher.cancel()
+    assert peak == 3  # 7 transactions, 2 pools of 5, never more than 3 servers
+    # The postgres pool keeps idle servers; a client of the other pool gets one closed to make room.
+    assert used(pooler, "database", "pypooler_test") <= 3
+    await asyncio.wait_for(hold(pooler.dsn(user="pp_trust"), 0), 10)
+
+
+async def test_max_user_connections_bounds_a_user_across_databases(start_pooler: Callable[..., Any]) -> None:
+    pooler = start_pooler(pool_size=5, max_user_connections=2)
+    dsns = [pooler.dsn(dbname=db) for db in ("pypooler_test", "postgres", "pypooler_test", "postgres")]
+    holds = asyncio.gather(*(hold(dsn, 0.3) for dsn in dsns))
+    await asyncio.sleep(0.15)
+    assert used(pooler, "user", "postgres") == 2
+    await asyncio.wait_for(holds, 20)
+
+
+async def test_the_reserve_opens_after_reserve_pool_timeout_and_closes_after(
+    start_pooler: Callable[..., Any],
+) -> None:
+    pooler = start_pooler(pool_size=1, reserve_pool_size=1, reserve_pool_timeout=0.2)
+    started = time.monotonic()
+    await asyncio.wait_for(asyncio.gather(hold(pooler.dsn(), 1), hold(pooler.dsn(), 1)), 10)
+    assert time.monotonic() - started < 1.8  # the second did not wait for the first
+    deadline = time.monotonic() + 5
+    while pooler.server_count() > 1 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert pooler.server_count() == 1  # nobody waits: the reserve server is closed
+
+
+async def test_min_pool_size_keeps_servers_open(start_pooler: Callable[..., Any]) -> None:
+    pooler = start_pooler(pool_size=5, min_pool_size=3)
+    await hold(pooler.dsn(), 0)
+    deadline = time.monotonic() + 5
+    while pooler.server_count() < 3 and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert pooler.server_count() == 3
+
+
+def console_rows(pooler: Any, command: str) -> list[dict[str, str]]:
+    result = subprocess.run(
+        ["psql", "-X", "--csv", "-w", "-h", "127.0.0.1", "-p", str(pooler.port), "-U", "postgres",
+         "-d", "pgbouncer", "-c", command],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return list(csv.DictReader(io.StringIO(result.stdout)))
+
+
+async def test_the_console_shows_the_limits(
+    start_pooler: Callable[..., Any], postgres: EmbeddedPostgres
+) -> None:
+    target = {"host": postgres.host, "port": postgres.port}
+    pooler = start_pooler(
+        max_user_connections=7, reserve_pool_size=2,
+        databases={"pypooler_test": {**target, "min_pool_size": 1, "max_db_connections": 4}},
+    )  # fmt: skip
+    await hold(pooler.dsn(), 0)
+    (database,) = [r for r in console_rows(pooler, "SHOW DATABASES") if r["name"] == "pypooler_test"]
+    assert (database["min_pool_size"], database["reserve_pool"], database["max_connections"]) == (
+        "1",
+        "2",
+        "4",
+    )
+    assert int(database["current_connections"]) >= 1
+    (user,) = [r for r in console_rows(pooler, "SHOW USERS") if r["name"] == "postgres"]
+    assert user["max_user_connections"] == "7" and int(user["current_connections"]) >= 1
