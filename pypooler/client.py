@@ -378,7 +378,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        tune_transport(self.transport, keepalive=False)  # inherited from the listener (app.py)
+        tune_transport(self.transport)  # keepalive options: inherited from the listener (app.py)
         self.registry.clients.add(self)
         self.registry.connects += 1
         self.registry.logging_in[self] = None
@@ -1223,7 +1223,7 @@ class ClientConnection(asyncio.Protocol):
                 transport.close()
             return
         self.transport = transport
-        tune_transport(transport, keepalive=False)  # inherited from the listener (app.py)
+        tune_transport(transport)  # keepalive options: inherited from the listener (app.py)
         self.tls = True
         self._tls_handshake = False
 

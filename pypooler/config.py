@@ -291,6 +291,12 @@ class Settings(BaseSettings):
     wait_warn_ms: float = Field(default=1000.0, ge=0, allow_inf_nan=False)
     # Close a client idle inside a transaction longer than this many seconds; 0: never.
     idle_transaction_timeout: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    # End a client (and close its server) whose query has run longer than this many seconds,
+    # as PgBouncer does: a bound for network trouble, below the server's statement_timeout;
+    # 0: never.
+    query_timeout: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    # Close a client that has sent nothing for this many seconds outside a transaction; 0: never.
+    client_idle_timeout: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     # Instances of this pooler (or of the app's own pools) sharing the same servers, for the
     # max_connections check: pool bounds x expected_instances must fit the server.
     expected_instances: int = Field(default=1, ge=1)

@@ -9,13 +9,16 @@ listener connection expose small methods the pass calls to act on a decision.
 What one pass does, in this order:
 - per pool: stats settled (`PoolStats.new_pass`); waiters past `query_wait_timeout` failed;
   holders idle in a transaction past `idle_transaction_timeout` ended, past `hold_warn_ms`
-  warned about (once per hold); servers older than `server_lifetime` retired (idle ones now,
-  lent ones when released); the listener connection closed after `server_idle_timeout` without
-  a channel; idle servers past `server_idle_timeout` closed; connects retried once
-  `server_login_retry` has passed since the last failure; an automatic pool (made for the "*"
-  entry or a client's own user name) noted when it became unused; the reserve (reserve_pool)
-  opened once a client has waited `reserve_pool_timeout`, and closed (with idle servers beyond
-  pool_size) when nobody waits; servers opened up to `min_pool_size`;
+  warned about (once per hold), and those whose query ran past `query_timeout` ended; servers
+  older than `server_lifetime` retired (idle ones now, lent ones when released); the listener
+  connection closed after `server_idle_timeout` without a channel; idle servers past
+  `server_idle_timeout` closed; connects retried once `server_login_retry` has passed since the
+  last failure; the reserve (reserve_pool) opened once a client has waited
+  `reserve_pool_timeout`, and closed (with idle servers beyond pool_size) when nobody waits;
+  servers opened up to `min_pool_size`; an automatic pool (made for the "*" entry or a
+  client's own user name) noted when it became unused;
+- clients idle outside a transaction past `client_idle_timeout` closed (every client is looked
+  at, so at most ten times per timeout and once a second, not every pass);
 - automatic pools unused for `autodb_idle_timeout` removed (`PoolManager.remove_unused`);
 - clients not logged in within `client_login_timeout` ended;
 - cancel requests still undelivered after `CANCEL_TIMEOUT_S` abandoned;
@@ -24,13 +27,14 @@ What one pass does, in this order:
 - the log limiter's summaries of suppressed lines written (log_limits.py).
 
 The interval rule: a tenth of the shortest enabled period among query_wait_timeout,
-client_login_timeout, idle_transaction_timeout, hold_warn_ms, server_idle_timeout,
-server_lifetime, server_login_retry, autodb_idle_timeout, stats_period and (where a reserve is
-configured) reserve_pool_timeout, kept within [MIN_INTERVAL_S,
-MAX_INTERVAL_S] = [0.05 s, 1 s]. So a timeout fires at most a tenth of itself late (never more
-than 1 s, plus event-loop lag), and a pooler with only long timeouts wakes once a second (which
-also bounds the fixed CANCEL_TIMEOUT_S, 5 s, to 1 s late). With the defaults hold_warn_ms (1 s)
-is the shortest: ten passes a second. RELOAD recomputes it (`Maintenance.reload`).
+client_login_timeout, idle_transaction_timeout, query_timeout, client_idle_timeout,
+hold_warn_ms, server_idle_timeout, server_lifetime, server_login_retry, autodb_idle_timeout,
+stats_period and (where a reserve is configured) reserve_pool_timeout, kept within
+[MIN_INTERVAL_S, MAX_INTERVAL_S] = [0.05 s, 1 s]. So a timeout fires at most a tenth of itself
+late (never more than 1 s, plus event-loop lag), and a pooler with only long timeouts wakes once
+a second (which also bounds the fixed CANCEL_TIMEOUT_S, 5 s, to 1 s late). With the defaults
+hold_warn_ms (1 s) is the shortest: ten passes a second. RELOAD recomputes it
+(`Maintenance.reload`).
 
 What keeps its own clock, and why:
 - `server_connect_timeout` bounds one awaited connect (server.py) and the auth_query borrowed
@@ -56,7 +60,7 @@ from typing import TYPE_CHECKING
 
 from pypooler.config import Settings
 from pypooler.pool import Pool, describe_holder
-from pypooler.protocol.errors import IdleTransactionTimeout, QueryWaitTimeout
+from pypooler.protocol.errors import ClientIdleTimeout, IdleTransactionTimeout, QueryTimeout, QueryWaitTimeout
 from pypooler.stats import NS_PER_S
 
 if TYPE_CHECKING:
@@ -79,6 +83,8 @@ def timed_periods(settings: Settings) -> list[float]:
         settings.query_wait_timeout,
         settings.client_login_timeout,
         settings.idle_transaction_timeout,
+        settings.query_timeout,
+        settings.client_idle_timeout,
         settings.hold_warn_ms / 1000,
         settings.server_idle_timeout,
         settings.server_lifetime,
@@ -108,8 +114,10 @@ def maintain_pool(pool: Pool, now_ns: int) -> None:
     pool.stats.new_pass(now_ns)
     if settings.query_wait_timeout and pool.waiting:
         expire_waiters(pool, now_ns, settings.query_wait_timeout)
-    if pool.lent and (settings.hold_warn_ms or settings.idle_transaction_timeout):
-        watch_holders(pool, now_ns, settings.idle_transaction_timeout, settings.hold_warn_ms)
+    if pool.lent and (settings.hold_warn_ms or settings.idle_transaction_timeout or settings.query_timeout):
+        watch_holders(
+            pool, now_ns, settings.idle_transaction_timeout, settings.hold_warn_ms, settings.query_timeout
+        )
     if settings.server_lifetime and pool.servers:
         limit = now_ns - int(settings.server_lifetime * NS_PER_S)
         old = [s for s in pool.servers if s.created_ns <= limit and not s.close_needed]
@@ -166,13 +174,28 @@ def expire_waiters(pool: Pool, now_ns: int, timeout_s: float) -> None:
         )
 
 
-def watch_holders(pool: Pool, now_ns: int, timeout_s: float, warn_ms: float) -> None:
+def watch_holders(
+    pool: Pool, now_ns: int, timeout_s: float, warn_ms: float, query_timeout_s: float = 0.0
+) -> None:
     """Hog detection: end clients idle inside a transaction past `timeout_s`, warn (once per
-    hold) about those past `warn_ms`; 0 switches either off."""
+    hold) about those past `warn_ms`; end clients whose query has run past `query_timeout_s`
+    (their server, mid-query, is closed with them); 0 switches each off."""
     timeout_ns = timeout_s * NS_PER_S
     warn_ns = warn_ms * 1e6
+    query_timeout_ns = query_timeout_s * NS_PER_S
     for client in pool.holders(now_ns):
-        if not (client.idle_since_ns and client.idle_in_xact):
+        if not client.idle_since_ns:  # the server is working for it
+            if query_timeout_ns and now_ns - client.query_start_ns > query_timeout_ns:
+                client.fail(
+                    QueryTimeout(
+                        f"terminating connection due to query_timeout: a query ran for more than"
+                        f" {query_timeout_s:g} s",
+                        hint="the server's statement_timeout, a little below query_timeout,"
+                        " cancels a slow statement without ending the connection",
+                    )
+                )
+            continue
+        if not client.idle_in_xact:
             continue
         idle = now_ns - client.idle_since_ns
         if timeout_ns and idle > timeout_ns:
@@ -192,6 +215,27 @@ def watch_holders(pool: Pool, now_ns: int, timeout_s: float, warn_ms: float) -> 
 
 
 # --------------------------------------------------------------------------- per process
+
+
+def expire_idle_clients(pool: Pool, now_ns: int, timeout_s: float) -> None:
+    """client_idle_timeout: close clients that have sent nothing for `timeout_s` outside a
+    transaction. Idle since: the end of the last request for a client holding a server (session
+    mode, pinned), else the start of its last hold (no stamp is kept on the hot path for its
+    end: at most one hold's length early), or its connection."""
+    limit = now_ns - int(timeout_s * NS_PER_S)
+    for client in list(pool.clients):
+        if client.waiting or client.closed:
+            continue
+        if client.server is not None:
+            since = client.idle_since_ns if not client.idle_in_xact else 0
+        else:
+            since = max(client.lent_ns, client.connected_ns)
+        if since and since <= limit:
+            client.fail(
+                ClientIdleTimeout(
+                    f"terminating connection due to client_idle_timeout: idle for more than {timeout_s:g} s"
+                )
+            )
 
 
 def expire_logins(registry: ClientRegistry, now_ns: int, timeout_s: float) -> None:
@@ -240,6 +284,7 @@ class Maintenance:
         self.interval = maintenance_interval(settings)
         self.next_snapshot_ns = clock() + int(settings.stats_period * NS_PER_S)
         self.passes = 0
+        self.next_idle_check_ns = 0  # client_idle_timeout's own pace (see run)
         self._timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
@@ -280,6 +325,11 @@ class Maintenance:
             maintain_pool(pool, now_ns)
         settings = self.settings
         registry = self.registry
+        if settings.client_idle_timeout and now_ns >= self.next_idle_check_ns:
+            # All clients: at most ten times per timeout and once a second, not every pass.
+            self.next_idle_check_ns = now_ns + int(min(1.0, settings.client_idle_timeout / 10) * NS_PER_S)
+            for pool in list(self.manager.pools.values()):
+                expire_idle_clients(pool, now_ns, settings.client_idle_timeout)
         if settings.autodb_idle_timeout and self.manager.auto_pools:
             self.manager.remove_unused(now_ns - int(settings.autodb_idle_timeout * NS_PER_S))
         if settings.client_login_timeout and registry.logging_in:

@@ -148,6 +148,8 @@ _SETTINGS: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "client_login_timeout": ("client_login_timeout", _seconds),
     "query_wait_timeout": ("query_wait_timeout", _seconds),
     "idle_transaction_timeout": ("idle_transaction_timeout", _seconds),
+    "query_timeout": ("query_timeout", _seconds),
+    "client_idle_timeout": ("client_idle_timeout", _seconds),
     "tcp_keepalive": ("tcp_keepalive", _boolean),
     "tcp_keepidle": ("tcp_keepidle", _integer),
     "tcp_keepintvl": ("tcp_keepintvl", _integer),
@@ -218,8 +220,6 @@ _NOT_YET_HARMLESS: Final[dict[str, str]] = {
 }
 # Ignoring these would drop a bound or change what clients see: an error unless at the default.
 _NOT_YET: Final[dict[str, str]] = {
-    "query_timeout": "0",
-    "client_idle_timeout": "0",
     "application_name_add_host": "0",
 }
 

@@ -55,6 +55,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from pypooler.config import DatabaseConfig, PoolMode, Settings
+from pypooler.keepalive import keepalive_options
 from pypooler.log_limits import LogLimiter
 from pypooler.parameter_sets import ParameterSet, intern_parameters
 from pypooler.prepared import SchemaVersion, ServerStatements, StatementRegistry
@@ -773,6 +774,7 @@ class Pool:
             # Same server and configured secret: keep what clients taught the login (a
             # password, a SCRAM ClientKey), take a TLS context rebuilt from the files.
             self.login.ssl_context = login.ssl_context
+            self.login.keepalive = login.keepalive
         self.size = size
         excess = len(self.servers) - size
         if excess > 0:
@@ -902,6 +904,7 @@ class PoolManager:
             secret=secret,
             tls_mode=settings.server_tls_sslmode,
             ssl_context=self.server_tls,
+            keepalive=keepalive_options(settings),
         )
 
     def _pool(self, database: str, entry: str, db: DatabaseConfig, user: str) -> Pool:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 from pypooler import flow
 from pypooler.config import ServerTlsMode
+from pypooler.keepalive import SocketOption, apply_keepalive
 from pypooler.parameter_sets import intern_parameters
 from pypooler.prepared import ServerStatements
 from pypooler.protocol import codec
@@ -67,16 +67,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("pypooler.server")
 
 
-def tune_transport(transport: asyncio.BaseTransport, *, keepalive: bool = True) -> None:
-    """Keepalive and write-buffer marks.
+def tune_transport(transport: asyncio.BaseTransport, keepalive: tuple[SocketOption, ...] = ()) -> None:
+    """Keepalive options (keepalive.py; a client's come from the listener) and write-buffer marks.
 
     No TCP_NODELAY here: uvloop sets it on every TCP transport it creates (checked on 0.23), and
     the product runs on uvloop, so setting it again would cost a syscall per connection.
     """
     if keepalive:
         sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if sock is not None:
+            apply_keepalive(sock, keepalive)
     flow.limit_write_buffer(transport)
 
 
@@ -94,6 +94,7 @@ class ServerLogin:
         "configured_secret",
         "database",
         "host",
+        "keepalive",
         "password",
         "port",
         "secret",
@@ -113,8 +114,10 @@ class ServerLogin:
         secret: Secret | None = None,
         tls_mode: ServerTlsMode = "disable",
         ssl_context: ssl.SSLContext | None = None,
+        keepalive: tuple[SocketOption, ...] = (),
     ) -> None:
         self.host = host
+        self.keepalive = keepalive  # socket options for the connection (keepalive.py)
         self.port = port
         self.database = database
         self.user = user
@@ -283,7 +286,7 @@ class ServerConnection(asyncio.Protocol):
         if self.transport is not None:  # start_tls hands us the TLS transport: keep ours
             return
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        tune_transport(self.transport)
+        tune_transport(self.transport, self.login.keepalive)
 
     def data_received(self, data: bytes) -> None:
         client = self.client
@@ -381,7 +384,7 @@ class ServerConnection(asyncio.Protocol):
         if transport is None:
             raise ServerConnectFailed(f"server {login.describe()} closed the connection during TLS")
         self.transport = transport
-        tune_transport(transport)
+        tune_transport(transport)  # the marks: the socket has its keepalive options already
         self.tls = True
         if self.state is not ServerState.TLS_HANDSHAKE:  # closed meanwhile: log_in raises why
             return

@@ -125,6 +125,16 @@ class IdleTransactionTimeout(PoolerError):
     reason = "idle_transaction_timeout"
 
 
+class ClientIdleTimeout(PoolerError):
+    sqlstate = "57P05"  # idle_session_timeout, as PostgreSQL's own
+    reason = "client_idle_timeout"
+
+
+class QueryTimeout(PoolerError):
+    sqlstate = SQLState.QUERY_CANCELED
+    reason = "query_timeout"
+
+
 class ServerConnectFailed(PoolerError):
     """Could not open or log in to a server connection for the pool."""
 

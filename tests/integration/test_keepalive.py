@@ -6,6 +6,8 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
+import asyncpg
+
 from pypooler.config import load_settings
 from pypooler.keepalive import keepalive_options
 
@@ -52,3 +54,21 @@ def test_client_sockets_get_the_keepalive_settings_and_reload_changes_them(
 def test_zero_leaves_the_os_default() -> None:
     settings = load_settings(None, env={})
     assert keepalive_options(settings) == ((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),)
+
+
+async def test_server_sockets_get_the_keepalive_settings(start_pooler: Callable[..., Any]) -> None:
+    pooler = start_pooler(tcp_keepidle=61, tcp_user_timeout=4321)
+    conn = await asyncpg.connect(pooler.dsn())
+    try:
+        assert await conn.fetchval("select 1") == 1
+
+        def read() -> tuple[int, ...]:
+            (server,) = pooler.pool().servers
+            raw = server.transport.get_extra_info("socket")
+            keepalive = raw.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+            return (keepalive, *[raw.getsockopt(socket.IPPROTO_TCP, option) for option in OPTIONS])
+
+        keepalive, idle, _, _, user_timeout = pooler.call(read)
+        assert (keepalive, idle, user_timeout) == (1, 61, 4321)
+    finally:
+        await conn.close()

@@ -34,6 +34,8 @@ EVERY_PERIOD_OFF: dict[str, Any] = {
     "server_lifetime": 0,
     "server_login_retry": 0,
     "autodb_idle_timeout": 0,
+    "query_timeout": 0,
+    "client_idle_timeout": 0,
     "stats_period": 3600,
 }
 
@@ -62,6 +64,8 @@ def test_defaults_pass_ten_times_per_hold_warn_ms() -> None:
         ("server_login_retry", 8.0, 0.8),
         ("stats_period", 9.0, 0.9),
         ("autodb_idle_timeout", 2.5, 0.25),
+        ("query_timeout", 1.5, 0.15),
+        ("client_idle_timeout", 3.5, 0.35),
     ],
 )
 def test_every_enabled_period_counts(name: str, value: float, expected: float) -> None:

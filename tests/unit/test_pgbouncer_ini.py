@@ -86,7 +86,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
         "[users]\n"
         "bob = pool_mode=session\n"
         "[pgbouncer]\n"
-        "query_timeout = 50\n"
+        "application_name_add_host = 1\n"
         "tcp_keepalive = maybe\n"
         "[pgboucner]\n"
         "just text\n"
@@ -98,7 +98,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     assert "unknown option 'bogus'" in by_line[3]
     assert "connect_query is not supported by this version" in by_line[4]
     assert "pool_mode is not supported by this version" in by_line[6]
-    assert "query_timeout = '50' is not supported by this version" in by_line[8]
+    assert "application_name_add_host = '1' is not supported by this version" in by_line[8]
     assert "unknown section [pgboucner]" in by_line[10]
     assert "expected key = value" in by_line[11]
 
