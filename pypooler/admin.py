@@ -655,18 +655,21 @@ class AdminConsole:
         return sorted(users)
 
     def show_users(self) -> ResultSet:
-        limit = self.settings.max_user_connections
+        settings = self.settings
         rows: list[Row] = []
         for user in self._users():
             bound = self.manager.user_bounds.get(user)
-            rows.append([user, None, str(limit), str(bound.used if bound is not None else 0)])
+            by_user = settings.users.get(user)
+            mode = by_user.pool_mode if by_user is not None else None
+            limit = settings.max_user_connections_of(user)
+            rows.append([user, mode, str(limit), str(bound.used if bound is not None else 0)])
         return ResultSet(USERS_COLUMNS, rows)
 
     def show_config(self) -> ResultSet:
         settings = self.settings
         rows: list[Row] = []
         for key, field in type(settings).model_fields.items():
-            if key == "databases":  # SHOW DATABASES shows them
+            if key in ("databases", "users"):  # SHOW DATABASES and SHOW USERS show them
                 continue
             default = field.default_factory() if field.default_factory is not None else field.default  # type: ignore[call-arg]
             rows.append([

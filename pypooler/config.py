@@ -68,6 +68,7 @@ __all__ = [
     "ServerTlsMode",
     "SessionStatePolicy",
     "Settings",
+    "UserConfig",
     "check_settings",
     "load_settings",
 ]
@@ -164,6 +165,17 @@ class DatabaseConfig(BaseModel):
     pool_mode: PoolMode | None = None
     # None means Settings.auth_type.
     auth_type: AuthType | None = None
+
+
+class UserConfig(BaseModel):
+    """One `[users.NAME]` table (PgBouncer's [users]): settings for the pools of server user NAME."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # None means the database's pool_mode, else Settings.pool_mode.
+    pool_mode: PoolMode | None = None
+    # None means Settings.max_user_connections.
+    max_user_connections: int | None = Field(default=None, ge=0)
 
 
 class Settings(BaseSettings):
@@ -302,6 +314,7 @@ class Settings(BaseSettings):
     expected_instances: int = Field(default=1, ge=1)
 
     databases: dict[DatabaseName, DatabaseConfig] = Field(default_factory=dict)
+    users: dict[str, UserConfig] = Field(default_factory=dict)
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -355,6 +368,20 @@ class Settings(BaseSettings):
         elif plan.toml_file is not None:
             sources.append(_TomlFileSource(settings_cls, plan.toml_file))
         return tuple(sources)
+
+    def pool_mode_of(self, db: DatabaseConfig, user: str) -> PoolMode:
+        """The pool mode of the pool of entry `db` logged in as `user`: the user's ([users]),
+        else the entry's, else pool_mode."""
+        by_user = self.users.get(user)
+        if by_user is not None and by_user.pool_mode is not None:
+            return by_user.pool_mode
+        return db.pool_mode or self.pool_mode
+
+    def max_user_connections_of(self, user: str) -> int:
+        by_user = self.users.get(user)
+        if by_user is not None and by_user.max_user_connections is not None:
+            return by_user.max_user_connections
+        return self.max_user_connections
 
     def pool_limits(self, db: DatabaseConfig) -> tuple[int, int, int]:
         """(min_pool_size, reserve_pool, max_db_connections) of entry `db`: its own values, else

@@ -246,7 +246,11 @@ _DATABASE_NOT_YET: Final = frozenset(
         "application_name",
     }
 )
-_USER_KEYS: Final = frozenset({"pool_mode", "max_user_connections", "pool_size"})
+# [users] keys.
+_USER_KEYS: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
+    "pool_mode": ("pool_mode", _text),
+    "max_user_connections": ("max_user_connections", _integer),
+}
 
 _SECTIONS: Final = frozenset({"databases", "users", "pgbouncer"})
 _SECTION = re.compile(r"^\[(?P<name>[^\]]*)\]$")
@@ -261,6 +265,7 @@ def read_ini(path: str | os.PathLike[str]) -> IniSettings:
     lines: list[tuple[str, str, str, str]] = []  # (section, key, value, "file:line")
     _collect(Path(path), lines, problems, depth=0)
     databases: dict[str, dict[str, Any]] = {}
+    users: dict[str, dict[str, Any]] = {}
     for section, key, value, where in lines:  # a key given twice: the last one wins, as in PgBouncer
         if section == "pgbouncer":
             _pgbouncer_key(key, value, where, result, problems)
@@ -269,11 +274,15 @@ def read_ini(path: str | os.PathLike[str]) -> IniSettings:
             if entry is not None:
                 databases[_unquote_name(key)] = entry
         else:
-            _user_entry(key, value, where, problems)
+            user = _user_entry(key, value, where, result, problems)
+            if user is not None:
+                users[_unquote_name(key)] = user
     for name, default in _PGBOUNCER_DEFAULTS.items():
         result.values.setdefault(name, default)
     if databases:
         result.values["databases"] = databases
+    if users:
+        result.values["users"] = users
     return result
 
 
@@ -388,17 +397,31 @@ def _database_entry(
     return entry
 
 
-def _user_entry(key: str, value: str, where: str, problems: list[str]) -> None:
+def _user_entry(
+    key: str, value: str, where: str, result: IniSettings, problems: list[str]
+) -> dict[str, Any] | None:
+    name = _unquote_name(key)
     try:
         pairs = parse_connection_string(value)
     except ValueError as exc:
-        problems.append(f"{where}: user {key}: {exc}")
-        return
-    for option in pairs:
+        problems.append(f"{where}: user {name}: {exc}")
+        return None
+    entry: dict[str, Any] = {}
+    for option, text in pairs.items():
         if option in _USER_KEYS:
-            problems.append(f"{where}: user {key}: {option} is {NOT_YET}")
+            setting, parse = _USER_KEYS[option]
+            try:
+                entry[setting] = parse(text)
+            except ValueError as exc:
+                problems.append(f"{where}: user {name}: {option}: {exc}")
+                continue
+            result.origins[("users", name, setting)] = where
+        elif option == "pool_size":  # PgBouncer 1.21's
+            problems.append(f"{where}: user {name}: {option} is {NOT_YET}")
         else:
-            problems.append(f"{where}: user {key}: unknown option {option!r}")
+            problems.append(f"{where}: user {name}: unknown option {option!r}")
+    result.origins[("users", name)] = where
+    return entry
 
 
 def _unquote_name(key: str) -> str:
@@ -458,10 +481,12 @@ def _shown(text: str, limit: int = 40) -> str:
 
 def to_toml(values: Mapping[str, Any]) -> str:
     """`values` (settings as `read_ini` gives them) as a pypooler TOML file."""
-    lines = [f"{key} = {_toml_value(value)}" for key, value in values.items() if key != "databases"]
-    for name, entry in values.get("databases", {}).items():
-        lines += ["", f"[databases.{_toml_key(name)}]"]
-        lines += [f"{key} = {_toml_value(value)}" for key, value in entry.items()]
+    tables = ("databases", "users")
+    lines = [f"{key} = {_toml_value(value)}" for key, value in values.items() if key not in tables]
+    for table in tables:
+        for name, entry in values.get(table, {}).items():
+            lines += ["", f"[{table}.{_toml_key(name)}]"]
+            lines += [f"{key} = {_toml_value(value)}" for key, value in entry.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -925,7 +925,7 @@ class PoolManager:
                 user,
                 login,
                 size=db.pool_size or self.settings.default_pool_size,
-                mode=db.pool_mode or self.settings.pool_mode,
+                mode=self.settings.pool_mode_of(db, user),
                 settings=self.settings,
                 schema=self.schemas.setdefault((login.host, login.port, login.database), SchemaVersion()),
                 log_limiter=self.log_limiter,
@@ -1130,7 +1130,7 @@ class PoolManager:
             pool.reconfigure(
                 self._server_login(database, db, user),
                 size=db.pool_size or settings.default_pool_size,
-                mode=db.pool_mode or settings.pool_mode,
+                mode=settings.pool_mode_of(db, user),
                 settings=settings,
             )
 
@@ -1142,7 +1142,7 @@ class PoolManager:
         by_database = self.database_bounds.setdefault(pool.database, SharedBound(pool.database, 0))
         by_database.limit = db_limit
         by_user = self.user_bounds.setdefault(pool.user, SharedBound(pool.user, 0))
-        by_user.limit = settings.max_user_connections
+        by_user.limit = settings.max_user_connections_of(pool.user)
         pool.bounds = (by_database, by_user)
         by_database.pools.add(pool)
         by_user.pools.add(pool)

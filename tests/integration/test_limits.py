@@ -113,3 +113,14 @@ async def test_the_console_shows_the_limits(
     assert int(database["current_connections"]) >= 1
     (user,) = [r for r in console_rows(pooler, "SHOW USERS") if r["name"] == "postgres"]
     assert user["max_user_connections"] == "7" and int(user["current_connections"]) >= 1
+
+
+async def test_the_users_section_sets_a_users_pool_mode_and_bound(start_pooler: Callable[..., Any]) -> None:
+    pooler = start_pooler(
+        pool_size=5, users={"pp_trust": {"pool_mode": "session", "max_user_connections": 1}}
+    )
+    await asyncio.wait_for(asyncio.gather(hold(pooler.dsn(user="pp_trust"), 0.2), hold(pooler.dsn(), 0)), 10)
+    assert pooler.pool(user="pp_trust").mode == "session" and pooler.pool().mode == "transaction"
+    assert used(pooler, "user", "pp_trust") <= 1
+    (user,) = [r for r in console_rows(pooler, "SHOW USERS") if r["name"] == "pp_trust"]
+    assert (user["pool_mode"], user["max_user_connections"]) == ("session", "1")

@@ -16,6 +16,7 @@ from pypooler.config import (
     ConfigError,
     DatabaseConfig,
     Settings,
+    UserConfig,
     load_settings,
 )
 
@@ -150,12 +151,13 @@ def test_example_config_shows_every_setting_with_its_default() -> None:
         example = tomllib.load(file)
     text = EXAMPLE_CONFIG.read_text(encoding="utf-8")
 
-    top_level = {key: value for key, value in example.items() if key != "databases"}
-    assert set(top_level) == set(Settings.model_fields) - {"databases"}
+    tables = {"databases", "users"}
+    top_level = {key: value for key, value in example.items() if key not in tables}
+    assert set(top_level) == set(Settings.model_fields) - tables
     for key, value in top_level.items():
         assert value == Settings.model_fields[key].get_default(call_default_factory=True), key
-    for field in DatabaseConfig.model_fields:
-        # Optional database settings appear commented out.
+    for field in [*DatabaseConfig.model_fields, *UserConfig.model_fields]:
+        # Optional database and user settings appear commented out.
         assert f"\n{field} = " in text or f"\n# {field} = " in text, field
 
 

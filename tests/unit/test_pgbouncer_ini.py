@@ -84,7 +84,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
         "b = host=x bogus=1\n"
         "c = host=x connect_query='SET x = 1'\n"
         "[users]\n"
-        "bob = pool_mode=session\n"
+        "bob = pool_size=5\n"
         "[pgbouncer]\n"
         "application_name_add_host = 1\n"
         "tcp_keepalive = maybe\n"
@@ -97,7 +97,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     assert "port: must be an integer" in by_line[2]
     assert "unknown option 'bogus'" in by_line[3]
     assert "connect_query is not supported by this version" in by_line[4]
-    assert "pool_mode is not supported by this version" in by_line[6]
+    assert "pool_size is not supported by this version" in by_line[6]
     assert "application_name_add_host = '1' is not supported by this version" in by_line[8]
     assert "unknown section [pgboucner]" in by_line[10]
     assert "expected key = value" in by_line[11]
@@ -195,3 +195,11 @@ def test_convert_gives_toml_that_loads_to_the_same_settings(tmp_path: Path, auth
     tomllib.loads(toml_text)
     toml_path = write(tmp_path, toml_text, "pypooler.toml")
     assert load_settings(toml_path, env={}) == load_settings(ini_path, env={})
+
+
+def test_the_users_section(tmp_path: Path) -> None:
+    text = "[users]\nbob = pool_mode=session max_user_connections=3\n[pgbouncer]\nauth_type = trust\n"
+    settings = load_settings(write(tmp_path, text), env={})
+    assert settings.users["bob"].pool_mode == "session" and settings.max_user_connections_of("bob") == 3
+    toml_path = write(tmp_path, to_toml(read_ini(tmp_path / "pgbouncer.ini").values), "pypooler.toml")
+    assert load_settings(toml_path, env={}) == settings
