@@ -274,7 +274,7 @@ def read_ini(path: str | os.PathLike[str]) -> IniSettings:
             if entry is not None:
                 databases[_unquote_name(key)] = entry
         else:
-            user = _user_entry(key, value, where, result, problems)
+            user = _entry("users", _unquote_name(key), value, where, result, problems)
             if user is not None:
                 users[_unquote_name(key)] = user
     for name, default in _PGBOUNCER_DEFAULTS.items():
@@ -364,25 +364,9 @@ def _database_entry(
     key: str, value: str, where: str, result: IniSettings, problems: list[str]
 ) -> dict[str, Any] | None:
     name = _unquote_name(key)
-    try:
-        pairs = parse_connection_string(value)
-    except ValueError as exc:
-        problems.append(f"{where}: database {name}: {exc}")
+    entry = _entry("databases", name, value, where, result, problems)
+    if entry is None:
         return None
-    entry: dict[str, Any] = {}
-    for option, text in pairs.items():
-        if option in _DATABASE_KEYS:
-            setting, parse = _DATABASE_KEYS[option]
-            try:
-                entry[setting] = parse(text)
-            except ValueError as exc:
-                problems.append(f"{where}: database {name}: {option}: {exc}")
-                continue
-            result.origins[("databases", name, setting)] = where
-        elif option in _DATABASE_NOT_YET:
-            problems.append(f"{where}: database {name}: {option} is {NOT_YET}")
-        else:
-            problems.append(f"{where}: database {name}: unknown option {option!r}")
     if "host" not in entry:
         # PgBouncer's default is the local unix socket; pypooler reaches servers over TCP.
         entry["host"] = "127.0.0.1"
@@ -393,34 +377,41 @@ def _database_entry(
         problems.append(f"{where}: database {name}: host={entry['host']}: a unix socket is {NOT_YET}")
     elif "," in entry["host"]:
         problems.append(f"{where}: database {name}: host={entry['host']}: several hosts are {NOT_YET}")
-    result.origins[("databases", name)] = where
     return entry
 
 
-def _user_entry(
-    key: str, value: str, where: str, result: IniSettings, problems: list[str]
+# Per table: the options pypooler has, and those PgBouncer has that it does not yet.
+_TABLES: Final[dict[str, tuple[str, dict[str, tuple[str, Callable[[str], Any]]], frozenset[str]]]] = {
+    "databases": ("database", _DATABASE_KEYS, _DATABASE_NOT_YET),
+    "users": ("user", _USER_KEYS, frozenset({"pool_size"})),  # pool_size: PgBouncer 1.21's
+}
+
+
+def _entry(
+    table: str, name: str, value: str, where: str, result: IniSettings, problems: list[str]
 ) -> dict[str, Any] | None:
-    name = _unquote_name(key)
+    """A `[databases]` or `[users]` line's options as settings (see _TABLES); None if unreadable."""
+    kind, keys, not_yet = _TABLES[table]
     try:
         pairs = parse_connection_string(value)
     except ValueError as exc:
-        problems.append(f"{where}: user {name}: {exc}")
+        problems.append(f"{where}: {kind} {name}: {exc}")
         return None
     entry: dict[str, Any] = {}
     for option, text in pairs.items():
-        if option in _USER_KEYS:
-            setting, parse = _USER_KEYS[option]
+        if option in keys:
+            setting, parse = keys[option]
             try:
                 entry[setting] = parse(text)
             except ValueError as exc:
-                problems.append(f"{where}: user {name}: {option}: {exc}")
+                problems.append(f"{where}: {kind} {name}: {option}: {exc}")
                 continue
-            result.origins[("users", name, setting)] = where
-        elif option == "pool_size":  # PgBouncer 1.21's
-            problems.append(f"{where}: user {name}: {option} is {NOT_YET}")
+            result.origins[(table, name, setting)] = where
+        elif option in not_yet:
+            problems.append(f"{where}: {kind} {name}: {option} is {NOT_YET}")
         else:
-            problems.append(f"{where}: user {name}: unknown option {option!r}")
-    result.origins[("users", name)] = where
+            problems.append(f"{where}: {kind} {name}: unknown option {option!r}")
+    result.origins[(table, name)] = where
     return entry
 
 
