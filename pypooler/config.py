@@ -165,6 +165,18 @@ class DatabaseConfig(BaseModel):
     pool_mode: PoolMode | None = None
     # None means Settings.auth_type.
     auth_type: AuthType | None = None
+    # Startup parameters every server of this database is opened with (PgBouncer's
+    # client_encoding, datestyle, timezone, application_name); clients still get their own.
+    client_encoding: str | None = None
+    datestyle: str | None = None
+    timezone: str | None = None
+    application_name: str | None = None
+    # Run on each new server before any client gets it; its errors are logged, not fatal.
+    connect_query: str | None = None
+
+    def startup_parameters(self) -> tuple[tuple[str, str], ...]:
+        names = ("client_encoding", "datestyle", "timezone", "application_name")
+        return tuple((name, value) for name in names if (value := getattr(self, name)) is not None)
 
 
 class UserConfig(BaseModel):

@@ -501,6 +501,10 @@ class Pool:
         login = self.login
         try:
             server = await open_server_connection(login, self.settings.server_connect_timeout)
+            if login.connect_query:  # still counted as connecting: no client gets it before
+                clean = await self._run_connect_query(server, login.connect_query)
+                if not clean:
+                    server.close()  # left inside a transaction: never lent dirty
         except PoolerError as exc:
             self.connecting -= 1
             self._connect_failed(exc)
@@ -530,6 +534,18 @@ class Pool:
             if self._parameters_ready is not None and not self._parameters_ready.done():
                 self._parameters_ready.set_result(None)
         self.release(server)
+
+    async def _run_connect_query(self, server: ServerConnection, sql: str) -> bool:
+        """A [databases] entry's connect_query on a new server; its errors are logged, not fatal
+        (as in PgBouncer). Whether the server may be lent after it (the release rule's answer)."""
+        errors: list[dict[str, str]] = []
+        _, clean = await server.query_first_row(codec.build_query(sql), errors)
+        for error in errors:
+            self.log_limiter.log(
+                log, logging.WARNING, ("connect_query", self.database, self.user),
+                "pool %s/%s: connect_query failed: %s", self.database, self.user, error.get("M", "?"),
+            )  # fmt: skip
+        return clean
 
     def fit_stream(self, server: ServerConnection, *, rewriting: bool) -> None:
         """Give an idle server the stream its next client speaks: a `RewritingBackend` and a
@@ -905,6 +921,8 @@ class PoolManager:
             tls_mode=settings.server_tls_sslmode,
             ssl_context=self.server_tls,
             keepalive=keepalive_options(settings),
+            startup=db.startup_parameters(),
+            connect_query=db.connect_query or "",
         )
 
     def _pool(self, database: str, entry: str, db: DatabaseConfig, user: str) -> Pool:

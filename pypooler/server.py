@@ -92,6 +92,7 @@ class ServerLogin:
         "client_key",
         "configured",
         "configured_secret",
+        "connect_query",
         "database",
         "host",
         "keepalive",
@@ -99,6 +100,7 @@ class ServerLogin:
         "port",
         "secret",
         "ssl_context",
+        "startup",
         "tls_mode",
         "user",
     )
@@ -115,8 +117,13 @@ class ServerLogin:
         tls_mode: ServerTlsMode = "disable",
         ssl_context: ssl.SSLContext | None = None,
         keepalive: tuple[SocketOption, ...] = (),
+        startup: tuple[tuple[str, str], ...] = (),
+        connect_query: str = "",
     ) -> None:
         self.host = host
+        # A [databases] entry's startup parameters for its servers, and its connect_query.
+        self.startup = startup
+        self.connect_query = connect_query
         self.keepalive = keepalive  # socket options for the connection (keepalive.py)
         self.port = port
         self.database = database
@@ -158,6 +165,7 @@ class ServerLogin:
         """What the configuration decides: a RELOAD with a different key replaces the login."""
         return (
             self.host, self.port, self.database, self.user, self.configured_secret, self.tls_mode,
+            self.startup, self.connect_query,
         )  # fmt: skip
 
     def describe(self) -> str:
@@ -168,6 +176,7 @@ class ServerLogin:
         return ServerLoginExchange(
             self.user, self.database, password=self.password, secret=self.secret,
             client_key=self.client_key, tls_mode=self.tls_mode, target=self.describe(),
+            startup=self.startup,
         )  # fmt: skip
 
 

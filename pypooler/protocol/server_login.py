@@ -128,6 +128,7 @@ class ServerLoginExchange:
         "process_id",
         "secret",
         "secret_key",
+        "startup",
         "state",
         "target",
         "tls",
@@ -145,9 +146,11 @@ class ServerLoginExchange:
         client_key: bytes | None = None,
         tls_mode: str = "disable",
         target: str = "",
+        startup: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self.user = user
         self.database = database
+        self.startup = startup  # more startup parameters (a [databases] entry's client_encoding...)
         self.password = password
         self.secret = secret
         self.client_key = client_key
@@ -234,7 +237,9 @@ class ServerLoginExchange:
         return LoginFailed(error)
 
     def _startup_message(self) -> bytes:
-        return codec.build_startup_message({"user": self.user, "database": self.database})
+        return codec.build_startup_message(
+            {"user": self.user, "database": self.database, **dict(self.startup)}
+        )
 
     def _tls_answer(self, data: bytes) -> list[LoginEvent]:
         if len(data) != 1:

@@ -124,3 +124,28 @@ async def test_the_users_section_sets_a_users_pool_mode_and_bound(start_pooler: 
     assert used(pooler, "user", "pp_trust") <= 1
     (user,) = [r for r in console_rows(pooler, "SHOW USERS") if r["name"] == "pp_trust"]
     assert (user["pool_mode"], user["max_user_connections"]) == ("session", "1")
+
+
+async def test_a_database_entry_sets_startup_parameters_and_a_connect_query(
+    start_pooler: Callable[..., Any], postgres: EmbeddedPostgres, caplog: Any
+) -> None:
+    entry = {
+        "host": postgres.host, "port": postgres.port, "timezone": "America/New_York",
+        "connect_query": "set statement_timeout = 12345",
+    }  # fmt: skip
+    pooler = start_pooler(
+        databases={"pypooler_test": entry, "postgres": {**entry, "connect_query": "select 1/0"}}
+    )
+    conn = await asyncpg.connect(pooler.dsn())
+    try:
+        assert conn.get_settings().TimeZone == "America/New_York"  # the welcome reports it
+        assert await conn.fetchval("show timezone") == "America/New_York"
+        assert await conn.fetchval("show statement_timeout") == "12345ms"
+    finally:
+        await conn.close()
+    other = await asyncpg.connect(pooler.dsn(dbname="postgres"))  # its connect_query fails: logged only
+    try:
+        assert await other.fetchval("select 1") == 1
+    finally:
+        await other.close()
+    assert any("connect_query failed: division by zero" in r.getMessage() for r in caplog.records)
