@@ -632,7 +632,7 @@ class AdminConsole:
             found = manager.database_config(name)
             if found is not None:
                 db = found[1]
-                host, port, dbname = db.host, db.port, db.dbname or name
+                host, port, dbname = db.host, db.targets()[0][1], db.dbname or name
                 force_user, pool_mode = db.user, db.pool_mode
                 pool_size = db.pool_size or settings.default_pool_size
                 min_size, reserve, limit = settings.pool_limits(db)

@@ -220,7 +220,7 @@ def _bounds_by_server(manager: PoolManager, settings: Settings) -> dict[tuple[st
         seen.add((pool.database, pool.user))
     for name, db in settings.databases.items():
         if name != "*" and db.user and (name, db.user) not in seen:
-            key = (db.host, db.port)
+            key = db.targets()[0]
             bounds[key] = bounds.get(key, 0) + settings.pool_size_for(name)
     return bounds
 
@@ -304,8 +304,9 @@ async def check_capacity(manager: PoolManager, settings: Settings) -> list[str]:
         logins.setdefault((pool.login.host, pool.login.port), pool.login)
     for name, db in settings.databases.items():
         if name != "*" and db.user:
-            login = ServerLogin(db.host, db.port, settings.server_dbname_for(name), db.user, db.password)
-            logins.setdefault((db.host, db.port), login)
+            host, port = db.targets()[0]
+            login = ServerLogin(host, port, settings.server_dbname_for(name), db.user, db.password)
+            logins.setdefault((host, port), login)
     for key, total in _bounds_by_server(manager, settings).items():
         server_login = logins.get(key)
         limits = await server_limits(server_login, settings.server_connect_timeout) if server_login else None

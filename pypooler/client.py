@@ -211,14 +211,14 @@ class ClientRegistry:
 async def send_cancel(client: ClientConnection, server: ServerConnection, pool: Pool) -> None:
     """Deliver `client`'s cancel to `server` with the server's own key; then let the pool lend
     the server again if it was released meanwhile."""
-    login = server.login
+    host, port = server.address  # the host it is connected to (one of several, hosts.py)
     # No timeout here: the maintenance pass cancels this task after CANCEL_TIMEOUT_S.
     try:
-        reader, writer = await asyncio.open_connection(login.host, login.port)
+        reader, writer = await asyncio.open_connection(host, port)
     except OSError as exc:
         client.registry.log_limiter.log(
-            log, logging.WARNING, ("cancel_failed", login.host, login.port),
-            "cancel request to %s:%d failed: %s", login.host, login.port, exc,
+            log, logging.WARNING, ("cancel_failed", host, port),
+            "cancel request to %s:%d failed: %s", host, port, exc,
         )  # fmt: skip
     else:
         try:
@@ -228,8 +228,8 @@ async def send_cancel(client: ClientConnection, server: ServerConnection, pool: 
                 await reader.read()
         except OSError as exc:
             client.registry.log_limiter.log(
-                log, logging.WARNING, ("cancel_failed", login.host, login.port),
-                "cancel request to %s:%d failed: %s", login.host, login.port, exc,
+                log, logging.WARNING, ("cancel_failed", host, port),
+                "cancel request to %s:%d failed: %s", host, port, exc,
             )  # fmt: skip
         finally:
             writer.close()

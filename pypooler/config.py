@@ -40,7 +40,15 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import ErrorDetails
 from pydantic_settings import (
     BaseSettings,
@@ -143,13 +151,25 @@ def _check_database_name(name: str) -> str:
 DatabaseName = Annotated[str, AfterValidator(_check_database_name)]
 
 
+def _port_of(text: str, item: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= MAX_PORT:
+        raise ValueError(f"host {item!r}: the port must be a number from 1 to {MAX_PORT}")
+    return int(text)
+
+
 class DatabaseConfig(BaseModel):
     """One `[databases.NAME]` table: the server a client asking for database NAME is sent to."""
 
     model_config = ConfigDict(extra="forbid")
 
+    # One host, or several separated by commas (hosts.py), each with its own ":port" if it
+    # differs from `port` ("db1,db2:5433"; an IPv6 address with a port in brackets, "[::1]:5433").
     host: str = Field(default="127.0.0.1", min_length=1)
     port: int = Field(default=5432, ge=1, le=MAX_PORT)
+    # With several hosts: each new server starts at the next ("round-robin", PgBouncer's way) or
+    # tries them in order ("disable": failover); and which kind of server to accept.
+    load_balance_hosts: Literal["round-robin", "disable"] = "round-robin"
+    target_session_attrs: Literal["any", "read-write", "read-only"] = "any"
     # Database name on the server; None means the entry's own NAME.
     dbname: str | None = Field(default=None, min_length=1)
     # Log in to the server as this user whoever the client is; None means the client's user.
@@ -173,6 +193,28 @@ class DatabaseConfig(BaseModel):
     application_name: str | None = None
     # Run on each new server before any client gets it; its errors are logged, not fatal.
     connect_query: str | None = None
+
+    @model_validator(mode="after")
+    def _hosts_are_readable(self) -> DatabaseConfig:
+        self.targets()  # ValueError names what is wrong
+        return self
+
+    def targets(self) -> tuple[tuple[str, int], ...]:
+        """(host, port) of each server of the entry, in the order written."""
+        targets = []
+        for item in self.host.split(","):
+            text = item.strip()
+            host, port = text, self.port
+            if text.startswith("["):  # [IPv6]:port
+                host, _, rest = text[1:].partition("]")
+                port = _port_of(rest[1:], text) if rest.startswith(":") else self.port
+            elif text.count(":") == 1:
+                host, _, port_text = text.partition(":")
+                port = _port_of(port_text, text)
+            if not host:
+                raise ValueError(f"host {self.host!r}: an empty name in the list")
+            targets.append((host, port))
+        return tuple(targets)
 
     def startup_parameters(self) -> tuple[tuple[str, str], ...]:
         names = ("client_encoding", "datestyle", "timezone", "application_name")
@@ -242,6 +284,8 @@ class Settings(BaseSettings):
     # At most this many such pools at once; a login that would make one more is refused (53400)
     # unless an unused one can be removed to make room.
     max_auto_pools: int = Field(default=1000, ge=1)
+    # Seconds a host of a several-host entry is tried last after its connect failed (hosts.py).
+    host_down_timeout: float = Field(default=10.0, ge=0, allow_inf_nan=False)
     # Close servers idle longer than this many seconds; 0 keeps them.
     server_idle_timeout: float = Field(default=600.0, ge=0, allow_inf_nan=False)
     # Close servers older than this many seconds when they are released; 0 keeps them.

@@ -335,14 +335,13 @@ class MetricsServer:
             return True, "ready"
         if time.monotonic() < self._ready_until:
             return True, "ready (recent probe)"
-        for database in self.manager.settings.databases.values():
+        targets = [t for database in self.manager.settings.databases.values() for t in database.targets()]
+        for host, port in targets:
             try:
-                _, writer = await asyncio.wait_for(
-                    asyncio.open_connection(database.host, database.port), READY_PROBE_TIMEOUT_S
-                )
+                _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), READY_PROBE_TIMEOUT_S)
             except (OSError, TimeoutError):
                 continue
             writer.close()
             self._ready_until = time.monotonic() + READY_CACHE_S
-            return True, f"ready ({database.host}:{database.port} reachable)"
+            return True, f"ready ({host}:{port} reachable)"
         return False, "no server reachable"

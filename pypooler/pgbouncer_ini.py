@@ -227,7 +227,7 @@ _NOT_YET: Final[dict[str, str]] = {
 _DATABASE_KEYS: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "dbname": ("dbname", _text),
     "host": ("host", _text),
-    "port": ("port", _integer),
+    "port": ("port", _text),  # one, or one per host: joined to the hosts below
     "user": ("user", _text),
     "password": ("password", lambda text: text),
     "pool_size": ("pool_size", _integer),
@@ -371,8 +371,20 @@ def _database_entry(
         )
     elif entry["host"].startswith(("/", "@")):
         problems.append(f"{where}: database {name}: host={entry['host']}: a unix socket is {NOT_YET}")
-    elif "," in entry["host"]:
-        problems.append(f"{where}: database {name}: host={entry['host']}: several hosts are {NOT_YET}")
+    ports = [port.strip() for port in str(entry.get("port", "5432")).split(",")]
+    hosts = [host.strip() for host in entry["host"].split(",")]
+    if len(ports) > 1 and len(ports) != len(hosts):
+        problems.append(f"{where}: database {name}: {len(ports)} ports for {len(hosts)} hosts")
+    elif len(ports) > 1:  # pypooler writes a host's own port beside it
+        entry["host"] = ",".join(
+            f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in zip(hosts, ports, strict=True)
+        )
+        del entry["port"]
+    elif "port" in entry:
+        try:
+            entry["port"] = _integer(ports[0])
+        except ValueError as exc:
+            problems.append(f"{where}: database {name}: port: {exc}")
     return entry
 
 

@@ -55,6 +55,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from pypooler.config import DatabaseConfig, PoolMode, Settings
+from pypooler.hosts import HostList
 from pypooler.keepalive import keepalive_options
 from pypooler.log_limits import LogLimiter
 from pypooler.parameter_sets import ParameterSet, intern_parameters
@@ -867,6 +868,7 @@ class PoolManager:
         self.settings = settings
         self.pools: dict[tuple[str, str], Pool] = {}
         self.auto_pools = 0  # pools with `auto` set (see max_auto_pools)
+        self.host_lists: dict[str, HostList] = {}  # per [databases] entry with several hosts
         # max_db_connections per database name, max_user_connections per server user (SharedBound).
         self.database_bounds: dict[str, SharedBound] = {}
         self.user_bounds: dict[str, SharedBound] = {}
@@ -904,16 +906,32 @@ class PoolManager:
         entry, db = found
         return self._pool(database, entry, db, self.settings.auth_user)
 
-    def _server_login(self, database: str, db: DatabaseConfig, user: str) -> ServerLogin:
+    def _server_login(self, database: str, entry: str, db: DatabaseConfig, user: str) -> ServerLogin:
         # [databases] password belongs to the forced user (or to every user when none is forced).
         password = db.password if db.user in (None, user) else None
         secret = None
         if password is None and self.stored_secret is not None:
             secret = self.stored_secret(user)
         settings = self.settings
+        targets = db.targets()
+        hosts = None
+        if len(targets) > 1:
+            hosts = self.host_lists.get(entry)
+            if hosts is None or hosts.targets != targets:
+                hosts = self.host_lists[entry] = HostList(
+                    targets,
+                    round_robin=db.load_balance_hosts == "round-robin",
+                    down_s=settings.host_down_timeout,
+                    target_session_attrs=db.target_session_attrs,
+                )
+            else:  # a RELOAD: the rotation and the down marks go on
+                hosts.round_robin = db.load_balance_hosts == "round-robin"
+                hosts.down_s = settings.host_down_timeout
+                hosts.target_session_attrs = db.target_session_attrs
+        host, port = targets[0]
         return ServerLogin(
-            db.host,
-            db.port,
+            host,
+            port,
             db.dbname or database,
             user,
             password,
@@ -923,6 +941,7 @@ class PoolManager:
             keepalive=keepalive_options(settings),
             startup=db.startup_parameters(),
             connect_query=db.connect_query or "",
+            hosts=hosts,
         )
 
     def _pool(self, database: str, entry: str, db: DatabaseConfig, user: str) -> Pool:
@@ -937,7 +956,7 @@ class PoolManager:
                     hint="configure the database with a user (one pool for all its clients),"
                     " or raise max_auto_pools",
                 )
-            login = self._server_login(database, db, user)
+            login = self._server_login(database, entry, db, user)
             pool = Pool(
                 database,
                 user,
@@ -1143,10 +1162,10 @@ class PoolManager:
                 pool.settings = settings  # no longer reachable: new logins go elsewhere
                 pool.wait_warn_ns = settings.wait_warn_ms * 1e6
                 continue
-            _, db = found
+            entry, db = found
             self._apply_limits(pool, db)
             pool.reconfigure(
-                self._server_login(database, db, user),
+                self._server_login(database, entry, db, user),
                 size=db.pool_size or settings.default_pool_size,
                 mode=settings.pool_mode_of(db, user),
                 settings=settings,

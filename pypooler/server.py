@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 from pypooler import flow
 from pypooler.config import ServerTlsMode
+from pypooler.hosts import HostList
 from pypooler.keepalive import SocketOption, apply_keepalive
 from pypooler.parameter_sets import intern_parameters
 from pypooler.prepared import ServerStatements
@@ -95,6 +96,7 @@ class ServerLogin:
         "connect_query",
         "database",
         "host",
+        "hosts",
         "keepalive",
         "password",
         "port",
@@ -119,8 +121,10 @@ class ServerLogin:
         keepalive: tuple[SocketOption, ...] = (),
         startup: tuple[tuple[str, str], ...] = (),
         connect_query: str = "",
+        hosts: HostList | None = None,
     ) -> None:
         self.host = host
+        self.hosts = hosts  # several servers for the entry (hosts.py); host/port: the first
         # A [databases] entry's startup parameters for its servers, and its connect_query.
         self.startup = startup
         self.connect_query = connect_query
@@ -216,6 +220,7 @@ class ServerConnection(asyncio.Protocol):
         "_internal_reader",
         "_login",
         "_tls_answer",
+        "address",
         "backend",
         "cancels",
         "client",
@@ -243,6 +248,7 @@ class ServerConnection(asyncio.Protocol):
 
     def __init__(self, login: ServerLogin, login_done: asyncio.Future[None]) -> None:
         self.login = login
+        self.address = (login.host, login.port)  # the host it is connected to (one of login.hosts)
         self.state = ServerState.LOGGING_IN
         # Read on the hot path (Pool.release, flow control) and by pool.py, admin.py and tests:
         # plain attributes, changed only by _set_state (a property costs more in pure Python).
@@ -620,14 +626,43 @@ class ServerConnection(asyncio.Protocol):
 
 
 async def open_server_connection(login: ServerLogin, timeout: float) -> ServerConnection:
-    """Connect and log in; raise ServerConnectFailed / ServerLoginFailed with a clear message."""
+    """Connect and log in to the entry's server (with several hosts, the first that accepts, in
+    hosts.py's order and of the kind target_session_attrs asks for); raise ServerConnectFailed /
+    ServerLoginFailed with a clear message."""
+    hosts = login.hosts
+    if hosts is None or len(hosts.targets) == 1:
+        return await _open_one(login, login.host, login.port, timeout)
+    loop = asyncio.get_running_loop()
+    failure: ServerConnectFailed | None = None
+    for host, port in hosts.order(loop.time()):
+        try:
+            server = await _open_one(login, host, port, timeout)
+        except ServerLoginFailed:
+            raise  # the server answered and refused: no other host would say otherwise
+        except ServerConnectFailed as exc:
+            hosts.failed((host, port), loop.time())
+            failure = exc
+            continue
+        hosts.succeeded((host, port))
+        if hosts.accepts(server.parameters):
+            return server
+        server.close()
+        failure = ServerConnectFailed(
+            f"server {host}:{port} is not {hosts.target_session_attrs}"
+            f" (target_session_attrs of {login.user}@{login.database})"
+        )
+    assert failure is not None
+    raise failure
+
+
+async def _open_one(login: ServerLogin, host: str, port: int, timeout: float) -> ServerConnection:
     loop = asyncio.get_running_loop()
     login_done: asyncio.Future[None] = loop.create_future()
+    where = f"{login.user}@{host}:{port}/{login.database}"
     try:
         async with asyncio.timeout(timeout):
-            _, server = await loop.create_connection(
-                lambda: ServerConnection(login, login_done), login.host, login.port
-            )
+            _, server = await loop.create_connection(lambda: ServerConnection(login, login_done), host, port)
+            server.address = (host, port)
             try:
                 await server.log_in()
             except BaseException:
@@ -638,10 +673,8 @@ async def open_server_connection(login: ServerLogin, timeout: float) -> ServerCo
                 raise
     except TimeoutError:
         raise ServerConnectFailed(
-            f"could not connect to server {login.describe()}: timed out after {timeout:g} s"
+            f"could not connect to server {where}: timed out after {timeout:g} s"
         ) from None
     except OSError as exc:
-        raise ServerConnectFailed(
-            f"could not connect to server {login.describe()}: {exc.strerror or exc}"
-        ) from None
+        raise ServerConnectFailed(f"could not connect to server {where}: {exc.strerror or exc}") from None
     return server

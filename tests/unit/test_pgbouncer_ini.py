@@ -203,3 +203,13 @@ def test_the_users_section(tmp_path: Path) -> None:
     assert settings.users["bob"].pool_mode == "session" and settings.max_user_connections_of("bob") == 3
     toml_path = write(tmp_path, to_toml(read_ini(tmp_path / "pgbouncer.ini").values), "pypooler.toml")
     assert load_settings(toml_path, env={}) == settings
+
+
+def test_several_hosts_with_their_ports(tmp_path: Path) -> None:
+    ini = read_ini(
+        write(tmp_path, "[databases]\napp = host=a,b,::1 port=5432,5433,5434\none = host=a,b port=6000\n")
+    )
+    assert ini.values["databases"]["app"] == {"host": "a:5432,b:5433,[::1]:5434"}
+    assert ini.values["databases"]["one"] == {"host": "a,b", "port": 6000}
+    problems = read_ini(write(tmp_path, "[databases]\napp = host=a,b port=1,2,3\n")).problems
+    assert "3 ports for 2 hosts" in problems[0]
