@@ -284,6 +284,10 @@ class Settings(BaseSettings):
     # At most this many such pools at once; a login that would make one more is refused (53400)
     # unless an unused one can be removed to make room.
     max_auto_pools: int = Field(default=1000, ge=1)
+    # Run on a server idle for server_check_delay seconds (at most once per that delay, and
+    # once a second), by the maintenance pass: a server that fails it is closed; "" runs nothing.
+    server_check_query: str = "select 1"
+    server_check_delay: float = Field(default=30.0, ge=0, allow_inf_nan=False)
     # Seconds a host of a several-host entry is tried last after its connect failed (hosts.py).
     host_down_timeout: float = Field(default=10.0, ge=0, allow_inf_nan=False)
     # Close servers idle longer than this many seconds; 0 keeps them.

@@ -12,9 +12,10 @@ What one pass does, in this order:
   warned about (once per hold), and those whose query ran past `query_timeout` ended; servers
   older than `server_lifetime` retired (idle ones now, lent ones when released); the listener
   connection closed after `server_idle_timeout` without a channel; idle servers past
-  `server_idle_timeout` closed; connects retried once `server_login_retry` has passed since the
-  last failure; the reserve (reserve_pool) opened once a client has waited
-  `reserve_pool_timeout`, and closed (with idle servers beyond pool_size) when nobody waits;
+  `server_idle_timeout` closed, and `server_check_query` run on those idle for
+  `server_check_delay`; connects retried once `server_login_retry` has passed since the last
+  failure; the reserve (reserve_pool) opened once a client has waited `reserve_pool_timeout`,
+  and closed (with idle servers beyond pool_size) when nobody waits;
   servers opened up to `min_pool_size`; an automatic pool (made for the "*" entry or a
   client's own user name) noted when it became unused;
 - clients idle outside a transaction past `client_idle_timeout` closed (every client is looked
@@ -29,7 +30,8 @@ What one pass does, in this order:
 The interval rule: a tenth of the shortest enabled period among query_wait_timeout,
 client_login_timeout, idle_transaction_timeout, query_timeout, client_idle_timeout,
 hold_warn_ms, server_idle_timeout, server_lifetime, server_login_retry, autodb_idle_timeout,
-stats_period and (where a reserve is configured) reserve_pool_timeout, kept within
+stats_period, server_check_delay (with a server_check_query) and (where a reserve is configured)
+reserve_pool_timeout, kept within
 [MIN_INTERVAL_S, MAX_INTERVAL_S] = [0.05 s, 1 s]. So a timeout fires at most a tenth of itself
 late (never more than 1 s, plus event-loop lag), and a pooler with only long timeouts wakes once
 a second (which also bounds the fixed CANCEL_TIMEOUT_S, 5 s, to 1 s late). With the defaults
@@ -91,6 +93,7 @@ def timed_periods(settings: Settings) -> list[float]:
         settings.server_login_retry,
         settings.autodb_idle_timeout,
         settings.stats_period,
+        max(1.0, settings.server_check_delay) if settings.server_check_query else 0.0,
     ]
     if settings.reserve_pool_size or any(db.reserve_pool for db in settings.databases.values()):
         periods.append(settings.reserve_pool_timeout)
@@ -131,6 +134,11 @@ def maintain_pool(pool: Pool, now_ns: int) -> None:
         and now_ns - listener.empty_since_ns >= idle_timeout * NS_PER_S
     ):
         listener.close_connection()
+    if settings.server_check_query and pool.idle:
+        # Each idle server at most once per server_check_delay (and once a second).
+        limit = now_ns - int(max(1.0, settings.server_check_delay) * NS_PER_S)
+        for server in [s for s in pool.idle if max(s.last_used_ns, s.checked_ns) <= limit]:
+            pool.check_idle(server, settings.server_check_query, now_ns)
     if idle_timeout and pool.idle:
         limit = now_ns - int(idle_timeout * NS_PER_S)
         # idle is LIFO, so the longest-idle servers are at the front.

@@ -140,6 +140,8 @@ _SETTINGS: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "admin_users": ("admin_users", _names),
     "stats_users": ("stats_users", _names),
     "server_reset_query": ("server_reset_query", _text),
+    "server_check_query": ("server_check_query", _text),
+    "server_check_delay": ("server_check_delay", _seconds),
     "server_lifetime": ("server_lifetime", _seconds),
     "server_idle_timeout": ("server_idle_timeout", _seconds),
     "server_connect_timeout": ("server_connect_timeout", _seconds),
@@ -214,8 +216,6 @@ _NOT_NEEDED: Final[dict[str, str]] = {
 # Keys pypooler does not support yet, with PgBouncer's default (at which they mean "off").
 # Ignoring these changes nothing a client or the database relies on: a warning.
 _NOT_YET_HARMLESS: Final[dict[str, str]] = {
-    "server_check_query": "select 1",
-    "server_check_delay": "30",
     "log_pooler_errors": "1",
 }
 # Ignoring these would drop a bound or change what clients see: an error unless at the default.

@@ -657,6 +657,32 @@ class Pool:
         """min_pool_size: open servers up to it, within every bound (no sibling's room taken)."""
         self._open_servers(self.min_size - len(self.servers) - self.connecting)
 
+    def check_idle(self, server: ServerConnection, sql: str, now_ns: int) -> None:
+        """server_check_query on an idle server (the maintenance pass decides when): out of the
+        idle list meanwhile, back (to a waiter or idle, its idle time kept) if it answers, closed
+        if it does not."""
+        self.idle.remove(server)
+        server.checked_ns = now_ns
+        self.track_task(asyncio.get_running_loop().create_task(self._check(server, sql)))
+
+    async def _check(self, server: ServerConnection, sql: str) -> None:
+        errors: list[dict[str, str]] = []
+        try:
+            _, clean = await server.query_first_row(codec.build_query(sql), errors)
+        except PoolerError:
+            clean = False  # the connection died: server_closed has forgotten it
+        if server.closed:
+            return
+        if errors or not clean:
+            self.log_limiter.log(
+                log, logging.WARNING, ("server_check", self.database, self.user),
+                "pool %s/%s: server_check_query failed, server closed: %s", self.database, self.user,
+                errors[0].get("M", "?") if errors else "left in a transaction",
+            )  # fmt: skip
+            server.close()
+            return
+        self.release(server, server.last_used_ns)
+
     def close_idle(self, server: ServerConnection) -> None:
         """Close an idle server (server_idle_timeout); `server_closed` forgets it."""
         self.idle.remove(server)

@@ -223,6 +223,7 @@ class ServerConnection(asyncio.Protocol):
         "address",
         "backend",
         "cancels",
+        "checked_ns",
         "client",
         "close_needed",
         "closed",
@@ -280,6 +281,7 @@ class ServerConnection(asyncio.Protocol):
         self.close_needed = False
         self.created_ns = time.monotonic_ns()
         self.last_used_ns = self.created_ns
+        self.checked_ns = 0  # the last server_check_query (maintenance.py)
         # Set by the owning pool; servers do not import pools (imports point one way).
         self.on_close: Callable[[ServerConnection], None] | None = None
 

@@ -149,3 +149,20 @@ async def test_a_database_entry_sets_startup_parameters_and_a_connect_query(
     finally:
         await other.close()
     assert any("connect_query failed: division by zero" in r.getMessage() for r in caplog.records)
+
+
+async def test_server_check_query_runs_on_idle_servers(start_pooler: Callable[..., Any], caplog: Any) -> None:
+    healthy = start_pooler(server_check_delay=0)  # at most once a second
+    failing = start_pooler(server_check_delay=0, server_check_query="select 1/0")
+    for pooler in (healthy, failing):
+        await hold(pooler.dsn(), 0)
+    deadline = time.monotonic() + 10
+    while failing.server_count() and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert failing.server_count() == 0
+    assert any(
+        "server_check_query failed, server closed: division by zero" in r.getMessage() for r in caplog.records
+    )
+    assert healthy.server_count() == 1
+    assert healthy.call(lambda: [s.checked_ns for s in healthy.pool().servers])[0] > 0
+    await hold(healthy.dsn(), 0)  # still lent as usual

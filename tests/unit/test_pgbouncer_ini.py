@@ -104,11 +104,11 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
 
 
 def test_a_bound_pypooler_lacks_is_accepted_only_at_its_default(tmp_path: Path) -> None:
-    text = "[pgbouncer]\nclient_idle_timeout = 0\nquery_timeout = 0\nserver_check_delay = 5\n"
+    text = "[pgbouncer]\napplication_name_add_host = 0\nlog_pooler_errors = 0\n"
     ini = read_ini(write(tmp_path, text))
     assert ini.problems == []
     assert [warning.split(": ", 1)[1] for warning in ini.warnings] == [
-        "server_check_delay = '5' is ignored: not supported by this version of pypooler"
+        "log_pooler_errors = '0' is ignored: not supported by this version of pypooler"
     ]
 
 
