@@ -108,7 +108,7 @@ async def main() -> None:
     client = ClientConnection(pooler.registry)
     client.connection_made(FakeTransport())
     client.data_received(STARTUP)
-    assert client.ready
+    assert client.logged_in
 
     n = 50_000
     # Like pgbench: a random literal per query, so statement texts rarely repeat.
