@@ -53,7 +53,7 @@ import struct
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Final, cast
 
 from pypooler.auth import TRUSTED, Authenticator, ClientAuthExchange
@@ -105,11 +105,14 @@ from pypooler.tls import ClientTls
 
 log = logging.getLogger("pypooler.client")
 
-# A client's BackendKeyData (process id, secret key) is kept as one int, its eight bytes read
-# as one: an int costs 36 bytes per idle client where a tuple of two cost about 120.
-CANCEL_KEY = struct.Struct("!Q")
-_PROCESS_ID_SIGN = 1 << 63  # cleared: PostgreSQL's process ids are positive
+# A client's BackendKeyData: the process id is its slot in ClientTable (the low SLOT_BITS) under
+# random bits, the secret key 32 random bits, as PostgreSQL's own. Kept as one int (cancel_key_of)
+# under 2**62, which the compiled build stores in the object itself.
+CANCEL_RANDOM = struct.Struct("!iI")  # a secret key, and random bits for the process id
 CANCEL_KEYS_PER_BATCH = 256
+SLOT_BITS = 24  # 16 million clients, far beyond any descriptor limit
+_SLOT_MASK = (1 << SLOT_BITS) - 1
+_PID_RANDOM_MASK = (1 << (30 - SLOT_BITS)) - 1
 # Bytes a client may send while it waits for a server before we stop reading from it (the bound
 # on what it may send before its welcome, too).
 PENDING_LIMIT = HELD_LIMIT
@@ -179,12 +182,12 @@ class ClientRegistry:
         self.tls = tls
         # Live client connections, admin console sessions included (they count against
         # max_client_conn like any other client).
-        self.clients: set[ClientConnection] = set()
-        # Clients not logged in yet, oldest first (dicts keep insertion order): the maintenance
-        # pass (client_login_timeout) stops at the first one still within its time.
-        self.logging_in: dict[ClientConnection, None] = {}
-        self.cancel_keys: dict[int, ClientConnection] = {}  # see cancel_key_of
-        self._random_keys: list[int] = []
+        self.clients = ClientTable()
+        # Clients not logged in yet, oldest first (dicts keep insertion order: the maintenance
+        # pass, client_login_timeout, stops at the first one still within its time), with their
+        # login machines (protocol/login.py): a logged-in client keeps no field for one.
+        self.logging_in: dict[ClientConnection, ClientLogin[ClientAuthExchange]] = {}
+        self._random_keys: list[tuple[int, int]] = []
         self.errors: Counter[str] = Counter()  # errors before a pool was chosen, by reason
         # Every log line a client can cause again and again goes through this (log_limits.py).
         self.log_limiter = manager.log_limiter
@@ -201,21 +204,18 @@ class ClientRegistry:
         self.reload: Callable[[], None] | None = None
         self.shutdown: Callable[[], None] | None = None
 
-    def new_cancel_key(self, client: ClientConnection) -> int:
-        """A fresh random BackendKeyData for a client (unguessable, so nobody cancels others)."""
-        while True:
-            if not self._random_keys:
-                # One getrandom() call per CANCEL_KEYS_PER_BATCH logins, not two per login.
-                self._random_keys = [
-                    key
-                    for (key,) in CANCEL_KEY.iter_unpack(
-                        secrets.token_bytes(CANCEL_KEY.size * CANCEL_KEYS_PER_BATCH)
-                    )
-                ]
-            key = self._random_keys.pop() & ~_PROCESS_ID_SIGN
-            if key not in self.cancel_keys:
-                self.cancel_keys[key] = client
-                return key
+    def new_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
+        """A fresh BackendKeyData for a client: unguessable (the secret and the process id's top
+        bits are random), so nobody cancels others; the process id finds the client's slot."""
+        if not self._random_keys:
+            # One getrandom() call per CANCEL_KEYS_PER_BATCH logins, not one per login.
+            self._random_keys = list(
+                CANCEL_RANDOM.iter_unpack(secrets.token_bytes(CANCEL_RANDOM.size * CANCEL_KEYS_PER_BATCH))
+            )
+        secret, bits = self._random_keys.pop()
+        process_id = ((bits & _PID_RANDOM_MASK) << SLOT_BITS) | (client.cancel_key >> 32)
+        client.cancel_key = cancel_key_of(process_id, secret)
+        return process_id, secret
 
     def cancel(self, process_id: int, secret_key: int) -> None:
         """Forward a CancelRequest to the server the client is linked to right now, if any.
@@ -225,9 +225,11 @@ class ClientRegistry:
         is not lent to anyone else until the postmaster has taken it (see Pool.release), so a
         transaction that ends meanwhile cannot pass the cancel on to the next borrower.
         """
-        client = self.cancel_keys.get(cancel_key_of(process_id, secret_key))
-        server = client.server if client is not None else None
-        if client is None or server is None:
+        client = self.clients.at(process_id & _SLOT_MASK)
+        if client is None or client.cancel_key != cancel_key_of(process_id, secret_key):
+            return
+        server = client.server  # None before the welcome (no key was given out yet)
+        if server is None:
             return
         client.pool.cancel_started(server)
         task = asyncio.get_running_loop().create_task(send_cancel(client, server, client.pool))
@@ -247,15 +249,59 @@ class ClientRegistry:
         task.cancel()
 
 
+class ClientTable:
+    """The live client connections (admin console sessions included), each in a numbered slot
+    that is also the low bits of its BackendKeyData process id (ClientRegistry.new_cancel_key).
+
+    A list with a free list, where a set of clients and a dict of cancel keys cost about 110
+    bytes per idle client. Reads like a set: `len`, iteration (over a copy), `in`.
+    """
+
+    __slots__ = ("_count", "_free", "_slots")
+
+    def __init__(self) -> None:
+        self._slots: list[ClientConnection | None] = [None]  # slot 0 is no client's
+        self._free: list[int] = []
+        self._count = 0
+
+    def add(self, client: ClientConnection) -> None:
+        free = self._free
+        if free:
+            slot = free.pop()
+            self._slots[slot] = client
+        else:
+            slot = len(self._slots)
+            self._slots.append(client)
+        client.cancel_key = cancel_key_of(slot, 0)
+        self._count += 1
+
+    def discard(self, client: ClientConnection) -> None:
+        slot = (client.cancel_key >> 32) & _SLOT_MASK
+        if slot and self._slots[slot] is client:
+            self._slots[slot] = None
+            self._free.append(slot)
+            self._count -= 1
+            client.cancel_key = 0
+
+    def at(self, slot: int) -> ClientConnection | None:
+        slots = self._slots
+        return slots[slot] if 0 < slot < len(slots) else None
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[ClientConnection]:
+        return iter([client for client in self._slots if client is not None])
+
+    def __contains__(self, client: object) -> bool:
+        return (
+            isinstance(client, ClientConnection) and self.at((client.cancel_key >> 32) & _SLOT_MASK) is client
+        )
+
+
 def cancel_key_of(process_id: int, secret_key: int) -> int:
-    """The one int a (process id, secret key) pair is kept as (both signed Int32 on the wire)."""
+    """The one int a BackendKeyData (both signed Int32 on the wire) is kept as."""
     return (process_id << 32) | (secret_key & 0xFFFFFFFF)
-
-
-def backend_key_data(key: int) -> tuple[int, int]:
-    """The (process id, secret key) of a key made by ClientRegistry.new_cancel_key."""
-    secret = key & 0xFFFFFFFF
-    return key >> 32, secret - (1 << 32) if secret & 0x80000000 else secret
 
 
 async def send_cancel(client: ClientConnection, server: ServerConnection, pool: Pool) -> None:
@@ -296,16 +342,15 @@ class ClientConnection(asyncio.Protocol):
         "connected_ns",
         "database",
         "frontend",
+        "had_xact",
         "hog_warned",
         "idle_in_xact",
         "idle_ns",
         "idle_since_ns",
         "lent_ns",
-        "linking",
         "listen_changes",
         "listen_due",
         "listener",
-        "login",
         "mode",
         "notifications",
         "other_settings",
@@ -330,7 +375,6 @@ class ClientConnection(asyncio.Protocol):
         "waited_ns",
         "waiting",
         "writing_paused",
-        "xact_count",
     )
 
     def __init__(self, registry: ClientRegistry) -> None:
@@ -342,32 +386,22 @@ class ClientConnection(asyncio.Protocol):
         self.server: ServerConnection | None = None
         self.pool: Pool = None  # type: ignore[assignment]  # set before the welcome
         self.state = ClientState.LOGGING_IN
-        # state is READY: the one test data_received makes (kept by _set_state only).
-        self.ready = False
-        # Everything login-only (buffers, the auth exchange, the parsed startup packet), dropped
-        # as the login ends.
-        self.login: ClientLogin[ClientAuthExchange] | None = ClientLogin(
-            tls_available=registry.tls is not None
-        )
-        self.waiting = False  # queued in pool.waiters
         self.wait_started_ns = 0
         self.waited_ns = 0  # how long the current hold's checkout waited
         self.lent_ns = 0
         # Timing of the current hold (see stats.py): the server answered everything and waits on
-        # the client since idle_since_ns (0: it does not); idle_in_xact says whether that wait is
-        # inside a transaction; idle_ns sums such waits over the hold.
+        # the client since idle_since_ns (0: it does not); idle_in_xact (below) says whether that
+        # wait is inside a transaction; idle_ns sums such waits over the hold.
         self.query_start_ns = 0
         self.idle_since_ns = 0
-        self.idle_in_xact = False
         self.idle_ns = 0
-        self.hog_warned = False
-        self.xact_count = 0
         self.traffic: TrafficStats | None = None  # set at the welcome
         self.pending: list[bytes] | None = None  # bytes held while waiting for a server
         self.pending_bytes = 0
-        self.reading_paused = False
-        self.writing_paused = False
-        self.cancel_key: int | None = None  # set at the welcome (see cancel_key_of)
+        # The BackendKeyData (cancel_key_of): its process id holds the slot in registry.clients
+        # (ClientTable) in the low SLOT_BITS (0: not there); random bits and the secret key come
+        # at the welcome (new_cancel_key).
+        self.cancel_key = 0
         self._peer: str | None = None  # asked of the socket only when a log line needs it
         self.user = ""
         self.database = ""
@@ -379,23 +413,32 @@ class ClientConnection(asyncio.Protocol):
         self.parameters: dict[str, str] = {}
         self.other_settings: dict[str, str] = {}
         # Reported settings the startup packet set to other than the server's defaults: what a
-        # RESET returns them to in PostgreSQL (restore_startup: one ran in the current lend).
+        # RESET returns them to in PostgreSQL (restore_startup, below: one ran in the current lend).
         self.startup_values: dict[str, str] = {}
-        self.restore_startup = False
-        self.apply_first = False  # startup values no server has accepted yet
-        self.linking: ServerConnection | None = None  # a server applying those values
-        self.pinned = False  # keeps its server until it leaves (session_state_policy = "pin")
         # The pool's mode at login, then as RELOADs change it for clients with a rewriting stream
         # (Pool.reconfigure); a session-mode client keeps session mode until it leaves.
         self.mode: PoolMode = "session"
         # listen_mode = "multiplex" (listening.py): the pool's listener once this client
         # listened; LISTEN/UNLISTENs of the open transaction block, done if it commits;
-        # NotificationResponses waiting for the end of the current hold; listen_due: either of
-        # the last two is set (one test per transaction end).
+        # NotificationResponses waiting for the end of the current hold; listen_due (below):
+        # either of the last two is set (one test per transaction end).
         self.listener: Listener | None = None
         self.listen_changes: list[ListenRequest] | None = None
         self.notifications: deque[bytes] | None = None
+        # The flags last and side by side: mypyc lays attributes out in the order they are first
+        # assigned, and bools together share words where each apart takes one (an idle client's
+        # memory, see README: bench idle).
+        self.ready = False  # state is READY: the one test data_received makes (set by _set_state)
+        self.waiting = False  # queued in pool.waiters
+        self.idle_in_xact = False
+        self.hog_warned = False
+        self.reading_paused = False
+        self.writing_paused = False
+        self.restore_startup = False
+        self.apply_first = False  # startup values no server has accepted yet
+        self.pinned = False  # keeps its server until it leaves (session_state_policy = "pin")
         self.listen_due = False
+        self.had_xact = False  # a transaction (a server lend) has ended
 
     def _set_state(self, new: ClientState) -> None:
         """The one place the state changes (see TRANSITIONS)."""
@@ -405,8 +448,13 @@ class ClientConnection(asyncio.Protocol):
         self.state = new
         self.ready = new is ClientState.READY
         if old is ClientState.LOGGING_IN:
-            self.login = None
-            self.registry.logging_in.pop(self, None)
+            self.registry.logging_in.pop(self, None)  # the login machine goes with it
+
+    @property
+    def login(self) -> ClientLogin[ClientAuthExchange] | None:
+        """The login machine: everything login-only (buffers, the auth exchange, the parsed
+        startup packet); None once the login ended."""
+        return self.registry.logging_in.get(self)
 
     @property
     def closed(self) -> bool:
@@ -448,7 +496,7 @@ class ClientConnection(asyncio.Protocol):
         tune_transport(self.transport, keepalive=False)  # inherited from the listener (app.py)
         self.registry.clients.add(self)
         self.registry.connects += 1
-        self.registry.logging_in[self] = None
+        self.registry.logging_in[self] = ClientLogin(tls_available=self.registry.tls is not None)
 
     def data_received(self, data: bytes) -> None:
         if self.ready:
@@ -542,14 +590,11 @@ class ClientConnection(asyncio.Protocol):
         if self.state is ClientState.CLOSED:  # a failed TLS handshake may report the loss twice
             return
         login = self.login
-        if login is not None and self in self.registry.logging_in:
-            # The client left during its login (not closed by pypooler, nor timed out).
+        if login is not None:  # the client left during its login (pypooler did not close it)
             self._left_during_login(login)
         self._set_state(ClientState.CLOSED)
         registry = self.registry
         registry.clients.discard(self)
-        if self.cancel_key is not None:
-            registry.cancel_keys.pop(self.cancel_key, None)
         if self.waiting:
             self.pool.cancel_wait(self)
         server = self.server
@@ -557,8 +602,8 @@ class ClientConnection(asyncio.Protocol):
             self.account_hold(time.monotonic_ns())
             self._give_back_on_exit(server)
         if self.traffic is not None:
-            self.pool.clients.discard(self)
-            if not self.xact_count:
+            self.pool.clients.pop(self, None)
+            if not self.had_xact:
                 self.traffic.clients_without_xact += 1
             if self.pinned:
                 self.traffic.pinned -= 1
@@ -742,7 +787,6 @@ class ClientConnection(asyncio.Protocol):
         """Apply this client's settings and wait for the answer before linking: a value the
         server rejects ends the client with PostgreSQL's error before its first statement runs.
         Used once per client for startup values, and at every lend in session mode."""
-        self.linking = server
         statuses: list[bytes] = []
         error: dict[str, str] | None = None
         pool = self.pool
@@ -750,7 +794,6 @@ class ClientConnection(asyncio.Protocol):
         def on_message(msg_type: int, body: bytes) -> bool:
             nonlocal error
             if msg_type == 0:  # the server died
-                self.linking = None
                 if not self.closed:
                     self.fail(ServerConnectionLost("server connection closed while applying settings"))
                 return True
@@ -760,7 +803,6 @@ class ClientConnection(asyncio.Protocol):
                 if error is None:
                     error = codec.parse_error_fields(body)
             elif msg_type == c.B_READY_FOR_QUERY:
-                self.linking = None
                 if error is None:
                     server.other_settings = self.other_settings
                     server.other_settings_unknown = False
@@ -802,14 +844,14 @@ class ClientConnection(asyncio.Protocol):
         statements = server.statements
         if statements is not None and statements.in_use:
             statements.in_use.clear()  # ServerStatements.begin_lend, without a call
-        if self.writing_paused or not self.xact_count:
+        if self.writing_paused or not self.had_xact:
             self._lend_extras(server, now)
 
     def _lend_extras(self, server: ServerConnection, now: int) -> None:
         """The rare parts of a lend: a client that reads slowly, a client's first transaction."""
         if self.writing_paused:
             server.pause_reading()
-        if not self.xact_count:
+        if not self.had_xact:
             self.traffic.connect_to_first_query.observe(now - self.connected_ns)  # type: ignore[union-attr]
 
     def _resumes_after_idle(self) -> None:
@@ -840,7 +882,7 @@ class ClientConnection(asyncio.Protocol):
         """Count a hold that ends other than at a ReadyForQuery (the client left)."""
         traffic = self.traffic
         assert traffic is not None
-        self.xact_count += 1
+        self.had_xact = True
         traffic.hold_multi.observe(now - self.lent_ns)
         if self.idle_since_ns:
             if self.idle_in_xact:
@@ -895,7 +937,7 @@ class ClientConnection(asyncio.Protocol):
                 self.parameters = server.parameters  # what the client was last told
                 if self.restore_startup:
                     self._restore_startup_values()
-                self.xact_count += 1
+                self.had_xact = True
                 traffic: TrafficStats = self.traffic  # type: ignore[assignment]
                 lent = self.lent_ns
                 held = now - lent
@@ -1501,9 +1543,8 @@ class ClientConnection(asyncio.Protocol):
         self.apply_first = welcome.apply_first
         self.startup_values = welcome.startup_values
         self.mode = pool.mode
-        pool.clients.add(self)
-        key = self.cancel_key = self.registry.new_cancel_key(self)
-        out, early = login.welcome(welcome.statuses, *backend_key_data(key))
+        pool.clients[self] = None
+        out, early = login.welcome(welcome.statuses, *self.registry.new_cancel_key(self))
         # The login machine (and the parsed startup packet with it) goes: an idle client keeps
         # only its session.
         self._set_state(ClientState.WELCOMED)

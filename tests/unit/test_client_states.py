@@ -6,11 +6,17 @@ from __future__ import annotations
 
 import pytest
 
-from pypooler.client import TRANSITIONS, ClientConnection, ClientState, backend_key_data, cancel_key_of
+from pypooler.client import TRANSITIONS, ClientConnection, ClientState, ClientTable, cancel_key_of
 from pypooler.protocol import codec
 from pypooler.protocol.errors import ShuttingDown
 from pypooler.rewriting import RewritingFrontend
 from tests.unit.test_client_release import STARTUP, FakeTransport, Rig
+
+
+def sent(client: ClientConnection) -> list[tuple[int, bytes]]:
+    transport = client.transport
+    assert isinstance(transport, FakeTransport)
+    return codec.MessageReader().feed(b"".join(transport.written))
 
 
 def connected(rig: Rig) -> ClientConnection:
@@ -54,7 +60,6 @@ async def test_failing_then_the_loss_close_the_client_once() -> None:
     client.connection_lost(None)  # a failed TLS handshake reports the loss twice
 
     assert client.state is ClientState.CLOSED and client not in rig.pooler.registry.clients
-    assert client.cancel_key not in rig.pooler.registry.cancel_keys
 
 
 async def test_a_transition_not_in_the_table_is_refused() -> None:
@@ -75,8 +80,26 @@ def test_every_state_is_in_the_table_and_closed_is_the_end() -> None:
     )
 
 
-@pytest.mark.parametrize(
-    "process_id, secret_key", [(0, 0), (1, -1), (0x7FFFFFFF, -(2**31)), (12345, 2**31 - 1)]
-)
-def test_a_cancel_key_is_the_backend_key_data_it_came_from(process_id: int, secret_key: int) -> None:
-    assert backend_key_data(cancel_key_of(process_id, secret_key)) == (process_id, secret_key)
+async def test_the_backend_key_data_finds_its_client_and_nobody_else() -> None:
+    rig = Rig()
+    first, second = rig.client(), rig.client()
+
+    for client in (first, second):
+        [key] = [codec.parse_backend_key_data(body) for t, body in sent(client) if t == ord("K")]
+        assert client.cancel_key == cancel_key_of(*key) and key[0] > 0
+        assert rig.pooler.registry.clients.at(key[0] & 0xFFFFFF) is client
+    assert first.cancel_key >> 32 != second.cancel_key >> 32
+
+
+async def test_the_client_table_reuses_slots_and_reads_like_a_set() -> None:
+    registry = Rig().pooler.registry
+    a, b, c = (ClientConnection(registry) for _ in range(3))  # not connected: in no table yet
+    table = ClientTable()
+    table.add(a)
+    table.add(b)
+    table.discard(a)
+    table.discard(a)  # twice: no effect
+    table.add(c)
+
+    assert (len(table), set(table), a in table, b in table) == (2, {b, c}, False, True)
+    assert c.cancel_key >> 32 == 1 and table.at(1) is c and table.at(0) is None and table.at(99) is None
