@@ -46,7 +46,7 @@ async def main() -> None:
     client = ClientConnection(pooler.registry)
     client.connection_made(FakeTransport(keep=False))
     client.data_received(STARTUP)
-    assert client.ready
+    assert client.logged_in
 
     n = 50_000
     # Like pgbench: a random literal per query, so statement texts rarely repeat.

@@ -847,7 +847,7 @@ class AdminConnection(asyncio.Protocol):
         self.closed = True
         self.console.sessions.discard(self)
         self.console.registry.clients.discard(self.client)
-        self.client.closed = True
+        self.client.console_closed()
         if self._worker is not None:
             self._worker.cancel()  # a PAUSE or WAIT_CLOSE nobody waits for any more
 

@@ -60,7 +60,6 @@ from pypooler.tls import peer_common_name
 log = logging.getLogger("pypooler.auth")
 
 __all__ = [
-    "AUTH_MESSAGE_LIMIT",
     "Authenticator",
     "ClientAuthExchange",
     "HbaRule",
@@ -68,9 +67,6 @@ __all__ = [
     "load_hba",
 ]
 
-# Largest client message accepted while logging in: a SCRAM message is ~200 bytes, a password
-# rarely 100; anything bigger is an attack or a broken client.
-AUTH_MESSAGE_LIMIT: Final = 8192
 MD5_SALT_BYTES: Final = 4
 # Bounds on the caches, so a flood of made-up user names cannot grow memory without limit.
 SECRET_CACHE_MAX: Final = 10_000
@@ -616,6 +612,9 @@ class Authenticator:
 
     async def fetch_secret(self, database: str, user: str) -> Secret | None:
         """Run auth_query (at most one at a time per user) and cache the answer."""
+        known, secret = self.cached_secret(database, user)
+        if known:  # a lookup ended between the caller's look at the cache and now
+            return secret
         key = (database, user)
         pending = self._inflight.get(key)
         if pending is not None:

@@ -1,14 +1,19 @@
-"""ClientConnection: one application connection to pypooler.
+"""ClientConnection: one application connection to pypooler, an adapter with one state.
 
-States: startup (SSLRequest answered 'S' and the transport upgraded with `start_tls` when client
-TLS is configured, else 'N'; GSSENCRequest answered 'N'; CancelRequest routed; StartupMessage
-read), authentication (the method from auth_type or hba, the user's secret from auth_file or
-auth_query, then the `auth.ClientAuthExchange` fed message by message), welcome
-(AuthenticationOk, the pool's ParameterStatus set, our own BackendKeyData, ReadyForQuery), then
-ready. Until ready, `client_login_timeout` (decided by the maintenance pass, maintenance.py; no
-timer per client) bounds the whole login; nothing of it touches the ready path. When ready, every read is
-fed to the `FrontendStream` tracker and either forwarded to the linked server in one `write` of
-the very bytes received, or held while the pool finds a server.
+`ClientState` (changed only by `_set_state`, which checks `TRANSITIONS`): LOGGING_IN while the
+sans-IO login machine (protocol/login.py, `ClientLogin`) reads the startup packets and the
+authentication; this module does its I/O: the transport's TLS upgrade (`start_tls`) after an
+'S', the checks before authentication (max_client_conn, the database, TLS required, hba), the
+user's secret (auth_file, or auth_query through a pool: auth.py), the welcome's session
+(session_parameters.py) and the cancel key. WELCOMED once the welcome is sent: the login
+machine is dropped, and the streams are built only at the client's first message
+(`_open_streams`), so an idle client holds no more than its session. READY: every read is fed
+to the `FrontendStream` tracker and either forwarded to the linked server in one `write` of the
+very bytes received, or held while the pool finds a server (the hot path tests one bool,
+`ready`, kept by `_set_state`). CONSOLE: the admin console took the connection over. CLOSING:
+pypooler closed it (an error; `fail`); CLOSED: connection_lost ran. Until the welcome,
+`client_login_timeout` (decided by the maintenance pass, maintenance.py; no timer per client)
+bounds the whole login; nothing of it touches the ready path.
 
 Lending, by pool mode:
 - transaction: a server is linked at the first message after the client is at rest and released
@@ -21,10 +26,10 @@ once, else a queue place) or `Pool.release` handing a server to this waiting cli
 (`protocol.transaction.releasable`, or `releasable_after_internal` after pypooler's own queries)
 and goes through `Pool.release` / `Pool.give_back`; this module never touches the pool's idle
 list or queue, nor the trackers' private fields.
-The mode is the client's own (`mode`, the pool's at login). A RELOAD that changes the pool's mode
-changes it for clients with a rewriting stream (they may follow into session mode and back); a
-client that logged in under session mode keeps session mode, because its prepared statements and
-settings live on its server only and pypooler never tracked them.
+The mode is the client's own (`mode`, the pool's at the client's first message). A RELOAD that
+changes the pool's mode changes it for clients with a rewriting stream (they may follow into
+session mode and back); a client that started under session mode keeps session mode, because its
+prepared statements and settings live on its server only and pypooler never tracked them.
 
 In transaction and statement mode the client's bytes go through a `RewritingFrontend` at the
 moment they are written to a server (named prepared statements, session-state statements; see
@@ -41,22 +46,18 @@ A client pinned by session_state_policy = "pin" keeps its server like a session-
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import secrets
 import struct
+import sys
 import time
 from collections import Counter, deque
-from collections.abc import Callable
-from typing import Any, cast
+from collections.abc import Callable, Iterator
+from typing import Any, Final, cast
 
 from pypooler import flow
-from pypooler.auth import (
-    AUTH_MESSAGE_LIMIT,
-    TRUSTED,
-    Authenticator,
-    AuthOutcome,
-    ClientAuthExchange,
-)
+from pypooler.auth import TRUSTED, Authenticator, ClientAuthExchange
 from pypooler.config import ADMIN_DATABASE_NAMES, PoolMode, Settings
 from pypooler.listening import MAX_QUEUED_NOTIFICATIONS, Listener
 from pypooler.log_output import connection_line
@@ -86,6 +87,14 @@ from pypooler.protocol.listen import (
     listen_request,
     may_be_listen,
 )
+from pypooler.protocol.login import (
+    AUTHENTICATED,
+    CLIENT_TERMINATED,
+    HELD_LIMIT,
+    START_TLS,
+    ClientLogin,
+    LoginEvent,
+)
 from pypooler.protocol.scram import Secret
 from pypooler.protocol.transaction import FrontendStream, releasable, releasable_after_internal
 from pypooler.rewriting import RewritingBackend, RewritingFrontend
@@ -97,10 +106,17 @@ from pypooler.tls import ClientTls
 
 log = logging.getLogger("pypooler.client")
 
-CANCEL_KEY = struct.Struct("!ii")
+# A client's BackendKeyData: the process id is its slot in ClientTable (the low SLOT_BITS) under
+# random bits, the secret key 32 random bits, as PostgreSQL's own. Kept as one int (cancel_key_of)
+# under 2**62, which the compiled build stores in the object itself.
+CANCEL_RANDOM = struct.Struct("!iI")  # a secret key, and random bits for the process id
 CANCEL_KEYS_PER_BATCH = 256
-# Bytes a client may send while it waits for a server before we stop reading from it.
-PENDING_LIMIT = 256 * 1024
+SLOT_BITS = 24  # 16 million clients, far beyond any descriptor limit
+_SLOT_MASK = (1 << SLOT_BITS) - 1
+_PID_RANDOM_MASK = (1 << (30 - SLOT_BITS)) - 1
+# Bytes a client may send while it waits for a server before we stop reading from it (the bound
+# on what it may send before its welcome, too).
+PENDING_LIMIT = HELD_LIMIT
 _TX_IDLE = c.TX_IDLE
 _TX_IN_TRANSACTION = c.TX_IN_TRANSACTION
 _X = c.F_TERMINATE
@@ -109,7 +125,32 @@ MAX_WARNED_KEYS = 1000
 _MIN_LENGTH = b"\x00\x00\x00\x04"  # a message length word below this is garbage
 
 
+# A client's stream until its first message after the welcome (shared, never fed).
 _NOT_READY = FrontendStream()
+
+
+class ClientState(enum.Enum):
+    """Where a client connection is; changed only by ClientConnection._set_state."""
+
+    LOGGING_IN = "logging in"  # the login machine runs (protocol/login.py); in registry.logging_in
+    # Logged in, nothing sent since the welcome: its streams are not built yet, so an idle client
+    # costs no more than its session (see _open_streams).
+    WELCOMED = "welcomed"
+    READY = "ready"  # every read is framed and forwarded (data_received's hot path)
+    CONSOLE = "console"  # handed to the admin console, which gets the transport's callbacks
+    CLOSING = "closing"  # pypooler closed it (an error, a shutdown); connection_lost to come
+    CLOSED = "closed"  # connection_lost ran
+
+
+_C = ClientState
+TRANSITIONS: Final[dict[ClientState, frozenset[ClientState]]] = {
+    _C.LOGGING_IN: frozenset({_C.WELCOMED, _C.CONSOLE, _C.CLOSING, _C.CLOSED}),
+    _C.WELCOMED: frozenset({_C.READY, _C.CLOSING, _C.CLOSED}),
+    _C.READY: frozenset({_C.CLOSING, _C.CLOSED}),
+    _C.CONSOLE: frozenset({_C.CLOSING, _C.CLOSED}),
+    _C.CLOSING: frozenset({_C.CLOSED}),
+    _C.CLOSED: frozenset(),
+}
 _FAIL_LOG_LEVELS = {
     "no_such_database": logging.INFO,
     "shutdown": logging.DEBUG,
@@ -142,11 +183,11 @@ class ClientRegistry:
         self.tls = tls
         # Live client connections, admin console sessions included (they count against
         # max_client_conn like any other client).
-        self.clients: set[ClientConnection] = set()
-        # Clients not logged in yet, oldest first (dicts keep insertion order): the maintenance
-        # pass (client_login_timeout) stops at the first one still within its time.
-        self.logging_in: dict[ClientConnection, None] = {}
-        self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}
+        self.clients = ClientTable()
+        # Clients not logged in yet, oldest first (dicts keep insertion order: the maintenance
+        # pass, client_login_timeout, stops at the first one still within its time), with their
+        # login machines (protocol/login.py): a logged-in client keeps no field for one.
+        self.logging_in: dict[ClientConnection, ClientLogin[ClientAuthExchange]] = {}
         self._random_keys: list[tuple[int, int]] = []
         self.errors: Counter[str] = Counter()  # errors before a pool was chosen, by reason
         # Every log line a client can cause again and again goes through this (log_limits.py).
@@ -165,18 +206,17 @@ class ClientRegistry:
         self.shutdown: Callable[[], None] | None = None
 
     def new_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
-        """A fresh random BackendKeyData for a client (unguessable, so nobody cancels others)."""
-        while True:
-            if not self._random_keys:
-                # One getrandom() call per CANCEL_KEYS_PER_BATCH logins, not two per login.
-                self._random_keys = list(
-                    CANCEL_KEY.iter_unpack(secrets.token_bytes(CANCEL_KEY.size * CANCEL_KEYS_PER_BATCH))
-                )
-            pid, secret = self._random_keys.pop()
-            key = (pid & 0x7FFFFFFF, secret)
-            if key not in self.cancel_keys:
-                self.cancel_keys[key] = client
-                return key
+        """A fresh BackendKeyData for a client: unguessable (the secret and the process id's top
+        bits are random), so nobody cancels others; the process id finds the client's slot."""
+        if not self._random_keys:
+            # One getrandom() call per CANCEL_KEYS_PER_BATCH logins, not one per login.
+            self._random_keys = list(
+                CANCEL_RANDOM.iter_unpack(secrets.token_bytes(CANCEL_RANDOM.size * CANCEL_KEYS_PER_BATCH))
+            )
+        secret, bits = self._random_keys.pop()
+        process_id = ((bits & _PID_RANDOM_MASK) << SLOT_BITS) | (client.cancel_key >> 32)
+        client.cancel_key = cancel_key_of(process_id, secret)
+        return process_id, secret
 
     def cancel(self, process_id: int, secret_key: int) -> None:
         """Forward a CancelRequest to the server the client is linked to right now, if any.
@@ -186,9 +226,11 @@ class ClientRegistry:
         is not lent to anyone else until the postmaster has taken it (see Pool.release), so a
         transaction that ends meanwhile cannot pass the cancel on to the next borrower.
         """
-        client = self.cancel_keys.get((process_id, secret_key))
-        server = client.server if client is not None else None
-        if client is None or server is None:
+        client = self.clients.at(process_id & _SLOT_MASK)
+        if client is None or client.cancel_key != cancel_key_of(process_id, secret_key):
+            return
+        server = client.server  # None before the welcome (no key was given out yet)
+        if server is None:
             return
         client.pool.cancel_started(server)
         task = asyncio.get_running_loop().create_task(send_cancel(client, server, client.pool))
@@ -206,6 +248,61 @@ class ClientRegistry:
             "cancel request not delivered within %g s: abandoned", timeout,
         )  # fmt: skip
         task.cancel()
+
+
+class ClientTable:
+    """The live client connections (admin console sessions included), each in a numbered slot
+    that is also the low bits of its BackendKeyData process id (ClientRegistry.new_cancel_key).
+
+    A list with a free list, where a set of clients and a dict of cancel keys cost about 110
+    bytes per idle client. Reads like a set: `len`, iteration (over a copy), `in`.
+    """
+
+    __slots__ = ("_count", "_free", "_slots")
+
+    def __init__(self) -> None:
+        self._slots: list[ClientConnection | None] = [None]  # slot 0 is no client's
+        self._free: list[int] = []
+        self._count = 0
+
+    def add(self, client: ClientConnection) -> None:
+        free = self._free
+        if free:
+            slot = free.pop()
+            self._slots[slot] = client
+        else:
+            slot = len(self._slots)
+            self._slots.append(client)
+        client.cancel_key = cancel_key_of(slot, 0)
+        self._count += 1
+
+    def discard(self, client: ClientConnection) -> None:
+        slot = (client.cancel_key >> 32) & _SLOT_MASK
+        if slot and self._slots[slot] is client:
+            self._slots[slot] = None
+            self._free.append(slot)
+            self._count -= 1
+            client.cancel_key = 0
+
+    def at(self, slot: int) -> ClientConnection | None:
+        slots = self._slots
+        return slots[slot] if 0 < slot < len(slots) else None
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[ClientConnection]:
+        return iter([client for client in self._slots if client is not None])
+
+    def __contains__(self, client: object) -> bool:
+        return (
+            isinstance(client, ClientConnection) and self.at((client.cancel_key >> 32) & _SLOT_MASK) is client
+        )
+
+
+def cancel_key_of(process_id: int, secret_key: int) -> int:
+    """The one int a BackendKeyData (both signed Int32 on the wire) is kept as."""
+    return (process_id << 32) | (secret_key & 0xFFFFFFFF)
 
 
 async def send_cancel(client: ClientConnection, server: ServerConnection, pool: Pool) -> None:
@@ -239,27 +336,19 @@ async def send_cancel(client: ClientConnection, server: ServerConnection, pool: 
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
-        "_admin_startup",
-        "_auth",
-        "_auth_reader",
-        "_early",
-        "_lost",
         "_peer",
-        "_startup_reader",
-        "_tls_handshake",
         "application_name",
         "apply_first",
         "cancel_key",
-        "closed",
         "connected_ns",
         "database",
         "frontend",
+        "had_xact",
         "hog_warned",
         "idle_in_xact",
         "idle_ns",
         "idle_since_ns",
         "lent_ns",
-        "linking",
         "listen_changes",
         "listen_due",
         "listener",
@@ -278,9 +367,8 @@ class ClientConnection(asyncio.Protocol):
         "restore_startup",
         "rewriter",
         "server",
-        "startup",
         "startup_values",
-        "tls",
+        "state",
         "traffic",
         "transport",
         "user",
@@ -288,75 +376,103 @@ class ClientConnection(asyncio.Protocol):
         "waited_ns",
         "waiting",
         "writing_paused",
-        "xact_count",
     )
 
     def __init__(self, registry: ClientRegistry) -> None:
         self.registry = registry
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # connection_made
-        # Set at the welcome (a RewritingFrontend in transaction and statement mode); until
-        # then a shared one that is never fed.
+        # Set at the first message after the welcome (a RewritingFrontend in transaction and
+        # statement mode); until then a shared one that is never fed.
         self.frontend: FrontendStream = _NOT_READY
         self.server: ServerConnection | None = None
-        self.pool: Pool = None  # type: ignore[assignment]  # set before `ready`
-        self.ready = False
-        self.closed = False
-        self.waiting = False  # queued in pool.waiters
+        self.pool: Pool = None  # type: ignore[assignment]  # set before the welcome
+        self.state = ClientState.LOGGING_IN
         self.wait_started_ns = 0
         self.waited_ns = 0  # how long the current hold's checkout waited
         self.lent_ns = 0
         # Timing of the current hold (see stats.py): the server answered everything and waits on
-        # the client since idle_since_ns (0: it does not); idle_in_xact says whether that wait is
-        # inside a transaction; idle_ns sums such waits over the hold.
+        # the client since idle_since_ns (0: it does not); idle_in_xact (below) says whether that
+        # wait is inside a transaction; idle_ns sums such waits over the hold.
         self.query_start_ns = 0
         self.idle_since_ns = 0
-        self.idle_in_xact = False
         self.idle_ns = 0
-        self.hog_warned = False
-        self.xact_count = 0
         self.traffic: TrafficStats | None = None  # set at the welcome
         self.pending: list[bytes] | None = None  # bytes held while waiting for a server
         self.pending_bytes = 0
-        self.reading_paused = False
-        self.writing_paused = False
-        self._startup_reader: codec.StartupPacketReader | None = codec.StartupPacketReader()
-        self._early = b""  # bytes that arrived before the welcome was sent
-        self._admin_startup: codec.StartupMessage | None = None  # a console login in progress
-        self._auth: ClientAuthExchange | None = None
-        self._auth_reader: codec.MessageReader | None = None
-        self._tls_handshake = False  # between our 'S' and the end of the TLS handshake
-        self._lost = False
-        self.tls = False
-        self.cancel_key: tuple[int, int] | None = None
+        # The BackendKeyData (cancel_key_of): its process id holds the slot in registry.clients
+        # (ClientTable) in the low SLOT_BITS (0: not there); random bits and the secret key come
+        # at the welcome (new_cancel_key).
+        self.cancel_key = 0
         self._peer: str | None = None  # asked of the socket only when a log line needs it
         self.user = ""
         self.database = ""
         self.application_name = ""
         self.connected_ns = time.monotonic_ns()
-        self.startup: codec.StartupMessage | None = None
         # Transaction/statement mode: the stream that rewrites what goes to servers.
         self.rewriter: RewritingFrontend | None = None
         # The session as the client knows it (see session_parameters.py).
         self.parameters: dict[str, str] = {}
         self.other_settings: dict[str, str] = {}
         # Reported settings the startup packet set to other than the server's defaults: what a
-        # RESET returns them to in PostgreSQL (restore_startup: one ran in the current lend).
+        # RESET returns them to in PostgreSQL (restore_startup, below: one ran in the current lend).
         self.startup_values: dict[str, str] = {}
-        self.restore_startup = False
-        self.apply_first = False  # startup values no server has accepted yet
-        self.linking: ServerConnection | None = None  # a server applying those values
-        self.pinned = False  # keeps its server until it leaves (session_state_policy = "pin")
         # The pool's mode at login, then as RELOADs change it for clients with a rewriting stream
         # (Pool.reconfigure); a session-mode client keeps session mode until it leaves.
         self.mode: PoolMode = "session"
         # listen_mode = "multiplex" (listening.py): the pool's listener once this client
         # listened; LISTEN/UNLISTENs of the open transaction block, done if it commits;
-        # NotificationResponses waiting for the end of the current hold; listen_due: either of
-        # the last two is set (one test per transaction end).
+        # NotificationResponses waiting for the end of the current hold; listen_due (below):
+        # either of the last two is set (one test per transaction end).
         self.listener: Listener | None = None
         self.listen_changes: list[ListenRequest] | None = None
         self.notifications: deque[bytes] | None = None
+        # The flags last and side by side: mypyc lays attributes out in the order they are first
+        # assigned, and bools together share words where each apart takes one (an idle client's
+        # memory, see README: bench idle).
+        self.ready = False  # state is READY: the one test data_received makes (set by _set_state)
+        self.waiting = False  # queued in pool.waiters
+        self.idle_in_xact = False
+        self.hog_warned = False
+        self.reading_paused = False
+        self.writing_paused = False
+        self.restore_startup = False
+        self.apply_first = False  # startup values no server has accepted yet
+        self.pinned = False  # keeps its server until it leaves (session_state_policy = "pin")
         self.listen_due = False
+        self.had_xact = False  # a transaction (a server lend) has ended
+
+    def _set_state(self, new: ClientState) -> None:
+        """The one place the state changes (see TRANSITIONS)."""
+        old = self.state
+        if new not in TRANSITIONS[old]:
+            raise RuntimeError(f"client {self.peer}: {old.name} -> {new.name} is not a transition")
+        self.state = new
+        self.ready = new is ClientState.READY
+        if old is ClientState.LOGGING_IN:
+            self.registry.logging_in.pop(self, None)  # the login machine goes with it
+
+    @property
+    def login(self) -> ClientLogin[ClientAuthExchange] | None:
+        """The login machine: everything login-only (buffers, the auth exchange, the parsed
+        startup packet); None once the login ended."""
+        return self.registry.logging_in.get(self)
+
+    @property
+    def closed(self) -> bool:
+        """pypooler ended the connection, or it is gone."""
+        state = self.state
+        return state is ClientState.CLOSING or state is ClientState.CLOSED
+
+    @property
+    def logged_in(self) -> bool:
+        """The welcome was sent (and the connection is still open)."""
+        state = self.state
+        return state is ClientState.WELCOMED or state is ClientState.READY
+
+    def console_closed(self) -> None:
+        """The admin console that took this connection over saw it close (admin.py)."""
+        if self.state is not ClientState.CLOSED:
+            self._set_state(ClientState.CLOSED)
 
     @property
     def peer(self) -> str:
@@ -381,7 +497,7 @@ class ClientConnection(asyncio.Protocol):
         tune_transport(self.transport)  # keepalive options: inherited from the listener (app.py)
         self.registry.clients.add(self)
         self.registry.connects += 1
-        self.registry.logging_in[self] = None
+        self.registry.logging_in[self] = ClientLogin(tls_available=self.registry.tls is not None)
 
     def data_received(self, data: bytes) -> None:
         if self.ready:
@@ -442,23 +558,44 @@ class ClientConnection(asyncio.Protocol):
             else:
                 self._terminate(data, terminate)
             return
-        self._startup_data(data)
+        if self.state is ClientState.WELCOMED:
+            self._open_streams()
+            self.data_received(data)
+            return
+        login = self.login
+        if login is not None:
+            self._login_data(login, data)
+        # CLOSING: what follows an error is not read.
+
+    def _open_streams(self) -> None:
+        """The client's first message after the welcome: its streams are built now, not at the
+        welcome, so that an idle client holds none (about 400 bytes in transaction mode). The
+        pool's mode now decides: a client that has sent nothing has nothing to keep on a server."""
+        pool = self.pool
+        settings = self.registry.settings
+        self.mode = pool.mode
+        if pool.rewriting:
+            statements = ClientStatements(pool.statements) if settings.max_prepared_statements else None
+            self.frontend = self.rewriter = RewritingFrontend(
+                statements,
+                tracked=pool.tracked,
+                refuse=settings.session_state_policy == "error",
+                verdicts=pool.verdicts,
+                intercept_listen=settings.listen_mode == "multiplex",
+            )
+        else:
+            self.frontend = FrontendStream()
+        self._set_state(ClientState.READY)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._lost:  # a failed TLS handshake may report the loss twice
+        if self.state is ClientState.CLOSED:  # a failed TLS handshake may report the loss twice
             return
-        self._lost = True
-        failed = self.closed  # pypooler closed it (after an error) rather than the client
-        self.closed = True
-        self.ready = False
+        login = self.login
+        if login is not None:  # the client left during its login (pypooler did not close it)
+            self._left_during_login(login)
+        self._set_state(ClientState.CLOSED)
         registry = self.registry
         registry.clients.discard(self)
-        if self in registry.logging_in:
-            del registry.logging_in[self]
-            if not failed:
-                self._left_during_login()
-        if self.cancel_key is not None:
-            registry.cancel_keys.pop(self.cancel_key, None)
         if self.waiting:
             self.pool.cancel_wait(self)
         server = self.server
@@ -466,8 +603,8 @@ class ClientConnection(asyncio.Protocol):
             self.account_hold(time.monotonic_ns())
             self._give_back_on_exit(server)
         if self.traffic is not None:
-            self.pool.clients.discard(self)
-            if not self.xact_count:
+            self.pool.clients.pop(self, None)
+            if not self.had_xact:
                 self.traffic.clients_without_xact += 1
             if self.pinned:
                 self.traffic.pinned -= 1
@@ -645,7 +782,6 @@ class ClientConnection(asyncio.Protocol):
         """Apply this client's settings and wait for the answer before linking: a value the
         server rejects ends the client with PostgreSQL's error before its first statement runs.
         Used once per client for startup values, and at every lend in session mode."""
-        self.linking = server
         statuses: list[bytes] = []
         error: dict[str, str] | None = None
         pool = self.pool
@@ -653,7 +789,6 @@ class ClientConnection(asyncio.Protocol):
         def on_message(msg_type: int, body: bytes) -> bool:
             nonlocal error
             if msg_type == 0:  # the server died
-                self.linking = None
                 if not self.closed:
                     self.fail(ServerConnectionLost("server connection closed while applying settings"))
                 return True
@@ -663,7 +798,6 @@ class ClientConnection(asyncio.Protocol):
                 if error is None:
                     error = codec.parse_error_fields(body)
             elif msg_type == c.B_READY_FOR_QUERY:
-                self.linking = None
                 if error is None:
                     server.other_settings = self.other_settings
                     server.other_settings_unknown = False
@@ -705,14 +839,14 @@ class ClientConnection(asyncio.Protocol):
         statements = server.statements
         if statements is not None and statements.in_use:
             statements.in_use.clear()  # ServerStatements.begin_lend, without a call
-        if self.writing_paused or not self.xact_count:
+        if self.writing_paused or not self.had_xact:
             self._lend_extras(server, now)
 
     def _lend_extras(self, server: ServerConnection, now: int) -> None:
         """The rare parts of a lend: a client that reads slowly, a client's first transaction."""
         if self.writing_paused:
             server.pause_reading()
-        if not self.xact_count:
+        if not self.had_xact:
             self.traffic.connect_to_first_query.observe(now - self.connected_ns)  # type: ignore[union-attr]
 
     def _resumes_after_idle(self) -> None:
@@ -743,7 +877,7 @@ class ClientConnection(asyncio.Protocol):
         """Count a hold that ends other than at a ReadyForQuery (the client left)."""
         traffic = self.traffic
         assert traffic is not None
-        self.xact_count += 1
+        self.had_xact = True
         traffic.hold_multi.observe(now - self.lent_ns)
         if self.idle_since_ns:
             if self.idle_in_xact:
@@ -798,7 +932,7 @@ class ClientConnection(asyncio.Protocol):
                 self.parameters = server.parameters  # what the client was last told
                 if self.restore_startup:
                     self._restore_startup_values()
-                self.xact_count += 1
+                self.had_xact = True
                 traffic: TrafficStats = self.traffic  # type: ignore[assignment]
                 lent = self.lent_ns
                 held = now - lent
@@ -1146,63 +1280,47 @@ class ClientConnection(asyncio.Protocol):
         if queue and not self.closed:
             self.transport.write(b"".join(queue))
 
-    # ------------------------------------------------------------------ startup
+    # ------------------------------------------------------------------ login (protocol/login.py)
 
-    def _startup_data(self, data: bytes) -> None:
-        if self._auth_reader is not None:
-            self._auth_data(data)
-            return
-        reader = self._startup_reader
-        if reader is None:  # secret lookup or welcome in progress; keep what the client sent
-            if len(self._early) + len(data) > PENDING_LIMIT:
-                self.fail(ProtocolViolation("too much data sent before the login completed"))
-                return
-            self._early += data
-            return
+    def _login_data(self, login: ClientLogin[ClientAuthExchange], data: bytes) -> None:
         try:
-            packet = reader.feed(data)
+            event = login.receive_data(data)
         except PoolerError as exc:
-            self.fail(exc)
+            self._refuse_login(login, exc)
             return
-        if packet is None:
+        self._login_event(login, event)
+
+    def _refuse_login(self, login: ClientLogin[ClientAuthExchange], exc: PoolerError) -> None:
+        out = login.data_to_send()  # an 'N' answered before the violation, say
+        if out:
+            self.transport.write(out)
+        self.fail(exc)
+
+    def _login_event(self, login: ClientLogin[ClientAuthExchange], event: LoginEvent | None) -> None:
+        """Send what the login machine has to say, then act on its event."""
+        if event is AUTHENTICATED:  # its last reply (SASLFinal) goes out with the welcome
+            self._authenticated(login)
             return
-        if isinstance(packet, codec.SSLRequest):
-            self._ssl_request(reader)
-        elif isinstance(packet, codec.GSSENCRequest):
-            self.transport.write(b"N")  # no GSS encryption: the client goes on in clear (or TLS)
-            rest = reader.take_rest()
-            if rest:
-                self._startup_data(rest)
-        elif isinstance(packet, codec.CancelRequest):
-            self.registry.cancel(packet.process_id, packet.secret_key)
+        out = login.data_to_send()
+        if out:
+            self.transport.write(out)
+        if event is None:
+            return
+        if event is START_TLS:
+            tls = self.registry.tls
+            assert tls is not None
+            # Nothing may be read in clear from here: start_tls takes over the transport.
+            self.transport.pause_reading()
+            asyncio.get_running_loop().create_task(self._start_tls(tls))
+        elif event is CLIENT_TERMINATED:
             self.transport.close()
-        else:
-            self._startup_reader = None
-            self._early = reader.take_rest()
-            self._start_session(packet)
+        elif isinstance(event, codec.CancelRequest):
+            self.registry.cancel(event.process_id, event.secret_key)
+            self.transport.close()
+        elif isinstance(event, codec.StartupMessage):
+            self._start_session(login, event)
 
     # ------------------------------------------------------------------ TLS
-
-    def _ssl_request(self, reader: codec.StartupPacketReader) -> None:
-        tls = self.registry.tls
-        rest = reader.take_rest()
-        if tls is None:
-            self.transport.write(b"N")  # no TLS here: the client goes on in clear (or gives up)
-            if rest:
-                self._startup_data(rest)
-            return
-        if self.tls:
-            self.fail(ProtocolViolation("SSLRequest received on a connection that is already TLS"))
-            return
-        if rest:
-            # Bytes sent before our answer would be taken as if they came through TLS.
-            self.fail(ProtocolViolation("received unencrypted data after SSL request"))
-            return
-        self.transport.write(b"S")
-        # Nothing may be read in clear from here: start_tls takes over the transport.
-        self.transport.pause_reading()
-        self._tls_handshake = True
-        asyncio.get_running_loop().create_task(self._start_tls(tls))
 
     async def _start_tls(self, tls: ClientTls) -> None:
         raw = self.transport
@@ -1217,18 +1335,22 @@ class ClientConnection(asyncio.Protocol):
         except Exception as exc:  # any handshake failure ends this client only
             self._tls_failed(raw, exc)
             return
-        if transport is None or self.closed:
+        login = self.login
+        if transport is None or login is None:  # closed meanwhile
             self._tls_failed(raw, None)
             if transport is not None:
                 transport.close()
             return
         self.transport = transport
         tune_transport(transport)  # keepalive options: inherited from the listener (app.py)
-        self.tls = True
-        self._tls_handshake = False
+        try:
+            event = login.tls_started()
+        except PoolerError as refused:  # not `exc`: see tests/unit/test_compiled_rules.py
+            self._refuse_login(login, refused)
+            return
+        self._login_event(login, event)
 
     def _tls_failed(self, raw: asyncio.Transport, exc: Exception | None) -> None:
-        self._tls_handshake = False
         if exc is not None:
             self.registry.log_limiter.log(
                 log, logging.INFO, ("tls_handshake",),
@@ -1237,17 +1359,23 @@ class ClientConnection(asyncio.Protocol):
         raw.close()
         self.connection_lost(exc)
 
-    def _peer_certificate(self) -> object:
-        ssl_object: Any = self.transport.get_extra_info("ssl_object") if self.tls else None
+    def _peer_certificate(self, tls: bool) -> object:
+        ssl_object: Any = self.transport.get_extra_info("ssl_object") if tls else None
         return ssl_object.getpeercert() if ssl_object is not None else None
 
     # ------------------------------------------------------------------ authentication
 
-    def _start_session(self, startup: codec.StartupMessage) -> None:
-        self.startup = startup
-        self.user = startup.user
-        self.database = startup.database
-        self.application_name = startup.parameters.get("application_name", "")
+    def _is_console(self) -> bool:
+        """The login is for the admin console (database pgbouncer/pypooler), which authenticates
+        like any database, then takes the connection over."""
+        return self.database in ADMIN_DATABASE_NAMES and self.registry.admin_login is not None
+
+    def _start_session(self, login: ClientLogin[ClientAuthExchange], startup: codec.StartupMessage) -> None:
+        # Interned: the clients of one database, user and application share one copy of each
+        # name instead of keeping their startup packet's (about 100 bytes per idle client).
+        self.user = sys.intern(startup.user)
+        self.database = sys.intern(startup.database)
+        self.application_name = sys.intern(startup.parameters.get("application_name", ""))
         registry = self.registry
         auth = registry.auth
         tls = registry.tls
@@ -1259,8 +1387,7 @@ class ClientConnection(asyncio.Protocol):
                     "no more connections allowed (max_client_conn)",
                     detail=f"max_client_conn is {registry.settings.max_client_conn}",
                 )
-            # The admin console authenticates like any database, then takes the connection over.
-            admin = self.database in ADMIN_DATABASE_NAMES and registry.admin_login is not None
+            admin = self._is_console()
             database_config = None
             if not admin:
                 if self.database in registry.manager.disabled:
@@ -1272,24 +1399,26 @@ class ClientConnection(asyncio.Protocol):
                 if found is None:
                     raise NoSuchDatabase(f'no such database: "{self.database}"')
                 database_config = found[1]
-            if tls is not None and tls.required and not self.tls:
+            if tls is not None and tls.required and not login.tls:
                 raise AuthRejected(
                     "SSL connection is required",
                     detail=f"client_tls_sslmode is {tls.mode}",
                     hint="connect with sslmode=require (or verify-ca / verify-full)",
                 )
             if tls is not None and tls.mode == "verify-full":
-                auth.check_certificate(self.user, self._peer_certificate())
-            method = auth.method_for(database_config, self.database, self.user, self.address, tls=self.tls)
+                auth.check_certificate(self.user, self._peer_certificate(login.tls))
+            method = auth.method_for(database_config, self.database, self.user, self.address, tls=login.tls)
             if method == "cert":
-                auth.check_certificate(self.user, self._peer_certificate())
+                auth.check_certificate(self.user, self._peer_certificate(login.tls))
         except PoolerError as exc:
             self.fail(exc)
             return
-        self._admin_startup = startup if admin else None
-        self._negotiate_protocol(startup)
+        login.accept()
+        out = login.data_to_send()  # a NegotiateProtocolVersion, whatever follows
+        if out:
+            self.transport.write(out)
         if method == "trust":  # nothing to exchange and nothing learned: no exchange object
-            self._authenticated(TRUSTED)
+            self._login_event(login, login.authenticate(None))
             return
         secret: Secret | None = None
         if auth.needs_secret(method):
@@ -1298,7 +1427,7 @@ class ClientConnection(asyncio.Protocol):
             if not known and not admin:
                 asyncio.get_running_loop().create_task(self._fetch_secret_then_authenticate(method))
                 return
-        self._begin_auth(method, secret)
+        self._begin_auth(login, method, secret)
 
     async def _fetch_secret_then_authenticate(self, method: str) -> None:
         try:
@@ -1310,67 +1439,36 @@ class ClientConnection(asyncio.Protocol):
             log.exception("auth_query for user %r failed", self.user)
             self.fail(PoolerError(f"internal error while looking up the password: {bug}"))
             return
-        if not self.closed:
-            self._begin_auth(method, secret)
+        login = self.login
+        if login is not None:  # else closed meanwhile
+            self._begin_auth(login, method, secret)
 
-    def _begin_auth(self, method: str, secret: Secret | None) -> None:
+    def _begin_auth(self, login: ClientLogin[ClientAuthExchange], method: str, secret: Secret | None) -> None:
         tls = self.registry.tls
         exchange = self.registry.auth.exchange(
             method,
             self.user,
             secret,
-            channel_binding=tls.channel_binding if tls is not None and self.tls else None,
+            channel_binding=tls.channel_binding if tls is not None and login.tls else None,
         )
-        request = exchange.start()
-        if exchange.done:
-            self._authenticated(exchange.outcome)
-            return
-        self._auth = exchange
-        self._auth_reader = codec.MessageReader(max_message=AUTH_MESSAGE_LIMIT)
-        self.transport.write(request)
-        early = self._early
-        if early:
-            self._early = b""
-            self._auth_data(early)
-
-    def _auth_data(self, data: bytes) -> None:
-        exchange = self._auth
-        reader = self._auth_reader
-        assert exchange is not None and reader is not None
         try:
-            messages = reader.feed(data)
-            for index, (msg_type, body) in enumerate(messages):
-                if msg_type == c.F_TERMINATE:  # e.g. psql going to ask the user for a password
-                    self.transport.close()
-                    return
-                reply = exchange.receive(msg_type, body)
-                if exchange.done:
-                    # Whatever the client pipelined after its last auth message waits for the
-                    # welcome, in the order it was sent.
-                    after = b"".join(codec.build_message(t, b) for t, b in messages[index + 1 :])
-                    self._early = after + reader.take_rest()
-                    self._auth = None
-                    self._auth_reader = None
-                    # The last reply (SASLFinal) goes out with the welcome: one write, not two.
-                    self._authenticated(exchange.outcome, reply)
-                    return
-                if reply:
-                    self.transport.write(reply)
+            event = login.authenticate(exchange)  # goes on with what the client sent meanwhile
         except PoolerError as exc:
-            self._auth = None
-            self._auth_reader = None
-            self.fail(exc)
+            self._refuse_login(login, exc)
+            return
+        self._login_event(login, event)
 
-    def _authenticated(self, outcome: AuthOutcome, last_reply: bytes = b"") -> None:
-        startup = self._admin_startup
-        if startup is not None:
-            self._admin_startup = None
+    def _authenticated(self, login: ClientLogin[ClientAuthExchange]) -> None:
+        exchange = login.exchange
+        outcome = exchange.outcome if exchange is not None else TRUSTED
+        if self._is_console():
+            startup = login.startup
             admin_login = self.registry.admin_login
-            assert admin_login is not None
-            self.registry.logging_in.pop(self, None)  # the console owns the connection now
-            if last_reply:
-                self.transport.write(last_reply)
-            early, self._early = self._early, b""
+            assert startup is not None and admin_login is not None
+            out, early = login.hand_over()
+            self._set_state(ClientState.CONSOLE)
+            if out:
+                self.transport.write(out)
             # From here on the console's protocol object gets this transport's callbacks.
             admin_login(self, startup, early)
             return
@@ -1386,16 +1484,18 @@ class ClientConnection(asyncio.Protocol):
             pool.login.learn(outcome.password, outcome.secret, outcome.client_key)
         self.pool = pool
         if pool.parameters is not None:
-            self._welcome(last_reply)
+            self._welcome(login)
         else:
-            if last_reply:
-                self.transport.write(last_reply)
+            out = login.data_to_send()
+            if out:
+                self.transport.write(out)
             asyncio.get_running_loop().create_task(self._welcome_when_pool_ready())
 
     def login_timed_out(self, timeout: float) -> None:
         if self.closed:
             return
-        if self._tls_handshake:  # nothing can be said in clear now
+        login = self.login
+        if login is not None and login.in_tls_handshake:  # nothing can be said in clear now
             self.transport.close()
             return
         self.fail(
@@ -1404,25 +1504,20 @@ class ClientConnection(asyncio.Protocol):
             )
         )
 
-    def _negotiate_protocol(self, startup: codec.StartupMessage) -> None:
-        protocol_options = [name for name in startup.parameters if name.startswith("_pq_.")]
-        if startup.protocol_version != c.PROTOCOL_3_0 or protocol_options:
-            # A newer 3.x client: tell it we speak 3.0 and ignored its protocol options.
-            self.transport.write(codec.build_negotiate_protocol_version(0, protocol_options))
-
     async def _welcome_when_pool_ready(self) -> None:
         try:
             await self.pool.ensure_parameters()
         except PoolerError as exc:
             self.fail(exc)
             return
-        if not self.closed:
-            self._welcome()
+        login = self.login
+        if login is not None:  # else closed meanwhile
+            self._welcome(login)
 
-    def _welcome(self, last_reply: bytes = b"") -> None:
+    def _welcome(self, login: ClientLogin[ClientAuthExchange]) -> None:
         pool = self.pool
         settings = self.registry.settings
-        startup = self.startup
+        startup = login.startup
         assert startup is not None
         welcome = pool.welcomes.get(startup.raw)
         if welcome is None:
@@ -1433,50 +1528,31 @@ class ClientConnection(asyncio.Protocol):
                 return
             if not isinstance(worked_out, Welcome):
                 # Values whose spelling the pool has yet to learn from a server (once each).
-                if last_reply:
-                    self.transport.write(last_reply)
+                out = login.data_to_send()
+                if out:
+                    self.transport.write(out)
                 asyncio.get_running_loop().create_task(self._welcome_after_learning(worked_out))
                 return
             welcome = worked_out
         traffic = self.traffic = pool.stats.for_application(self.application_name)
         traffic.logins += 1
         traffic.login.observe(time.monotonic_ns() - self.connected_ns)
-        # Everything the session needs from the packet is in `welcome` now; an idle client
-        # should not keep its parsed copy (about 600 bytes each).
-        self.startup = None
         self.parameters = welcome.parameters
         self.other_settings = welcome.other_settings
         self.apply_first = welcome.apply_first
         self.startup_values = welcome.startup_values
         self.mode = pool.mode
-        if pool.rewriting:
-            statements = ClientStatements(pool.statements) if settings.max_prepared_statements else None
-            self.frontend = self.rewriter = RewritingFrontend(
-                statements,
-                tracked=pool.tracked,
-                refuse=settings.session_state_policy == "error",
-                verdicts=pool.verdicts,
-                intercept_listen=settings.listen_mode == "multiplex",
-            )
-        else:
-            self.frontend = FrontendStream()
-        pool.clients.add(self)
-        self.cancel_key = self.registry.new_cancel_key(self)
-        self.registry.logging_in.pop(self, None)
-        self.transport.write(
-            last_reply
-            + welcome.statuses
-            + codec.build_backend_key_data(*self.cancel_key)
-            + codec.READY_FOR_QUERY_IDLE
-        )
-        self.ready = True
+        pool.clients[self] = None
+        out, early = login.welcome(welcome.statuses, *self.registry.new_cancel_key(self))
+        # The login machine (and the parsed startup packet with it) goes: an idle client keeps
+        # only its session.
+        self._set_state(ClientState.WELCOMED)
+        self.transport.write(out)
         if settings.log_disconnections:
             _ = self.peer  # read it while the socket is open, for the line at disconnection
         if settings.log_connections:
             connection_line("login", self.peer, self.database, self.user, self.application_name)
-        early = self._early
         if early:
-            self._early = b""
             self.data_received(early)
 
     async def _welcome_after_learning(self, unspelled: list[tuple[str, str]]) -> None:
@@ -1485,8 +1561,9 @@ class ClientConnection(asyncio.Protocol):
         except PoolerError as exc:
             self.fail(exc)
             return
-        if not self.closed:
-            self._welcome()
+        login = self.login
+        if login is not None:  # else closed meanwhile
+            self._welcome(login)
 
     def _work_out_welcome(
         self, startup: codec.StartupMessage, pool: Pool, settings: Settings
@@ -1556,11 +1633,12 @@ class ClientConnection(asyncio.Protocol):
             self.peer, self.database or "-", self.user or "-", self.application_name or "-",
             exc.message, f" ({exc.log_detail})" if exc.log_detail else "",
         )  # fmt: skip
-        if not self.closed and not self.transport.is_closing():
-            if not exc.silent:
-                self.transport.write(exc.to_error_response())
-            self.transport.close()
-        self.closed = True
+        if not self.closed:
+            if not self.transport.is_closing():
+                if not exc.silent:
+                    self.transport.write(exc.to_error_response())
+                self.transport.close()
+            self._set_state(ClientState.CLOSING)
 
     def terminate(self, exc: PoolerError) -> None:
         """End the client whatever it is doing (shutdown): `exc` as its FATAL error, then the
@@ -1570,22 +1648,25 @@ class ClientConnection(asyncio.Protocol):
         if self.closed:
             return
         server = self.server
-        if self._tls_handshake or (server is not None and not server.backend.at_message_boundary):
+        login = self.login
+        if (login is not None and login.in_tls_handshake) or (
+            server is not None and not server.backend.at_message_boundary
+        ):
             self.transport.close()
             return
         self.fail(exc)
 
-    def _left_during_login(self) -> None:
+    def _left_during_login(self, login: ClientLogin[ClientAuthExchange]) -> None:
         """The client closed before logging in: an incomplete startup packet is logged, as
         PostgreSQL does (quietly: port scanners and health checks do this all day); a
         connection closed before sending anything is not."""
-        reader = self._startup_reader
-        if reader is not None and len(reader):
+        incomplete = login.incomplete_startup_bytes()
+        if incomplete:
             self.registry.errors["incomplete_startup_packet"] += 1
             self.registry.log_limiter.log(
                 log, logging.INFO, ("incomplete_startup_packet",),
                 "client %s: incomplete startup packet (%d bytes, then the connection closed)",
-                self.peer, len(reader),
+                self.peer, incomplete,
             )  # fmt: skip
 
     def _count_error(self, reason: str) -> None:

@@ -256,8 +256,8 @@ def expire_logins(registry: ClientRegistry, now_ns: int, timeout_s: float) -> No
             break
         expired.append(client)
     for client in expired:
+        client.login_timed_out(timeout_s)  # it reads its login machine there, so not popped yet
         registry.logging_in.pop(client, None)
-        client.login_timed_out(timeout_s)
 
 
 def expire_cancels(registry: ClientRegistry, now_ns: int, timeout_s: float) -> None:

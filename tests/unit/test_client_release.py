@@ -44,7 +44,7 @@ class Rig:
         client = ClientConnection(self.pooler.registry)
         client.connection_made(FakeTransport())
         client.data_received(STARTUP)
-        assert client.ready
+        assert client.logged_in
         return client
 
     def reply(self, client: ClientConnection, data: bytes) -> bool:

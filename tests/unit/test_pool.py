@@ -794,7 +794,7 @@ async def test_reconfigure_across_session_mode_keeps_session_clients_in_session_
     session_client.rewriter = None
     rewriting_client = FakeClient("rewriting")
     rewriting_client.mode = "session"  # it logged in under transaction mode, then followed a RELOAD
-    pool.clients.update((session_client, rewriting_client))  # type: ignore[arg-type]
+    pool.clients.update(dict.fromkeys((session_client, rewriting_client)))  # type: ignore[arg-type]
 
     pool.reconfigure(default_login(), size=2, mode="statement", settings=make_settings())
 
