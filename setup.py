@@ -36,6 +36,7 @@ HOT_PATH = [
     "pypooler/flow.py",
     "pypooler/server.py",
     "pypooler/client.py",
+    "pypooler/registry.py",
     "pypooler/protocol/listen.py",
     "pypooler/listening.py",
 ]

@@ -52,7 +52,8 @@ from pypooler.protocol.errors import (
 from pypooler.stats import TrafficStats
 
 if TYPE_CHECKING:
-    from pypooler.client import ClientConnection, ClientRegistry
+    from pypooler.client import ClientConnection
+    from pypooler.registry import ClientRegistry
 
 log = logging.getLogger("pypooler.admin")
 

@@ -47,7 +47,7 @@ from pypooler.accepting import (
 )
 from pypooler.admin import AdminConsole
 from pypooler.auth import Authenticator
-from pypooler.client import ClientConnection, ClientRegistry
+from pypooler.client import ClientConnection
 from pypooler.config import RESTART_ONLY_SETTINGS, ConfigError, Settings
 from pypooler.keepalive import apply_keepalive, keepalive_options
 from pypooler.maintenance import Maintenance
@@ -56,6 +56,7 @@ from pypooler.pool import PoolManager, shutdown_refused
 from pypooler.protocol import codec
 from pypooler.protocol.errors import ShuttingDown
 from pypooler.protocol.transaction import releasable
+from pypooler.registry import ClientRegistry
 from pypooler.tls import client_tls, server_ssl_context
 
 log = logging.getLogger("pypooler")

@@ -66,8 +66,8 @@ from pypooler.protocol.errors import ClientIdleTimeout, IdleTransactionTimeout, 
 from pypooler.stats import NS_PER_S
 
 if TYPE_CHECKING:
-    from pypooler.client import ClientRegistry
     from pypooler.pool import PoolManager
+    from pypooler.registry import ClientRegistry
 
 log = logging.getLogger("pypooler.maintenance")
 

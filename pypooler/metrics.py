@@ -25,8 +25,8 @@ from prometheus_client.registry import Collector
 from pypooler.stats import BUCKET_BOUNDS_S, Histogram
 
 if TYPE_CHECKING:
-    from pypooler.client import ClientRegistry
     from pypooler.pool import PoolManager
+    from pypooler.registry import ClientRegistry
 
 log = logging.getLogger("pypooler.metrics")
 

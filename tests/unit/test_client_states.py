@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from pypooler.client import TRANSITIONS, ClientConnection, ClientState, ClientTable, cancel_key_of
+from pypooler.client import TRANSITIONS, ClientConnection, ClientState
 from pypooler.protocol import codec
 from pypooler.protocol.errors import ShuttingDown
+from pypooler.registry import ClientTable, cancel_key_of
 from pypooler.rewriting import RewritingFrontend
 from tests.unit.test_client_release import STARTUP, FakeTransport, Rig
 
