@@ -110,6 +110,9 @@ PENDING_LIMIT = HELD_LIMIT
 _TX_IDLE = c.TX_IDLE
 _TX_IN_TRANSACTION = c.TX_IN_TRANSACTION
 _X = c.F_TERMINATE
+# Admin console sessions allowed beyond max_client_conn (as PostgreSQL keeps
+# superuser_reserved_connections); accepting.py's FIXED_MARGIN has room for them.
+CONSOLE_RESERVE = 10
 # (application_name, kind) pairs warned about at most; beyond, the set starts again.
 MAX_WARNED_KEYS = 1000
 _MIN_LENGTH = b"\x00\x00\x00\x04"  # a message length word below this is garbage
@@ -1197,12 +1200,14 @@ class ClientConnection(asyncio.Protocol):
         try:
             if not self.user:
                 raise ProtocolViolation("no PostgreSQL user name specified in startup packet")
-            if len(registry.clients) > registry.settings.max_client_conn:
+            admin = self._is_console()
+            # The console has CONSOLE_RESERVE places beyond max_client_conn: the operator who
+            # comes to see why the pooler is full is let in.
+            if len(registry.clients) > registry.settings.max_client_conn + (CONSOLE_RESERVE if admin else 0):
                 raise TooManyClients(
                     "no more connections allowed (max_client_conn)",
                     detail=f"max_client_conn is {registry.settings.max_client_conn}",
                 )
-            admin = self._is_console()
             database_config = None
             if not admin:
                 if self.database in registry.manager.disabled:

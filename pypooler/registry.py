@@ -64,7 +64,7 @@ class ClientRegistry:
         self.auth = auth if auth is not None else Authenticator(settings)
         self.tls = tls
         # Live client connections, admin console sessions included (they count against
-        # max_client_conn like any other client).
+        # max_client_conn, and have client.py's CONSOLE_RESERVE places beyond it).
         self.clients = ClientTable()
         # Clients not logged in yet, oldest first (dicts keep insertion order: the maintenance
         # pass, client_login_timeout, stops at the first one still within its time), with their

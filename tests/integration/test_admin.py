@@ -433,13 +433,16 @@ async def test_who_may_use_the_console(start_pooler: Any) -> None:
     assert "admin access needed" in fields["M"]
     assert pooler.pooler.manager.paused_all is False
 
-    # Console sessions count against max_client_conn like any other client.
+    # Console sessions count against max_client_conn like any other client...
     admin = await console(pooler)
     with pytest.raises(AssertionError) as full:
         await RawClient.login(pooler.host, pooler.port)
     assert full.value.args[0]["C"] == "53300"
-    await watcher.close()
-    await admin.close()
+    # ...but a full pooler still lets the operator in (CONSOLE_RESERVE more places).
+    operator = await console(pooler)
+    assert await show(operator, "POOLS") == []
+    for session in (watcher, admin, operator):
+        await session.close()
 
 
 def test_cli_reloads_on_sighup_and_stops_on_shutdown(postgres: EmbeddedPostgres, tmp_path: Path) -> None:
