@@ -92,8 +92,7 @@ class Pooler:
         self.draining = False
         self.auth = Authenticator.from_settings(settings)
         self.manager = PoolManager(settings, stored_secret=self.auth.stored_secret)
-        if settings.auth_user:
-            self.auth.query = self.manager.run_auth_query
+        self.auth.query = self.manager.run_auth_query  # used where a database has an auth_user
         self.auth.log_limiter = self.manager.log_limiter
         self.registry = ClientRegistry(settings, self.manager, auth=self.auth, tls=client_tls(settings))
         self.console = AdminConsole(self.registry)
@@ -255,8 +254,7 @@ class Pooler:
         changes += [f"database {name} changed" for name in changed]
         self.settings = new
         self.registry.settings = new
-        if new.auth_user:
-            auth.query = self.manager.run_auth_query
+        auth.query = self.manager.run_auth_query
         auth.log_limiter = self.manager.log_limiter
         self.auth = self.registry.auth = auth
         self.registry.tls = tls

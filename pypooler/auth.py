@@ -603,7 +603,7 @@ class Authenticator:
     def cached_secret(self, database: str, user: str) -> tuple[bool, Secret | None]:
         """(known now, secret): from auth_file or a fresh auth_query answer, without waiting."""
         secret = self.auth_file.get(user)
-        if secret is not None or not self.settings.auth_user:
+        if secret is not None or not self.settings.auth_user_for(database):
             return True, secret
         cached = self._cache.get((database, user))
         if cached is not None and cached[0] > time.monotonic_ns():

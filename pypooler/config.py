@@ -193,6 +193,8 @@ class DatabaseConfig(BaseModel):
     application_name: str | None = None
     # Run on each new server before any client gets it; its errors are logged, not fatal.
     connect_query: str | None = None
+    # The user auth_query runs as for this database; None means Settings.auth_user.
+    auth_user: str | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
     def _hosts_are_readable(self) -> DatabaseConfig:
@@ -429,6 +431,12 @@ class Settings(BaseSettings):
             sources.append(_TomlFileSource(settings_cls, plan.toml_file))
         return tuple(sources)
 
+    def auth_user_for(self, database: str) -> str:
+        """The user auth_query runs as for `database` (its entry's, else the "*" entry's, else
+        auth_user); "" means no auth_query."""
+        db = self.databases.get(database) or self.databases.get("*")
+        return db.auth_user if db is not None and db.auth_user else self.auth_user
+
     def pool_mode_of(self, db: DatabaseConfig, user: str) -> PoolMode:
         """The pool mode of the pool of entry `db` logged in as `user`: the user's ([users]),
         else the entry's, else pool_mode."""
@@ -612,7 +620,8 @@ def check_settings(settings: Settings) -> list[str]:
         if db.auth_type is not None
     }
     for where, auth_type in sorted(auth_types):
-        if auth_type in PASSWORD_AUTH_TYPES and not settings.auth_file and not settings.auth_user:
+        any_auth_user = settings.auth_user or any(db.auth_user for db in settings.databases.values())
+        if auth_type in PASSWORD_AUTH_TYPES and not settings.auth_file and not any_auth_user:
             problems.append(
                 f"{where}: {auth_type} needs auth_file or auth_user (auth_query) to find passwords"
             )
@@ -622,7 +631,9 @@ def check_settings(settings: Settings) -> list[str]:
             problems.append(f"{where}: cert needs client_tls_ca_file to verify client certificates")
         if auth_type == "cert" and settings.client_tls_sslmode == "disable":
             problems.append(f"{where}: cert needs TLS (client_tls_sslmode is disable)")
-    if settings.auth_user and not settings.auth_query.strip():
+    if (settings.auth_user or any(db.auth_user for db in settings.databases.values())) and not (
+        settings.auth_query.strip()
+    ):
         problems.append("auth_query: must not be empty when auth_user is set")
     mode = settings.client_tls_sslmode
     if mode != "disable":

@@ -236,12 +236,13 @@ _DATABASE_KEYS: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "reserve_pool": ("reserve_pool", _integer),
     "max_db_connections": ("max_db_connections", _integer),
     "connect_query": ("connect_query", _text),
+    "auth_user": ("auth_user", _text),
     "client_encoding": ("client_encoding", _text),
     "datestyle": ("datestyle", _text),
     "timezone": ("timezone", _text),
     "application_name": ("application_name", _text),
 }
-_DATABASE_NOT_YET: Final = frozenset({"auth_user"})
+_DATABASE_NOT_YET: Final[frozenset[str]] = frozenset()
 # [users] keys.
 _USER_KEYS: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "pool_mode": ("pool_mode", _text),

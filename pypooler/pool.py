@@ -928,10 +928,11 @@ class PoolManager:
     def auth_pool(self, database: str) -> Pool | None:
         """The pool auth_query runs in: database `database`, logged in as auth_user."""
         found = self.database_config(database)
-        if found is None or not self.settings.auth_user:
+        auth_user = self.settings.auth_user_for(database)
+        if found is None or not auth_user:
             return None
         entry, db = found
-        return self._pool(database, entry, db, self.settings.auth_user)
+        return self._pool(database, entry, db, auth_user)
 
     def _server_login(self, database: str, entry: str, db: DatabaseConfig, user: str) -> ServerLogin:
         # [databases] password belongs to the forced user (or to every user when none is forced).

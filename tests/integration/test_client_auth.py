@@ -273,6 +273,19 @@ async def test_auth_query_burst_runs_one_lookup(start_pooler: Runner) -> None:
     assert pooler.call(lambda: pooler.pooler.auth.lookups) == 1
 
 
+async def test_auth_user_per_database(start_pooler: Runner, postgres: EmbeddedPostgres) -> None:
+    target = {"host": postgres.host, "port": postgres.port}
+    pooler = start_pooler(
+        auth_type="scram-sha-256",
+        databases={"pypooler_test": {**target, "auth_user": "postgres"}, "postgres": target},
+    )
+    assert await asyncpg_login(pooler, "pp_scram", "scrampass") == "pp_scram"  # auth_query here
+    with pytest.raises(asyncpg.InvalidPasswordError):  # no auth_user, no auth_file: unknown
+        await asyncpg.connect(
+            host=pooler.host, port=pooler.port, user="pp_scram", password="scrampass", database="postgres"
+        )
+
+
 async def test_auth_query_respects_valid_until(start_pooler: Runner, postgres: EmbeddedPostgres) -> None:
     role = f"pp_expiring_{uuid.uuid4().hex[:8]}"
     await asyncio.to_thread(

@@ -82,7 +82,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
         "[databases]\n"
         "a = host=x port=five\n"
         "b = host=x bogus=1\n"
-        "c = host=x auth_user=other\n"
+        "c = host=/var/run/postgresql\n"
         "[users]\n"
         "bob = pool_size=5\n"
         "[pgbouncer]\n"
@@ -96,7 +96,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     assert sorted(by_line) == [2, 3, 4, 6, 8, 9, 10, 11] and len(problems) == 8
     assert "port: must be an integer" in by_line[2]
     assert "unknown option 'bogus'" in by_line[3]
-    assert "auth_user is not supported by this version" in by_line[4]
+    assert "a unix socket is not supported by this version" in by_line[4]
     assert "pool_size is not supported by this version" in by_line[6]
     assert "application_name_add_host = '1' is not supported by this version" in by_line[8]
     assert "unknown section [pgboucner]" in by_line[10]
