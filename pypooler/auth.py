@@ -2,7 +2,8 @@
 
 - `load_auth_file` reads PgBouncer's userlist.txt format: `"user" "secret"` per line, `""` for a
   quote inside a field, lines starting with `;` or `#` are comments.
-- `load_hba` reads pg_hba.conf-style rules (`host`, `hostssl`, `hostnossl`; database and user
+- `load_hba` reads pg_hba.conf-style rules (`host`, `hostssl`, `hostnossl` for TCP clients,
+  `local` for the unix-domain socket's; database and user
   lists with `all` / `sameuser`; an address as CIDR, address + mask, or `all`; methods trust,
   reject, password/plain, md5, scram-sha-256, cert). First match wins; no match rejects.
 - `Authenticator` is shared by every client: it picks the method for a connection, finds the
@@ -145,6 +146,7 @@ _HBA_METHODS: Final = {
     "md5": "md5",
     "scram-sha-256": "scram-sha-256",
     "cert": "cert",
+    "peer": "peer",
 }
 
 
@@ -160,8 +162,10 @@ class HbaRule:
 
     def matches(self, *, tls: bool, database: str, user: str, address: str) -> bool:
         kind = self.connection_type
-        if kind == "local" or (kind == "hostssl" and not tls) or (kind == "hostnossl" and tls):
-            return False  # pypooler listens on TCP only; "local" lines never match
+        if (kind == "local") != (address == ""):  # "" is a client on the unix-domain socket
+            return False
+        if (kind == "hostssl" and not tls) or (kind == "hostnossl" and tls):
+            return False
         if (
             self.databases is not None
             and database not in self.databases
@@ -306,6 +310,8 @@ def _hba_rule(number: int, fields: list[list[tuple[str, bool]]]) -> tuple[HbaRul
         return None, f"unsupported method {fields[rest][0][0]!r} ({', '.join(sorted(_HBA_METHODS))})"
     if len(fields) > rest + 1:
         return None, "options after the method are not supported"
+    if method_name == "peer" and kind != "local":
+        return None, "peer authentication is only for local (unix-domain socket) lines"
     return (
         HbaRule(
             number, kind, databases, "sameuser" in db_keywords, users, network, _HBA_METHODS[method_name]
@@ -563,22 +569,32 @@ class Authenticator:
             return auth_type
         address = address_of()
         encryption = "SSL encryption" if tls else "no encryption"
+        host = address or "[local]"  # as PostgreSQL names a unix-socket client
         for rule in self.hba or ():
             if rule.matches(tls=tls, database=database_name, user=user, address=address):
                 if rule.method == "reject":
                     raise AuthRejected(
-                        f'pg_hba.conf rejects connection for host "{address}", user "{user}",'
+                        f'pg_hba.conf rejects connection for host "{host}", user "{user}",'
                         f' database "{database_name}", {encryption}'
                     )
                 return rule.method
         raise AuthRejected(
-            f'no pg_hba.conf entry for host "{address}", user "{user}", database'
-            f' "{database_name}", {encryption}'
+            f'no pg_hba.conf entry for host "{host}", user "{user}", database "{database_name}", {encryption}'
         )
 
     @staticmethod
     def needs_secret(method: str) -> bool:
         return method in _PASSWORD_METHODS
+
+    @staticmethod
+    def check_peer(user: str, os_user: str | None) -> None:
+        """`peer` method: the operating-system user at the other end of the unix-domain socket
+        (SO_PEERCRED) is the database user, as PostgreSQL's peer method without a map."""
+        if os_user is None or not hmac.compare_digest(os_user.encode(), user.encode()):
+            raise AuthRejected(
+                f'Peer authentication failed for user "{user}"',
+                detail=f"the connection comes from operating-system user {os_user or '(unknown)'!r}",
+            )
 
     def check_certificate(self, user: str, peercert: object) -> None:
         """`cert` method and verify-full: a verified client certificate whose CN is the user."""

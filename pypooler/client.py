@@ -48,6 +48,9 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import pwd
+import socket
+import struct
 import sys
 import time
 from collections import deque
@@ -110,6 +113,7 @@ PENDING_LIMIT = HELD_LIMIT
 _TX_IDLE = c.TX_IDLE
 _TX_IN_TRANSACTION = c.TX_IN_TRANSACTION
 _X = c.F_TERMINATE
+PEER_CREDENTIALS = struct.Struct("3i")  # SO_PEERCRED's struct ucred: pid, uid, gid
 # Admin console sessions allowed beyond max_client_conn (as PostgreSQL keeps
 # superuser_reserved_connections); accepting.py's FIXED_MARGIN has room for them.
 CONSOLE_RESERVE = 10
@@ -299,12 +303,26 @@ class ClientConnection(asyncio.Protocol):
             peer: Any = self.transport.get_extra_info("peername") if self.transport else None
             if isinstance(peer, tuple):
                 self._peer = f"{peer[0]}:{peer[1]}"
-            else:
-                self._peer = str(peer) if peer else "?"
+            else:  # a unix-domain socket's peer has no name
+                self._peer = str(peer) if peer else "unix" if peer == "" else "?"
         return self._peer
 
+    def _peer_os_user(self) -> str | None:
+        """The operating-system user of the process at the other end of a unix-domain socket."""
+        sock: Any = self.transport.get_extra_info("socket")
+        if sock is None or sock.family != socket.AF_UNIX:
+            return None
+        _, uid, _ = PEER_CREDENTIALS.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEER_CREDENTIALS.size)
+        )
+        try:
+            return pwd.getpwuid(uid).pw_name
+        except KeyError:
+            return None
+
     def address(self) -> str:
-        """The client's IP address, for hba matching (asked of the socket only then)."""
+        """The client's IP address, for hba matching (asked of the socket only then); "" for a
+        client on the unix-domain socket (hba's "local" lines)."""
         peer: Any = self.transport.get_extra_info("peername") if self.transport else None
         return str(peer[0]) if isinstance(peer, tuple) else ""
 
@@ -1230,6 +1248,9 @@ class ClientConnection(asyncio.Protocol):
             method = auth.method_for(database_config, self.database, self.user, self.address, tls=login.tls)
             if method == "cert":
                 auth.check_certificate(self.user, self._peer_certificate(login.tls))
+            elif method == "peer":
+                auth.check_peer(self.user, self._peer_os_user())
+                method = "trust"  # nothing to exchange: the kernel vouched for the user
         except PoolerError as exc:
             self.fail(exc)
             return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pwd
 import socket
 import stat
 import subprocess
@@ -16,9 +17,9 @@ import pytest
 from pypooler.accepting import bind_unix_socket, unix_socket_path
 
 
-def psql_unix(directory: Path, port: int, database: str, sql: str) -> str:
+def psql_unix(directory: Path, port: int, database: str, sql: str, user: str = "postgres") -> str:
     result = subprocess.run(
-        ["psql", "-X", "-A", "-t", "-w", "-h", str(directory), "-p", str(port), "-U", "postgres",
+        ["psql", "-X", "-A", "-t", "-w", "-h", str(directory), "-p", str(port), "-U", user,
          "-d", database, "-c", sql],
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
@@ -65,3 +66,22 @@ def test_a_file_that_is_not_a_socket_is_left_alone(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="not a socket"):
         bind_unix_socket(str(tmp_path), 5556, 0o777, "", 16)
     assert path.read_text() == "not mine"
+
+
+def test_hba_local_lines_and_peer_authentication(start_pooler: Callable[..., Any], tmp_path: Path) -> None:
+    hba = tmp_path / "hba.conf"
+    hba.write_text("local all all peer\nhost all all all reject\n")
+    me = pwd.getpwuid(os.getuid()).pw_name
+    pooler = start_pooler(
+        unix_socket_dir=str(tmp_path), auth_type="hba", auth_hba_file=str(hba), admin_users=[me]
+    )
+    assert "pypooler" in psql_unix(tmp_path, pooler.port, "pgbouncer", "SHOW VERSION", user=me)
+
+    def console(host: str, user: str) -> subprocess.CompletedProcess[str]:
+        argv = ["psql", "-X", "-w", "-h", host, "-p", str(pooler.port), "-U", user, "-d", "pgbouncer"]
+        return subprocess.run([*argv, "-c", "SHOW VERSION"], capture_output=True, text=True, timeout=30)
+
+    refused = console(str(tmp_path), "someone_else")
+    assert refused.returncode != 0 and 'Peer authentication failed for user "someone_else"' in refused.stderr
+    over_tcp = console("127.0.0.1", me)
+    assert over_tcp.returncode != 0 and "rejects connection" in over_tcp.stderr
