@@ -51,6 +51,7 @@ class FakeServer:
         self.close_needed = False
         self.created_ns = time.monotonic_ns() - int(age_s * NS)
         self.last_used_ns = 0
+        self.checked_ns = 0
         self.on_close: Any = None
         self.parameters = {"server_version": "16.2", "client_encoding": "UTF8"}
         self.client: FakeClient | None = None
@@ -161,7 +162,8 @@ async def connector(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[FakeConnec
 
 
 def make_settings(**overrides: Any) -> Settings:
-    return load_settings(None, env={}, **overrides)
+    # No server_check_query: these fake servers answer no query (the check has its own test).
+    return load_settings(None, env={}, **{"server_check_query": "", **overrides})
 
 
 def make_pool(size: int = 2, **overrides: Any) -> Pool:
