@@ -1360,7 +1360,7 @@ class ClientConnection(asyncio.Protocol):
         settings = self.registry.settings
         startup = login.startup
         assert startup is not None
-        welcome = pool.welcomes.get(startup.raw)
+        welcome = pool.welcomes.get(self._welcome_key(startup, settings))
         if welcome is None:
             try:
                 worked_out = self._work_out_welcome(startup, pool, settings)
@@ -1436,6 +1436,8 @@ class ClientConnection(asyncio.Protocol):
         if unspelled:
             return unspelled
         application_name = spelled.get("application_name", clean_ascii(self.application_name))
+        if settings.application_name_add_host:  # as PgBouncer: " - address:port", at login only
+            application_name = spelled["application_name"] = f"{application_name} - {clean_ascii(self.peer)}"
         wanted = dict(parameters)
         wanted.update(spelled)
         wanted["application_name"] = application_name
@@ -1455,8 +1457,13 @@ class ClientConnection(asyncio.Protocol):
         welcome = Welcome(session, others, bool(others), statuses, startup_values)
         if len(pool.welcomes) >= WELCOMES_KEPT:
             pool.welcomes.clear()
-        pool.welcomes[startup.raw] = welcome
+        pool.welcomes[self._welcome_key(startup, settings)] = welcome
         return welcome
+
+    def _welcome_key(self, startup: codec.StartupMessage, settings: Settings) -> bytes:
+        """What a welcome is remembered by: the startup packet, and with
+        application_name_add_host the client's address too."""
+        return startup.raw + self.peer.encode() if settings.application_name_add_host else startup.raw
 
     # ------------------------------------------------------------------ errors
 

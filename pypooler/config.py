@@ -308,6 +308,9 @@ class Settings(BaseSettings):
     # Protocol-level named prepared statements kept per server in transaction and statement
     # mode (least recently used ones are closed beyond it); 0 passes them through untracked.
     max_prepared_statements: int = Field(default=200, ge=0)
+    # Append " - address:port" of the client to the application_name it logs in with (what the
+    # server's pg_stat_activity shows), as PgBouncer does; a later SET is left alone.
+    application_name_add_host: bool = False
     # Startup parameters accepted from clients and otherwise ignored (names, any case).
     ignore_startup_parameters: list[str] = ["extra_float_digits"]
     # What to do when a transaction-mode client leaves session state on its server

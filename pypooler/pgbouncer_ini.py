@@ -11,10 +11,10 @@ TOML file gives `config.load_settings`, so a team keeps the files it has. The ru
 - A key PgBouncer knows and pypooler has is translated (`_SETTINGS`, `_DATABASE_KEYS`).
 - A key pypooler does not need (logfile, pidfile, syslog, DNS caching, ...) is accepted with one
   warning line that says why (`_NOT_NEEDED`).
-- A key pypooler does not support yet is accepted silently at PgBouncer's default (it then means
-  "off"), with a warning where ignoring it is harmless (`_NOT_YET_HARMLESS`: a warm pool, a unix
-  socket), and is an error where ignoring it would drop a bound or change what clients see
-  (`_NOT_YET`): a limit read from a file must never be quietly unenforced.
+- Every one of PgBouncer 1.18's [pgbouncer] keys is one of those two, except log_pooler_errors
+  (`_NOT_YET_HARMLESS`: accepted, with a warning when not at PgBouncer's default). What pypooler
+  lacks in [databases] and [users] (a unix-socket host, a user's pool_size) is an error: a
+  setting read from a file must never be quietly ignored where it bounds or changes something.
 - Keys left out of the file take PgBouncer's defaults where they differ from pypooler's
   (`_PGBOUNCER_DEFAULTS`): the same file means the same pooler (session mode, md5, 100 clients).
 - Every problem is collected, one line each, in `problems` (config.py raises them together).
@@ -128,6 +128,7 @@ _SETTINGS: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "max_db_connections": ("max_db_connections", _integer),
     "max_user_connections": ("max_user_connections", _integer),
     "ignore_startup_parameters": ("ignore_startup_parameters", _names),
+    "application_name_add_host": ("application_name_add_host", _boolean),
     "stats_period": ("stats_period", _seconds),
     "auth_type": ("auth_type", _auth_type),
     "auth_file": ("auth_file", _text),
@@ -218,11 +219,6 @@ _NOT_NEEDED: Final[dict[str, str]] = {
 _NOT_YET_HARMLESS: Final[dict[str, str]] = {
     "log_pooler_errors": "1",
 }
-# Ignoring these would drop a bound or change what clients see: an error unless at the default.
-_NOT_YET: Final[dict[str, str]] = {
-    "application_name_add_host": "0",
-}
-
 # [databases] connection-string keys pypooler has.
 _DATABASE_KEYS: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "dbname": ("dbname", _text),
@@ -337,12 +333,6 @@ def _pgbouncer_key(key: str, value: str, where: str, result: IniSettings, proble
     elif key in _NOT_YET_HARMLESS:
         if not _is_default(value, _NOT_YET_HARMLESS[key]):
             result.warnings.append(f"{where}: {key} = {_shown(value)} is ignored: {NOT_YET}")
-    elif key in _NOT_YET:
-        if not _is_default(value, _NOT_YET[key]):
-            problems.append(
-                f"{where}: {key} = {_shown(value)} is {NOT_YET}"
-                " (remove it, or set it to its default to run without it)"
-            )
     else:
         problems.append(f"{where}: unknown setting {key!r}")
 

@@ -166,3 +166,20 @@ async def test_server_check_query_runs_on_idle_servers(start_pooler: Callable[..
     assert healthy.server_count() == 1
     assert healthy.call(lambda: [s.checked_ns for s in healthy.pool().servers])[0] > 0
     await hold(healthy.dsn(), 0)  # still lent as usual
+
+
+async def test_application_name_add_host(start_pooler: Callable[..., Any]) -> None:
+    pooler = start_pooler(application_name_add_host=True)
+    conn = await asyncpg.connect(pooler.dsn(), server_settings={"application_name": "billing"})
+    try:
+        port = conn._transport.get_extra_info("sockname")[1]
+        expected = f"billing - 127.0.0.1:{port}"
+        assert await conn.fetchval("show application_name") == expected
+        assert (
+            await conn.fetchval("select application_name from pg_stat_activity where pid = pg_backend_pid()")
+            == expected
+        )
+        await conn.execute("set application_name = 'mine'")  # a later SET is left alone
+        assert await conn.fetchval("show application_name") == "mine"
+    finally:
+        await conn.close()
