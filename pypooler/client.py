@@ -360,13 +360,8 @@ class ClientConnection(asyncio.Protocol):
                         return
                     pool.checkout(self)  # lends `server`: an idle one is never queued for
                     self._lend(server, time.monotonic_ns())
-                elif self.idle_since_ns:
-                    # _resumes_after_idle, inline: once per request of a multi-request hold.
-                    now = time.monotonic_ns()
-                    if self.idle_in_xact:
-                        self.idle_ns += now - self.idle_since_ns
-                    self.idle_since_ns = 0
-                    self.query_start_ns = now
+                elif self.idle_since_ns:  # once per request of a multi-request hold
+                    self._resumes_after_idle()
                 try:
                     out = rewriter.feed_to(data, server.statements)
                 except PoolerError as exc:
