@@ -496,6 +496,28 @@ def checkout_revision(
 
 
 WHEEL_NAME = "pypooler-wheel"
+VARIANT_NAME = "pypooler-variant"
+
+
+def parse_variant(text: str) -> dict[str, str | int | float | bool]:
+    """ "max_db_connections=30,reserve_pool_size=5": settings for a second pypooler of this tree."""
+    settings: dict[str, str | int | float | bool] = {}
+    for item in text.split(","):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise argparse.ArgumentTypeError(f"bad setting {item!r}: want KEY=VALUE")
+        value: str | int | float | bool = raw.strip()
+        if raw.strip() in ("true", "false"):
+            value = raw.strip() == "true"
+        else:
+            for kind in (int, float):
+                try:
+                    value = kind(raw)
+                    break
+                except ValueError:
+                    pass
+        settings[key.strip()] = value
+    return settings
 
 
 def install_wheel(workdir: Path) -> Path:
@@ -944,6 +966,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         " it) in every round and print its ratio beside the in-place build's",
     )
     parser.add_argument(
+        "--variant",
+        type=parse_variant,
+        metavar="KEY=VALUE,...",
+        help="also run this tree with these settings (e.g. max_db_connections=30,reserve_pool_size=5)"
+        " in every round and print its ratio beside the plain run's",
+    )
+    parser.add_argument(
         "--log-connections",
         action="store_true",
         help="PgBouncer and pypooler log every login and disconnection (both default to it) to a"
@@ -1032,6 +1061,12 @@ def benchmark(args: argparse.Namespace) -> str:
             )
             proxies.append(baseline)
             targets.append((baseline.name, baseline.port, baseline))
+        if args.variant:
+            variant = start_pypooler(
+                workdir, postgres, name=VARIANT_NAME, settings={**(pypooler_logs or {}), **args.variant}
+            )
+            proxies.append(variant)
+            targets.append((variant.name, variant.port, variant))
         if args.wheel:
             shipped = start_pypooler(
                 workdir, postgres, name=WHEEL_NAME, source=install_wheel(workdir), settings=pypooler_logs
@@ -1099,6 +1134,11 @@ def benchmark(args: argparse.Namespace) -> str:
         table += "\n\n" + render_baseline_table(results, points, args.rounds, baseline_label)
     if args.wheel:
         table += "\n\n" + render_baseline_table(results, points, args.rounds, WHEEL_NAME)
+    if args.variant:
+        shown = ", ".join(f"{key} = {value}" for key, value in args.variant.items())
+        table += f"\n\n{VARIANT_NAME}: {shown}\n\n" + render_baseline_table(
+            results, points, args.rounds, VARIANT_NAME
+        )
     return render_report(
         started=started,
         machine=f"{machine}; load average {load_start:.2f} at start",

@@ -153,6 +153,7 @@ class Pooler:
         for sock in sockets:
             if sock.family == socket.AF_UNIX:
                 log.info("listening on unix socket %s", sock.getsockname())
+        self.manager.make_min_pools()
         self.maintenance.start()
         self.metrics.listening = True
         # Warn now if the configured bounds cannot fit the servers (needs forced users).
@@ -259,6 +260,7 @@ class Pooler:
         self.auth = self.registry.auth = auth
         self.registry.tls = tls
         changes += self.manager.reload(new, stored_secret=auth.stored_secret, server_tls=server_tls)
+        self.manager.make_min_pools()
         if new.log_level != old.log_level:
             logging.getLogger("pypooler").setLevel(new.log_level)
         self.maintenance.reload(new)  # a new interval, and the stats_period

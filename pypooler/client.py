@@ -1465,17 +1465,18 @@ class ClientConnection(asyncio.Protocol):
     def fail(self, exc: PoolerError) -> None:
         """Send `exc` as an ErrorResponse and close (all of pypooler's own errors are FATAL)."""
         self._count_error(exc.reason)
-        # A client retrying a refused login would repeat this line forever: rate-limited per
-        # reason, database and user (not per address, which changes with every retry).
-        self.registry.log_limiter.log(
-            log,
-            # A drain closes every client with "shutdown": one summary line says so instead.
-            _FAIL_LOG_LEVELS.get(exc.reason, logging.WARNING),
-            (exc.reason, self.database, self.user),
-            "client %s db=%s user=%s app=%s: %s%s",
-            self.peer, self.database or "-", self.user or "-", self.application_name or "-",
-            exc.message, f" ({exc.log_detail})" if exc.log_detail else "",
-        )  # fmt: skip
+        if self.registry.settings.log_pooler_errors:
+            # A client retrying a refused login would repeat this line forever: rate-limited per
+            # reason, database and user (not per address, which changes with every retry).
+            self.registry.log_limiter.log(
+                log,
+                # A drain closes every client with "shutdown": one summary line says so instead.
+                _FAIL_LOG_LEVELS.get(exc.reason, logging.WARNING),
+                (exc.reason, self.database, self.user),
+                "client %s db=%s user=%s app=%s: %s%s",
+                self.peer, self.database or "-", self.user or "-", self.application_name or "-",
+                exc.message, f" ({exc.log_detail})" if exc.log_detail else "",
+            )  # fmt: skip
         if not self.closed:
             if not self.transport.is_closing():
                 if not exc.silent:

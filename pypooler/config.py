@@ -232,6 +232,8 @@ class UserConfig(BaseModel):
     pool_mode: PoolMode | None = None
     # None means Settings.max_user_connections.
     max_user_connections: int | None = Field(default=None, ge=0)
+    # None means the database's pool_size, else default_pool_size.
+    pool_size: int | None = Field(default=None, ge=1)
 
 
 class Settings(BaseSettings):
@@ -362,6 +364,9 @@ class Settings(BaseSettings):
     admin_users: list[str] = Field(default_factory=lambda: ["postgres"])
     # Users allowed to run SHOW commands only.
     stats_users: list[str] = Field(default_factory=list)
+    # Log each error pypooler sends a client (rate-limited, log_limits.py), as PgBouncer's
+    # log_pooler_errors; false leaves them to the metrics (pypooler_errors_total).
+    log_pooler_errors: bool = True
     # Log a warning when a held server sits idle in a transaction longer than this; 0: never.
     hold_warn_ms: float = Field(default=1000.0, ge=0, allow_inf_nan=False)
     # Log the top holders when a client waited longer than this for a server; 0: never.
@@ -439,6 +444,14 @@ class Settings(BaseSettings):
         auth_user); "" means no auth_query."""
         db = self.databases.get(database) or self.databases.get("*")
         return db.auth_user if db is not None and db.auth_user else self.auth_user
+
+    def pool_size_of(self, db: DatabaseConfig, user: str) -> int:
+        """The size of the pool of entry `db` logged in as `user`: the user's ([users]), else the
+        entry's, else default_pool_size."""
+        by_user = self.users.get(user)
+        if by_user is not None and by_user.pool_size is not None:
+            return by_user.pool_size
+        return db.pool_size or self.default_pool_size
 
     def pool_mode_of(self, db: DatabaseConfig, user: str) -> PoolMode:
         """The pool mode of the pool of entry `db` logged in as `user`: the user's ([users]),

@@ -11,10 +11,9 @@ TOML file gives `config.load_settings`, so a team keeps the files it has. The ru
 - A key PgBouncer knows and pypooler has is translated (`_SETTINGS`, `_DATABASE_KEYS`).
 - A key pypooler does not need (logfile, pidfile, syslog, DNS caching, ...) is accepted with one
   warning line that says why (`_NOT_NEEDED`).
-- Every one of PgBouncer 1.18's [pgbouncer] keys is one of those two, except log_pooler_errors
-  (`_NOT_YET_HARMLESS`: accepted, with a warning when not at PgBouncer's default). What pypooler
-  lacks in [databases] and [users] (a unix-socket host, a user's pool_size) is an error: a
-  setting read from a file must never be quietly ignored where it bounds or changes something.
+- Every one of PgBouncer 1.18's [pgbouncer] keys is one of those two (tests/unit check the list
+  in its manual). What pypooler lacks in [databases] (a unix-socket host) is an error: a setting
+  read from a file is never quietly ignored where it changes where clients go.
 - Keys left out of the file take PgBouncer's defaults where they differ from pypooler's
   (`_PGBOUNCER_DEFAULTS`): the same file means the same pooler (session mode, md5, 100 clients).
 - Every problem is collected, one line each, in `problems` (config.py raises them together).
@@ -137,6 +136,7 @@ _SETTINGS: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "auth_query": ("auth_query", _text),
     "log_connections": ("log_connections", _boolean),
     "log_disconnections": ("log_disconnections", _boolean),
+    "log_pooler_errors": ("log_pooler_errors", _boolean),
     "verbose": ("log_level", _verbose),
     "admin_users": ("admin_users", _names),
     "stats_users": ("stats_users", _names),
@@ -216,9 +216,6 @@ _NOT_NEEDED: Final[dict[str, str]] = {
 
 # Keys pypooler does not support yet, with PgBouncer's default (at which they mean "off").
 # Ignoring these changes nothing a client or the database relies on: a warning.
-_NOT_YET_HARMLESS: Final[dict[str, str]] = {
-    "log_pooler_errors": "1",
-}
 # [databases] connection-string keys pypooler has.
 _DATABASE_KEYS: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "dbname": ("dbname", _text),
@@ -238,10 +235,10 @@ _DATABASE_KEYS: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "timezone": ("timezone", _text),
     "application_name": ("application_name", _text),
 }
-_DATABASE_NOT_YET: Final[frozenset[str]] = frozenset()
 # [users] keys.
 _USER_KEYS: Final[dict[str, tuple[str, Callable[[str], Any]]]] = {
     "pool_mode": ("pool_mode", _text),
+    "pool_size": ("pool_size", _integer),
     "max_user_connections": ("max_user_connections", _integer),
 }
 
@@ -330,21 +327,8 @@ def _pgbouncer_key(key: str, value: str, where: str, result: IniSettings, proble
         result.origins[(name,)] = where
     elif key in _NOT_NEEDED:
         result.warnings.append(f"{where}: {key} is not needed by pypooler: {_NOT_NEEDED[key]}")
-    elif key in _NOT_YET_HARMLESS:
-        if not _is_default(value, _NOT_YET_HARMLESS[key]):
-            result.warnings.append(f"{where}: {key} = {_shown(value)} is ignored: {NOT_YET}")
     else:
         problems.append(f"{where}: unknown setting {key!r}")
-
-
-def _is_default(value: str, default: str) -> bool:
-    value = value.strip()
-    if value == default:
-        return True
-    try:
-        return float(value) == float(default)
-    except ValueError:
-        return value.lower() == default.lower()
 
 
 def _database_entry(
@@ -379,10 +363,10 @@ def _database_entry(
     return entry
 
 
-# Per table: the options pypooler has, and those PgBouncer has that it does not yet.
-_TABLES: Final[dict[str, tuple[str, dict[str, tuple[str, Callable[[str], Any]]], frozenset[str]]]] = {
-    "databases": ("database", _DATABASE_KEYS, _DATABASE_NOT_YET),
-    "users": ("user", _USER_KEYS, frozenset({"pool_size"})),  # pool_size: PgBouncer 1.21's
+# Per table: what its entries are called in messages, and the options it has.
+_TABLES: Final[dict[str, tuple[str, dict[str, tuple[str, Callable[[str], Any]]]]]] = {
+    "databases": ("database", _DATABASE_KEYS),
+    "users": ("user", _USER_KEYS),
 }
 
 
@@ -390,7 +374,7 @@ def _entry(
     table: str, name: str, value: str, where: str, result: IniSettings, problems: list[str]
 ) -> dict[str, Any] | None:
     """A `[databases]` or `[users]` line's options as settings (see _TABLES); None if unreadable."""
-    kind, keys, not_yet = _TABLES[table]
+    kind, keys = _TABLES[table]
     try:
         pairs = parse_connection_string(value)
     except ValueError as exc:
@@ -406,8 +390,6 @@ def _entry(
                 problems.append(f"{where}: {kind} {name}: {option}: {exc}")
                 continue
             result.origins[(table, name, setting)] = where
-        elif option in not_yet:
-            problems.append(f"{where}: {kind} {name}: {option} is {NOT_YET}")
         else:
             problems.append(f"{where}: {kind} {name}: unknown option {option!r}")
     result.origins[(table, name)] = where

@@ -989,7 +989,7 @@ class PoolManager:
                 database,
                 user,
                 login,
-                size=db.pool_size or self.settings.default_pool_size,
+                size=self.settings.pool_size_of(db, user),
                 mode=self.settings.pool_mode_of(db, user),
                 settings=self.settings,
                 schema=self.schemas.setdefault((login.host, login.port, login.database), SchemaVersion()),
@@ -1063,6 +1063,14 @@ class PoolManager:
             for (db, user), p in self.pools.items()
             if before[(db, user)] != (_login_key(p.login), p.size)
         ]
+
+    def make_min_pools(self) -> None:
+        """The pools of entries with a forced user and a min_pool_size exist from the start (and
+        from the RELOAD that adds them), so the maintenance pass opens their servers before the
+        first client comes, as PgBouncer does."""
+        for name, db in self.settings.databases.items():
+            if name != "*" and db.user and self.settings.pool_limits(db)[0]:
+                self.get_pool(name, db.user)
 
     def remove_unused(self, unused_since_ns: int) -> int:
         """Remove the automatic pools unused since `unused_since_ns` or before (autodb_idle_timeout,
@@ -1194,7 +1202,7 @@ class PoolManager:
             self._apply_limits(pool, db)
             pool.reconfigure(
                 self._server_login(database, entry, db, user),
-                size=db.pool_size or settings.default_pool_size,
+                size=settings.pool_size_of(db, user),
                 mode=settings.pool_mode_of(db, user),
                 settings=settings,
             )

@@ -96,3 +96,47 @@ async def test_a_cancel_reaches_the_host_of_its_server(
     finally:
         await conn.close()
     assert server_ports(pooler) == [second.port]
+
+
+async def test_a_cluster_stopped_under_load_fails_only_its_transactions(
+    start_pooler: Callable[..., Any], postgres: EmbeddedPostgres, second: EmbeddedPostgres
+) -> None:
+    pooler = start_pooler(
+        pool_size=4, query_wait_timeout=20, databases={"pypooler_test": entry(postgres, second)}
+    )
+    results: list[bool] = []
+    stopped = asyncio.Event()
+
+    async def client() -> None:
+        conn = None
+        for _ in range(400):  # bounded: 8 clients x 400 short transactions at most
+            try:
+                if conn is None:
+                    conn = await asyncpg.connect(pooler.dsn(), statement_cache_size=0)
+                await conn.fetchval("select pg_sleep(0.005)")
+                results.append(True)
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+                results.append(False)
+                if conn is not None:
+                    conn.terminate()
+                conn = None
+            if stopped.is_set() and len(results) > stopped_at + 200:
+                break
+        if conn is not None:
+            await conn.close()
+
+    stopped_at = 0
+    clients = [asyncio.create_task(client()) for _ in range(8)]
+    await asyncio.sleep(1)
+    assert set(server_ports(pooler)) == {postgres.port, second.port}
+    stopped_at = len(results)
+    await asyncio.to_thread(second.stop_server)
+    stopped.set()
+    try:
+        await asyncio.wait_for(asyncio.gather(*clients), 60)
+    finally:
+        await asyncio.to_thread(second.start_server)
+    failures = results[stopped_at:].count(False)
+    assert 0 < failures <= 4  # at most one per server of the stopped cluster: those in flight
+    assert all(results[-100:])  # new transactions go to the other cluster
+    assert server_ports(pooler) == [postgres.port] * len(server_ports(pooler))

@@ -32,14 +32,29 @@ async def hold(dsn: str, seconds: float) -> None:
         await conn.close()
 
 
-async def test_max_db_connections_bounds_every_pool_of_a_database(start_pooler: Callable[..., Any]) -> None:
+def backends(postgres: EmbeddedPostgres, *users: str) -> int:
+    """Client backends of pypooler_test for `users`, as PostgreSQL counts them."""
+    names = ", ".join(f"'{user}'" for user in users)
+    return int(
+        postgres.psql(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = 'pypooler_test'"
+            f" AND usename IN ({names}) AND backend_type = 'client backend' AND pid <> pg_backend_pid()"
+        )
+    )
+
+
+async def test_max_db_connections_bounds_every_pool_of_a_database(
+    start_pooler: Callable[..., Any], postgres: EmbeddedPostgres
+) -> None:
     pooler = start_pooler(pool_size=5, max_db_connections=3)
-    peak = 0
+    peak = peak_backends = 0
 
     async def watch() -> None:
-        nonlocal peak
+        nonlocal peak, peak_backends
         while True:
             peak = max(peak, used(pooler, "database", "pypooler_test"))
+            count = await asyncio.to_thread(backends, postgres, "postgres", "pp_trust")
+            peak_backends = max(peak_backends, count)
             await asyncio.sleep(0.01)
 
     watcher = asyncio.create_task(watch())
@@ -49,6 +64,7 @@ async def test_max_db_connections_bounds_every_pool_of_a_database(start_pooler: 
     finally:
         watcher.cancel()
     assert peak == 3  # 7 transactions, 2 pools of 5, never more than 3 servers
+    assert 0 < peak_backends <= 3  # and PostgreSQL agrees
     # The postgres pool keeps idle servers; a client of the other pool gets one closed to make room.
     assert used(pooler, "database", "pypooler_test") <= 3
     await asyncio.wait_for(hold(pooler.dsn(user="pp_trust"), 0), 10)
@@ -74,6 +90,28 @@ async def test_the_reserve_opens_after_reserve_pool_timeout_and_closes_after(
     while pooler.server_count() > 1 and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert pooler.server_count() == 1  # nobody waits: the reserve server is closed
+
+
+async def test_min_pool_size_servers_exist_from_the_start_and_come_back(
+    start_pooler: Callable[..., Any], postgres: EmbeddedPostgres
+) -> None:
+    target = {"host": postgres.host, "port": postgres.port}
+    entry = {**target, "user": "pp_trust", "min_pool_size": 2}
+    pooler = start_pooler(databases={"pypooler_test": entry})
+
+    async def servers_become(n: int) -> int:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            count = await asyncio.to_thread(backends, postgres, "pp_trust")
+            if count == n:
+                return count
+            await asyncio.sleep(0.1)
+        return count
+
+    assert await servers_become(2) == 2  # no client has come yet
+    await asyncio.to_thread(postgres.terminate_backends, user="pp_trust")
+    assert await servers_become(2) == 2
+    assert pooler.server_count(user="pp_trust") == 2
 
 
 async def test_min_pool_size_keeps_servers_open(start_pooler: Callable[..., Any]) -> None:

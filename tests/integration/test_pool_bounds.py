@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
@@ -11,6 +12,8 @@ import asyncpg
 import pytest
 
 from pypooler.embedded import EmbeddedPostgres
+from pypooler.protocol import codec
+from tests.support.pgwire import RawClient
 from tests.support.prometheus import scrape
 
 
@@ -68,3 +71,27 @@ async def test_max_auto_pools_refuses_one_more_until_one_is_unused(
         assert pool_keys(pooler) == {("pypooler_test", "postgres"), ("template1", "postgres")}
     finally:
         await first.close()
+
+
+async def test_many_unknown_user_names_leave_no_pool_behind(start_pooler: Callable[..., Any]) -> None:
+    # The seed's incident in small: a scanner trying user names under trust auth. Each login
+    # makes a pool (the server then refuses the role); the reap takes them all back.
+    pooler = start_pooler(autodb_idle_timeout=0.5, max_auto_pools=100)
+    names = [f"scan_{n}" for n in range(300)]
+
+    async def try_login(name: str) -> None:
+        client = await RawClient.connect(pooler.host, pooler.port)
+        try:
+            client.send(codec.build_startup_message({"user": name, "database": "pypooler_test"}))
+            await client.until_ready()
+        finally:
+            await client.close()
+
+    for start in range(0, len(names), 50):  # 50 at a time, bounded
+        await asyncio.wait_for(asyncio.gather(*(try_login(n) for n in names[start : start + 50])), 60)
+        assert len(pool_keys(pooler)) <= 100  # max_auto_pools holds under the scan
+    deadline = time.monotonic() + 10
+    while pool_keys(pooler) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert pool_keys(pooler) == set()
+    assert pooler.call(lambda: pooler.pooler.manager.auto_pools) == 0

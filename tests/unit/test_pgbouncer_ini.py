@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from pypooler import pgbouncer_ini
 from pypooler.config import ConfigError, load_settings
 from pypooler.pgbouncer_ini import parse_connection_string, read_ini, to_toml
 
@@ -84,7 +85,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
         "b = host=x bogus=1\n"
         "c = host=/var/run/postgresql\n"
         "[users]\n"
-        "bob = pool_size=5\n"
+        "bob = pool_size=lots\n"
         "[pgbouncer]\n"
         "max_client_conn = lots\n"
         "tcp_keepalive = maybe\n"
@@ -97,19 +98,23 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     assert "port: must be an integer" in by_line[2]
     assert "unknown option 'bogus'" in by_line[3]
     assert "a unix socket is not supported by this version" in by_line[4]
-    assert "pool_size is not supported by this version" in by_line[6]
+    assert "pool_size: must be an integer" in by_line[6]
     assert "max_client_conn: must be an integer (got 'lots')" in by_line[8]
     assert "unknown section [pgboucner]" in by_line[10]
     assert "expected key = value" in by_line[11]
 
 
-def test_a_bound_pypooler_lacks_is_accepted_only_at_its_default(tmp_path: Path) -> None:
-    text = "[pgbouncer]\nlog_pooler_errors = 1\nlog_pooler_errors = 0\n"
-    ini = read_ini(write(tmp_path, text))
-    assert ini.problems == []
-    assert [warning.split(": ", 1)[1] for warning in ini.warnings] == [
-        "log_pooler_errors = '0' is ignored: not supported by this version of pypooler"
-    ]
+def test_every_pgbouncer_setting_is_read_or_explained(tmp_path: Path) -> None:
+    listed = Path(__file__).resolve().parents[1] / "fixtures" / "pgbouncer_1_18_keys.txt"
+    keys = [line.strip() for line in listed.read_text().splitlines() if line and not line.startswith("#")]
+    assert len(keys) == 85
+    assert [
+        key for key in keys if key not in pgbouncer_ini._SETTINGS and key not in pgbouncer_ini._NOT_NEEDED
+    ] == []
+    ini = read_ini(write(tmp_path, "[pgbouncer]\nlog_pooler_errors = 0\nsyslog = 1\n"))
+    assert ini.problems == [] and ini.values["log_pooler_errors"] is False
+    (warning,) = ini.warnings
+    assert warning.split(": ", 1)[1].startswith("syslog is not needed by pypooler: pypooler logs to stderr")
 
 
 def test_pgbouncer_limits_are_read(tmp_path: Path) -> None:
