@@ -37,6 +37,8 @@ HOT_PATH = [
     "pypooler/server.py",
     "pypooler/client.py",
     "pypooler/registry.py",
+    "pypooler/protocol/login.py",
+    "pypooler/protocol/server_login.py",
     "pypooler/protocol/listen.py",
     "pypooler/listening.py",
 ]

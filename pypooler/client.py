@@ -126,17 +126,20 @@ _MIN_LENGTH = b"\x00\x00\x00\x04"  # a message length word below this is garbage
 _NOT_READY = FrontendStream()
 
 
-class ClientState(enum.Enum):
-    """Where a client connection is; changed only by ClientConnection._set_state."""
+class ClientState(enum.IntEnum):
+    """Where a client connection is; changed only by ClientConnection._set_state.
 
-    LOGGING_IN = "logging in"  # the login machine runs (protocol/login.py); in registry.logging_in
+    IntEnum, as every state enum here: checking a transition hashes states, and an Enum's
+    __hash__ is Python code where an int's is C (bench/README: the login path)."""
+
+    LOGGING_IN = 1  # the login machine runs (protocol/login.py); in registry.logging_in
     # Logged in, nothing sent since the welcome: its streams are not built yet, so an idle client
     # costs no more than its session (see _open_streams).
-    WELCOMED = "welcomed"
-    READY = "ready"  # every read is framed and forwarded (data_received's hot path)
-    CONSOLE = "console"  # handed to the admin console, which gets the transport's callbacks
-    CLOSING = "closing"  # pypooler closed it (an error, a shutdown); connection_lost to come
-    CLOSED = "closed"  # connection_lost ran
+    WELCOMED = 2
+    READY = 3  # every read is framed and forwarded (data_received's hot path)
+    CONSOLE = 4  # handed to the admin console, which gets the transport's callbacks
+    CLOSING = 5  # pypooler closed it (an error, a shutdown); connection_lost to come
+    CLOSED = 6  # connection_lost ran
 
 
 _C = ClientState

@@ -184,17 +184,17 @@ class ServerLogin:
         )  # fmt: skip
 
 
-class ServerState(enum.Enum):
+class ServerState(enum.IntEnum):
     """Where a server connection is in its life. `client` (set by a lend) is not a state: a READY
     server is idle in its pool or lent, and while lent the forwarding branch reads `client` first.
     """
 
-    LOGGING_IN = "the login machine (protocol/server_login.py) reads every byte"
-    TLS_HANDSHAKE = "start_tls is upgrading the transport; no byte may reach us in clear"
-    READY = "logged in: idle in its pool, or lent to `client` and forwarding"
-    INTERNAL = "pypooler's own query (run_internal, deliver_to): replies go to `_internal`"
-    CLOSING = "close() ran: Terminate sent, the transport is closing"
-    CLOSED = "connection_lost ran: the transport is gone"
+    LOGGING_IN = 1  # the login machine (protocol/server_login.py) reads every byte
+    TLS_HANDSHAKE = 2  # start_tls is upgrading the transport; no byte may reach us in clear
+    READY = 3  # logged in: idle in its pool, or lent to `client` and forwarding
+    INTERNAL = 4  # pypooler's own query (run_internal, deliver_to): replies go to `_internal`
+    CLOSING = 5  # close() ran: Terminate sent, the transport is closing
+    CLOSED = 6  # connection_lost ran: the transport is gone
 
 
 # The only transitions `_set_state` allows. INTERNAL -> INTERNAL: a callback's last message may

@@ -44,15 +44,15 @@ HELD_LIMIT: Final = 256 * 1024
 AUTH_MESSAGE_LIMIT: Final = 8192
 
 
-class LoginState(enum.Enum):
-    STARTUP = "startup"  # reading startup packets (SSLRequest, GSSENCRequest, ...)
-    TLS_HANDSHAKE = "tls handshake"  # 'S' sent; the adapter runs the handshake
-    CHECKING = "checking"  # StartupMessage read; the adapter decides whether to go on
-    ACCEPTED = "accepted"  # allowed in; the adapter finds the user's secret
-    AUTHENTICATING = "authenticating"  # the exchange runs on the client's messages
-    AUTHENTICATED = "authenticated"  # the adapter prepares the welcome
-    DONE = "done"  # welcomed, or handed to the admin console
-    ENDED = "ended"  # a cancel request, a Terminate, or a protocol violation
+class LoginState(enum.IntEnum):
+    STARTUP = 1  # reading startup packets (SSLRequest, GSSENCRequest, ...)
+    TLS_HANDSHAKE = 2  # 'S' sent; the adapter runs the handshake
+    CHECKING = 3  # StartupMessage read; the adapter decides whether to go on
+    ACCEPTED = 4  # allowed in; the adapter finds the user's secret
+    AUTHENTICATING = 5  # the exchange runs on the client's messages
+    AUTHENTICATED = 6  # the adapter prepares the welcome
+    DONE = 7  # welcomed, or handed to the admin console
+    ENDED = 8  # a cancel request, a Terminate, or a protocol violation
 
 
 _S = LoginState

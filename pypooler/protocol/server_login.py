@@ -49,13 +49,13 @@ from pypooler.protocol.scram import (
 )
 
 
-class LoginState(enum.Enum):
-    TLS_ANSWER = "waiting for the one-byte answer to SSLRequest"
-    TLS_HANDSHAKE = "the connection is being upgraded to TLS (the adapter's job)"
-    AUTHENTICATING = "StartupMessage sent: answering authentication requests"
-    STARTING = "authenticated: collecting ParameterStatus and BackendKeyData until ReadyForQuery"
-    LOGGED_IN = "ReadyForQuery received: the connection is usable"
-    FAILED = "the login failed: `error` says why"
+class LoginState(enum.IntEnum):
+    TLS_ANSWER = 1  # waiting for the one-byte answer to SSLRequest
+    TLS_HANDSHAKE = 2  # the connection is being upgraded to TLS (the adapter's job)
+    AUTHENTICATING = 3  # StartupMessage sent: answering authentication requests
+    STARTING = 4  # authenticated: collecting ParameterStatus and BackendKeyData until ReadyForQuery
+    LOGGED_IN = 5  # ReadyForQuery received: the connection is usable
+    FAILED = 6  # the login failed: `error` says why
 
 
 # The transitions the table above allows, as data: `_change` refuses any other (a bug here).
