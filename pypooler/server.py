@@ -639,8 +639,12 @@ async def open_server_connection(login: ServerLogin, timeout: float) -> ServerCo
     for host, port in hosts.order(loop.time()):
         try:
             server = await _open_one(login, host, port, timeout)
-        except ServerLoginFailed:
-            raise  # the server answered and refused: no other host would say otherwise
+        except ServerLoginFailed as refused:
+            if refused.sqlstate != c.SQLState.CANNOT_CONNECT_NOW:
+                raise  # the server answered and refused: no other host would say otherwise
+            hosts.failed((host, port), loop.time())  # starting up or shutting down: the host's state
+            failure = refused
+            continue
         except ServerConnectFailed as exc:
             hosts.failed((host, port), loop.time())
             failure = exc
