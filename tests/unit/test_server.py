@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from typing import Any
 
 import pytest
 
@@ -14,32 +13,9 @@ from pypooler.config import ServerTlsMode
 from pypooler.protocol import codec
 from pypooler.protocol.errors import ServerConnectFailed, ServerLoginFailed, build_error_response
 from pypooler.server import _NEXT, ServerConnection, ServerLogin, ServerState
+from tests.support.transports import FakeTransport
 
 WELCOME = codec.AUTHENTICATION_OK + codec.build_backend_key_data(7, 8) + codec.build_ready_for_query()
-
-
-class RecordingTransport(asyncio.Transport):
-    """The shape of tests/support's FakeTransport (branch test-support): one import once merged."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.written: list[bytes] = []
-        self.closed = False
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.written.append(bytes(data))
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
 
 
 def state(server: ServerConnection) -> ServerState:
@@ -47,16 +23,16 @@ def state(server: ServerConnection) -> ServerState:
     return server.state
 
 
-async def connected(tls_mode: ServerTlsMode = "disable") -> tuple[ServerConnection, RecordingTransport]:
+async def connected(tls_mode: ServerTlsMode = "disable") -> tuple[ServerConnection, FakeTransport]:
     context = ssl.create_default_context() if tls_mode != "disable" else None
     login = ServerLogin("db", 5432, "app", "alice", None, tls_mode=tls_mode, ssl_context=context)
     server = ServerConnection(login, asyncio.get_running_loop().create_future())
-    transport = RecordingTransport()
+    transport = FakeTransport()
     server.connection_made(transport)
     return server, transport
 
 
-async def logged_in() -> tuple[ServerConnection, RecordingTransport]:
+async def logged_in() -> tuple[ServerConnection, FakeTransport]:
     server, transport = await connected()
     server.data_received(WELCOME)
     assert server.state is ServerState.READY
