@@ -92,7 +92,7 @@ def descriptor_limit() -> int:
 
 def server_bound(settings: Settings) -> int:
     """Server connections the configured pools can hold (see the module rules)."""
-    return sum((db.pool_size or settings.default_pool_size) + 1 for db in settings.databases.values())
+    return sum(settings.pool_size_of(db, db.user or "") + 1 for db in settings.databases.values())
 
 
 def descriptors_needed(settings: Settings) -> int:

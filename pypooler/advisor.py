@@ -221,7 +221,7 @@ def _bounds_by_server(manager: PoolManager, settings: Settings) -> dict[tuple[st
     for name, db in settings.databases.items():
         if name != "*" and db.user and (name, db.user) not in seen:
             key = db.targets()[0]
-            bounds[key] = bounds.get(key, 0) + settings.pool_size_for(name)
+            bounds[key] = bounds.get(key, 0) + settings.pool_size_of(db, db.user)
     return bounds
 
 

@@ -19,11 +19,8 @@ The rules kept here:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Final
 
 Target = tuple[str, int]
-
-SESSION_ATTRS: Final = ("any", "read-write", "read-only")
 
 
 class HostList:
