@@ -67,6 +67,7 @@ __all__ = [
     "CONFIG_PATH_ENV",
     "DEFAULT_AUTH_QUERY",
     "RESTART_ONLY_SETTINGS",
+    "TLS_REQUIRED_MODES",
     "AuthType",
     "ClientTlsMode",
     "ConfigError",
@@ -91,6 +92,8 @@ AuthType = Literal["trust", "plain", "md5", "scram-sha-256", "cert", "hba"]
 # Methods that check a password, hence need auth_file or auth_query.
 PASSWORD_AUTH_TYPES = frozenset({"plain", "md5", "scram-sha-256"})
 ClientTlsMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+# The client_tls_sslmode values that refuse a client without TLS.
+TLS_REQUIRED_MODES = frozenset({"require", "verify-ca", "verify-full"})
 ServerTlsMode = Literal["disable", "prefer", "require", "verify-ca", "verify-full"]
 
 # Reads the secret PostgreSQL itself would check; NULL once VALID UNTIL has passed, no row for a
