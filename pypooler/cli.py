@@ -80,9 +80,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "convert":
         return _convert(args.ini)
+    # advise reads where the console is, never the files the pooler loads (secrets an operator
+    # running it may not be allowed to read).
+    loads_files = args.command != "advise"
     try:
-        settings = load_settings(args.config)
-        check_files(settings)
+        settings = load_settings(args.config, read_files=loads_files)
+        if loads_files:
+            check_files(settings)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"pypooler: config error: {problem}", file=sys.stderr)

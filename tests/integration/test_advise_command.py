@@ -88,6 +88,11 @@ def test_scram_over_tls_with_the_password_from_pgpassword_or_pgpass(
     pgpass.write_text(f"127.0.0.1:{port}:pgbouncer:postgres:{PASSWORD}\n")
     pgpass.chmod(0o600)  # libpq ignores a .pgpass others may read
     assert_reports_the_pool(advise("--config", str(config), PGSSLMODE="require", PGPASSFILE=str(pgpass)))
+    # A copy of the file whose certificates and auth_file this user cannot read (here: they are
+    # not there): advise needs only where the console is.
+    elsewhere = tmp_path / "pypooler.toml"
+    elsewhere.write_text(config.read_text().replace(str(config.parent), "/nonexistent/pypooler-tests"))
+    assert_reports_the_pool(advise("--config", str(elsewhere), PGSSLMODE="require", PGPASSWORD=PASSWORD))
     # Without the config file: the command line and libpq's variables say it all.
     dsn = f"postgresql://postgres@127.0.0.1:{port}/pgbouncer?sslmode=require"
     assert_reports_the_pool(advise("--dsn", dsn, PGPASSFILE=str(pgpass)))
