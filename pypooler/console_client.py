@@ -37,13 +37,13 @@ _ANY_ADDRESS = {"*": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
 _LIBPQ_ENV = {"host": ("PGHOST", "PGHOSTADDR"), "port": ("PGPORT",), "user": ("PGUSER",)}
 # The libpq parameters that already say where to connect (hostaddr is an address for host).
 _GIVEN_BY = {"host": ("host", "hostaddr"), "port": ("port",), "user": ("user",)}
-# libpq prefixes psycopg adds and libpq's own "retrying" tails, dropped from the one-line error.
+# What psycopg writes before libpq's message.
 _DRIVER_PREFIXES = ("connection failed: ", "connection is bad: ")
 _PASSWORD_FAILURES = ("password authentication failed", "no password supplied")
 
 
 class ConsoleError(Exception):
-    """The console could not be reached, refused the login or the command; one line to print."""
+    """The console could not be reached or refused the login or the command: one line to print."""
 
 
 def console_conninfo(
