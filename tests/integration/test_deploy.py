@@ -76,7 +76,9 @@ def test_kubernetes_files_parse_and_probe_the_metrics_port() -> None:
         assert len(poolers) == 1, deployment["metadata"]["name"]
         pooler = poolers[0]
         assert pooler["livenessProbe"]["httpGet"]["path"] == "/healthz"
-        assert pooler["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        # The sidecar's readiness is its pod's: never "full" (README, "Readiness").
+        ready = {"app": "/readyz", "pypooler": "/readyz?room"}[deployment["metadata"]["name"]]
+        assert pooler["readinessProbe"]["httpGet"]["path"] == ready
         metrics_port = {p["name"]: p["containerPort"] for p in pooler["ports"]}["metrics"]
         assert metrics_port == 9127
         assert pooler["lifecycle"]["preStop"]["exec"]["command"][:2] == ["docker-entrypoint.sh", "drain"]
