@@ -16,53 +16,19 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 
 from pypooler import __version__
-from pypooler.config import load_settings
 from pypooler.metrics import MetricsServer, Reply
-from pypooler.pool import PoolManager
 from pypooler.protocol import codec
-from pypooler.registry import ClientRegistry
 from pypooler.revision import GIT_REVISION
 from pypooler.stats import BUCKET_BOUNDS_S
+from tests.support.prometheus import APPLICATIONS, metrics_with_traffic
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-APPLICATIONS = ("web", "worker", "cron")
 
 # Series one pool costs (README, "Series per pool"): 6 histograms of len(BUCKET_BOUNDS_S) + 1
 # buckets, _sum and _count; 7 counters and 1 gauge per application_name; 34 of the pool's own.
 HISTOGRAM_SERIES = 6 * (len(BUCKET_BOUNDS_S) + 3)
 PER_APPLICATION = HISTOGRAM_SERIES + 8
 PER_POOL = 34
-
-
-def metrics_server(**settings: Any) -> MetricsServer:
-    """A MetricsServer (not started) over one pool with traffic in every family."""
-    config = load_settings(
-        None, env={}, databases={"app": {"host": "127.0.0.1", "port": 5432, "user": "alice"}}, **settings
-    )
-    manager = PoolManager(config)
-    pool = manager.get_pool("app", "alice")
-    assert pool is not None
-    for index, name in enumerate(APPLICATIONS):
-        stats = pool.stats.for_application(name)
-        stats.single.observe(2_000_000 * (index + 1))
-        stats.hold_multi.observe(40_000_000)
-        stats.query_multi.observe(30_000_000)
-        stats.wait_nonzero.observe(5_000_000)
-        stats.idle_nonzero.observe(9_000_000)
-        stats.login.observe(3_000_000)
-        stats.connect_to_first_query.observe(4_000_000)
-        stats.logins += 1
-        stats.bytes_received += 100
-        stats.bytes_sent += 200
-    pool.stats.apps["web"].errors["query_wait_timeout"] += 1
-    pool.stats.apps["web"].session_state["set"] += 1
-    pool.stats.account_statement(b"select * from orders where id = 1", 2_000_000, 0, 1)
-    pool.stats.account_statement(b"update orders set paid = true", 9_000_000, 0, 1)
-    pool.stats.server_connects += 1
-    pool.stats.server_connect.observe(1_000_000)
-    registry = ClientRegistry(config, manager)
-    registry.errors["max_client_conn"] += 1
-    return MetricsServer(manager, registry)
 
 
 def families(server: MetricsServer) -> dict[str, Any]:
@@ -84,7 +50,7 @@ def pool_series(server: MetricsServer) -> int:
 
 
 def test_build_info_names_what_runs() -> None:
-    (build,) = families(metrics_server())["pypooler_build_info"].samples
+    (build,) = families(metrics_with_traffic())["pypooler_build_info"].samples
     assert build.name == "pypooler_build_info" and build.value == 1
     assert build.labels == {
         "version": __version__,
@@ -96,7 +62,7 @@ def test_build_info_names_what_runs() -> None:
 
 
 def test_process_metrics_memory_cpu_and_descriptors_against_the_limit() -> None:
-    found = families(metrics_server())
+    found = families(metrics_with_traffic())
 
     def value(name: str) -> float:
         (sample,) = found[name].samples
@@ -169,7 +135,7 @@ def convention_problems(family: Any) -> list[str]:
 
 
 def test_every_family_follows_the_prometheus_conventions() -> None:
-    found = families(metrics_server())
+    found = families(metrics_with_traffic())
     # Every pypooler_* family has samples here, so labels are checked on each one.
     assert all(family.samples for name, family in found.items() if name.startswith("pypooler_"))
     problems = {name: convention_problems(family) for name, family in found.items()}
@@ -186,7 +152,7 @@ def test_every_family_follows_the_prometheus_conventions() -> None:
 
 
 def test_openmetrics_output_parses_with_the_same_families() -> None:
-    server = metrics_server()
+    server = metrics_with_traffic()
     # prometheus-client's OpenMetrics functions have no annotations.
     text = generate_openmetrics(server.prometheus).decode()  # type: ignore[no-untyped-call]
     parsed = parse_openmetrics(text)  # type: ignore[no-untyped-call]  # the strict parser
@@ -202,9 +168,9 @@ def test_series_per_pool_with_and_without_the_application_split() -> None:
     # Beyond the per-application series: 1 error reason and 1 session-state kind seen (web),
     # 2 statement fingerprints of 2 series each.
     extra = 1 + 1 + 2 * 2
-    split = metrics_server()
+    split = metrics_with_traffic()
     assert pool_series(split) == PER_POOL + len(APPLICATIONS) * PER_APPLICATION + extra
-    merged = metrics_server(metrics_per_application=False)
+    merged = metrics_with_traffic(metrics_per_application=False)
     assert pool_series(merged) == PER_POOL + HISTOGRAM_SERIES + len(APPLICATIONS) * 8 + extra
     # The merged histograms hold every application's observations.
     holds = families(merged)["pypooler_hold_seconds"].samples
@@ -217,7 +183,7 @@ def test_series_per_pool_with_and_without_the_application_split() -> None:
 
 
 def test_counters_keep_the_application_split_either_way() -> None:
-    merged = families(metrics_server(metrics_per_application=False))
+    merged = families(metrics_with_traffic(metrics_per_application=False))
     apps = {s.labels["application_name"] for s in merged["pypooler_transactions"].samples}
     assert apps == set(APPLICATIONS)
 
