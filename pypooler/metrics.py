@@ -311,7 +311,7 @@ def build_labels() -> dict[str, str]:
 
 
 class Reply:
-    """One HTTP answer; `head_of` renders the status line and headers a GET and a HEAD share."""
+    """One HTTP answer; `encode` renders it for a GET, or for a HEAD without the body."""
 
     __slots__ = ("body", "content_type", "headers", "status")
 
@@ -416,7 +416,7 @@ class MetricsServer:
             return False, "draining: shutting down"
         if not self.listening:
             return False, "not listening yet"
-        limit = self.manager.settings.max_client_conn
+        limit = self.registry.settings.max_client_conn  # as client.py checks it at login
         if require_room and len(self.registry.clients) >= limit:
             return False, f"full: max_client_conn ({limit}) clients connected"
         return True, "ready"
