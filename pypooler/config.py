@@ -363,6 +363,9 @@ class Settings(BaseSettings):
     # Prometheus /metrics, /healthz, /readyz; port 0 picks a free port, None turns HTTP off.
     metrics_addr: str = Field(default="127.0.0.1", min_length=1)
     metrics_port: int | None = Field(default=9127, ge=0, le=MAX_PORT)
+    # /metrics splits its histograms by application_name (each name then costs a pool's 126
+    # histogram series again, README); false keeps one set per pool, for large fleets.
+    metrics_per_application: bool = True
     # Users allowed in the admin console (database "pgbouncer" or "pypooler").
     admin_users: list[str] = Field(default_factory=lambda: ["postgres"])
     # Users allowed to run SHOW commands only.
