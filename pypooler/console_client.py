@@ -26,7 +26,7 @@ from collections.abc import Mapping
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from pypooler.config import ADMIN_DATABASE_NAMES, TLS_REQUIRED_MODES, Settings
+from pypooler.config import ADMIN_DATABASE_NAMES, Settings
 
 CONSOLE_DATABASE = "pgbouncer"
 # libpq's default is to wait forever for an unreachable host; a command should not.
@@ -80,10 +80,8 @@ def console_conninfo(
 
 def _from_settings(settings: Settings) -> dict[str, str | int | None]:
     """Where pypooler's settings say the console is, and who may use it."""
-    if settings.unix_socket_dir and settings.client_tls_sslmode not in TLS_REQUIRED_MODES:
-        host = settings.unix_socket_dir
-    else:
-        host = _ANY_ADDRESS.get(settings.listen_addr, settings.listen_addr)
+    # The socket first: TLS, when required, is required of TCP clients only.
+    host = settings.unix_socket_dir or _ANY_ADDRESS.get(settings.listen_addr, settings.listen_addr)
     users = settings.admin_users or settings.stats_users
     return {
         "host": host,

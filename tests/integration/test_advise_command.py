@@ -82,17 +82,23 @@ def test_scram_over_tls_with_the_password_from_pgpassword_or_pgpass(
     tls_pooler: tuple[Path, int], tmp_path: Path
 ) -> None:
     config, port = tls_pooler
-    # The config says where (a pooler requiring TLS is reached over TCP) and as whom; libpq the rest.
-    assert_reports_the_pool(advise("--config", str(config), PGSSLMODE="require", PGPASSWORD=PASSWORD))
+    # The config says as whom, `--host` that it is TCP (where TLS applies: over its unix socket the
+    # pooler requires none, as PgBouncer), libpq the rest.
+    tcp = ("--host", "127.0.0.1")
+    assert_reports_the_pool(advise("--config", str(config), *tcp, PGSSLMODE="require", PGPASSWORD=PASSWORD))
     pgpass = tmp_path / "pgpass"
     pgpass.write_text(f"127.0.0.1:{port}:pgbouncer:postgres:{PASSWORD}\n")
     pgpass.chmod(0o600)  # libpq ignores a .pgpass others may read
-    assert_reports_the_pool(advise("--config", str(config), PGSSLMODE="require", PGPASSFILE=str(pgpass)))
+    assert_reports_the_pool(
+        advise("--config", str(config), *tcp, PGSSLMODE="require", PGPASSFILE=str(pgpass))
+    )
     # A copy of the file whose certificates and auth_file this user cannot read (here: they are
     # not there): advise needs only where the console is.
     elsewhere = tmp_path / "pypooler.toml"
     elsewhere.write_text(config.read_text().replace(str(config.parent), "/nonexistent/pypooler-tests"))
-    assert_reports_the_pool(advise("--config", str(elsewhere), PGSSLMODE="require", PGPASSWORD=PASSWORD))
+    assert_reports_the_pool(
+        advise("--config", str(elsewhere), *tcp, PGSSLMODE="require", PGPASSWORD=PASSWORD)
+    )
     # Without the config file: the command line and libpq's variables say it all.
     dsn = f"postgresql://postgres@127.0.0.1:{port}/pgbouncer?sslmode=require"
     assert_reports_the_pool(advise("--dsn", dsn, PGPASSFILE=str(pgpass)))
@@ -118,7 +124,7 @@ def test_what_went_wrong_is_one_line_and_exit_status_2(
 ) -> None:
     config, _ = tls_pooler
     args = tuple(str(free_port()) if arg == "free" else arg for arg in args)
-    result = advise("--config", str(config), *args, **environ)
+    result = advise("--config", str(config), "--host", "127.0.0.1", *args, **environ)
     assert (result.returncode, result.stdout) == (2, ""), why
     assert result.stderr.startswith("pypooler advise: ") and result.stderr.count("\n") == 1, result.stderr
     assert line in result.stderr

@@ -46,15 +46,15 @@ def test_without_a_unix_socket_the_console_is_reached_on_the_listen_address(
 
 
 @pytest.mark.parametrize("mode", ["require", "verify-ca", "verify-full"])
-def test_a_pooler_requiring_tls_is_reached_over_tcp_since_no_unix_socket_carries_tls(
-    mode: str, tmp_path: Path
-) -> None:
+def test_a_pooler_requiring_tls_is_still_reached_over_its_unix_socket(mode: str, tmp_path: Path) -> None:
     files = {}
     for setting in ("client_tls_cert_file", "client_tls_key_file", "client_tls_ca_file"):
         (tmp_path / setting).touch()  # the settings check that they exist; nothing reads them here
         files[setting] = str(tmp_path / setting)
-    assert conninfo(settings={"client_tls_sslmode": mode, "listen_addr": "*", **files})["host"] == "127.0.0.1"
-    assert conninfo(settings={"client_tls_sslmode": "prefer", **files})["host"] == "/tmp"
+    assert conninfo(settings={"client_tls_sslmode": mode, **files})["host"] == "/tmp"
+    assert (
+        conninfo(settings={"client_tls_sslmode": mode, "unix_socket_dir": "", **files})["host"] == "127.0.0.1"
+    )
 
 
 def test_libpqs_environment_wins_over_the_settings_parameter_by_parameter() -> None:
