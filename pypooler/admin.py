@@ -644,7 +644,7 @@ class AdminConsole:
                 limit = pools[0].bounds[0].limit if pools[0].bounds else 0
             rows.append([
                 name, host, str(port), dbname, force_user, str(pool_size), str(min_size), str(reserve),
-                pool_mode, str(limit), str(sum(len(p.servers) + p.connecting for p in pools)),
+                pool_mode, str(limit), str(sum(p.occupied for p in pools)),
                 str(int(manager.is_paused(name))), str(int(name in manager.disabled)),
             ])  # fmt: skip
         return ResultSet(DATABASES_COLUMNS, rows)

@@ -181,7 +181,7 @@ class Pooler:
         self.registry.accept_failures += 1
 
     def _describe_connections(self) -> str:
-        servers = sum(len(pool.servers) + pool.connecting for pool in self.manager.pools.values())
+        servers = sum(pool.occupied for pool in self.manager.pools.values())
         return f"{len(self.registry.clients)} clients and {servers} servers open"
 
     def _resume_accepting(self) -> None:

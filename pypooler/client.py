@@ -96,7 +96,7 @@ from pypooler.protocol.login import (
     LoginEvent,
 )
 from pypooler.protocol.scram import Secret
-from pypooler.protocol.transaction import FrontendStream, releasable, releasable_after_internal
+from pypooler.protocol.transaction import FrontendStream, backend_busy, releasable, releasable_after_internal
 from pypooler.registry import ClientRegistry
 from pypooler.rewriting import RewritingBackend, RewritingFrontend
 from pypooler.server import ServerConnection, tune_transport
@@ -850,7 +850,7 @@ class ClientConnection(asyncio.Protocol):
             else:
                 server.close()  # without a reset query, a pinned server's state stays dirty
         else:
-            self.pool.give_back(server, clean)
+            self.pool.give_back(server, clean, busy=backend_busy(self.frontend))
 
     def _rewriter_noted(self, server: ServerConnection) -> None:
         """Act on what the rewriter noted (off the hot path): session_state_policy, settings

@@ -14,13 +14,35 @@ The rules kept here:
   so an entry follows its primary after a failover without a configuration change.
 - One `HostList` per [databases] entry, shared by all its pools (PoolManager), so the rotation
   and the down marks are the entry's.
+- A host beginning with "/" is a directory holding PostgreSQL's unix socket (`.s.PGSQL.<port>`),
+  one beginning with "@" the same in the abstract namespace, as in libpq and PgBouncer;
+  `open_stream` reaches either kind (a server's protocol connection opens the same way in
+  server.py, through `socket_path`). TLS is never asked for over a unix socket (libpq's rule).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 
 Target = tuple[str, int]
+
+
+def socket_path(host: str, port: int) -> str | None:
+    """The unix-socket path for `host` (see the module rules), or None for a TCP host."""
+    if host.startswith("/"):
+        return f"{host.rstrip('/')}/.s.PGSQL.{port}"
+    if host.startswith("@"):
+        return f"\0{host[1:]}/.s.PGSQL.{port}"
+    return None
+
+
+async def open_stream(host: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A plain stream to a server's postmaster (a CancelRequest's connection), TCP or unix."""
+    path = socket_path(host, port)
+    if path is not None:
+        return await asyncio.open_unix_connection(path)
+    return await asyncio.open_connection(host, port)
 
 
 class HostList:

@@ -240,6 +240,7 @@ class PoolCollector(Collector):
             servers.add_metric([*key, "active"], active)
             servers.add_metric([*key, "idle"], len(pool.idle))
             servers.add_metric([*key, "login"], pool.connecting)
+            servers.add_metric([*key, "ending"], len(pool.ending))
             pool_size.add_metric(key, pool.size)
             min_pool_size.add_metric(key, pool.min_size)
             reserve_pool.add_metric(key, pool.reserve_size if pool.reserve_open else 0)

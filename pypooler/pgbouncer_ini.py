@@ -12,8 +12,10 @@ TOML file gives `config.load_settings`, so a team keeps the files it has. The ru
 - A key pypooler does not need (logfile, pidfile, syslog, DNS caching, ...) is accepted with one
   warning line that says why (`_NOT_NEEDED`).
 - Every one of PgBouncer 1.18's [pgbouncer] keys is one of those two (tests/unit check the list
-  in its manual). What pypooler lacks in [databases] (a unix-socket host) is an error: a setting
-  read from a file is never quietly ignored where it changes where clients go.
+  in its manual). A [databases] key pypooler lacks would be an error: a setting read from a file
+  is never quietly ignored where it changes where clients go.
+- A [databases] entry without `host` reaches PostgreSQL's unix socket in `unix_socket_dir`, as
+  PgBouncer does (127.0.0.1, with a warning, when the file turns the socket off with "").
 - Keys left out of the file take PgBouncer's defaults where they differ from pypooler's
   (`_PGBOUNCER_DEFAULTS`): the same file means the same pooler (session mode, md5, 100 clients).
 - Every problem is collected, one line each, in `problems` (config.py raises them together).
@@ -37,6 +39,7 @@ __all__ = ["IniSettings", "read_ini", "to_toml"]
 
 INCLUDE_DEPTH_LIMIT: Final = 10  # PgBouncer's own limit on nested %include
 NOT_YET: Final = "not supported by this version of pypooler"
+DEFAULT_UNIX_SOCKET_DIR: Final = "/tmp"  # PgBouncer's default on Linux, and pypooler's
 
 
 @dataclass(slots=True)
@@ -259,8 +262,12 @@ def read_ini(path: str | os.PathLike[str]) -> IniSettings:
     for section, key, value, where in lines:  # a key given twice: the last one wins, as in PgBouncer
         if section == "pgbouncer":
             _pgbouncer_key(key, value, where, result, problems)
-        elif section == "databases":
-            entry = _database_entry(key, value, where, result, problems)
+    socket_dir = result.values.get("unix_socket_dir", DEFAULT_UNIX_SOCKET_DIR)
+    for section, key, value, where in lines:
+        if section == "pgbouncer":
+            continue
+        if section == "databases":
+            entry = _database_entry(key, value, where, result, problems, socket_dir)
             if entry is not None:
                 databases[_unquote_name(key)] = entry
         else:
@@ -332,20 +339,18 @@ def _pgbouncer_key(key: str, value: str, where: str, result: IniSettings, proble
 
 
 def _database_entry(
-    key: str, value: str, where: str, result: IniSettings, problems: list[str]
+    key: str, value: str, where: str, result: IniSettings, problems: list[str], socket_dir: str
 ) -> dict[str, Any] | None:
     name = _unquote_name(key)
     entry = _entry("databases", name, value, where, result, problems)
     if entry is None:
         return None
-    if "host" not in entry:
-        # PgBouncer's default is the local unix socket; pypooler reaches servers over TCP.
-        entry["host"] = "127.0.0.1"
-        result.warnings.append(
-            f"{where}: database {name}: no host=, so 127.0.0.1 (PgBouncer: its unix socket)"
-        )
-    elif entry["host"].startswith(("/", "@")):
-        problems.append(f"{where}: database {name}: host={entry['host']}: a unix socket is {NOT_YET}")
+    if "host" not in entry:  # see the module rules
+        entry["host"] = socket_dir or "127.0.0.1"
+        if not socket_dir:
+            result.warnings.append(
+                f"{where}: database {name}: no host= and unix_socket_dir is empty, so 127.0.0.1"
+            )
     ports = [port.strip() for port in str(entry.get("port", "5432")).split(",")]
     hosts = [host.strip() for host in entry["host"].split(",")]
     if len(ports) > 1 and len(ports) != len(hosts):

@@ -166,7 +166,7 @@ class SharedBound:
 
     @property
     def used(self) -> int:
-        return sum(len(pool.servers) + pool.connecting for pool in self.pools)
+        return sum(pool.occupied for pool in self.pools)
 
     def room(self) -> int:
         return self.limit - self.used if self.limit else 1 << 30
@@ -197,6 +197,9 @@ class Pool:
         self.idle: list[ServerConnection] = []
         self.servers: set[ServerConnection] = set()  # every logged-in server, idle or lent
         self.connecting = 0
+        # Closed servers whose backend has not ended yet (ServerConnection.close): still counted
+        # against every bound until PostgreSQL closes the connection.
+        self.ending: set[ServerConnection] = set()
         self.waiters: deque[Waiter] = deque()
         self.waiting = 0  # waiters still wanting a server (the deque may hold ones that left)
         self.parameters: dict[str, str] | None = None  # the first server's ParameterStatus set
@@ -255,6 +258,11 @@ class Pool:
         return f"<Pool {self.database}/{self.user} {self.lent}/{self.size} lent, {self.waiting} waiting>"
 
     @property
+    def occupied(self) -> int:
+        """Backends this pool holds against its bounds: open, connecting, or not ended yet."""
+        return len(self.servers) + self.connecting + len(self.ending)
+
+    @property
     def unused(self) -> bool:
         """No client, server lent, connect, waiter or listener connection: nothing lost if it
         is removed (its idle servers closed)."""
@@ -293,7 +301,7 @@ class Pool:
         client.wait_started_ns = time.monotonic_ns()
         self.waiters.append(client)
         self.waiting += 1
-        if len(self.servers) + self.connecting < self.size:  # else nothing to open: skip the call
+        if self.occupied < self.size:  # else nothing to open: skip the call
             self._open_servers_for_waiters()
         return None
 
@@ -321,14 +329,41 @@ class Pool:
         server.last_used_ns = now_ns or time.monotonic_ns()
         self.idle.append(server)
 
-    def give_back(self, server: ServerConnection, releasable: bool) -> None:
+    def give_back(self, server: ServerConnection, releasable: bool, *, busy: bool = False) -> None:
         """Return a server whose holder is done with it: `release` it if the release rule said
         so (`protocol.transaction.releasable` or `releasable_after_internal`), else close it (a
-        server is never returned dirty)."""
+        server is never returned dirty). `busy` (`protocol.transaction.backend_busy`): its
+        backend may be running the holder's query, so it is cancelled too, and the server
+        counts against the bounds until the backend has ended (see ServerConnection.close)."""
         if releasable:
             self.release(server)
-        else:
-            server.close()
+            return
+        if server.closed:
+            return  # closed already (KILL, a FATAL): cancelled then if it had to be
+        server.close()
+        if busy and server.process_id:
+            self.cancel_ending(server)
+
+    def cancel_ending(self, server: ServerConnection) -> None:
+        """Cancel the query of a closed server whose backend may still run it. The maintenance
+        pass asks again while the backend has not ended: a cancel that reaches a backend before
+        it has read the query is ignored by PostgreSQL."""
+        server.cancelled_ns = time.monotonic_ns()
+        self.track_task(asyncio.get_running_loop().create_task(self._cancel_backend(server)))
+
+    async def _cancel_backend(self, server: ServerConnection) -> None:
+        """A closed server's query cancelled, so its backend reads the Terminate and ends; bounded
+        like a connect (server_connect_timeout), and only logged if it fails: the maintenance
+        pass aborts the connection if the backend does not end."""
+        try:
+            async with asyncio.timeout(self.settings.server_connect_timeout):
+                await server.cancel_backend()
+        except (OSError, TimeoutError) as exc:
+            self.log_limiter.log(
+                log, logging.WARNING, ("cancel_failed", *server.address),
+                "pool %s/%s: cancelling the query of a closed server failed: %s", self.database, self.user,
+                exc or "timed out",
+            )  # fmt: skip
 
     def cancel_started(self, server: ServerConnection) -> None:
         """A CancelRequest for `server` is on its way: `release` keeps the server until then."""
@@ -418,13 +453,21 @@ class Pool:
             self.waiting -= 1
 
     def server_closed(self, server: ServerConnection) -> None:
-        """A server is gone (died, or closed by us): forget it and replace it if clients wait."""
+        """A server is gone (died, or closed by us): forget it and replace it if clients wait;
+        one closed by us whose connection is still open is `ending` until PostgreSQL closes it
+        (this method is called again then)."""
         if server in self.servers:
             self.servers.discard(server)
             if server in self.idle:
                 self.idle.remove(server)
-        if server.statements is not None:
-            server.statements.clear()
+            if server.statements is not None:
+                server.statements.clear()
+            if not server.lost:
+                self.ending.add(server)
+                server.on_close = self.server_closed
+                return  # no place freed yet
+        else:
+            self.ending.discard(server)
         self._open_servers_for_waiters()
         self._wake_siblings()
 
@@ -441,7 +484,7 @@ class Pool:
         if self.retry_at_ns and time.monotonic_ns() < self.retry_at_ns:
             return
         size = self.size + self.reserve_size if self.reserve_open else self.size
-        own = min(wanted, size - len(self.servers) - self.connecting)
+        own = min(wanted, size - self.occupied)
         count = own
         for bound in self.bounds:
             if bound.limit:
@@ -617,7 +660,7 @@ class Pool:
                 continue
             if self._parameters_ready is None:
                 self._parameters_ready = asyncio.get_running_loop().create_future()
-                if len(self.servers) + self.connecting >= self.size:
+                if self.occupied >= self.size:
                     raise ServerConnectFailed("pool is full but has no server parameters yet")
                 self.connecting += 1
                 self._spawn_open_server()
@@ -684,6 +727,19 @@ class Pool:
             return
         self.release(server, server.last_used_ns)
 
+    def abort_ending(self, closed_by_ns: int) -> None:
+        """Give up waiting for the backends of servers closed at or before then: their
+        connections are aborted (server_closed frees their places)."""
+        for server in [s for s in self.ending if s.closing_ns <= closed_by_ns]:
+            server.transport.abort()
+
+    def cancel_ending_again(self, cancelled_by_ns: int) -> None:
+        """Cancel again the queries of closed servers last cancelled at or before then and whose
+        backend has not ended (see cancel_ending)."""
+        for server in self.ending:
+            if server.cancelled_ns and server.cancelled_ns <= cancelled_by_ns:
+                self.cancel_ending(server)
+
     def close_idle(self, server: ServerConnection) -> None:
         """Close an idle server (server_idle_timeout); `server_closed` forgets it."""
         self.idle.remove(server)
@@ -731,7 +787,7 @@ class Pool:
 
     def close(self) -> None:
         self.closed = True
-        self._closing = list(self.servers)
+        self._closing = [*self.servers, *self.ending]
         if self.listener is not None:
             listener_server = self.listener.close()
             if listener_server is not None:
@@ -759,8 +815,8 @@ class Pool:
 
     @property
     def drained(self) -> bool:
-        """No server open or connecting: what PAUSE waits for."""
-        return not self.servers and not self.connecting
+        """No server open, connecting or ending: what PAUSE waits for."""
+        return not self.servers and not self.connecting and not self.ending
 
     def reconnect(self) -> None:
         """Close every server: idle ones now, lent ones when released (new ones open as needed);
@@ -783,9 +839,10 @@ class Pool:
         """KILL: end every client with `error` and close every server; the pool stays paused."""
         self.pause()
         for client in list(self.clients):
-            client.fail(error)  # a linked client's server is closed as the client goes
+            client.fail(error)  # its connection ends at the next loop iteration
         for server in list(self.servers):
-            server.close()
+            # A lent server may be running its client's query: cancelled as it closes.
+            self.give_back(server, False, busy=server.client is not None)
 
     def reconfigure(self, login: ServerLogin, *, size: int, mode: PoolMode, settings: Settings) -> None:
         """RELOAD: take a new server address, bound, mode and settings.

@@ -190,20 +190,13 @@ async def send_cancel(client: ClientConnection, server: ServerConnection, pool: 
     """Deliver `client`'s cancel to `server` with the server's own key; then let the pool lend
     the server again if it was released meanwhile."""
     host, port = server.address  # the host it is connected to (one of several, hosts.py)
-    writer: asyncio.StreamWriter | None = None
     # No timeout here: the maintenance pass cancels this task after CANCEL_TIMEOUT_S.
     try:
-        reader, writer = await asyncio.open_connection(host, port)
-        if client.server is server:  # still that client's transaction
-            writer.write(codec.build_cancel_request(server.process_id, server.secret_key))
-            # The postmaster signals the backend, then closes: after EOF the cancel is done.
-            await reader.read()
+        await server.cancel_backend(still_wanted=lambda: client.server is server)
     except OSError as exc:
         client.registry.log_limiter.log(
             log, logging.WARNING, ("cancel_failed", host, port),
             "cancel request to %s:%d failed: %s", host, port, exc,
         )  # fmt: skip
     finally:
-        if writer is not None:
-            writer.close()
         pool.cancel_delivered(server)

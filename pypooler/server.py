@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Final, cast
 
 from pypooler import flow
 from pypooler.config import ServerTlsMode
-from pypooler.hosts import HostList
+from pypooler.hosts import HostList, open_stream, socket_path
 from pypooler.keepalive import SocketOption, apply_keepalive
 from pypooler.parameter_sets import intern_parameters
 from pypooler.prepared import ServerStatements
@@ -175,11 +175,13 @@ class ServerLogin:
     def describe(self) -> str:
         return f"{self.user}@{self.host}:{self.port}/{self.database}"
 
-    def exchange(self) -> ServerLoginExchange:
-        """A login machine with what we know now (a client may teach us more later: `learn`)."""
+    def exchange(self, *, unix: bool = False) -> ServerLoginExchange:
+        """A login machine with what we know now (a client may teach us more later: `learn`);
+        `unix`: over a unix socket, which carries no TLS (hosts.py)."""
         return ServerLoginExchange(
             self.user, self.database, password=self.password, secret=self.secret,
-            client_key=self.client_key, tls_mode=self.tls_mode, target=self.describe(),
+            client_key=self.client_key, tls_mode="disable" if unix else self.tls_mode,
+            target=self.describe(),
             startup=self.startup,
         )  # fmt: skip
 
@@ -222,11 +224,13 @@ class ServerConnection(asyncio.Protocol):
         "_tls_answer",
         "address",
         "backend",
+        "cancelled_ns",
         "cancels",
         "checked_ns",
         "client",
         "close_needed",
         "closed",
+        "closing_ns",
         "created_ns",
         "last_used_ns",
         "login",
@@ -247,7 +251,7 @@ class ServerConnection(asyncio.Protocol):
         "transport",
     )
 
-    def __init__(self, login: ServerLogin, login_done: asyncio.Future[None]) -> None:
+    def __init__(self, login: ServerLogin, login_done: asyncio.Future[None], *, unix: bool = False) -> None:
         self.login = login
         self.address = (login.host, login.port)  # the host it is connected to (one of login.hosts)
         self.state = ServerState.LOGGING_IN
@@ -255,7 +259,7 @@ class ServerConnection(asyncio.Protocol):
         # plain attributes, changed only by _set_state (a property costs more in pure Python).
         self.closed = False
         self.lost = False
-        self._login: ServerLoginExchange | None = login.exchange()  # until logged in
+        self._login: ServerLoginExchange | None = login.exchange(unix=unix)  # until logged in
         self._tls_answer: asyncio.Future[bool] | None = None  # log_in waits on it: upgrade or not
         self.tls = False
         self._internal: Callable[[int, bytes], bool] | None = None
@@ -279,6 +283,8 @@ class ServerConnection(asyncio.Protocol):
         # Close at the next release instead of lending again (RECONNECT, RELOAD, a smaller pool,
         # server_lifetime): a mark the pool sets on a READY server, lent or idle, not a state.
         self.close_needed = False
+        self.closing_ns = 0  # when close() ran: the maintenance pass bounds the backend's end
+        self.cancelled_ns = 0  # when its query was last cancelled as it closed (Pool.give_back)
         self.created_ns = time.monotonic_ns()
         self.last_used_ns = self.created_ns
         self.checked_ns = 0  # the last server_check_query (maintenance.py)
@@ -608,17 +614,49 @@ class ServerConnection(asyncio.Protocol):
 
     def describe(self) -> str:
         peer: Any = self.transport.get_extra_info("peername") if self.transport else None
-        return f"{peer[0]}:{peer[1]}" if peer else "?"
+        host, port = peer[:2] if isinstance(peer, tuple) else self.address  # a unix socket: no name
+        return f"{host}:{port}"
 
     def close(self) -> None:
-        """Close at once (a dirty or dead server is never returned to a pool)."""
+        """End the connection (a dirty or dead server is never returned to a pool).
+
+        A logged-in server is sent Terminate and our end of the socket is shut for writing, but
+        the transport stays open until PostgreSQL closes it: only then has the backend exited,
+        and until then its pool keeps counting it against every bound (Pool.server_closed), so
+        pool_size bounds backends, not sockets. A backend running a query reads the Terminate
+        only when the query ends: the pool cancels it first where it may be running
+        (Pool.give_back), and the maintenance pass aborts the transport of one that has not
+        ended after BACKEND_END_TIMEOUT_S. A server still logging in is closed at once.
+        """
         if not self.closed:
+            if self.reading_paused:
+                flow.resume_reading(self)  # its EOF must be read
+            logged_in = self.state is ServerState.READY or self.state is ServerState.INTERNAL
             self._set_state(ServerState.CLOSING)
-            if self.transport is not None:
-                if not self.transport.is_closing():
-                    self.transport.write(codec.TERMINATE)
-                self.transport.close()
-        self._notify_closed()
+            self.closing_ns = time.monotonic_ns()
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                transport.write(codec.TERMINATE)
+                if not logged_in:
+                    transport.close()
+                elif transport.can_write_eof():
+                    transport.write_eof()
+                # else (TLS): the backend exits at the Terminate and its close reaches us
+            elif transport is not None:
+                transport.close()
+            self._notify_closed()  # once: the pool may re-arm on_close for the connection's end
+
+    async def cancel_backend(self, still_wanted: Callable[[], bool] | None = None) -> None:
+        """Deliver a CancelRequest for this server's backend to its postmaster (the host this
+        connection reached) and wait until the postmaster has taken it (it closes the
+        connection); skipped if `still_wanted` says no once connected. Raises OSError."""
+        reader, writer = await open_stream(*self.address)
+        try:
+            if still_wanted is None or still_wanted():
+                writer.write(codec.build_cancel_request(self.process_id, self.secret_key))
+                await reader.read()
+        finally:
+            writer.close()
 
     def _notify_closed(self) -> None:
         on_close = self.on_close
@@ -667,7 +705,12 @@ async def _open_one(login: ServerLogin, host: str, port: int, timeout: float) ->
     where = f"{login.user}@{host}:{port}/{login.database}"
     try:
         async with asyncio.timeout(timeout):
-            _, server = await loop.create_connection(lambda: ServerConnection(login, login_done), host, port)
+            path = socket_path(host, port)
+            server = ServerConnection(login, login_done, unix=path is not None)
+            if path is None:
+                await loop.create_connection(lambda: server, host, port)
+            else:
+                await loop.create_unix_connection(lambda: server, path)
             server.address = (host, port)
             try:
                 await server.log_in()

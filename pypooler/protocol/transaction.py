@@ -331,6 +331,13 @@ def releasable(frontend: FrontendStream, backend: BackendStream, *, keeps_server
     return True
 
 
+def backend_busy(frontend: FrontendStream) -> bool:
+    """Whether the server behind a client that stopped here may be running one of its requests:
+    one awaits its ReadyForQuery, an extended-protocol tail (an Execute runs before its Sync) or
+    COPY FROM STDIN is open. Such a server is cancelled as it is closed (Pool.give_back)."""
+    return bool(frontend.outstanding or frontend.open_tail or frontend.copy_in)
+
+
 def releasable_after_internal(ready_for_query: bytes) -> bool:
     """The release rule for a server pypooler drove itself (session settings, server_reset_query,
     a LISTEN's unused server, auth_query, a spelling check): its internal reader consumed every

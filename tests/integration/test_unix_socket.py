@@ -1,7 +1,9 @@
-"""The unix-domain socket listener: `psql -h DIR -p PORT` (and the console) without TCP."""
+"""Unix-domain sockets: the listener (`psql -h DIR -p PORT`, the console, without TCP) and servers
+reached through PostgreSQL's own socket (`host = DIR` in [databases])."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pwd
 import socket
@@ -15,6 +17,8 @@ import asyncpg
 import pytest
 
 from pypooler.accepting import bind_unix_socket, unix_socket_path
+from pypooler.embedded import EmbeddedPostgres
+from tests.support.waiting import eventually
 
 
 def psql_unix(directory: Path, port: int, database: str, sql: str, user: str = "postgres") -> str:
@@ -85,3 +89,32 @@ def test_hba_local_lines_and_peer_authentication(start_pooler: Callable[..., Any
     assert refused.returncode != 0 and 'Peer authentication failed for user "someone_else"' in refused.stderr
     over_tcp = console("127.0.0.1", me)
     assert over_tcp.returncode != 0 and "rejects connection" in over_tcp.stderr
+
+
+async def test_servers_reached_over_postgresql_unix_socket(
+    start_pooler: Callable[..., Any], postgres: EmbeddedPostgres
+) -> None:
+    # host = a directory: PostgreSQL's own socket there (.s.PGSQL.<port>), as libpq and PgBouncer.
+    entry = {"host": postgres.tmp_dir, "port": postgres.port, "pool_size": 1}
+    pooler = start_pooler(server_tls_sslmode="require", databases={"pypooler_test": entry})
+    conn = await asyncpg.connect(pooler.dsn(), statement_cache_size=0)
+    direct = await asyncpg.connect(postgres.dsn(dbname="pypooler_test"))
+    try:
+        # No TLS is asked for over a unix socket (libpq's rule), whatever server_tls_sslmode says.
+        local = "select client_addr is null from pg_stat_activity where pid = pg_backend_pid()"
+        assert await conn.fetchval(local)
+        # A cancel reaches the postmaster through the same socket: the sleep ends at once.
+        with pytest.raises(asyncio.TimeoutError):  # asyncpg sends a CancelRequest on timeout
+            await conn.execute("select pg_sleep(5)", timeout=0.3)
+        sleeping = (
+            "select count(*) from pg_stat_activity where query = 'select pg_sleep(5)' and state = 'active'"
+        )
+
+        async def sleep_ended() -> bool:
+            return bool(await direct.fetchval(sleeping) == 0)
+
+        await eventually(sleep_ended, timeout=2)
+        assert await conn.fetchval("select 1") == 1
+    finally:
+        await conn.close()
+        await direct.close()

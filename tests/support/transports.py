@@ -35,6 +35,7 @@ class FakeTransport(asyncio.Transport):
         self.written: list[bytes] = []
         self.written_bytes = 0
         self.closed = False
+        self.eof_written = False
         self._extra = {"socket": FakeSocket(), "peername": PEER}
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -52,6 +53,15 @@ class FakeTransport(asyncio.Transport):
         return self.closed
 
     def close(self) -> None:
+        self.closed = True
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof_written = True
+
+    def abort(self) -> None:
         self.closed = True
 
     def pause_reading(self) -> None:

@@ -83,7 +83,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
         "[databases]\n"
         "a = host=x port=five\n"
         "b = host=x bogus=1\n"
-        "c = host=/var/run/postgresql\n"
+        "c = host=a,b port=1,2,3\n"
         "[users]\n"
         "bob = pool_size=lots\n"
         "[pgbouncer]\n"
@@ -97,7 +97,7 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     assert sorted(by_line) == [2, 3, 4, 6, 8, 9, 10, 11] and len(problems) == 8
     assert "port: must be an integer" in by_line[2]
     assert "unknown option 'bogus'" in by_line[3]
-    assert "a unix socket is not supported by this version" in by_line[4]
+    assert "3 ports for 2 hosts" in by_line[4]
     assert "pool_size: must be an integer" in by_line[6]
     assert "max_client_conn: must be an integer (got 'lots')" in by_line[8]
     assert "unknown section [pgboucner]" in by_line[10]
@@ -178,10 +178,21 @@ def test_quoted_database_names_and_the_fallback(tmp_path: Path) -> None:
     assert settings.databases['app-"v2"'].dbname == "b" and settings.databases["*"].host == "c"
 
 
-def test_a_database_without_host_goes_to_loopback_with_a_warning(tmp_path: Path) -> None:
+def test_a_database_without_host_reaches_the_unix_socket_as_in_pgbouncer(tmp_path: Path) -> None:
     ini = read_ini(write(tmp_path, "[databases]\napp = dbname=x\n"))
+    assert ini.values["databases"]["app"]["host"] == "/tmp" and not ini.warnings
+    # unix_socket_dir applies to server connections too, wherever the file sets it.
+    ini = read_ini(write(tmp_path, "[databases]\napp = dbname=x\n[pgbouncer]\nunix_socket_dir = /run/pg\n"))
+    assert ini.values["databases"]["app"]["host"] == "/run/pg"
+    ini = read_ini(write(tmp_path, "[databases]\napp = dbname=x\n[pgbouncer]\nunix_socket_dir =\n"))
     assert ini.values["databases"]["app"]["host"] == "127.0.0.1"
-    assert "no host=" in ini.warnings[0]
+    assert "no host= and unix_socket_dir is empty" in ini.warnings[0]
+
+
+def test_a_unix_socket_host_is_kept(tmp_path: Path) -> None:
+    ini = read_ini(write(tmp_path, "[databases]\napp = host=/var/run/postgresql port=5433\n"))
+    assert ini.values["databases"]["app"]["host"] == "/var/run/postgresql"
+    assert ini.values["databases"]["app"]["port"] == 5433 and not ini.problems
 
 
 def test_listen_addr_star_is_every_address(tmp_path: Path) -> None:

@@ -48,6 +48,12 @@ class FakeServer:
         self.login = login or default_login()
         self.name = f"s{FakeServer.count}"
         self.closed = False
+        self.lost = False
+        self.ends_later = False
+        self.process_id = 0
+        self.closing_ns = 0
+        self.cancelled_ns = 0
+        self.transport: Any = None
         self.close_needed = False
         self.created_ns = time.monotonic_ns() - int(age_s * NS)
         self.last_used_ns = 0
@@ -64,14 +70,38 @@ class FakeServer:
         self.parameters = {**self.parameters, name: value}
 
     def close(self) -> None:
-        # Like ServerConnection.close: idempotent, tells the owner once.
+        # Like ServerConnection.close: idempotent, tells the owner once. Its backend ends at
+        # once unless `ends_later` (then `end` is PostgreSQL closing the connection).
+        if self.closed:
+            return
         self.closed = True
+        self.lost = not self.ends_later
+        self._notify()
+
+    def end(self) -> None:
+        """PostgreSQL closed the connection (connection_lost)."""
+        self.closed = self.lost = True
+        self._notify()
+
+    def _notify(self) -> None:
         on_close, self.on_close = self.on_close, None
         if on_close is not None:
             on_close(self)
 
     def __repr__(self) -> str:
         return self.name
+
+
+class EndingTransport:
+    """A closed server's transport whose abort is PostgreSQL's connection ending at once."""
+
+    def __init__(self, server: FakeServer) -> None:
+        self.server = server
+        self.aborted = False
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.server.end()
 
 
 class FakeClient:
@@ -693,6 +723,44 @@ async def test_release_hands_over_without_counting_itself(connector: FakeConnect
     assert waiter.linked == [server]
     assert pool.stats.xact_count == 0
     assert not pool.stats.apps
+
+
+async def test_a_closed_server_keeps_its_place_until_its_backend_has_ended(connector: FakeConnector) -> None:
+    # pool_size bounds backends: a server closed under a client that left mid-query (its
+    # backend still running) counts until PostgreSQL closes the connection.
+    pool = make_pool(size=1)
+    (server,) = add_idle(pool, 1)
+    server.ends_later = True
+    leaving, waiting = FakeClient(), FakeClient()
+    assert checkout(pool, leaving) is server
+    assert checkout(pool, waiting) is None
+
+    server.client = None
+    pool.give_back(server, False)  # type: ignore[arg-type]
+    await settle()
+
+    assert server.closed and pool.ending == {server} and pool.servers == set()
+    assert pool.occupied == 1 and connector.calls == 0  # no second backend while the first runs
+    server.end()
+    await settle()
+    assert pool.ending == set() and connector.calls == 1
+    (replacement,) = await connector.succeed()
+    assert waiting.linked == [replacement]
+
+
+async def test_a_backend_that_does_not_end_is_given_up_by_the_maintenance_pass(
+    connector: FakeConnector,
+) -> None:
+    pool = make_pool(size=1)
+    (server,) = add_idle(pool, 1)
+    server.ends_later = True
+    server.transport = EndingTransport(server)
+    server.close()
+    server.closing_ns = time.monotonic_ns() - 60 * NS  # closed a minute ago; still not ended
+
+    maintain_pool(pool, time.monotonic_ns())
+
+    assert server.transport.aborted and pool.ending == set() and pool.occupied == 0
 
 
 async def test_close_fails_waiters_and_closes_servers(connector: FakeConnector) -> None:
