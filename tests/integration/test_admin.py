@@ -222,10 +222,15 @@ async def test_show_advice_sends_the_advisor_table(start_pooler: Any) -> None:
     admin = await console(pooler)
     try:
         messages = await admin.query("SHOW ADVICE")
-        columns, rows = pooler.call_async(advice_table(pooler.pooler.manager, pooler.pooler.settings))
+        columns, rows = pooler.call_async(
+            advice_table(pooler.pooler.manager, pooler.pooler.settings, pooler.pooler.activity)
+        )
         assert row_description(messages) == [[name, c.OID_TEXT] for name in columns]
+        assert columns[2:4] == ["verdict", "culprit"] and columns[-1] == "advice"
+        assert data_rows(messages)[0][2] == "ok"
         # Rates move with the clock between the two calls; compare everything else.
-        moving = {columns.index(name) for name in ("window_s", "xact_per_s", "connections_needed", "verdict")}
+        rates = ("window_s", "xact_per_s", "connections_busy", "connections_wanted", "logins_per_s", "advice")
+        moving = {columns.index(name) for name in rates}
 
         def steady(table: list[list[str | None]]) -> list[list[str | None]]:
             return [[v for i, v in enumerate(row) if i not in moving] for row in table]
