@@ -36,7 +36,7 @@ from pypooler import __version__
 from pypooler.activity import ActivityWatch
 from pypooler.advisor import advice_table
 from pypooler.config import RESTART_ONLY_SETTINGS, ConfigError, Settings
-from pypooler.holders import diagnose_all
+from pypooler.holders import diagnose_all, statement_text
 from pypooler.pool import Pool, PoolManager
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
@@ -70,8 +70,6 @@ Row = list[str | None]
 # How often PAUSE and WAIT_CLOSE look whether the servers they wait for are gone. Polling keeps
 # the pool free of waiter bookkeeping for a command an operator runs a few times a year.
 DRAIN_POLL_S: Final = 0.02
-# Characters of the last statement SHOW HOLDERS shows.
-HOLDER_STATEMENT_CHARS: Final = 200
 # What the console says it is in ParameterStatus (client libraries insist on some of these:
 # lib/pq refuses a client_encoding other than UTF8 and a DateStyle not starting with ISO).
 CONSOLE_PARAMETERS: Final = {
@@ -754,14 +752,14 @@ class AdminConsole:
                     state = "idle in transaction (aborted)"
                 else:
                     state = "idle in transaction"
-            statement = client.frontend.last_statement.decode("utf-8", "replace")
+            statement = statement_text(client.frontend.last_statement)
             found = diagnoses.get((server.address, server.process_id)) if server is not None else None
             blocker = found.blocker if found is not None else None
             rows.append([
                 pool.database, pool.user, client.peer, client.application_name, state,
                 _ms(now - client.lent_ns), _ms(idle_ns),
                 str(server.process_id) if server is not None else None,
-                statement[:HOLDER_STATEMENT_CHARS], found.state if found is not None else None,
+                statement, found.state if found is not None else None,
                 (found.wait or None) if found is not None else None,
                 blocker.describe() if blocker is not None else None,
             ])  # fmt: skip

@@ -75,9 +75,15 @@ def view_of(pool: Pool, client: ClientConnection, now_ns: int) -> HolderView:
         idle_s=idle_ns / NS_PER_S,
         in_transaction=in_transaction,
         idle_total_s=idle_total_ns / NS_PER_S,
-        statement=client.frontend.last_statement[:STATEMENT_CHARS].decode("utf-8", "replace"),
+        statement=statement_text(client.frontend.last_statement),
         since_ns=client.query_start_ns or client.lent_ns,
     )
+
+
+def statement_text(raw: bytes) -> str:
+    """A statement as the trackers noted it, for people: up to its first NUL (a Parse's text
+    may be noted with its terminator and parameter count), at most STATEMENT_CHARS."""
+    return raw.split(b"\0", 1)[0][:STATEMENT_CHARS].decode("utf-8", "replace")
 
 
 def long_holders(pool: Pool, now_ns: int, threshold_ns: float) -> list[ClientConnection]:

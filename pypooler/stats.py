@@ -442,6 +442,9 @@ def fingerprint(statement: bytes) -> str:
     if found is not None:
         return found
     text = statement
+    nul = text.find(b"\0")
+    if nul >= 0:  # a Parse's text as the rewriting tracker notes it: its terminator and more follow
+        text = text[:nul]
     if b"'" in text or b"--" in text or b"/*" in text or b"$" in text:
         text = _COMMENT.sub(b" ", text)
         text = _STRING.sub(b"?", text)

@@ -20,7 +20,7 @@ from pypooler.embedded import EmbeddedPostgres
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
 from tests.support.messages import SYNC, bind, execute, parse
-from tests.support.pgwire import RawClient, data_rows, error_fields, row_description
+from tests.support.pgwire import RawClient, data_rows, error_fields, row_description, show
 from tests.support.poolers import RunningPooler
 from tests.support.waiting import eventually
 
@@ -40,13 +40,6 @@ DB = "pypooler_test"
 
 async def console(pooler: RunningPooler, user: str = "postgres", database: str = "pgbouncer") -> RawClient:
     return await RawClient.login(pooler.host, pooler.port, user=user, database=database)
-
-
-async def show(client: RawClient, subject: str) -> list[dict[str, str | None]]:
-    messages = await client.query(f"SHOW {subject}")
-    assert error_fields(messages) is None, error_fields(messages)
-    names = [name for name, _ in row_description(messages)]
-    return [dict(zip(names, row, strict=True)) for row in data_rows(messages)]
 
 
 async def command(client: RawClient, text: str) -> str:
