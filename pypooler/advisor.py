@@ -230,8 +230,9 @@ def advise_pool(
         found.append(
             Verdict(
                 OK, None,
-                f"ok: {busy:.2f} of {pool_size} connections busy ({advice.xact_per_s:.1f} xact/s x"
-                f" {advice.hold_mean_ms:.2f} ms mean hold, holds in progress included)",
+                f"ok: {busy:.2f} of {pool_size} connections busy on average, holds in progress"
+                f" included ({advice.xact_per_s:.1f} xact/s finished, {advice.hold_mean_ms:.2f} ms"
+                " mean finished hold)",
             )
         )  # fmt: skip
     return advice

@@ -4,6 +4,7 @@ most once a second, reused, closed when unused, and abandoned when a question ou
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -105,3 +106,18 @@ async def test_a_question_outlasting_its_bound_is_abandoned(
     assert time.monotonic() - started < 1.5
     # Its connection was closed: PostgreSQL ends the backend once the sleep returns.
     await eventually(lambda: not advisor_backends(postgres), timeout=10)
+
+
+async def test_a_statement_running_long_is_logged_with_its_verdict(
+    start_pooler: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="pypooler")
+    pooler = start_pooler(pool_size=2, holder_diagnosis_ms=100, hold_warn_ms=300)
+    conn = await asyncpg.connect(pooler.dsn(), server_settings={"application_name": "reports"})
+    try:
+        await conn.fetchval("select pg_sleep(2)")
+    finally:
+        await conn.close()
+    lines = [r.getMessage() for r in caplog.records if "verdict=slow_statement" in r.getMessage()]
+    assert len(lines) == 1, lines  # once per hold
+    assert "app=reports" in lines[0] and "pg_sleep" in lines[0]

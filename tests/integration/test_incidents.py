@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -176,6 +177,16 @@ async def test_a_lock_stall_names_the_idle_holder_not_its_victims(
         assert "lock held by app=stuck-worker " in advice_text  # the lock_wait verdict: the same root
         assert row["holding_now"] == "9"
         never_raise_pool_size(seen)
+
+        # pypooler advise prints the same verdict and culprit.
+        report = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "pypooler", "advise", "--host", pooler.host, "--port", str(pooler.port)],
+            capture_output=True, text=True, timeout=PGBENCH_TIMEOUT_S,
+        )  # fmt: skip
+        assert report.returncode == 0, report.stderr
+        assert "verdict: idle_in_transaction  culprit: app=stuck-worker " in report.stdout, report.stdout
+        assert RAISE_POOL_SIZE not in report.stdout
 
         # SHOW HOLDERS: the victims wait on a lock, and name who holds it.
         console = await RawClient.login(pooler.host, pooler.port, database="pgbouncer")
