@@ -264,3 +264,11 @@ def test_idle_transaction_timeout_ends_and_hold_warn_warns_once(caplog: pytest.L
 def test_module_docstring_states_the_interval_rule() -> None:
     doc = maintenance.__doc__ or ""
     assert "a tenth of the shortest enabled period" in doc
+
+
+def test_holders_held_past_holder_diagnosis_ms_are_gathered_for_the_advisor() -> None:
+    now = 1_000 * NS
+    long, short = FakeHolder("long", now - 2 * NS), FakeHolder("short", now - NS // 2)
+    pool = FakeHolderPool([long, short])
+    assert watch_holders(pool, now, 0.0, 0.0, diagnose_ms=1000.0) == [long]  # type: ignore[arg-type]
+    assert watch_holders(pool, now, 0.0, 0.0) == []  # type: ignore[arg-type]  # 0: never asked
