@@ -89,6 +89,18 @@ async def connect(pooler: Any, application_name: str) -> asyncpg.Connection:
     )
 
 
+async def short_queries(pooler: Any, count: int, until: asyncio.Event | None = None) -> None:
+    """An `api` client: `count` one-statement transactions (fewer if `until` is set first)."""
+    conn = await connect(pooler, "api")
+    try:
+        for i in range(count):
+            assert await conn.fetchval("select $1::int", i) == i
+            if until is not None and until.is_set():
+                break
+    finally:
+        await conn.close()
+
+
 async def bounded(*jobs: Awaitable[Any]) -> None:
     await asyncio.wait_for(asyncio.gather(*jobs), LOAD_TIMEOUT_S)
 
@@ -110,16 +122,6 @@ async def test_a_transaction_held_across_slow_client_work_is_named(start_pooler:
         finally:
             await conn.close()
 
-    async def api() -> None:
-        conn = await connect(pooler, "api")
-        try:
-            for i in range(200):
-                assert await conn.fetchval("select $1::int", i) == i
-                if done.is_set():
-                    break
-        finally:
-            await conn.close()
-
     async def work() -> None:
         await asyncio.gather(checkout(), checkout())
         done.set()
@@ -129,7 +131,7 @@ async def test_a_transaction_held_across_slow_client_work_is_named(start_pooler:
     async with asyncio.timeout(LOAD_TIMEOUT_S), asyncio.TaskGroup() as load:
         load.create_task(work())
         for _ in range(4):
-            load.create_task(api())
+            load.create_task(short_queries(pooler, 200, until=done))
         # While it happens: a holder idle in its transaction, named by its application_name.
         await advice_when(
             pooler,
@@ -248,16 +250,8 @@ async def test_an_unindexed_statement_is_named_by_its_fingerprint(
         finally:
             await conn.close()
 
-    async def api() -> None:
-        conn = await connect(pooler, "api")
-        try:
-            for i in range(40):
-                assert await conn.fetchval("select $1::int", i) == i
-        finally:
-            await conn.close()
-
     try:
-        await bounded(*(reports(n) for n in range(4)), *(api() for _ in range(4)))
+        await bounded(*(reports(n) for n in range(4)), *(short_queries(pooler, 40) for _ in range(4)))
         row = await advice(pooler)
         assert row["verdict"] == "slow_statement", row
         assert row["culprit"] == "select sum(amount) from ledger where account = ?", row
@@ -302,12 +296,7 @@ async def test_instances_times_pool_bounds_above_max_connections(
     await eventually(
         lambda: any("verdict=fleet_over_max_connections" in r.getMessage() for r in caplog.records)
     )
-    conn = await connect(pooler, "api")
-    try:
-        for i in range(20):
-            assert await conn.fetchval("select $1::int", i) == i
-    finally:
-        await conn.close()
+    await bounded(short_queries(pooler, 20))
     row = await advice(pooler)
     postgres_address = f"127.0.0.1:{pooler.settings.databases[DB].port}"
     assert (row["verdict"], row["culprit"]) == ("fleet_over_max_connections", postgres_address), row
