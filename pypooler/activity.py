@@ -22,6 +22,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -113,14 +114,15 @@ class ActivityWatch:
         return self._round
 
     async def refresh(self, holders: list[tuple[Pool, ClientConnection]]) -> None:
-        """SHOW ADVICE: start a round if one is due, and wait for the round in flight (each
-        question is bounded, so this is too)."""
+        """SHOW ADVICE: start a round if one is due, and wait up to ASK_TIMEOUT_S for the round
+        in flight (a connect may take longer; the advice then goes with the answers it has)."""
         now = self.clock()
         if holders and self.due(now):
             self.start(holders, now)
         round_ = self._round
         if round_ is not None and not round_.done():
-            await asyncio.shield(round_)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(round_), ASK_TIMEOUT_S)
 
     async def _ask_all(self, asks: dict[tuple[tuple[str, int], str], tuple[ServerLogin, set[int]]]) -> None:
         await asyncio.gather(

@@ -253,8 +253,8 @@ def _idle_verdicts(
         return [
             Verdict(
                 IDLE_IN_TRANSACTION_VERDICT, describe_view(culprit),
-                f"{len(idle)} client(s) hold a server idle in a transaction, longest"
-                f" {culprit.idle_s:.1f} s: {describe_view(culprit)}{blocks}: commit or roll back"
+                f"{len(idle)} client(s) hold a server idle in a transaction:"
+                f" {describe_view(culprit)}{blocks}: commit or roll back"
                 " before non-database work (borrow late, return early), or find the leak that never"
                 " ends the transaction; idle_transaction_timeout ends such clients; a bigger pool"
                 " would fill the same way",
