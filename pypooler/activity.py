@@ -11,7 +11,7 @@ Rules:
   pool can still be diagnosed. It is reused across rounds, closed once unused for
   ADVISOR_IDLE_CLOSE_S (the pass decides: `close_unused`), and dropped when a question fails
   or outlasts ASK_TIMEOUT_S (its state is then unknown). The server's max_connections
-  (`limits`) is asked on the same connections.
+  (`limits`) is asked on the same connections, and one opened only for it is closed at once.
 - One question at a time per connection; a round is one task, at most one runs, and a new one
   starts at most every MIN_ROUND_GAP_S (pg_blocking_pids takes the lock manager's locks for a
   moment). Nothing awaits a round on the pass's behalf: a slow or failing server never delays
@@ -138,15 +138,19 @@ class ActivityWatch:
 
     # ------------------------------------------------------------------ questions
 
-    async def query(self, login: ServerLogin, address: tuple[str, int], sql: str) -> list[Row] | None:
+    async def query(
+        self, login: ServerLogin, address: tuple[str, int], sql: str, *, keep: bool = True
+    ) -> list[Row] | None:
         """The rows of `sql` on the advisor's connection to `address` as `login.user`; None (and
-        the connection dropped) if it cannot be opened or does not answer in time."""
+        the connection dropped) if it cannot be opened or does not answer in time. `keep`
+        False: a connection opened for this question is closed after it."""
         if self.closed:
             return None
         key = (*address, login.user)
         connection = self._connections.get(key)
         if connection is None:
             connection = self._connections[key] = _AdvisorConnection()
+        keep = keep or connection.server is not None
         async with connection.lock:
             try:
                 server = connection.server
@@ -167,6 +171,8 @@ class ActivityWatch:
                 self._drop(connection)
                 return None
             connection.last_used_ns = self.clock()
+            if not keep:
+                self._drop(connection)
             return rows
 
     @staticmethod
@@ -184,11 +190,13 @@ class ActivityWatch:
         now = self.clock()
         if cached is not None and now - cached[0] < LIMITS_TTL_S * NS_PER_S:
             return cached[1]
+        # Asked at start-up and by SHOW ADVICE: no connection is kept open for it alone.
         rows = await self.query(
             login,
             address,
             "select current_setting('max_connections'), current_setting('superuser_reserved_connections'),"
             " coalesce(current_setting('reserved_connections', true), '0')",
+            keep=False,
         )
         if not rows:
             return None
