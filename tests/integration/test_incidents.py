@@ -235,10 +235,10 @@ SLOW_QUERY = "select sum(amount) from ledger where account = $1"
 async def test_an_unindexed_statement_is_named_by_its_fingerprint(
     start_pooler: Runner, postgres: EmbeddedPostgres
 ) -> None:
-    # 600,000 rows and no index on account: each lookup scans the table (tens of ms).
+    # A million rows and no index on account: each lookup scans the table (tens of ms).
     postgres.psql(
         "drop table if exists ledger; create table ledger as select g as id, g % 1000 as account,"
-        " g % 97 as amount from generate_series(1, 600000) g; analyze ledger"
+        " g % 97 as amount from generate_series(1, 1000000) g; analyze ledger"
     )
     pooler = start_pooler(pool_size=2, holder_diagnosis_ms=DIAGNOSIS_MS, stats_period=3600)
 
