@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 from pypooler.holders import ActivityReport, activity_query, parse_activity
+from pypooler.log_limits import LogLimiter
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
 from pypooler.protocol.errors import PoolerError, ServerConnectFailed, ServerLoginFailed
@@ -75,9 +76,17 @@ class _AdvisorConnection:
 class ActivityWatch:
     """The advisor's connections, its latest answers, and the round in flight."""
 
-    def __init__(self, connect_timeout: float, *, clock: Callable[[], int] = time.monotonic_ns) -> None:
+    def __init__(
+        self,
+        connect_timeout: float,
+        *,
+        clock: Callable[[], int] = time.monotonic_ns,
+        log_limiter: LogLimiter | None = None,
+    ) -> None:
         self.connect_timeout = connect_timeout
         self.clock = clock
+        # A server that stays unreachable would otherwise be logged at every round.
+        self.log_limiter = log_limiter if log_limiter is not None else LogLimiter()
         self.reports: dict[tuple[str, int], ActivityReport] = {}
         self._connections: dict[tuple[str, int, str], _AdvisorConnection] = {}
         self._limits: dict[tuple[str, int], tuple[int, ServerLimits]] = {}
@@ -132,9 +141,15 @@ class ActivityWatch:
     async def _ask(self, login: ServerLogin, address: tuple[str, int], pids: set[int]) -> None:
         taken_ns = self.clock()  # the answer shows the backends at this moment or later
         rows = await self.query(login, address, activity_query(pids))
-        if rows is not None:
-            self.reports[address] = ActivityReport(address, taken_ns, parse_activity(rows))
-            self.answers += 1
+        if rows is None:
+            return
+        try:
+            found = parse_activity(rows)
+        except ValueError as exc:  # a row not as asked: say so, keep the last good answer
+            log.warning("advisor: unexpected pg_stat_activity row from %s:%d: %s", *address, exc)
+            return
+        self.reports[address] = ActivityReport(address, taken_ns, found)
+        self.answers += 1
 
     # ------------------------------------------------------------------ questions
 
@@ -150,8 +165,8 @@ class ActivityWatch:
         connection = self._connections.get(key)
         if connection is None:
             connection = self._connections[key] = _AdvisorConnection()
-        keep = keep or connection.server is not None
         async with connection.lock:
+            keep = keep or connection.server is not None
             try:
                 server = connection.server
                 if server is None or server.closed:
@@ -167,7 +182,10 @@ class ActivityWatch:
                 reason = (
                     exc.message if isinstance(exc, PoolerError) else f"no answer within {ASK_TIMEOUT_S:g} s"
                 )
-                log.info("advisor: cannot ask %s@%s:%d: %s", login.user, *address, reason)
+                self.log_limiter.log(
+                    log, logging.INFO, ("advisor", address, login.user),
+                    "advisor: cannot ask %s@%s:%d: %s", login.user, *address, reason,
+                )  # fmt: skip
                 self._drop(connection)
                 return None
             connection.last_used_ns = self.clock()

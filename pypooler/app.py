@@ -97,7 +97,7 @@ class Pooler:
         self.auth.log_limiter = self.manager.log_limiter
         self.registry = ClientRegistry(settings, self.manager, auth=self.auth, tls=client_tls(settings))
         # The advisor's questions to PostgreSQL: started by the pass, read by the console and /metrics.
-        self.activity = ActivityWatch(settings.server_connect_timeout)
+        self.activity = ActivityWatch(settings.server_connect_timeout, log_limiter=self.manager.log_limiter)
         self.console = AdminConsole(self.registry, self.activity)
         self.registry.admin_login = self.console.login
         self.registry.reload = self._reload_for_console
