@@ -92,9 +92,6 @@ class ActivityWatch:
         self._limits: dict[tuple[str, int], tuple[int, ServerLimits]] = {}
         self._round: asyncio.Task[None] | None = None
         self._round_started_ns = -(1 << 62)
-        # Lock chains the pass has logged, by (address, root pid): the root's transaction age
-        # when logged, so a new transaction of the same backend is logged again.
-        self.logged_roots: dict[tuple[tuple[str, int], int], float] = {}
         self.rounds = 0  # rounds started (tests, and the rule of one per pass)
         self.answers = 0  # answers received: the pass's hog lines look at each new one once
         self.closed = False

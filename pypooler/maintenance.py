@@ -72,7 +72,7 @@ from typing import TYPE_CHECKING
 
 from pypooler.activity import ADVISOR_IDLE_CLOSE_S
 from pypooler.config import Settings
-from pypooler.holders import LOCK_WAIT, RUNNING, describe_view, diagnose_all
+from pypooler.holders import LOCK_WAIT, RUNNING, ActivityReport, describe_view, diagnose_all
 from pypooler.pool import Pool, describe_holder
 from pypooler.protocol.errors import ClientIdleTimeout, IdleTransactionTimeout, QueryTimeout, QueryWaitTimeout
 from pypooler.stats import NS_PER_S
@@ -265,18 +265,19 @@ def watch_holders(
 def log_diagnosed(
     pools: list[Pool],
     long: list[ClientConnection],
-    activity: ActivityWatch,
+    reports: dict[tuple[str, int], ActivityReport],
     now_ns: int,
     warn_ms: float,
+    logged: dict[tuple[tuple[str, int], int], int],
 ) -> None:
     """The hog lines PostgreSQL's latest answers support, about holders held long: a lock chain
-    once a minute per root backend, naming the root (and the client holding it, when it is
-    ours); a statement running past `warn_ms`, neither idle nor waiting on a lock, once per hold.
-    """
+    once a minute per root backend (`logged`: when each root was last logged), naming the root
+    (and the client holding it, when it is ours); a statement running past `warn_ms`, neither
+    idle nor waiting on a lock, once per hold."""
     by_pid = {(c.server.address, c.server.process_id): c for c in long if c.server is not None}
     victims: dict[tuple[tuple[str, int], int], list[str]] = {}
     roots = {}
-    for found in diagnose_all(pools, activity.reports, now_ns):
+    for found in diagnose_all(pools, reports, now_ns):
         view = found.holder
         client = by_pid.get((view.server_address, view.server_pid))
         if client is None:
@@ -298,11 +299,11 @@ def log_diagnosed(
                 "pool %s/%s: verdict=slow_statement: %s has run for %.0f ms",
                 view.database, view.user, describe_view(view), view.held_s * 1e3,
             )  # fmt: skip
-    logged = activity.logged_roots
     if len(logged) > LOGGED_ROOTS_MAX:
         logged.clear()
     for key, waiting in victims.items():
-        if now_ns - logged.get(key, -LOCK_LOG_REPEAT_S * NS_PER_S) < LOCK_LOG_REPEAT_S * NS_PER_S:
+        last = logged.get(key)
+        if last is not None and now_ns - last < LOCK_LOG_REPEAT_S * NS_PER_S:
             continue
         logged[key] = now_ns
         more = " ..." if len(waiting) > 3 else ""
@@ -377,6 +378,7 @@ class Maintenance:
         self.manager = manager
         self.activity = activity  # the advisor's questions to PostgreSQL (activity.py)
         self.answers_seen = 0  # activity.answers when the hog lines last looked
+        self.logged_roots: dict[tuple[tuple[str, int], int], int] = {}  # see log_diagnosed
         self.registry = registry
         self.settings = settings
         self.clock = clock
@@ -432,7 +434,9 @@ class Maintenance:
             if long:
                 if activity.answers != self.answers_seen:  # a new answer since the last pass
                     self.answers_seen = activity.answers
-                    log_diagnosed(pools, long, activity, now_ns, settings.hold_warn_ms)
+                    log_diagnosed(
+                        pools, long, activity.reports, now_ns, settings.hold_warn_ms, self.logged_roots
+                    )
                 if activity.due(now_ns):  # at most one round per pass, and one a second
                     activity.start([(c.pool, c) for c in long], now_ns)
             activity.close_unused(now_ns - int(ADVISOR_IDLE_CLOSE_S * NS_PER_S))
