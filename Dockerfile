@@ -4,6 +4,8 @@
 #   docker run -p 6432:6432 -p 9127:9127 \
 #     -e PYPOOLER_DATABASES__APP__HOST=db.internal -e PYPOOLER_DATABASES__APP__PASSWORD=... pypooler
 #   docker run -v "$PWD/pypooler.toml:/etc/pypooler/pypooler.toml:ro" pypooler
+#   docker build --build-arg PYPOOLER_GIT_REVISION="$(git rev-parse --short=12 HEAD)" -t pypooler .
+#     (the revision pypooler_build_info reports; the build context has no .git to read it from)
 #
 # Configuration: the TOML file named by PYPOOLER_CONFIG (the image's own docker/pypooler.toml
 # listens on all interfaces; mount yours over it) plus PYPOOLER_* variables, which win over
@@ -17,6 +19,7 @@ FROM python:3.11-slim-bookworm AS build
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
+ARG PYPOOLER_GIT_REVISION=unknown
 COPY pyproject.toml setup.py README.md ./
 COPY pypooler ./pypooler
 # A wheel built here, installed below without pip's cache or the build tools. Compiled or

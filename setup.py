@@ -9,14 +9,21 @@ PYPOOLER_MYPYC=0 builds pure Python on purpose (the Makefile's editable install,
 compiles in place with `make compile`); PYPOOLER_MYPYC=1 requires the compiled build (`make
 compile`: PYPOOLER_MYPYC=1 python setup.py build_ext --inplace), failing instead of falling back.
 PYPOOLER_MYPYC_MODULES (comma-separated paths) overrides the module list, for experiments.
+
+The built package's pypooler/revision.py names the git revision it was built from:
+PYPOOLER_GIT_REVISION (the Dockerfile's build argument: the image's build context has no .git),
+else `git rev-parse` when building from a checkout, else "unknown".
 """
 
 import os
+import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 # One compilation group: calls and attribute reads between these modules become C calls and
 # struct reads. Compiling only some of them is slower than pure Python (each crossing between
@@ -77,6 +84,38 @@ class AllOrNothingBuildExt(build_ext):
         return super().get_outputs() if self.extensions else []
 
 
+def git_revision() -> str:
+    """The revision to stamp into the build: PYPOOLER_GIT_REVISION, else the checkout's HEAD."""
+    revision = os.environ.get("PYPOOLER_GIT_REVISION", "").strip()
+    if revision:
+        return revision
+    here = Path(__file__).resolve().parent
+    if not (here / ".git").exists():
+        return "unknown"
+    try:
+        found = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return found.stdout.strip() if found.returncode == 0 and found.stdout.strip() else "unknown"
+
+
+class StampRevision(build_py):
+    """Copies the package, then writes the revision into the copy of pypooler/revision.py (never
+    into the sources: an editable install builds no copy of them, and keeps "unknown")."""
+
+    def run(self) -> None:
+        super().run()
+        built = Path(self.build_lib) / "pypooler" / "revision.py"
+        source = Path(__file__).resolve().parent / "pypooler" / "revision.py"
+        if built.exists() and not built.samefile(source):
+            built.write_text(
+                '"""The git revision this package was built from (setup.py wrote it)."""\n\n'
+                f"GIT_REVISION = {git_revision()!r}\n"
+            )
+
+
 def compiled_modules() -> list[Any]:
     if os.environ.get("PYPOOLER_MYPYC", "1") == "0":
         return []
@@ -93,4 +132,4 @@ def compiled_modules() -> list[Any]:
     )
 
 
-setup(ext_modules=compiled_modules(), cmdclass={"build_ext": AllOrNothingBuildExt})
+setup(ext_modules=compiled_modules(), cmdclass={"build_ext": AllOrNothingBuildExt, "build_py": StampRevision})

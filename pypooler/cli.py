@@ -1,9 +1,11 @@
-"""Command line: `pypooler run`, `pypooler demo`, `pypooler check-config`, `pypooler convert`.
+"""Command line: `pypooler run`, `demo`, `check-config`, `convert`, `advise`.
 
 `run` with no database configured starts an embedded throwaway PostgreSQL (the same as `demo`), so
 a newcomer gets a working pooler from one command. Configuration problems print one line each and
 exit with status 2. `--config` takes a TOML file or PgBouncer's own pgbouncer.ini (a name ending in
-`.ini`); `convert` prints such an ini as the equivalent TOML.
+`.ini`); `convert` prints such an ini as the equivalent TOML. `advise` prints a running pooler's
+SHOW ADVICE, reaching its console as psql would (console_client.py); when it cannot, one line
+says why and the exit status is 2.
 
 Signals while running:
 - SIGHUP re-reads the config file and the environment and applies them without dropping a client
@@ -24,6 +26,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -38,6 +41,9 @@ from pypooler.pgbouncer_ini import read_ini, to_toml
 log = logging.getLogger("pypooler")
 
 EXIT_CONFIG_ERROR = 2
+# `advise` could not read the console (unreachable, login refused): psql's status when the
+# connection to the server went bad.
+EXIT_CONSOLE_ERROR = 2
 EXIT_DRAIN_ABANDONED = 1
 CONFIG_HELP = "config file: TOML, or PgBouncer's pgbouncer.ini (default: $PYPOOLER_CONFIG)"
 FAST_DRAIN_S = 1.0  # SIGINT's cap on the drain: a person pressing Ctrl-C wants it over quickly
@@ -55,12 +61,18 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", "-c", help=CONFIG_HELP)
     convert = commands.add_parser("convert", help="print a pgbouncer.ini as pypooler's TOML")
     convert.add_argument("ini", help="PgBouncer's config file")
-    advise = commands.add_parser("advise", help="ask a running pypooler why its pools wait")
-    advise.add_argument("--config", "-c", help="its config file (for listen address and port)")
-    advise.add_argument("--host", help="pypooler host (default: listen_addr from the config)")
-    advise.add_argument("--port", type=int, help="pypooler port (default: listen_port)")
-    advise.add_argument("--user", default="postgres", help="an admin_users/stats_users name")
-    advise.add_argument("--password", help="that user's password, if the console asks")
+    advise = commands.add_parser(
+        "advise",
+        help="ask a running pypooler why its pools wait",
+        description="Connects to the admin console as psql would (libpq: PG* variables, .pgpass, "
+        "TLS, unix sockets); what libpq is not told comes from pypooler's settings.",
+    )
+    advise.add_argument("--config", "-c", help="its config file (socket dir, port, admin user)")
+    advise.add_argument("--dsn", help="libpq conninfo or URI for the console (host, sslmode, ...)")
+    advise.add_argument("--host", help="host name, address or unix socket directory")
+    advise.add_argument("--port", type=int, help="port (also names the unix socket)")
+    advise.add_argument("--user", help="an admin_users/stats_users name")
+    advise.add_argument("--password", help=argparse.SUPPRESS)  # removed: refused with a reason
     return parser
 
 
@@ -68,9 +80,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "convert":
         return _convert(args.ini)
+    # advise reads where the console is, never the files the pooler loads (secrets an operator
+    # running it may not be allowed to read).
+    loads_files = args.command != "advise"
     try:
-        settings = load_settings(args.config)
-        check_files(settings)
+        settings = load_settings(args.config, read_files=loads_files)
+        if loads_files:
+            check_files(settings)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"pypooler: config error: {problem}", file=sys.stderr)
@@ -102,17 +118,23 @@ def _convert(path: str) -> int:
 
 def _advise(args: argparse.Namespace, settings: Settings) -> int:
     """Print SHOW ADVICE from a running pypooler as a report a person reads top to bottom."""
-    from pypooler.console_client import ConsoleError, simple_query
+    from pypooler.console_client import ConsoleError, console_conninfo, show
 
-    host = args.host or (settings.listen_addr if settings.listen_addr != "*" else "127.0.0.1")
-    port = args.port or settings.listen_port
-    try:
-        columns, rows = uvloop.run(
-            simple_query(host, port, "SHOW ADVICE", user=args.user, password=args.password)
+    if args.password is not None:
+        print(
+            "pypooler advise: --password is no longer accepted (ps shows a command line to every"
+            " user of the host): set PGPASSWORD or use a .pgpass file",
+            file=sys.stderr,
         )
-    except (OSError, TimeoutError, ConsoleError) as exc:
-        print(f"pypooler advise: cannot read the console at {host}:{port}: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_CONSOLE_ERROR
+    try:
+        conninfo = console_conninfo(
+            settings, os.environ, dsn=args.dsn, host=args.host, port=args.port, user=args.user
+        )
+        columns, rows = show(conninfo, "ADVICE")
+    except ConsoleError as exc:
+        print(f"pypooler advise: {exc}", file=sys.stderr)
+        return EXIT_CONSOLE_ERROR
     if not rows:
         print("no pools yet: no client has connected through this pypooler")
     for row in rows:

@@ -1235,13 +1235,15 @@ class ClientConnection(asyncio.Protocol):
                 if found is None:
                     raise NoSuchDatabase(f'no such database: "{self.database}"')
                 database_config = found[1]
-            if tls is not None and tls.required and not login.tls:
+            # As in PgBouncer, TLS is required of TCP clients only: libpq never asks for it over
+            # a unix-domain socket, where the kernel already vouches for the peer.
+            if tls is not None and tls.required and not login.tls and self.address():
                 raise AuthRejected(
                     "SSL connection is required",
                     detail=f"client_tls_sslmode is {tls.mode}",
                     hint="connect with sslmode=require (or verify-ca / verify-full)",
                 )
-            if tls is not None and tls.mode == "verify-full":
+            if tls is not None and tls.mode == "verify-full" and login.tls:
                 auth.check_certificate(self.user, self._peer_certificate(login.tls))
             method = auth.method_for(database_config, self.database, self.user, self.address, tls=login.tls)
             if method == "cert":

@@ -67,6 +67,7 @@ __all__ = [
     "CONFIG_PATH_ENV",
     "DEFAULT_AUTH_QUERY",
     "RESTART_ONLY_SETTINGS",
+    "TLS_REQUIRED_MODES",
     "AuthType",
     "ClientTlsMode",
     "ConfigError",
@@ -91,6 +92,8 @@ AuthType = Literal["trust", "plain", "md5", "scram-sha-256", "cert", "hba"]
 # Methods that check a password, hence need auth_file or auth_query.
 PASSWORD_AUTH_TYPES = frozenset({"plain", "md5", "scram-sha-256"})
 ClientTlsMode = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+# The client_tls_sslmode values that refuse a client without TLS.
+TLS_REQUIRED_MODES = frozenset({"require", "verify-ca", "verify-full"})
 ServerTlsMode = Literal["disable", "prefer", "require", "verify-ca", "verify-full"]
 
 # Reads the secret PostgreSQL itself would check; NULL once VALID UNTIL has passed, no row for a
@@ -360,6 +363,9 @@ class Settings(BaseSettings):
     # Prometheus /metrics, /healthz, /readyz; port 0 picks a free port, None turns HTTP off.
     metrics_addr: str = Field(default="127.0.0.1", min_length=1)
     metrics_port: int | None = Field(default=9127, ge=0, le=MAX_PORT)
+    # /metrics splits its histograms by application_name (each name then costs a pool's 126
+    # histogram series again, README); false keeps one set per pool, for large fleets.
+    metrics_per_application: bool = True
     # Users allowed in the admin console (database "pgbouncer" or "pypooler").
     admin_users: list[str] = Field(default_factory=lambda: ["postgres"])
     # Users allowed to run SHOW commands only.
@@ -572,6 +578,7 @@ def load_settings(
     path: str | os.PathLike[str] | None = None,
     *,
     env: Mapping[str, str] | None = None,
+    read_files: bool = True,
     **overrides: Any,
 ) -> Settings:
     """Read, merge and validate the configuration; raise ConfigError listing every problem.
@@ -580,7 +587,9 @@ def load_settings(
     is unset or empty. `env` replaces os.environ entirely when given. `overrides` are settings
     by field name and win over everything; an override of None counts as not given, so a
     command line can pass its unset options straight through (no top-level setting is
-    nullable).
+    nullable). `read_files=False` leaves out the check that the files the settings name
+    (auth_file, certificates, ...) can be read: for a reader of the settings that never loads
+    them (`pypooler advise`, run by an operator who may not read the pooler's secrets).
     """
     environ: Mapping[str, str] = os.environ if env is None else env
     if path is None:
@@ -612,7 +621,7 @@ def load_settings(
         raise ConfigError([f"environment: {_describe_settings_error(exc)}"]) from None
     finally:
         _load_plan.reset(token)
-    problems = check_settings(settings)
+    problems = check_settings(settings, read_files=read_files)
     if problems:
         raise ConfigError(problems)
     return settings
@@ -630,8 +639,9 @@ def _at_origin(problem: str, error: ErrorDetails, ini: IniSettings | None) -> st
     return problem
 
 
-def check_settings(settings: Settings) -> list[str]:
-    """Problems that involve several settings or the file system, one line each."""
+def check_settings(settings: Settings, *, read_files: bool = True) -> list[str]:
+    """Problems that involve several settings or (with `read_files`) the file system, one line
+    each."""
     problems: list[str] = []
     auth_types = {("auth_type", settings.auth_type)} | {
         (f"databases.{_dotted((name,))}.auth_type", db.auth_type)
@@ -663,7 +673,7 @@ def check_settings(settings: Settings) -> list[str]:
         problems.append(f"client_tls_ca_file: is required when client_tls_sslmode is {mode}")
     if bool(settings.server_tls_cert_file) != bool(settings.server_tls_key_file):
         problems.append("server_tls_cert_file and server_tls_key_file: set both or neither")
-    for name in _FILE_SETTINGS:
+    for name in _FILE_SETTINGS if read_files else ():
         path = getattr(settings, name)
         if path:
             problem = _file_problem(Path(path))

@@ -4,25 +4,41 @@ Rules:
 - Nothing happens per event: the collector reads `stats` when Prometheus scrapes and builds
   every metric family then (prometheus-client's custom-collector pattern).
 - The HTTP endpoint runs on the pooler's event loop, so a scrape reads the pools between two
-  callbacks and always sees consistent numbers; it is tiny, read-only and answers GET only.
-- Label sets are bounded by stats.py (applications and statements per pool are capped).
+  callbacks and always sees consistent numbers; it is tiny and read-only: GET, and HEAD with
+  the headers GET would get. Content negotiation (OpenMetrics, gzip) is prometheus-client's.
+- Label sets are bounded by stats.py (applications and statements per pool are capped);
+  `metrics_per_application = false` drops the application_name split of the histograms.
+- /readyz never asks a server (see MetricsServer.ready): a database outage must not take the
+  poolers, or a sidecar's application pods, out of their Services.
 
-Every metric is named `pypooler_*` and documented in the README.
+Every metric of our own is named `pypooler_*` and documented in the README; prometheus-client adds
+`process_*` and `python_info`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gzip
+import http.client
+import importlib.metadata
+import io
 import logging
+import platform
 import time
+import urllib.parse
 from collections.abc import Iterable, Iterator
+from email.message import Message
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Info, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import Collector
 
+from pypooler import __version__
 from pypooler.holders import HOLDER_STATES, LOCK_WAIT, ActivityReport, diagnose_all
+from pypooler.protocol import codec
+from pypooler.revision import GIT_REVISION
 from pypooler.stats import BUCKET_BOUNDS_S, Histogram
 
 if TYPE_CHECKING:
@@ -33,12 +49,15 @@ log = logging.getLogger("pypooler.metrics")
 
 POOL_LABELS = ["database", "user"]
 APP_LABELS = ["database", "user", "application_name"]
-READY_PROBE_TIMEOUT_S = 1.0
 # A scraper or probe sends its request at once; one that does not is closed after this (an
 # awaited read of its own connection's task, not a pooler timeout: see maintenance.py).
 REQUEST_HEAD_TIMEOUT_S = 10.0
-READY_CACHE_S = 2.0  # a probe result is reused this long, so probes cannot hammer the server
+# A request head (line and headers) larger than this is not a scrape or a probe: dropped.
 MAX_REQUEST_BYTES = 8192
+# zlib's own default. Level 9 (prometheus-client's) took 3.7x the CPU for an 8% smaller body on
+# a 16 MB scrape of 50 pools x 21 applications (0.40 s against 0.11 s; either is ~30x smaller).
+GZIP_LEVEL = 6
+TEXT = "text/plain; charset=utf-8"
 
 # (metric name, TrafficStats histogram attribute, help text)
 TRAFFIC_HISTOGRAMS = (
@@ -94,14 +113,23 @@ class PoolCollector(Collector):
         pools = list(self.manager.pools.values())
         now = time.monotonic_ns()
 
+        # The histograms are most of the series (README, "series per pool"): without the
+        # application_name split, one set per pool from the merged stats.
+        if self.manager.settings.metrics_per_application:
+            histogram_labels = APP_LABELS
+            histogram_sources = [
+                ([pool.database, pool.user, app], stats)
+                for pool in pools
+                for app, stats in pool.stats.apps.items()
+            ]
+        else:
+            histogram_labels = POOL_LABELS
+            histogram_sources = [([pool.database, pool.user], pool.stats.totals()) for pool in pools]
         for name, attribute, text in TRAFFIC_HISTOGRAMS:
-            family = HistogramMetricFamily(name, text, labels=APP_LABELS)
-            for pool in pools:
-                for app, stats in pool.stats.apps.items():
-                    histogram: Histogram = getattr(stats, attribute)
-                    family.add_metric(
-                        [pool.database, pool.user, app], _buckets(histogram), histogram.sum_ns / 1e9
-                    )
+            family = HistogramMetricFamily(name, text, labels=histogram_labels)
+            for labels, stats in histogram_sources:
+                histogram: Histogram = getattr(stats, attribute)
+                family.add_metric(labels, _buckets(histogram), histogram.sum_ns / 1e9)
             yield family
 
         for name, attribute, text in TRAFFIC_COUNTERS:
@@ -304,21 +332,63 @@ class HolderCollector(Collector):
         return [holders, blocked]
 
 
+def build_labels() -> dict[str, str]:
+    """pypooler_build_info's labels: what is running, for dashboards and bug reports."""
+    return {
+        "version": __version__,
+        "revision": GIT_REVISION,
+        "python_version": platform.python_version(),
+        "compiled": "true" if codec.NATIVE else "false",  # the mypyc build of the hot path
+        "uvloop_version": importlib.metadata.version("uvloop"),
+    }
+
+
+class Reply:
+    """One HTTP answer; `encode` renders it for a GET, or for a HEAD without the body."""
+
+    __slots__ = ("body", "content_type", "headers", "status")
+
+    def __init__(
+        self, status: str, body: bytes, content_type: str = TEXT, headers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.headers = headers
+
+    def encode(self, *, with_body: bool) -> bytes:
+        # HEAD: the headers a GET would get, Content-Length included (RFC 9110 9.3.2), no body.
+        lines = [
+            f"HTTP/1.1 {self.status}",
+            f"Content-Type: {self.content_type}",
+            f"Content-Length: {len(self.body)}",
+            *(f"{name}: {value}" for name, value in self.headers),
+            "Connection: close",
+        ]
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode()
+        return head + self.body if with_body else head
+
+
 class MetricsServer:
-    """GET /metrics, /healthz (alive) and /readyz (listening and a server reachable)."""
+    """GET or HEAD /metrics, /healthz (alive) and /readyz (accepting clients, not draining)."""
 
     def __init__(self, manager: PoolManager, registry: ClientRegistry) -> None:
         self.manager = manager
+        self.registry = registry
         self.prometheus = CollectorRegistry(auto_describe=False)
         self.prometheus.register(PoolCollector(manager, registry))
+        # RSS, CPU seconds, open fds and their limit, start time (Linux: /proc); python_info.
+        ProcessCollector(registry=self.prometheus)
+        PlatformCollector(registry=self.prometheus)
+        Info("pypooler_build", "What is running: version, git revision, Python, compiled hot path, uvloop.",
+             registry=self.prometheus).info(build_labels())  # fmt: skip
         self.listening = False  # set by the app once the client listener is up
         self.draining = False  # set by the app when shutdown begins: not ready any more
         self._server: asyncio.Server | None = None
-        self._ready_until = 0.0
         self.port = 0
 
     async def start(self, host: str, port: int) -> None:
-        self._server = await asyncio.start_server(self._serve, host, port)
+        self._server = await asyncio.start_server(self._serve, host, port, limit=MAX_REQUEST_BYTES)
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("metrics on http://%s:%d/metrics", host, self.port)
 
@@ -330,51 +400,56 @@ class MetricsServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_HEAD_TIMEOUT_S)
-            parts = head[:MAX_REQUEST_BYTES].split(b" ", 2)
-            method, path = (parts[0], parts[1].split(b"?")[0]) if len(parts) >= 2 else (b"", b"")
-            if method not in (b"GET", b"HEAD"):
-                status, body, kind = "405 Method Not Allowed", b"GET only\n", "text/plain"
-            elif path == b"/metrics":
-                body = generate_latest(self.prometheus)
-                status, kind = "200 OK", "text/plain; version=0.0.4; charset=utf-8"
-            elif path == b"/healthz":
-                status, body, kind = "200 OK", b"ok\n", "text/plain"
-            elif path == b"/readyz":
-                ready, reason = await self.ready()
-                status = "200 OK" if ready else "503 Service Unavailable"
-                body, kind = reason.encode() + b"\n", "text/plain"
+            request_line, _, header_lines = head.partition(b"\r\n")
+            parts = request_line.split(b" ")
+            if len(parts) != 3:
+                reply, method = Reply("400 Bad Request", b"bad request line\n"), b""
             else:
-                status, body, kind = "404 Not Found", b"not found\n", "text/plain"
-            if method == b"HEAD":
-                body = b""
-            writer.write(
-                f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
-                "Connection: close\r\n\r\n".encode()
-                + body
-            )
+                method, target = parts[0], parts[1].decode("latin-1")
+                headers = http.client.parse_headers(io.BytesIO(header_lines))
+                reply = await self._answer(method, urllib.parse.urlsplit(target), headers)
+            writer.write(reply.encode(with_body=method != b"HEAD"))
             await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, OSError):
+        except (http.client.HTTPException, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                TimeoutError, OSError):  # fmt: skip
             pass
         finally:
             writer.close()
 
-    async def ready(self) -> tuple[bool, str]:
-        """Ready: clients are accepted and at least one pool can reach its server."""
+    async def _answer(self, method: bytes, target: urllib.parse.SplitResult, headers: Message) -> Reply:
+        if method not in (b"GET", b"HEAD"):
+            return Reply("405 Method Not Allowed", b"GET or HEAD only\n", headers=(("Allow", "GET, HEAD"),))
+        if target.path == "/metrics":
+            return await self._metrics(headers)
+        if target.path == "/healthz":
+            return Reply("200 OK", b"ok\n")
+        if target.path == "/readyz":
+            ready, reason = self.ready(require_room="room" in urllib.parse.parse_qs(target.query, True))
+            return Reply("200 OK" if ready else "503 Service Unavailable", reason.encode() + b"\n")
+        return Reply("404 Not Found", b"not found\n")
+
+    async def _metrics(self, headers: Message) -> Reply:
+        # The text (or OpenMetrics, when the scraper asks for it) is built here, on the pooler's
+        # loop, so it reads the pools between two callbacks; compressing reads no pool, and zlib
+        # lets go of the GIL, so a large scrape is compressed off the loop.
+        encoder, content_type = choose_encoder(headers.get("Accept", ""))
+        body = encoder(self.prometheus)
+        if not gzip_accepted(headers.get("Accept-Encoding", "")):
+            return Reply("200 OK", body, content_type)
+        compressed = await asyncio.to_thread(gzip.compress, body, GZIP_LEVEL)
+        return Reply("200 OK", compressed, content_type, headers=(("Content-Encoding", "gzip"),))
+
+    def ready(self, *, require_room: bool = False) -> tuple[bool, str]:
+        """Ready: listening and not draining. Servers are not asked: a database that does not
+        answer makes clients' logins and queries fail with errors naming it, which serves them
+        better than taking every pooler (and, as a sidecar, every application pod) out of its
+        Service. `require_room`: also unready while max_client_conn clients are connected, so a
+        Service in front of several poolers sends new clients to one that can take them."""
         if self.draining:
             return False, "draining: shutting down"
         if not self.listening:
             return False, "not listening yet"
-        if any(pool.servers for pool in self.manager.pools.values()):
-            return True, "ready"
-        if time.monotonic() < self._ready_until:
-            return True, "ready (recent probe)"
-        targets = [t for database in self.manager.settings.databases.values() for t in database.targets()]
-        for host, port in targets:
-            try:
-                _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), READY_PROBE_TIMEOUT_S)
-            except (OSError, TimeoutError):
-                continue
-            writer.close()
-            self._ready_until = time.monotonic() + READY_CACHE_S
-            return True, f"ready ({host}:{port} reachable)"
-        return False, "no server reachable"
+        limit = self.registry.settings.max_client_conn  # as client.py checks it at login
+        if require_room and len(self.registry.clients) >= limit:
+            return False, f"full: max_client_conn ({limit}) clients connected"
+        return True, "ready"

@@ -17,7 +17,7 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass
 
-from pypooler.config import ClientTlsMode, ConfigError, ServerTlsMode, Settings
+from pypooler.config import TLS_REQUIRED_MODES, ClientTlsMode, ConfigError, ServerTlsMode, Settings
 from pypooler.protocol.scram import certificate_hash
 
 __all__ = ["ClientTls", "client_tls", "peer_common_name", "server_ssl_context"]
@@ -34,7 +34,7 @@ class ClientTls:
 
     @property
     def required(self) -> bool:
-        return self.mode in ("require", "verify-ca", "verify-full")
+        return self.mode in TLS_REQUIRED_MODES
 
 
 def client_tls(settings: Settings) -> ClientTls | None:

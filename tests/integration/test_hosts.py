@@ -1,5 +1,6 @@
 """Several servers behind one [databases] entry (host = "a,b"): round-robin, a dead host
-skipped, target_session_attrs following the primary, cancels reaching the right host."""
+skipped, target_session_attrs following the primary, cancels reaching the right host, a cluster
+stopped under load failing only the transactions it had."""
 
 from __future__ import annotations
 
@@ -97,3 +98,55 @@ async def test_a_cancel_reaches_the_host_of_its_server(
     finally:
         await conn.close()
     assert server_ports(pooler) == [second.port]
+
+
+async def test_a_cluster_stopped_under_load_fails_only_its_transactions(
+    start_pooler: Callable[..., Any], postgres: EmbeddedPostgres, second: EmbeddedPostgres
+) -> None:
+    options = {"pool_size": 4}
+    pooler = start_pooler(
+        query_wait_timeout=20, databases={"pypooler_test": entry(postgres, second, **options)}
+    )
+    results: list[bool] = []
+    stopped_at: int | None = None
+
+    async def client() -> None:
+        conn = None
+        try:
+            for _ in range(400):  # bounded: 8 clients x 400 short transactions at most
+                try:
+                    if conn is None:
+                        conn = await asyncpg.connect(pooler.dsn(), statement_cache_size=0)
+                    await conn.fetchval("select pg_sleep(0.005)")
+                    results.append(True)
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError):
+                    # InternalClientError: asyncpg's own race when the backend's FATAL arrives
+                    # between its prepare and its bind (the same against PostgreSQL directly).
+                    results.append(False)
+                    if conn is not None:
+                        conn.terminate()
+                    conn = None
+                if stopped_at is not None and len(results) > stopped_at + 200:
+                    break
+        finally:
+            if conn is not None:
+                conn.terminate()
+
+    clients = [asyncio.create_task(client()) for _ in range(8)]
+    try:
+        await asyncio.sleep(1)
+        assert set(server_ports(pooler)) == {postgres.port, second.port}
+        stopped_at = len(results)
+        await asyncio.to_thread(second.stop_server)
+        try:
+            await asyncio.wait_for(asyncio.gather(*clients), 60)
+        finally:
+            await asyncio.to_thread(second.start_server)
+    finally:
+        for task in clients:
+            task.cancel()
+        await asyncio.gather(*clients, return_exceptions=True)
+    failures = results[stopped_at:].count(False)
+    assert 0 < failures <= 4  # at most one per server of the stopped cluster: those in flight
+    assert all(results[-100:])  # new transactions go to the other cluster
+    assert server_ports(pooler) == [postgres.port] * len(server_ports(pooler))

@@ -101,6 +101,19 @@ async def test_require_upgrades_and_refuses_plaintext(start_pooler: Runner, cert
         )
 
 
+async def test_require_exempts_the_unix_socket(start_pooler: Runner, certs: Certs, tmp_path: Path) -> None:
+    """As PgBouncer: TLS is required over TCP only (libpq never asks for it on a unix socket)."""
+    for mode in ("require", "verify-full"):
+        (tmp_path / mode).mkdir()
+        more = {"client_tls_ca_file": certs.ca.ca_cert} if mode == "verify-full" else {}
+        pooler = start_pooler(**tls_settings(certs, mode, unix_socket_dir=str(tmp_path / mode), **more))
+        assert await asyncio.to_thread(
+            psycopg_login, pooler, host=str(tmp_path / mode), sslmode="disable"
+        ) == ("postgres", False)
+        with pytest.raises(psycopg.OperationalError, match="SSL connection is required"):
+            await asyncio.to_thread(psycopg_login, pooler, sslmode="disable")
+
+
 async def test_verify_full_from_libpq_and_asyncpg(start_pooler: Runner, certs: Certs) -> None:
     pooler = start_pooler(**tls_settings(certs))
 

@@ -80,3 +80,26 @@ def test_without_a_c_compiler_the_wheel_is_pure_python_with_a_warning(tmp_path: 
     installed = tmp_path / "installed"
     zipfile.ZipFile(wheel).extractall(installed)
     assert import_from(installed, "import pypooler.protocol.codec as c; print(c.NATIVE)") == "False"
+
+
+def test_the_wheel_names_the_git_revision_it_was_built_from(tmp_path: Path) -> None:
+    """pypooler_build_info's revision: from PYPOOLER_GIT_REVISION (the Dockerfile's build
+    argument), else from the checkout's git; the sources keep "unknown"."""
+    read = "from pypooler.revision import GIT_REVISION; print(GIT_REVISION)"
+    source = source_copy(tmp_path)
+    git = ["git", "-c", "user.name=pypooler", "-c", "user.email=pypooler@localhost"]
+    for command in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "build"]):
+        subprocess.run([*git, *command], cwd=source, check=True, capture_output=True, timeout=60)
+    head = subprocess.run(
+        ["git", "rev-parse", "--short=12", "HEAD"], cwd=source, check=True, capture_output=True, text=True
+    ).stdout.strip()
+    for given, expected in (("", head), ("0123456789ab", "0123456789ab")):
+        out = tmp_path / f"dist-{expected}"
+        wheel, _ = build_wheel(source, out, PYPOOLER_MYPYC="0", PYPOOLER_GIT_REVISION=given)
+        installed = tmp_path / f"installed-{expected}"
+        zipfile.ZipFile(wheel).extractall(installed)
+        assert import_from(installed, read) == expected
+    assert (source / "pypooler" / "revision.py").read_text() == (
+        ROOT / "pypooler" / "revision.py"
+    ).read_text()
+    assert import_from(ROOT, read) == "unknown"

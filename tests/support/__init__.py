@@ -7,7 +7,7 @@
 - pgwire: a raw protocol-3 client, and one-shot raw exchanges on a socket
 - poolers: a pypooler served in a thread (conftest's `start_pooler` fixture starts them)
 - processes: a `pypooler run` process and its configuration file
-- prometheus: reading /metrics
+- prometheus: reading /metrics, and a collector with traffic to read without a pooler
 - tlscerts: a throwaway certificate authority
 - clock: a clock that stands still until a test moves it
 - waiting: polling until a condition holds

@@ -605,6 +605,15 @@ def test_auth_problems_one_line_each(tmp_path: Path) -> None:
     ]
 
 
+def test_read_files_false_leaves_the_named_files_unchecked(tmp_path: Path) -> None:
+    # pypooler advise: an operator who may not read the pooler's secrets still reads its settings.
+    missing = {"auth_file": str(tmp_path / "userlist.txt"), "server_tls_ca_file": str(tmp_path / "ca.crt")}
+    assert load_settings(env={}, read_files=False, **missing).auth_file == missing["auth_file"]
+    with pytest.raises(ConfigError) as excinfo:
+        load_settings(env={}, read_files=False, auth_type="hba", **missing)
+    assert problems_of(excinfo) == ["auth_type: hba needs auth_hba_file"]  # the other checks stay
+
+
 def test_cert_auth_needs_tls_and_a_ca() -> None:
     with pytest.raises(ConfigError) as excinfo:
         load_settings(env={}, auth_type="cert")
