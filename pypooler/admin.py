@@ -33,8 +33,10 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Final
 
 from pypooler import __version__
+from pypooler.activity import ActivityWatch
 from pypooler.advisor import advice_table
 from pypooler.config import RESTART_ONLY_SETTINGS, ConfigError, Settings
+from pypooler.holders import diagnose_all, statement_text
 from pypooler.pool import Pool, PoolManager
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
@@ -68,8 +70,6 @@ Row = list[str | None]
 # How often PAUSE and WAIT_CLOSE look whether the servers they wait for are gone. Polling keeps
 # the pool free of waiter bookkeeping for a command an operator runs a few times a year.
 DRAIN_POLL_S: Final = 0.02
-# Characters of the last statement SHOW HOLDERS shows.
-HOLDER_STATEMENT_CHARS: Final = 200
 # What the console says it is in ParameterStatus (client libraries insist on some of these:
 # lib/pq refuses a client_encoding other than UTF8 and a DateStyle not starting with ISO).
 CONSOLE_PARAMETERS: Final = {
@@ -144,7 +144,7 @@ TOP_STATEMENTS_COLUMNS: Final[Sequence[Column]] = (
 HOLDERS_COLUMNS: Final[Sequence[Column]] = (
     ("database", TEXT), ("user", TEXT), ("client_addr", TEXT), ("application_name", TEXT),
     ("state", TEXT), ("held_ms", NUMERIC), ("idle_ms", NUMERIC), ("server_pid", INT4),
-    ("last_statement", TEXT),
+    ("last_statement", TEXT), ("diagnosis", TEXT), ("wait_event", TEXT), ("blocked_by", TEXT),
 )  # fmt: skip
 
 LISTENERS_COLUMNS: Final[Sequence[Column]] = (
@@ -354,8 +354,9 @@ def stats_by_database(manager: PoolManager) -> dict[str, StatsFigures]:
 class AdminConsole:
     """What every console session shares: the registry (settings, pools, hooks) and sessions."""
 
-    def __init__(self, registry: ClientRegistry) -> None:
+    def __init__(self, registry: ClientRegistry, activity: ActivityWatch) -> None:
         self.registry = registry
+        self.activity = activity  # PostgreSQL's answers about long holders (activity.py)
         self.sessions: set[AdminConnection] = set()
 
     @property
@@ -730,10 +731,14 @@ class AdminConsole:
         return ResultSet(TOP_STATEMENTS_COLUMNS, rows)
 
     def show_holders(self) -> ResultSet:
-        """Servers held right now, longest hold first, and what their clients are doing."""
+        """Servers held right now, longest hold first, what their clients are doing and, for
+        holds past holder_diagnosis_ms, what PostgreSQL last said their backends do."""
         now = time.monotonic_ns()
-        held = [(client, pool) for pool in self.manager.pools.values() for client in pool.holders(now)]
+        pools = list(self.manager.pools.values())
+        held = [(client, pool) for pool in pools for client in pool.holders(now)]
         held.sort(key=lambda entry: entry[0].lent_ns)
+        found_all = diagnose_all(pools, self.activity.reports, now)
+        diagnoses = {(d.holder.server_address, d.holder.server_pid): d for d in found_all}
         rows: list[Row] = []
         for client, pool in held:
             server = client.server
@@ -747,12 +752,16 @@ class AdminConsole:
                     state = "idle in transaction (aborted)"
                 else:
                     state = "idle in transaction"
-            statement = client.frontend.last_statement.decode("utf-8", "replace")
+            statement = statement_text(client.frontend.last_statement)
+            found = diagnoses.get((server.address, server.process_id)) if server is not None else None
+            blocker = found.blocker if found is not None else None
             rows.append([
                 pool.database, pool.user, client.peer, client.application_name, state,
                 _ms(now - client.lent_ns), _ms(idle_ns),
                 str(server.process_id) if server is not None else None,
-                statement[:HOLDER_STATEMENT_CHARS],
+                statement, found.state if found is not None else None,
+                (found.wait or None) if found is not None else None,
+                blocker.describe() if blocker is not None else None,
             ])  # fmt: skip
         return ResultSet(HOLDERS_COLUMNS, rows)
 
@@ -773,7 +782,7 @@ class AdminConsole:
         return ResultSet(LISTENERS_COLUMNS, rows)
 
     async def show_advice(self) -> ResultSet:
-        names, rows = await advice_table(self.manager, self.settings)
+        names, rows = await advice_table(self.manager, self.settings, self.activity)
         return ResultSet([(name, TEXT) for name in names], rows)
 
     _shows: Final[dict[str, Callable[[AdminConsole], ResultSet]]] = {

@@ -45,13 +45,14 @@ from pypooler.accepting import (
     check_descriptor_budget,
     raise_descriptor_limit,
 )
+from pypooler.activity import ActivityWatch
 from pypooler.admin import AdminConsole
 from pypooler.auth import Authenticator
 from pypooler.client import ClientConnection
 from pypooler.config import RESTART_ONLY_SETTINGS, ConfigError, Settings
 from pypooler.keepalive import apply_keepalive, keepalive_options
 from pypooler.maintenance import Maintenance
-from pypooler.metrics import MetricsServer
+from pypooler.metrics import HolderCollector, MetricsServer
 from pypooler.pool import PoolManager, shutdown_refused
 from pypooler.protocol import codec
 from pypooler.protocol.errors import ShuttingDown
@@ -95,17 +96,21 @@ class Pooler:
         self.auth.query = self.manager.run_auth_query  # used where a database has an auth_user
         self.auth.log_limiter = self.manager.log_limiter
         self.registry = ClientRegistry(settings, self.manager, auth=self.auth, tls=client_tls(settings))
-        self.console = AdminConsole(self.registry)
+        # The advisor's questions to PostgreSQL: started by the pass, read by the console and /metrics.
+        self.activity = ActivityWatch(settings.server_connect_timeout, log_limiter=self.manager.log_limiter)
+        self.console = AdminConsole(self.registry, self.activity)
         self.registry.admin_login = self.console.login
         self.registry.reload = self._reload_for_console
         self.registry.shutdown = self.request_shutdown
         self._acceptor: Acceptor | LoopAcceptor | None = None
         self.maintenance = Maintenance(
-            self.manager, self.registry, settings, resume_accepting=self._resume_accepting
-        )
+            self.manager, self.registry, settings, resume_accepting=self._resume_accepting,
+            activity=self.activity,
+        )  # fmt: skip
         self._stopped: asyncio.Future[None] | None = None  # set once stop() has begun
         self.port = settings.listen_port
         self.metrics = MetricsServer(self.manager, self.registry)
+        self.metrics.prometheus.register(HolderCollector(self.manager, self.activity.reports))
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
@@ -157,7 +162,7 @@ class Pooler:
         self.maintenance.start()
         self.metrics.listening = True
         # Warn now if the configured bounds cannot fit the servers (needs forced users).
-        self._background(advisor.check_capacity(self.manager, self.settings))
+        self._background(advisor.check_capacity(self.manager, self.settings, self.activity))
         if self.settings.auth_type == "trust" and not _is_loopback(self.settings.listen_addr):
             log.warning(
                 "auth_type is trust on %s: anyone who can reach this port logs in as any user",
@@ -264,6 +269,7 @@ class Pooler:
         if new.log_level != old.log_level:
             logging.getLogger("pypooler").setLevel(new.log_level)
         self.maintenance.reload(new)  # a new interval, and the stats_period
+        self.activity.connect_timeout = new.server_connect_timeout
         if keepalive_options(new) != keepalive_options(old) and self._acceptor and not self.draining:
             options = keepalive_options(new, resetting=True)
             for sock in self._acceptor.sockets:
@@ -271,7 +277,7 @@ class Pooler:
         log.info("reloaded configuration: %s", "; ".join(changes) or "no changes")
         if self._acceptor is not None and not self.draining:
             check_descriptor_budget(new)
-            self._background(advisor.check_capacity(self.manager, new))
+            self._background(advisor.check_capacity(self.manager, new, self.activity))
         return True
 
     # ------------------------------------------------------------------ shutdown
@@ -350,6 +356,7 @@ class Pooler:
         for task in self._tasks:
             task.cancel()
         self.maintenance.stop()
+        self.activity.close()
         if self._acceptor is not None:
             self._acceptor.close()
         self.registry.accepting = False

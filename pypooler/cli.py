@@ -138,12 +138,14 @@ def _advise(args: argparse.Namespace, settings: Settings) -> int:
     if not rows:
         print("no pools yet: no client has connected through this pypooler")
     for row in rows:
+        # SHOW ADVICE's columns: database, user, verdict, culprit, the figures, advice (last).
         record = dict(zip(columns, row, strict=True))
         print(f"pool {record['database']}/{record['user']} (last {record['window_s']} s)")
-        for name in columns[2:-1]:
+        print(f"  verdict: {record['verdict']}  culprit: {record['culprit'] or '-'}")
+        for name in columns[4:-1]:
             print(f"  {name:30} {record[name] if record[name] is not None else '-'}")
-        for verdict in (record["verdict"] or "").split(" | "):
-            print(f"  => {verdict}")
+        for line in (record[columns[-1]] or "").split(" | "):
+            print(f"  => {line}")
         print()
     return 0
 

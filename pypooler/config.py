@@ -377,6 +377,9 @@ class Settings(BaseSettings):
     hold_warn_ms: float = Field(default=1000.0, ge=0, allow_inf_nan=False)
     # Log the top holders when a client waited longer than this for a server; 0: never.
     wait_warn_ms: float = Field(default=1000.0, ge=0, allow_inf_nan=False)
+    # Ask PostgreSQL (pg_stat_activity, pg_blocking_pids) what servers held longer than this are
+    # doing, at most once a second, on a connection of the advisor's own (activity.py); 0: never.
+    holder_diagnosis_ms: float = Field(default=1000.0, ge=0, allow_inf_nan=False)
     # Close a client idle inside a transaction longer than this many seconds; 0: never.
     idle_transaction_timeout: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     # End a client (and close its server) whose query has run longer than this many seconds,

@@ -9,7 +9,8 @@ listener connection expose small methods the pass calls to act on a decision.
 What one pass does, in this order:
 - per pool: stats settled (`PoolStats.new_pass`); waiters past `query_wait_timeout` failed;
   holders idle in a transaction past `idle_transaction_timeout` ended, past `hold_warn_ms`
-  warned about (once per hold), and those whose query ran past `query_timeout` ended; servers
+  warned about (once per hold), and those whose query ran past `query_timeout` ended; holders
+  held past `holder_diagnosis_ms` gathered for the advisor; servers
   older than `server_lifetime` retired (idle ones now, lent ones when released); the listener
   connection closed after `server_idle_timeout` without a channel; idle servers past
   `server_idle_timeout` closed, and `server_check_query` run on those idle for
@@ -27,14 +28,19 @@ What one pass does, in this order:
 - clients not logged in within `client_login_timeout` ended;
 - cancel requests still undelivered after `CANCEL_TIMEOUT_S` abandoned;
 - accepting resumed after the process ran out of file descriptors (accepting.py);
+- for the holders held past `holder_diagnosis_ms`, at most one round of questions to PostgreSQL
+  per pass (activity.py: a task, and at most one a second), and the hog lines its last answers
+  support: a lock chain (once a minute per root backend), a statement running past
+  `hold_warn_ms` (once per hold); the advisor's connections unused for ADVISOR_IDLE_CLOSE_S
+  closed;
 - every `stats_period`, a stats snapshot per pool (averages, rates, SHOW ADVICE);
 - the log limiter's summaries of suppressed lines written (log_limits.py).
 
 The interval rule: a tenth of the shortest enabled period among query_wait_timeout,
 client_login_timeout, idle_transaction_timeout, query_timeout, client_idle_timeout,
-hold_warn_ms, server_idle_timeout, server_lifetime, server_login_retry, autodb_idle_timeout,
-stats_period, server_check_delay (with a server_check_query) and (where a reserve is configured)
-reserve_pool_timeout, kept within
+hold_warn_ms, holder_diagnosis_ms, server_idle_timeout, server_lifetime, server_login_retry,
+autodb_idle_timeout, stats_period, server_check_delay (with a server_check_query) and (where a
+reserve is configured) reserve_pool_timeout, kept within
 [MIN_INTERVAL_S, MAX_INTERVAL_S] = [0.05 s, 1 s]. So a timeout fires at most a tenth of itself
 late (never more than 1 s, plus event-loop lag), and a pooler with only long timeouts wakes once
 a second (which also bounds the fixed CANCEL_TIMEOUT_S, 5 s, to 1 s late). With the defaults
@@ -50,9 +56,13 @@ What keeps its own clock, and why:
   finer than the pass's interval.
 - the listener connection's reconnect backoff (listening.py) is the pacing of one task's retry
   loop, not a timeout on anything.
-- HTTP reads on /metrics (metrics.py), the console client and the advisor's question to a
-  server it opened itself (advisor.py, bounded by server_connect_timeout) are awaited I/O of
-  one task each.
+- HTTP reads on /metrics (metrics.py), the console client and the advisor's questions to
+  PostgreSQL on connections of its own (activity.py: the connect bounded by
+  server_connect_timeout, each question by ASK_TIMEOUT_S) are awaited I/O of one task each;
+  the pass only starts a round and never waits for it.
+
+Hog lines name their verdict as SHOW ADVICE does (`verdict=idle_in_transaction`,
+`verdict=lock_wait`, `verdict=slow_statement`), so a log search and the console agree.
 """
 
 from __future__ import annotations
@@ -65,12 +75,16 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from pypooler.activity import ADVISOR_IDLE_CLOSE_S
 from pypooler.config import Settings
+from pypooler.holders import LOCK_WAIT, RUNNING, ActivityReport, describe_view, diagnose_all
 from pypooler.pool import Pool, describe_holder
 from pypooler.protocol.errors import ClientIdleTimeout, IdleTransactionTimeout, QueryTimeout, QueryWaitTimeout
 from pypooler.stats import NS_PER_S
 
 if TYPE_CHECKING:
+    from pypooler.activity import ActivityWatch
+    from pypooler.client import ClientConnection
     from pypooler.pool import PoolManager
     from pypooler.registry import ClientRegistry
 
@@ -112,6 +126,9 @@ BACKEND_END_TIMEOUT_S = 5.0
 CANCEL_AGAIN_S = 1.0
 # A reap of at least this many pools (a scan of user names, say) is followed by release_memory.
 RELEASE_MEMORY_AFTER_POOLS = 100
+# A lock chain still there is logged again after this (per root backend).
+LOCK_LOG_REPEAT_S = 60.0
+LOGGED_ROOTS_MAX = 1000  # lock roots remembered for that; past it the memory starts again
 
 
 def timed_periods(settings: Settings) -> list[float]:
@@ -123,6 +140,7 @@ def timed_periods(settings: Settings) -> list[float]:
         settings.query_timeout,
         settings.client_idle_timeout,
         settings.hold_warn_ms / 1000,
+        settings.holder_diagnosis_ms / 1000,
         settings.server_idle_timeout,
         settings.server_lifetime,
         settings.server_login_retry,
@@ -146,16 +164,24 @@ def maintenance_interval(settings: Settings) -> float:
 # --------------------------------------------------------------------------- per pool
 
 
-def maintain_pool(pool: Pool, now_ns: int) -> None:
-    """One pass over one pool, with the pool's own settings (see the module docstring)."""
+def maintain_pool(pool: Pool, now_ns: int) -> list[ClientConnection]:
+    """One pass over one pool, with the pool's own settings (see the module docstring); returns
+    the holders held past holder_diagnosis_ms."""
     settings = pool.settings
     pool.stats.new_pass(now_ns)
+    long: list[ClientConnection] = []
     if settings.query_wait_timeout and pool.waiting:
         expire_waiters(pool, now_ns, settings.query_wait_timeout)
-    if pool.lent and (settings.hold_warn_ms or settings.idle_transaction_timeout or settings.query_timeout):
-        watch_holders(
-            pool, now_ns, settings.idle_transaction_timeout, settings.hold_warn_ms, settings.query_timeout
-        )
+    if pool.lent and (
+        settings.hold_warn_ms
+        or settings.idle_transaction_timeout
+        or settings.query_timeout
+        or settings.holder_diagnosis_ms
+    ):
+        long = watch_holders(
+            pool, now_ns, settings.idle_transaction_timeout, settings.hold_warn_ms, settings.query_timeout,
+            diagnose_ms=settings.holder_diagnosis_ms,
+        )  # fmt: skip
     if settings.server_lifetime and pool.servers:
         limit = now_ns - int(settings.server_lifetime * NS_PER_S)
         old = [s for s in pool.servers if s.created_ns <= limit and not s.close_needed]
@@ -198,6 +224,7 @@ def maintain_pool(pool: Pool, now_ns: int) -> None:
             pool.unused_since_ns = 0
         elif not pool.unused_since_ns:
             pool.unused_since_ns = now_ns
+    return long
 
 
 def expire_waiters(pool: Pool, now_ns: int, timeout_s: float) -> None:
@@ -221,15 +248,26 @@ def expire_waiters(pool: Pool, now_ns: int, timeout_s: float) -> None:
 
 
 def watch_holders(
-    pool: Pool, now_ns: int, timeout_s: float, warn_ms: float, query_timeout_s: float = 0.0
-) -> None:
+    pool: Pool,
+    now_ns: int,
+    timeout_s: float,
+    warn_ms: float,
+    query_timeout_s: float = 0.0,
+    *,
+    diagnose_ms: float = 0.0,
+) -> list[ClientConnection]:
     """Hog detection: end clients idle inside a transaction past `timeout_s`, warn (once per
     hold) about those past `warn_ms`; end clients whose query has run past `query_timeout_s`
-    (their server, mid-query, is closed with them); 0 switches each off."""
+    (their server, mid-query, is closed with them); 0 switches each off. Returns the holders
+    still holding after `diagnose_ms` (0: none), for the advisor's questions."""
     timeout_ns = timeout_s * NS_PER_S
     warn_ns = warn_ms * 1e6
     query_timeout_ns = query_timeout_s * NS_PER_S
+    diagnose_ns = diagnose_ms * 1e6
+    long = []
     for client in pool.holders(now_ns):
+        if diagnose_ns and now_ns - client.lent_ns >= diagnose_ns:
+            long.append(client)  # a client ended below leaves with its server: asking is harmless
         if not client.idle_since_ns:  # the server is working for it
             if query_timeout_ns and now_ns - client.query_start_ns > query_timeout_ns:
                 client.fail(
@@ -255,9 +293,62 @@ def watch_holders(
         elif warn_ns and idle > warn_ns and not client.hog_warned:
             client.hog_warned = True
             log.warning(
-                "pool %s/%s: %s has held a server idle in transaction for %.0f ms",
+                "pool %s/%s: verdict=idle_in_transaction: %s has held a server idle in transaction"
+                " for %.0f ms",
                 pool.database, pool.user, describe_holder(client, now_ns), idle / 1e6,
             )  # fmt: skip
+    return long
+
+
+def log_diagnosed(
+    pools: list[Pool],
+    long: list[ClientConnection],
+    reports: dict[tuple[str, int], ActivityReport],
+    now_ns: int,
+    warn_ms: float,
+    logged: dict[tuple[tuple[str, int], int], int],
+) -> None:
+    """The hog lines PostgreSQL's latest answers support, about holders held long: a lock chain
+    once a minute per root backend (`logged`: when each root was last logged), naming the root
+    (and the client holding it, when it is ours); a statement running past `warn_ms`, neither
+    idle nor waiting on a lock, once per hold."""
+    by_pid = {(c.server.address, c.server.process_id): c for c in long if c.server is not None}
+    victims: dict[tuple[tuple[str, int], int], list[str]] = {}
+    roots = {}
+    for found in diagnose_all(pools, reports, now_ns):
+        view = found.holder
+        client = by_pid.get((view.server_address, view.server_pid))
+        if client is None:
+            continue
+        if found.state == LOCK_WAIT and found.blocker is not None:
+            key = (view.server_address, found.blocker.pid)
+            who = f"{view.database}/{view.user} app={view.application_name or '-'}"
+            victims.setdefault(key, []).append(who)
+            roots[key] = found.blocker
+        elif (
+            found.state == RUNNING
+            and found.asked
+            and warn_ms
+            and view.held_s * 1e3 > warn_ms
+            and not client.hog_warned
+        ):
+            client.hog_warned = True
+            log.warning(
+                "pool %s/%s: verdict=slow_statement: %s has run for %.0f ms",
+                view.database, view.user, describe_view(view), view.held_s * 1e3,
+            )  # fmt: skip
+    if len(logged) > LOGGED_ROOTS_MAX:
+        logged.clear()
+    for key, waiting in victims.items():
+        last = logged.get(key)
+        if last is not None and now_ns - last < LOCK_LOG_REPEAT_S * NS_PER_S:
+            continue
+        logged[key] = now_ns
+        more = " ..." if len(waiting) > 3 else ""
+        log.warning(
+            "verdict=lock_wait: %d client(s) wait on a lock held by %s; waiting: %s%s",
+            len(waiting), roots[key].describe(), ", ".join(waiting[:3]), more,
+        )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- per process
@@ -320,8 +411,12 @@ class Maintenance:
         *,
         clock: Callable[[], int] = time.monotonic_ns,
         resume_accepting: Callable[[], None] | None = None,
+        activity: ActivityWatch | None = None,
     ) -> None:
         self.manager = manager
+        self.activity = activity  # the advisor's questions to PostgreSQL (activity.py)
+        self.answers_seen = 0  # activity.answers when the hog lines last looked
+        self.logged_roots: dict[tuple[tuple[str, int], int], int] = {}  # see log_diagnosed
         self.registry = registry
         self.settings = settings
         self.clock = clock
@@ -367,9 +462,22 @@ class Maintenance:
     def run(self, now_ns: int) -> None:
         """One pass (see the module docstring)."""
         self.passes += 1
-        for pool in list(self.manager.pools.values()):
-            maintain_pool(pool, now_ns)
+        pools = list(self.manager.pools.values())
+        long: list[ClientConnection] = []
+        for pool in pools:
+            long += maintain_pool(pool, now_ns)
         settings = self.settings
+        activity = self.activity
+        if activity is not None:
+            if long:
+                if activity.answers != self.answers_seen:  # a new answer since the last pass
+                    self.answers_seen = activity.answers
+                    log_diagnosed(
+                        pools, long, activity.reports, now_ns, settings.hold_warn_ms, self.logged_roots
+                    )
+                if activity.due(now_ns):  # at most one round per pass, and one a second
+                    activity.start([(c.pool, c) for c in long], now_ns)
+            activity.close_unused(now_ns - int(ADVISOR_IDLE_CLOSE_S * NS_PER_S))
         registry = self.registry
         if settings.client_idle_timeout and now_ns >= self.next_idle_check_ns:
             # All clients: at most ten times per timeout and once a second, not every pass.

@@ -36,6 +36,7 @@ from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.registry import Collector
 
 from pypooler import __version__
+from pypooler.holders import HOLDER_STATES, LOCK_WAIT, ActivityReport, diagnose_all
 from pypooler.protocol import codec
 from pypooler.revision import GIT_REVISION
 from pypooler.stats import BUCKET_BOUNDS_S, Histogram
@@ -298,6 +299,38 @@ class PoolCollector(Collector):
         connected = GaugeMetricFamily("pypooler_clients_connected", "Client connections open now.")
         connected.add_metric([], len(self.registry.clients))
         yield connected
+
+
+class HolderCollector(Collector):
+    """pypooler_holders and pypooler_holders_blocked: the holds in progress, classified as SHOW
+    HOLDERS does (holders.py) with PostgreSQL's latest answers (`reports`, activity.py's)."""
+
+    def __init__(self, manager: PoolManager, reports: dict[tuple[str, int], ActivityReport]) -> None:
+        self.manager = manager
+        self.reports = reports  # updated in place by the advisor's rounds
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        pools = list(self.manager.pools.values())
+        counts = {(pool.database, pool.user, state): 0 for pool in pools for state in HOLDER_STATES}
+        for found in diagnose_all(pools, self.reports, time.monotonic_ns()):
+            counts[found.holder.database, found.holder.user, found.state] += 1
+        holders = GaugeMetricFamily(
+            "pypooler_holders",
+            "Clients holding a server now, by what it does: running, lock_wait (its backend waits on"
+            " a lock another backend holds; known for holds past holder_diagnosis_ms),"
+            " idle_in_transaction (it waits on the client), idle (session mode, between transactions).",
+            labels=[*POOL_LABELS, "state"],
+        )
+        blocked = GaugeMetricFamily(
+            "pypooler_holders_blocked",
+            "Clients holding a server whose backend waits on a lock another backend holds.",
+            labels=POOL_LABELS,
+        )
+        for (database, user, state), count in counts.items():
+            holders.add_metric([database, user, state], count)
+            if state == LOCK_WAIT:
+                blocked.add_metric([database, user], count)
+        return [holders, blocked]
 
 
 def build_labels() -> dict[str, str]:

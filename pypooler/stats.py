@@ -36,6 +36,7 @@ def bucket_of(ns: int) -> int:
 
 
 OTHER: Final = "other"
+NO_MIN_NS: Final = 1 << 62  # Histogram._min_ns before anything is observed (about 146 years)
 
 
 class Histogram:
@@ -43,15 +44,22 @@ class Histogram:
 
     The hot path only appends a duration to `pending` (one list append: no bucket search, no new
     count or sum objects per event); `settle` folds pending durations into the buckets in bulk,
-    in C (map, Counter, sum), when the histogram is read and at every maintenance pass, which
-    bounds `pending` to about a second of events. `count` is summed when read.
+    in C (map, Counter, sum, min, max), when the histogram is read and at every maintenance pass,
+    which bounds `pending` to about a second of events. `count` is summed when read.
+
+    The smallest and largest duration observed are kept (in `settle`, off the hot path), so a
+    quantile is never reported outside what was seen: one 30 s statement is p50 = p99 = 30 s,
+    not the middle of its 30-60 s bucket. A window (`minus`) keeps the cumulative extremes as
+    its bounds, exact when the window holds a new extreme.
     """
 
-    __slots__ = ("_counts", "_sum_ns", "pending")
+    __slots__ = ("_counts", "_max_ns", "_min_ns", "_sum_ns", "pending")
 
     def __init__(self) -> None:
         self._counts = [0] * (len(BOUNDS_NS) + 1)
         self._sum_ns = 0
+        self._min_ns = NO_MIN_NS
+        self._max_ns = 0
         self.pending: list[int] = []
 
     def settle(self) -> None:
@@ -62,6 +70,8 @@ class Histogram:
             for index, n in Counter(map(bisect_left, repeat(BOUNDS_NS), pending)).items():
                 counts[index] += n
             self._sum_ns += sum(pending)
+            self._min_ns = min(self._min_ns, min(pending))
+            self._max_ns = max(self._max_ns, max(pending))
 
     @property
     def counts(self) -> list[int]:
@@ -74,23 +84,47 @@ class Histogram:
         return self._sum_ns
 
     @property
+    def min_ns(self) -> int:
+        """The smallest duration observed (0 when none was)."""
+        self.settle()
+        return self._min_ns if self._min_ns != NO_MIN_NS else 0
+
+    @property
+    def max_ns(self) -> int:
+        self.settle()
+        return self._max_ns
+
+    @property
     def count(self) -> int:
         return sum(self.counts)
 
     def observe(self, ns: int) -> None:
         self._counts[bisect_left(BOUNDS_NS, ns)] += 1
         self._sum_ns += ns
+        # _extend, inline: this runs once per multi-request transaction that waited on its client.
+        if ns < self._min_ns:
+            self._min_ns = ns
+        if ns > self._max_ns:
+            self._max_ns = ns
 
     def observe_weighted(self, index: int, ns: int, weight: int) -> None:
         """`weight` observations of `ns` (a sample standing for that many)."""
         self._counts[index] += weight
         self._sum_ns += ns * weight
+        self._extend(ns, ns)
+
+    def _extend(self, low: int, high: int) -> None:
+        if low < self._min_ns:
+            self._min_ns = low
+        if high > self._max_ns:
+            self._max_ns = high
 
     def merge(self, other: Histogram) -> None:
         counts = self.counts
         for i, n in enumerate(other.counts):
             counts[i] += n
         self._sum_ns += other.sum_ns
+        self._extend(other._min_ns, other._max_ns)
 
     def copy(self) -> Histogram:
         clone = Histogram()
@@ -100,33 +134,46 @@ class Histogram:
     def with_zeros(self, zeros: int) -> Histogram:
         """A copy with `zeros` more observations of 0."""
         clone = self.copy()
-        clone.counts[0] += max(0, zeros)
+        if zeros > 0:
+            clone._counts[0] += zeros
+            clone._extend(0, 0)
         return clone
 
     def minus(self, earlier: Histogram) -> Histogram:
-        """What was observed since `earlier` (a copy taken from this histogram)."""
+        """What was observed since `earlier` (a copy taken from this histogram).
+
+        The window's own extremes are not known, only bounded by this histogram's: exact when
+        the window set a new one (this max above earlier's), an upper (lower) bound otherwise.
+        """
         diff = Histogram()
         diff._counts = [a - b for a, b in zip(self.counts, earlier.counts, strict=True)]
         diff._sum_ns = self.sum_ns - earlier.sum_ns
+        if any(diff._counts):
+            diff._extend(self._min_ns, self._max_ns)
         return diff
 
     def mean_s(self) -> float:
         return self.sum_ns / self.count / 1e9 if self.count else 0.0
 
     def quantile_s(self, q: float) -> float:
-        """Estimated q-quantile in seconds: linear within the bucket, like PromQL's."""
+        """Estimated q-quantile in seconds: linear within the bucket, like PromQL's, then kept
+        within the smallest and largest duration observed (the last bucket, open above,
+        reaches up to the largest)."""
         if not self.count:
             return 0.0
+        low = self.min_ns / 1e9
+        high = self.max_ns / 1e9
         rank = q * self.count
         seen = 0
+        estimate = BUCKET_BOUNDS_S[-1]
         for i, n in enumerate(self.counts):
             if n and seen + n >= rank:
                 lower = BUCKET_BOUNDS_S[i - 1] if i else 0.0
-                if i == len(BUCKET_BOUNDS_S):  # above the last bound: report that bound
-                    return BUCKET_BOUNDS_S[-1]
-                return lower + (BUCKET_BOUNDS_S[i] - lower) * (rank - seen) / n
+                upper = BUCKET_BOUNDS_S[i] if i < len(BUCKET_BOUNDS_S) else max(high, lower)
+                estimate = lower + (upper - lower) * (rank - seen) / n
+                break
             seen += n
-        return BUCKET_BOUNDS_S[-1]
+        return min(high, max(low, estimate))
 
 
 class TrafficStats:
@@ -399,6 +446,9 @@ def fingerprint(statement: bytes) -> str:
     if found is not None:
         return found
     text = statement
+    nul = text.find(b"\0")
+    if nul >= 0:  # a Parse's text as the rewriting tracker notes it: its terminator and more follow
+        text = text[:nul]
     if b"'" in text or b"--" in text or b"/*" in text or b"$" in text:
         text = _COMMENT.sub(b" ", text)
         text = _STRING.sub(b"?", text)

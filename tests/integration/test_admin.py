@@ -20,7 +20,7 @@ from pypooler.embedded import EmbeddedPostgres
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
 from tests.support.messages import SYNC, bind, execute, parse
-from tests.support.pgwire import RawClient, data_rows, error_fields, row_description
+from tests.support.pgwire import RawClient, data_rows, error_fields, row_description, show
 from tests.support.poolers import RunningPooler
 from tests.support.waiting import eventually
 
@@ -40,13 +40,6 @@ DB = "pypooler_test"
 
 async def console(pooler: RunningPooler, user: str = "postgres", database: str = "pgbouncer") -> RawClient:
     return await RawClient.login(pooler.host, pooler.port, user=user, database=database)
-
-
-async def show(client: RawClient, subject: str) -> list[dict[str, str | None]]:
-    messages = await client.query(f"SHOW {subject}")
-    assert error_fields(messages) is None, error_fields(messages)
-    names = [name for name, _ in row_description(messages)]
-    return [dict(zip(names, row, strict=True)) for row in data_rows(messages)]
 
 
 async def command(client: RawClient, text: str) -> str:
@@ -222,10 +215,15 @@ async def test_show_advice_sends_the_advisor_table(start_pooler: Any) -> None:
     admin = await console(pooler)
     try:
         messages = await admin.query("SHOW ADVICE")
-        columns, rows = pooler.call_async(advice_table(pooler.pooler.manager, pooler.pooler.settings))
+        columns, rows = pooler.call_async(
+            advice_table(pooler.pooler.manager, pooler.pooler.settings, pooler.pooler.activity)
+        )
         assert row_description(messages) == [[name, c.OID_TEXT] for name in columns]
+        assert columns[2:4] == ["verdict", "culprit"] and columns[-1] == "advice"
+        assert data_rows(messages)[0][2] == "ok"
         # Rates move with the clock between the two calls; compare everything else.
-        moving = {columns.index(name) for name in ("window_s", "xact_per_s", "connections_needed", "verdict")}
+        rates = ("window_s", "xact_per_s", "connections_busy", "connections_wanted", "logins_per_s", "advice")
+        moving = {columns.index(name) for name in rates}
 
         def steady(table: list[list[str | None]]) -> list[list[str | None]]:
             return [[v for i, v in enumerate(row) if i not in moving] for row in table]

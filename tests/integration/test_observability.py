@@ -98,13 +98,16 @@ async def test_metrics_and_advice_name_the_culprit(
                     assert sample(after[name], s.name, **s.labels) >= s.value
 
     # The advisor does the arithmetic and names the culprit.
-    (advice,) = pooler.call_async(advisor.advise(pooler.pooler.manager, pooler.settings))
+    (advice,) = pooler.call_async(
+        advisor.advise(pooler.pooler.manager, pooler.settings, pooler.pooler.activity)
+    )
     assert advice.hold_p99_ms >= HOLD_S * 1000 * 0.9
     assert advice.idle_share >= advisor.IDLE_SHARE_CULPRIT
     assert advice.top_idle_application == "checkout"
     assert advice.server_limits is not None and advice.server_limits.max_connections == 20
-    assert any("idle in transaction" in v and "application_name=checkout" in v for v in advice.verdicts)
-    assert any(v.startswith("clients wait") for v in advice.verdicts)
+    assert (advice.verdict.category, advice.verdict.culprit) == ("idle_in_transaction", "app=checkout")
+    assert "application_name=checkout" in advice.verdict.text
+    assert any(note.startswith("clients wait") for note in advice.notes)
 
     # Hog detection logged the holder, and a waiter was told who held the servers.
     messages = [r.getMessage() for r in caplog.records]

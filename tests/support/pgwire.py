@@ -119,6 +119,14 @@ def data_rows(messages: list[tuple[int, bytes]]) -> list[list[str | None]]:
     return rows
 
 
+async def show(client: RawClient, subject: str) -> list[dict[str, str | None]]:
+    """SHOW `subject` on an admin console session: its rows as {column: value}."""
+    messages = await client.query(f"SHOW {subject}")
+    assert error_fields(messages) is None, error_fields(messages)
+    names = [name for name, _ in row_description(messages)]
+    return [dict(zip(names, row, strict=True)) for row in data_rows(messages)]
+
+
 def row_description(messages: list[tuple[int, bytes]]) -> list[list[Any]]:
     for msg_type, body in messages:
         if msg_type == c.B_ROW_DESCRIPTION:

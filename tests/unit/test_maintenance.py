@@ -30,6 +30,7 @@ EVERY_PERIOD_OFF: dict[str, Any] = {
     "client_login_timeout": 0,
     "idle_transaction_timeout": 0,
     "hold_warn_ms": 0,
+    "holder_diagnosis_ms": 0,
     "server_idle_timeout": 0,
     "server_lifetime": 0,
     "server_login_retry": 0,
@@ -58,6 +59,7 @@ def test_defaults_pass_ten_times_per_hold_warn_ms() -> None:
         ("idle_transaction_timeout", 2.0, 0.2),  # ignored by the interval before issue 15
         ("server_lifetime", 3.0, 0.3),  # likewise
         ("hold_warn_ms", 4000.0, 0.4),  # likewise, and in milliseconds
+        ("holder_diagnosis_ms", 4500.0, 0.45),
         ("query_wait_timeout", 5.0, 0.5),
         ("client_login_timeout", 6.0, 0.6),
         ("server_idle_timeout", 7.0, 0.7),
@@ -262,3 +264,11 @@ def test_idle_transaction_timeout_ends_and_hold_warn_warns_once(caplog: pytest.L
 def test_module_docstring_states_the_interval_rule() -> None:
     doc = maintenance.__doc__ or ""
     assert "a tenth of the shortest enabled period" in doc
+
+
+def test_holders_held_past_holder_diagnosis_ms_are_gathered_for_the_advisor() -> None:
+    now = 1_000 * NS
+    long, short = FakeHolder("long", now - 2 * NS), FakeHolder("short", now - NS // 2)
+    pool = FakeHolderPool([long, short])
+    assert watch_holders(pool, now, 0.0, 0.0, diagnose_ms=1000.0) == [long]  # type: ignore[arg-type]
+    assert watch_holders(pool, now, 0.0, 0.0) == []  # type: ignore[arg-type]  # 0: never asked

@@ -87,3 +87,8 @@ def test_fingerprint_strips_literals() -> None:
     assert fingerprint(b"select * from t1 where a in (1, 2, 3) and b = 'x'") == (
         "select * from t1 where a in (...) and b = ?"
     )
+
+
+def test_a_parse_text_noted_with_its_terminator_fingerprints_as_the_text() -> None:
+    # The rewriting tracker notes an unnamed Parse's text up to the message's last byte.
+    assert fingerprint(b"select n from t where id = $1\x00\x00") == "select n from t where id = ?"
