@@ -55,6 +55,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from pypooler.config import DatabaseConfig, PoolMode, Settings
+from pypooler.holders import statement_text
 from pypooler.hosts import HostList
 from pypooler.keepalive import keepalive_options
 from pypooler.log_limits import LogLimiter
@@ -925,7 +926,7 @@ def describe_holder(client: ClientConnection, now_ns: int) -> str:
         state = "idle"
     else:
         state = "active"
-    statement = client.frontend.last_statement[:80].decode("utf-8", "replace")
+    statement = statement_text(client.frontend.last_statement)
     return (
         f"{client.peer} app={client.application_name or '-'} held {held_ms:.0f} ms, {state},"
         f" last statement: {statement!r}"
