@@ -362,10 +362,7 @@ class EmbeddedPostgres:
             ],
         )  # fmt: skip
         if result.returncode != 0:
-            raise EmbeddedPostgresError(
-                f"pg_ctl start failed ({result.returncode}): {result.stderr.strip()}\n"
-                f"server log {self.log_path} (last lines):\n{_read_tail(self.log_path)}"
-            )
+            raise self._failure(f"pg_ctl start failed ({result.returncode}): {result.stderr.strip()}")
 
     def restart(self) -> None:
         """Restart the postmaster on the same port (fast shutdown): every connection drops."""
@@ -379,10 +376,7 @@ class EmbeddedPostgres:
         )  # fmt: skip
         if result.returncode != 0:
             self._running = self._postmaster_pid() is not None
-            raise EmbeddedPostgresError(
-                f"pg_ctl restart failed ({result.returncode}): {result.stderr.strip()}\n"
-                f"server log {self.log_path} (last lines):\n{_read_tail(self.log_path)}"
-            )
+            raise self._failure(f"pg_ctl restart failed ({result.returncode}): {result.stderr.strip()}")
 
     def promote(self) -> None:
         """Promote a standby (pg_ctl promote) and return once it accepts writes."""
@@ -390,19 +384,13 @@ class EmbeddedPostgres:
             [self.bin("pg_ctl"), "promote", "-D", self.data_dir, "-w", "-t", str(_PG_CTL_TIMEOUT_S)],
         )
         if result.returncode != 0:
-            raise EmbeddedPostgresError(
-                f"pg_ctl promote failed ({result.returncode}): {result.stderr.strip()}\n"
-                f"server log {self.log_path} (last lines):\n{_read_tail(self.log_path)}"
-            )
+            raise self._failure(f"pg_ctl promote failed ({result.returncode}): {result.stderr.strip()}")
         # pg_ctl -w returns when the control file says "in production"; sessions may still see
         # recovery for a moment, until the startup process has finished its end-of-recovery work.
         deadline = time.monotonic() + _PG_CTL_TIMEOUT_S
         while self.psql("SELECT pg_is_in_recovery()") != "f":
             if time.monotonic() > deadline:
-                raise EmbeddedPostgresError(
-                    f"{self!r} still in recovery {_PG_CTL_TIMEOUT_S} s after pg_ctl promote\n"
-                    f"server log {self.log_path} (last lines):\n{_read_tail(self.log_path)}"
-                )
+                raise self._failure(f"{self!r} still in recovery {_PG_CTL_TIMEOUT_S} s after pg_ctl promote")
             time.sleep(_PROMOTE_POLL_S)
 
     def __enter__(self) -> EmbeddedPostgres:
@@ -798,6 +786,11 @@ class EmbeddedPostgres:
         os.chmod(path, 0o600)
         if self._run_as is not None:
             os.chown(path, *self._run_as)
+
+    def _failure(self, message: str) -> EmbeddedPostgresError:
+        """An error saying `message`, with the server log's last lines."""
+        tail = _read_tail(self.log_path)
+        return EmbeddedPostgresError(f"{message}\nserver log {self.log_path} (last lines):\n{tail}")
 
     def _log_since(self, offset: int) -> str:
         try:

@@ -118,6 +118,8 @@ def test_a_standby_streams_until_promoted() -> None:
                 standby.psql("INSERT INTO copied VALUES (2)")
             primary.psql("INSERT INTO copied VALUES (2)")
             wait_until(lambda: standby.psql("SELECT count(*) FROM copied") == "2", 10, 0.05, "not streamed")
+            with pytest.raises(EmbeddedPostgresError, match=r"(?s)not in standby mode.*server log"):
+                primary.promote()
             primary.stop_server()
             standby.promote()
             assert standby.psql("INSERT INTO copied VALUES (3); SELECT count(*) FROM copied") == "3"
