@@ -19,6 +19,9 @@ Rules this module keeps:
   PostgreSQL refuses a key readable by others and `nobody` cannot read the caller's copies.
 - A start that fails leaves no postmaster running; a started cluster is stopped at interpreter
   exit if its owner forgot, but only by the process that started it (not by forked children).
+- WAL is minimal unless a cluster is made with `replication=True`; then `standby_of(primary)`
+  gives a streaming hot standby of it (pg_basebackup -R into its own directory, its own port,
+  run as the same user), which `promote()` turns into a primary: real failovers for the tests.
 """
 
 from __future__ import annotations
@@ -76,6 +79,10 @@ _PORT_IN_USE = re.compile(r"could not bind IPv4 address|Address already in use")
 # Who runs the server binaries when we are root.
 _UNPRIVILEGED_USER = "nobody"
 _SERVER_BINARIES = ("initdb", "pg_ctl", "postgres")
+# pg_basebackup -X stream holds two walsenders (the copy and its WAL stream), a running standby
+# one: room for a standby streaming while a second one is copied and starts.
+_MAX_WAL_SENDERS = 5
+_PROMOTE_POLL_S = 0.05
 
 
 class EmbeddedPostgresError(RuntimeError):
@@ -235,6 +242,7 @@ class EmbeddedPostgres:
         ssl_cert_file: str | None = None,
         ssl_key_file: str | None = None,
         ssl_ca_file: str | None = None,
+        replication: bool = False,
     ) -> None:
         if (ssl_cert_file is None) != (ssl_key_file is None):
             raise ValueError("give both ssl_cert_file and ssl_key_file, or neither")
@@ -253,6 +261,7 @@ class EmbeddedPostgres:
             if ssl_ca_file is not None:
                 self._tls_files["root.crt"] = ssl_ca_file
         self.base_dir = base_dir
+        self.replication = replication
         self.host = LOOPBACK
         self.superuser = SUPERUSER
         self.dbname = DEFAULT_DBNAME
@@ -265,6 +274,27 @@ class EmbeddedPostgres:
         self._running = False
         self._owner_pid: int | None = None  # the process that started us, for atexit
         self._run_as: tuple[int, int] | None = None  # (uid, gid) when we are root
+        self.primary: EmbeddedPostgres | None = None  # set by standby_of: start() copies it
+
+    @classmethod
+    def standby_of(cls, primary: EmbeddedPostgres, *, base_dir: str | None = None) -> EmbeddedPostgres:
+        """A (not yet started) streaming hot standby of `primary`, which must run with
+        `replication=True`: its start() takes a base backup of the running primary instead of
+        initdb. It has the primary's settings and roles (so psql() knows their passwords); a
+        hot standby also needs max_connections and friends at least the primary's.
+        """
+        if not primary.replication:
+            raise ValueError(f"{primary!r} was not made with replication=True")
+        standby = cls(
+            max_connections=primary.max_connections,
+            roles=tuple(primary.roles.values()),
+            extra_conf=primary.extra_conf,
+            base_dir=base_dir if base_dir is not None else primary.base_dir,
+            replication=True,
+        )
+        standby._tls_files = dict(primary._tls_files)
+        standby.primary = primary
+        return standby
 
     def __repr__(self) -> str:
         state = "running" if self._running else "stopped"
@@ -273,7 +303,8 @@ class EmbeddedPostgres:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """initdb, configure, start the postmaster and create the roles and the test database.
+        """initdb, configure, start the postmaster and create the roles and the test database;
+        for a standby (standby_of), a base backup of its primary instead of initdb and roles.
 
         Raises EmbeddedPostgresError (with the server log's last lines) on failure, after
         making sure no postmaster of ours is left running.
@@ -284,13 +315,17 @@ class EmbeddedPostgres:
             self._remove_dir()  # a previous failed start's leftovers
         try:
             self._make_dir()
-            self._initdb()
+            if self.primary is None:
+                self._initdb()
+            else:
+                self._base_backup(self.primary)
             self._install_tls_files()
             self._write_hba()
             self._start_postmaster()
             self._owner_pid = os.getpid()
             atexit.register(self._stop_at_exit)
-            self._create_roles_and_database()
+            if self.primary is None:
+                self._create_roles_and_database()
         except BaseException as exc:
             self._abort_start()
             if isinstance(exc, EmbeddedPostgresError | subprocess.SubprocessError | OSError):
@@ -327,10 +362,7 @@ class EmbeddedPostgres:
             ],
         )  # fmt: skip
         if result.returncode != 0:
-            raise EmbeddedPostgresError(
-                f"pg_ctl start failed ({result.returncode}): {result.stderr.strip()}\n"
-                f"server log {self.log_path} (last lines):\n{_read_tail(self.log_path)}"
-            )
+            raise self._failure(f"pg_ctl start failed ({result.returncode}): {result.stderr.strip()}")
 
     def restart(self) -> None:
         """Restart the postmaster on the same port (fast shutdown): every connection drops."""
@@ -344,10 +376,22 @@ class EmbeddedPostgres:
         )  # fmt: skip
         if result.returncode != 0:
             self._running = self._postmaster_pid() is not None
-            raise EmbeddedPostgresError(
-                f"pg_ctl restart failed ({result.returncode}): {result.stderr.strip()}\n"
-                f"server log {self.log_path} (last lines):\n{_read_tail(self.log_path)}"
-            )
+            raise self._failure(f"pg_ctl restart failed ({result.returncode}): {result.stderr.strip()}")
+
+    def promote(self) -> None:
+        """Promote a standby (pg_ctl promote) and return once it accepts writes."""
+        result = self._run_server_binary(
+            [self.bin("pg_ctl"), "promote", "-D", self.data_dir, "-w", "-t", str(_PG_CTL_TIMEOUT_S)],
+        )
+        if result.returncode != 0:
+            raise self._failure(f"pg_ctl promote failed ({result.returncode}): {result.stderr.strip()}")
+        # pg_ctl -w returns when the control file says "in production"; sessions may still see
+        # recovery for a moment, until the startup process has finished its end-of-recovery work.
+        deadline = time.monotonic() + _PG_CTL_TIMEOUT_S
+        while self.psql("SELECT pg_is_in_recovery()") != "f":
+            if time.monotonic() > deadline:
+                raise self._failure(f"{self!r} still in recovery {_PG_CTL_TIMEOUT_S} s after pg_ctl promote")
+            time.sleep(_PROMOTE_POLL_S)
 
     def __enter__(self) -> EmbeddedPostgres:
         self.start()
@@ -479,7 +523,25 @@ class EmbeddedPostgres:
                 )
             raise EmbeddedPostgresError(f"initdb failed ({result.returncode}){hint}: {result.stderr.strip()}")
 
-    def _write_conf(self, port: int) -> None:
+    def _base_backup(self, primary: EmbeddedPostgres) -> None:
+        """Copy the running primary into data_dir as a standby (-R: standby.signal and
+        primary_conninfo), streaming the WAL written meanwhile; as the user the server runs as."""
+        if not primary.running:
+            raise EmbeddedPostgresError(f"the primary {primary!r} is not running")
+        result = self._run_server_binary(
+            [
+                self.bin("pg_basebackup"), "-D", self.data_dir, "-h", primary.host,
+                "-p", str(primary.port), "-U", primary.superuser, "-R", "-X", "stream",
+                "--checkpoint=fast", "--no-sync", "-w",
+            ],
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise EmbeddedPostgresError(
+                f"pg_basebackup failed ({result.returncode}): {result.stderr.strip()}"
+            )
+
+    def _server_settings(self, port: int) -> dict[str, str]:
+        """What pypooler.conf sets (no I/O: the unit tests read it)."""
         settings: dict[str, str] = {
             "port": str(port),
             "listen_addresses": LOOPBACK,
@@ -490,8 +552,8 @@ class EmbeddedPostgres:
             "fsync": "off",
             "synchronous_commit": "off",
             "full_page_writes": "off",
-            "wal_level": "minimal",
-            "max_wal_senders": "0",
+            "wal_level": "replica" if self.replication else "minimal",
+            "max_wal_senders": str(_MAX_WAL_SENDERS if self.replication else 0),
             "logging_collector": "off",  # pg_ctl -l sends stderr to our log file
             "log_destination": "stderr",
             "log_line_prefix": "%m [%p] %q%u@%d ",
@@ -504,6 +566,10 @@ class EmbeddedPostgres:
             if "root.crt" in self._tls_files:
                 settings["ssl_ca_file"] = os.path.join(self.tmp_dir, "root.crt")
         settings.update(self.extra_conf)
+        return settings
+
+    def _write_conf(self, port: int) -> None:
+        settings = self._server_settings(port)
         lines = [f"{key} = {_quote_literal(value)}" for key, value in settings.items()]
         # A separate include file, rewritten on every attempt (the port changes on retry).
         self._write_owned(os.path.join(self.data_dir, "pypooler.conf"), "\n".join(lines) + "\n")
@@ -519,17 +585,24 @@ class EmbeddedPostgres:
             with open(source, encoding="ascii") as pem:
                 self._write_owned(os.path.join(self.tmp_dir, name), pem.read())
 
-    def _write_hba(self) -> None:
+    def _hba_lines(self) -> list[str]:
+        """pg_hba.conf's lines (no I/O: the unit tests read them)."""
         lines = [
             "# written by pypooler.embedded: first match wins",
             "local all all trust",
             f"host all {_hba_name(self.superuser)} {LOOPBACK}/32 trust",
+            # pg_basebackup and a standby's WAL stream (only with replication=True: walsenders)
+            f"host replication {_hba_name(self.superuser)} {LOOPBACK}/32 trust",
         ]
         lines += [
             f"host all {_hba_name(role.name)} {LOOPBACK}/32 {role.method}" for role in self.roles.values()
         ]
         lines.append(f"host all all {LOOPBACK}/32 scram-sha-256")
-        self._write_owned(os.path.join(self.data_dir, "pg_hba.conf"), "\n".join(lines) + "\n")
+        return lines
+
+    def _write_hba(self) -> None:
+        text = "\n".join(self._hba_lines()) + "\n"
+        self._write_owned(os.path.join(self.data_dir, "pg_hba.conf"), text)
 
     def _start_postmaster(self) -> None:
         attempts = 1 if self._fixed_port is not None else _START_ATTEMPTS
@@ -713,6 +786,11 @@ class EmbeddedPostgres:
         os.chmod(path, 0o600)
         if self._run_as is not None:
             os.chown(path, *self._run_as)
+
+    def _failure(self, message: str) -> EmbeddedPostgresError:
+        """An error saying `message`, with the server log's last lines."""
+        tail = _read_tail(self.log_path)
+        return EmbeddedPostgresError(f"{message}\nserver log {self.log_path} (last lines):\n{tail}")
 
     def _log_since(self, offset: int) -> str:
         try:

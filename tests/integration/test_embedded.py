@@ -1,5 +1,6 @@
 """The throwaway cluster every other integration test stands on: it must start with the asked
-settings, store each role's password the way its auth method needs, and leave nothing behind."""
+settings, store each role's password the way its auth method needs, and leave nothing behind;
+a standby of it must stream its changes, refuse writes, and take them once promoted."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pypooler.embedded import (
     Role,
     find_bindir,
 )
+from tests.support.waiting import wait_until
 
 try:
     find_bindir()
@@ -101,3 +103,34 @@ def test_failed_start_leaves_no_server() -> None:
     assert cluster.tmp_dir and not os.path.exists(cluster.data_dir)
     cluster.stop()
     assert not cluster.tmp_dir
+
+
+def test_a_standby_streams_until_promoted() -> None:
+    with EmbeddedPostgres(max_connections=4, roles=[], replication=True) as primary:
+        primary.psql("CREATE TABLE copied (x int); INSERT INTO copied VALUES (1)")
+        standby = EmbeddedPostgres.standby_of(primary)
+        with standby:
+            standby_dir = standby.tmp_dir
+            assert standby.port != primary.port and standby_dir != primary.tmp_dir
+            assert standby.psql("SELECT pg_is_in_recovery(), count(*) FROM copied") == "t|1"
+            assert standby.psql("SHOW in_hot_standby") == "on"  # what poolers read at login
+            with pytest.raises(EmbeddedPostgresError, match="read-only transaction"):
+                standby.psql("INSERT INTO copied VALUES (2)")
+            primary.psql("INSERT INTO copied VALUES (2)")
+            wait_until(lambda: standby.psql("SELECT count(*) FROM copied") == "2", 10, 0.05, "not streamed")
+            with pytest.raises(EmbeddedPostgresError, match=r"(?s)not in standby mode.*server log"):
+                primary.promote()
+            primary.stop_server()
+            standby.promote()
+            assert standby.psql("INSERT INTO copied VALUES (3); SELECT count(*) FROM copied") == "3"
+            assert standby.psql("SHOW in_hot_standby") == "off"
+        assert not os.path.exists(standby_dir) and not standby.running
+
+
+def test_a_standby_of_a_stopped_primary_does_not_start() -> None:
+    standby = EmbeddedPostgres.standby_of(EmbeddedPostgres(replication=True))
+    with pytest.raises(EmbeddedPostgresError, match="is not running"):
+        standby.start()
+    assert not standby.running
+    standby.stop()
+    assert not standby.tmp_dir
