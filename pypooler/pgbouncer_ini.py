@@ -105,9 +105,9 @@ def _listen_addr(text: str) -> str:
 
 def _auth_type(text: str) -> str:
     value = text.strip()
-    if value in ("any", "pam"):
-        raise ValueError(f"{value} is {NOT_YET} (trust, plain, md5, scram-sha-256, cert and hba are)")
-    return value
+    if value == "pam":
+        raise ValueError(f"pam is {NOT_YET} (trust, any, plain, md5, scram-sha-256, cert and hba are)")
+    return "trust" if value == "any" else value  # any: see _check_any_auth
 
 
 def _verbose(text: str) -> str:
@@ -262,6 +262,7 @@ def read_ini(path: str | os.PathLike[str]) -> IniSettings:
     for section, key, value, where in lines:  # a key given twice: the last one wins, as in PgBouncer
         if section == "pgbouncer":
             _pgbouncer_key(key, value, where, result, problems)
+    _check_any_auth(lines, result)
     socket_dir = result.values.get("unix_socket_dir", DEFAULT_UNIX_SOCKET_DIR)
     for section, key, value, where in lines:
         if section == "pgbouncer":
@@ -281,6 +282,38 @@ def read_ini(path: str | os.PathLike[str]) -> IniSettings:
     if users:
         result.values["users"] = users
     return result
+
+
+def _check_any_auth(lines: list[tuple[str, str, str, str]], result: IniSettings) -> None:
+    """auth_type = any: PgBouncer's trust that ignores the client's user name, which it allows
+    only when every [databases] entry logs in as a user of its own; pypooler reads it as trust
+    with that same requirement. Unlike PgBouncer it does not make every user an admin of the
+    console: admin_users and stats_users still decide (a warning says so)."""
+    auth = [
+        (value.strip(), where)
+        for section, key, value, where in lines
+        if (section, key) == ("pgbouncer", "auth_type")
+    ]
+    if not auth or auth[-1][0] != "any":
+        return
+    where = auth[-1][1]
+    result.warnings.append(
+        f"{where}: auth_type = any is read as trust; the console still admits only admin_users and"
+        " stats_users (PgBouncer admits anyone as admin)"
+    )
+    for section, key, value, entry_where in lines:
+        if section == "databases" and "user" not in _pairs_or_empty(value):
+            result.problems.append(
+                f"{entry_where}: database {_unquote_name(key)}: auth_type = any needs user= in every"
+                " [databases] entry (the client's user name is ignored), as PgBouncer requires"
+            )
+
+
+def _pairs_or_empty(value: str) -> dict[str, str]:
+    try:
+        return parse_connection_string(value)
+    except ValueError:
+        return {}  # reported where the entry is read
 
 
 def _collect(path: Path, out: list[tuple[str, str, str, str]], problems: list[str], *, depth: int) -> None:

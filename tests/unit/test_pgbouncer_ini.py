@@ -229,3 +229,15 @@ def test_several_hosts_with_their_ports(tmp_path: Path) -> None:
     assert ini.values["databases"]["one"] == {"host": "a,b", "port": 6000}
     problems = read_ini(write(tmp_path, "[databases]\napp = host=a,b port=1,2,3\n")).problems
     assert "3 ports for 2 hosts" in problems[0]
+
+
+def test_auth_type_any_is_trust_with_every_entry_forcing_its_user(tmp_path: Path) -> None:
+    ini = read_ini(write(tmp_path, "[databases]\napp = host=db user=svc\n[pgbouncer]\nauth_type = any\n"))
+    assert ini.values["auth_type"] == "trust" and not ini.problems
+    assert "auth_type = any is read as trust" in ini.warnings[0] and "admin_users" in ini.warnings[0]
+    text = "[databases]\napp = host=db\n* = host=db user=svc\n[pgbouncer]\nauth_type = any\n"
+    ini = read_ini(write(tmp_path, text))
+    (problem,) = ini.problems
+    assert problem.startswith(f"{tmp_path / 'pgbouncer.ini'}:2: database app: auth_type = any needs user=")
+    problems = read_ini(write(tmp_path, "[pgbouncer]\nauth_type = pam\n")).problems
+    assert "pam is not supported" in problems[0]
