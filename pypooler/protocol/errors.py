@@ -142,6 +142,13 @@ class ServerConnectFailed(PoolerError):
     reason = "server_connect_failed"
 
 
+class ServerAuthIncomplete(ServerConnectFailed):
+    """The server said AuthenticationOk before completing the SCRAM exchange it started: it never
+    proved it knows the password, so pypooler does not use the connection."""
+
+    reason = "server_auth_incomplete"
+
+
 class ServerLoginFailed(ServerConnectFailed):
     """The server refused pypooler's login (bad password, unknown role, unsupported method)."""
 

@@ -410,6 +410,7 @@ class ScramClientExchange:
         "_nonce",
         "_password",
         "_verifier",
+        "server_verified",
     )
 
     def __init__(
@@ -437,6 +438,7 @@ class ScramClientExchange:
         escaped_user = user.replace("=", "=3D").replace(",", "=2C")
         self._client_first_bare = f"n={escaped_user},r={self._nonce}"
         self._expected_server_signature = b""
+        self.server_verified = False  # server_final checked the server's signature
 
     @property
     def mechanism(self) -> str:
@@ -495,6 +497,7 @@ class ScramClientExchange:
             signature, self._expected_server_signature
         ):
             raise ProtocolViolation("SCRAM server signature is wrong: the server does not know the password")
+        self.server_verified = True
 
 
 # --------------------------------------------------------------------------- TLS channel binding

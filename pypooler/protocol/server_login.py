@@ -35,7 +35,13 @@ from typing import Final
 
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
-from pypooler.protocol.errors import PoolerError, ProtocolViolation, ServerConnectFailed, ServerLoginFailed
+from pypooler.protocol.errors import (
+    PoolerError,
+    ProtocolViolation,
+    ServerAuthIncomplete,
+    ServerConnectFailed,
+    ServerLoginFailed,
+)
 from pypooler.protocol.scram import (
     MECHANISM,
     MECHANISM_PLUS,
@@ -296,6 +302,14 @@ class ServerLoginExchange:
 
     def _authenticate(self, code: int, payload: bytes) -> ScramStarted | None:
         if code == c.AUTH_OK:
+            if self._scram is not None and not self._scram.server_verified:
+                # Only SASLFinal's signature proves the server knows the verifier: a server (or
+                # whatever is in between) that skips it has proved nothing. libpq refuses too.
+                raise ServerAuthIncomplete(
+                    f"server {self.target} ended SCRAM authentication without proving it knows"
+                    " the password (AuthenticationOk before SASLFinal)",
+                    hint="check that pypooler reaches the PostgreSQL server it should",
+                )
             self._change(LoginState.STARTING)
             return None
         password = self.password

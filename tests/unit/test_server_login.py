@@ -12,6 +12,7 @@ from pypooler.protocol import constants as c
 from pypooler.protocol.errors import (
     PoolerError,
     ProtocolViolation,
+    ServerAuthIncomplete,
     ServerConnectFailed,
     ServerLoginFailed,
     build_error_response,
@@ -346,3 +347,20 @@ def test_protocol_violations(stream: bytes, message: str) -> None:
 
     assert type(error) is ProtocolViolation and error.sqlstate == "08P01"
     assert message in error.message
+
+
+def test_authentication_ok_before_the_scram_exchange_is_complete_is_refused() -> None:
+    # A server that skips SASLFinal (its signature) has not proved it knows the password.
+    login = exchange(password="s3cret")
+    server = ScramServerExchange(ScramVerifier.from_password("s3cret"))
+    login.receive_data(codec.build_authentication_sasl(server.mechanisms()))
+    ((_, body),) = frontend_messages(login.data_to_send())
+    server_first = server.client_first(*codec.parse_sasl_initial_response(body))
+    login.receive_data(codec.build_authentication(c.AUTH_SASL_CONTINUE, server_first))
+    login.data_to_send()
+
+    error = failure(login.receive_data(codec.AUTHENTICATION_OK + WELCOME))
+
+    assert isinstance(error, ServerAuthIncomplete) and error.sqlstate == "08001"
+    assert "without proving it knows the password" in error.message
+    assert login.state is LoginState.FAILED and login.data_to_send() == b""
