@@ -191,14 +191,20 @@ def test_scram_over_tls_binds_to_the_servers_certificate() -> None:
     assert isinstance(events[-1], LoggedIn)
 
 
-def test_a_wrong_server_signature_fails_the_login() -> None:
-    login = exchange(password="s3cret")
-    server = ScramServerExchange(ScramVerifier.from_password("s3cret"))
+def scram_until_final(password: str = "s3cret") -> ServerLoginExchange:
+    """A login whose SCRAM exchange has reached the point where the server's SASLFinal is due."""
+    login = exchange(password=password)
+    server = ScramServerExchange(ScramVerifier.from_password(password))
     login.receive_data(codec.build_authentication_sasl(server.mechanisms()))
     ((_, body),) = frontend_messages(login.data_to_send())
     server_first = server.client_first(*codec.parse_sasl_initial_response(body))
     login.receive_data(codec.build_authentication(c.AUTH_SASL_CONTINUE, server_first))
     login.data_to_send()
+    return login
+
+
+def test_a_wrong_server_signature_fails_the_login() -> None:
+    login = scram_until_final()
 
     error = failure(login.receive_data(codec.build_authentication(c.AUTH_SASL_FINAL, b"v=AAAA")))
     assert isinstance(error, ProtocolViolation) and "signature is wrong" in error.message
@@ -351,13 +357,7 @@ def test_protocol_violations(stream: bytes, message: str) -> None:
 
 def test_authentication_ok_before_the_scram_exchange_is_complete_is_refused() -> None:
     # A server that skips SASLFinal (its signature) has not proved it knows the password.
-    login = exchange(password="s3cret")
-    server = ScramServerExchange(ScramVerifier.from_password("s3cret"))
-    login.receive_data(codec.build_authentication_sasl(server.mechanisms()))
-    ((_, body),) = frontend_messages(login.data_to_send())
-    server_first = server.client_first(*codec.parse_sasl_initial_response(body))
-    login.receive_data(codec.build_authentication(c.AUTH_SASL_CONTINUE, server_first))
-    login.data_to_send()
+    login = scram_until_final()
 
     error = failure(login.receive_data(codec.AUTHENTICATION_OK + WELCOME))
 
