@@ -694,6 +694,16 @@ class Authenticator:
             plain_verifier=self._plain_verifier,
         )
 
+    def check_password(self, user: str, secret: Secret | None, password: str) -> AuthOutcome:
+        """A login whose client hands over its cleartext password without an exchange (SQL over
+        HTTP: the password of the request's connection string), for any password method: the
+        `plain` method's check, which fits every kind of secret, the mock for unknown users
+        included. PasswordAuthFailed when it does not match."""
+        exchange = self.exchange("plain", user, secret, channel_binding=None)
+        exchange.start()
+        exchange.receive(c.F_PASSWORD, password.encode("utf-8") + b"\0")
+        return exchange.outcome
+
     def _mock_secret(self, user: str, scram: bool) -> Secret:
         """The stand-in secret for a user without one (built only for those logins)."""
         verifier = mock_verifier(user, self._mock_key)

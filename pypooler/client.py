@@ -69,7 +69,6 @@ from pypooler.protocol import constants as c
 from pypooler.protocol.errors import (
     AuthRejected,
     ClientLoginTimeout,
-    DatabaseDisabled,
     NoSuchDatabase,
     PoolerError,
     ProtocolViolation,
@@ -1226,15 +1225,7 @@ class ClientConnection(asyncio.Protocol):
                 )
             database_config = None
             if not admin:
-                if self.database in registry.manager.disabled:
-                    raise DatabaseDisabled(
-                        f'database "{self.database}" does not allow connections now',
-                        hint="an administrator ran DISABLE on the admin console; ENABLE allows them again",
-                    )
-                found = registry.manager.database_config(self.database)
-                if found is None:
-                    raise NoSuchDatabase(f'no such database: "{self.database}"')
-                database_config = found[1]
+                database_config = registry.manager.admit(self.database)
             # As in PgBouncer, TLS is required of TCP clients only: libpq never asks for it over
             # a unix-domain socket, where the kernel already vouches for the peer.
             if tls is not None and tls.required and not login.tls and self.address():

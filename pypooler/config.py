@@ -392,6 +392,13 @@ class Settings(BaseSettings):
     # max_connections check: pool bounds x expected_instances must fit the server.
     expected_instances: int = Field(default=1, ge=1)
 
+    # --- HTTP and WebSocket (issue 18)
+    # SQL over HTTP (POST /sql): queries one batch may hold (run as one transaction).
+    http_max_batch_queries: int = Field(default=100, ge=1)
+    # SQL over HTTP: bytes of JSON one response may carry; a larger result is refused with
+    # SQLSTATE 54000 (and its server closed) rather than buffered.
+    http_max_response_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+
     databases: dict[DatabaseName, DatabaseConfig] = Field(default_factory=dict)
     users: dict[str, UserConfig] = Field(default_factory=dict)
 

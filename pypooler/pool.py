@@ -64,6 +64,8 @@ from pypooler.prepared import SchemaVersion, ServerStatements, StatementRegistry
 from pypooler.protocol import codec
 from pypooler.protocol.errors import (
     AuthLookupFailed,
+    DatabaseDisabled,
+    NoSuchDatabase,
     PoolerError,
     ServerConnectFailed,
     ShuttingDown,
@@ -975,6 +977,19 @@ class PoolManager:
         if "*" in databases:
             return "*", databases["*"]
         return None
+
+    def admit(self, database: str) -> DatabaseConfig:
+        """The entry a login for `database` uses; DatabaseDisabled (DISABLE) or NoSuchDatabase
+        refuses it. Every transport's login asks here (client.py, sql_over_http.py)."""
+        if database in self.disabled:
+            raise DatabaseDisabled(
+                f'database "{database}" does not allow connections now',
+                hint="an administrator ran DISABLE on the admin console; ENABLE allows them again",
+            )
+        found = self.database_config(database)
+        if found is None:
+            raise NoSuchDatabase(f'no such database: "{database}"')
+        return found[1]
 
     def get_pool(self, database: str, client_user: str) -> Pool | None:
         found = self.database_config(database)

@@ -346,6 +346,26 @@ def parse_data_row(body: bytes) -> list[bytes | None]:
     return values
 
 
+ROW_DESCRIPTION_FIELD: Final = struct.Struct("!ihihih")  # table, column, type, size, modifier, format
+
+
+def parse_row_description(body: bytes) -> list[tuple[str, int, int, int, int, int, int]]:
+    """RowDescription: (name, table oid, column number, type oid, type size, type modifier,
+    format code) per column."""
+    try:
+        (count,) = INT16.unpack_from(body, 0)
+        pos = 2
+        columns: list[tuple[str, int, int, int, int, int, int]] = []
+        for _ in range(count):
+            name, pos = read_cstring(body, pos, "column name")
+            table, column, oid, size, modifier, form = ROW_DESCRIPTION_FIELD.unpack_from(body, pos)
+            columns.append((name, table, column, oid, size, modifier, form))
+            pos += ROW_DESCRIPTION_FIELD.size
+    except struct.error:
+        raise ProtocolViolation("invalid RowDescription message") from None
+    return columns
+
+
 def parse_password_message(body: bytes) -> bytes:
     """The password of a PasswordMessage (cleartext or md5 response), without its NUL."""
     end = body.find(b"\0")
@@ -471,6 +491,13 @@ def build_describe_statement(name: bytes) -> bytes:
 def build_parameterized_query(sql: str, parameters: Iterable[str | None]) -> bytes:
     """Parse, Bind, Execute and Sync of one unnamed statement with text parameters: how pypooler
     runs a query of its own (auth_query) without ever splicing values into SQL."""
+    return build_bound_statement(sql, parameters) + SYNC
+
+
+def build_bound_statement(sql: str, parameters: Iterable[str | None], *, describe: bool = False) -> bytes:
+    """Parse, Bind (text parameters, text results), optionally Describe of the portal (for its
+    RowDescription or NoData), and Execute of one unnamed statement, without Sync: pipelined
+    statements up to one Sync run as one implicit transaction."""
     values = list(parameters)
     parse = build_message(c.F_PARSE, b"\0" + _cstring(sql) + INT16.pack(0))
     bind_values = b"".join(
@@ -480,8 +507,11 @@ def build_parameterized_query(sql: str, parameters: Iterable[str | None]) -> byt
         c.F_BIND,
         b"\0\0" + INT16.pack(0) + INT16.pack(len(values)) + bind_values + INT16.pack(0),
     )
-    execute = build_message(c.F_EXECUTE, b"\0" + INT32.pack(0))
-    return parse + bind + execute + SYNC
+    return parse + bind + (DESCRIBE_PORTAL if describe else b"") + EXECUTE_UNNAMED
+
+
+DESCRIBE_PORTAL: Final = build_message(c.F_DESCRIBE, b"P\0")
+EXECUTE_UNNAMED: Final = build_message(c.F_EXECUTE, b"\0" + INT32.pack(0))  # every row
 
 
 def build_command_complete(tag: str) -> bytes:

@@ -348,3 +348,29 @@ class AdminInvalidValue(AdminCommandError):
 
     sqlstate = SQLState.INVALID_PARAMETER_VALUE
     reason = "admin_invalid_value"
+
+
+class HttpRequestInvalid(PoolerError):
+    """A POST /sql request that cannot be run as sent: malformed JSON, a missing or unusable
+    Neon-Connection-String, a bad batch header, a database the HTTP transport does not serve."""
+
+    sqlstate = SQLState.PROTOCOL_VIOLATION
+    severity = "ERROR"
+    reason = "http_request_invalid"
+
+
+class HttpLimitExceeded(PoolerError):
+    """A POST /sql request past one of its limits (http_max_batch_queries,
+    http_max_response_bytes, the protocol's 65535 parameters)."""
+
+    sqlstate = SQLState.PROGRAM_LIMIT_EXCEEDED
+    severity = "ERROR"
+    reason = "http_limit"
+
+
+class HttpUnsupported(PoolerError):
+    """A statement SQL over HTTP cannot carry (COPY: there is no stream to copy to or from)."""
+
+    sqlstate = SQLState.FEATURE_NOT_SUPPORTED
+    severity = "ERROR"
+    reason = "http_unsupported"
