@@ -50,6 +50,7 @@ from pypooler.admin import AdminConsole
 from pypooler.auth import Authenticator
 from pypooler.client import ClientConnection
 from pypooler.config import RESTART_ONLY_SETTINGS, ConfigError, Settings
+from pypooler.http_listener import HttpListener
 from pypooler.keepalive import apply_keepalive, keepalive_options
 from pypooler.maintenance import Maintenance
 from pypooler.metrics import HolderCollector, MetricsServer
@@ -103,9 +104,11 @@ class Pooler:
         self.registry.reload = self._reload_for_console
         self.registry.shutdown = self.request_shutdown
         self._acceptor: Acceptor | LoopAcceptor | None = None
+        self.http = HttpListener(self)  # started only if http_listen_addr is set
+        self.http_port: int | None = None
         self.maintenance = Maintenance(
             self.manager, self.registry, settings, resume_accepting=self._resume_accepting,
-            activity=self.activity,
+            activity=self.activity, expire_http=self.http.expire,
         )  # fmt: skip
         self._stopped: asyncio.Future[None] | None = None  # set once stop() has begun
         self.port = settings.listen_port
@@ -158,6 +161,9 @@ class Pooler:
         for sock in sockets:
             if sock.family == socket.AF_UNIX:
                 log.info("listening on unix socket %s", sock.getsockname())
+        if settings.http_listen_addr:
+            await self.http.start(settings.http_listen_addr, settings.http_listen_port)
+            self.http_port = self.http.port
         self.manager.make_min_pools()
         self.maintenance.start()
         self.metrics.listening = True
@@ -360,6 +366,7 @@ class Pooler:
         if self._acceptor is not None:
             self._acceptor.close()
         self.registry.accepting = False
+        await self.http.close()
         self._terminate_clients()
         self.manager.close()
         # Let every transport really close (TLS closes take round trips) before the loop may be

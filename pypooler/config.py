@@ -393,6 +393,12 @@ class Settings(BaseSettings):
     expected_instances: int = Field(default=1, ge=1)
 
     # --- HTTP and WebSocket (issue 18)
+    # SQL over HTTP (http_listener.py): the address to listen on ("" = off, the default; "*" =
+    # every address) and its port (0: one the OS chooses). HTTPS when client TLS is configured.
+    http_listen_addr: str = ""
+    http_listen_port: int = Field(default=8080, ge=0, le=65535)
+    # Bytes of request body one HTTP request may carry (413 past it).
+    http_max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     # SQL over HTTP (POST /sql): queries one batch may hold (run as one transaction).
     http_max_batch_queries: int = Field(default=100, ge=1)
     # SQL over HTTP: bytes of JSON one response may carry; a larger result is refused with

@@ -25,7 +25,8 @@ What one pass does, in this order:
   at, so at most ten times per timeout and once a second, not every pass);
 - automatic pools unused for `autodb_idle_timeout` removed (`PoolManager.remove_unused`), and
   after a reap of many, the freed memory handed back (`release_memory`);
-- clients not logged in within `client_login_timeout` ended;
+- clients not logged in within `client_login_timeout` ended, and HTTP connections whose request
+  has not arrived whole within it closed (http_listener.py);
 - cancel requests still undelivered after `CANCEL_TIMEOUT_S` abandoned;
 - accepting resumed after the process ran out of file descriptors (accepting.py);
 - for the holders held past `holder_diagnosis_ms`, at most one round of questions to PostgreSQL
@@ -411,6 +412,7 @@ class Maintenance:
         *,
         clock: Callable[[], int] = time.monotonic_ns,
         resume_accepting: Callable[[], None] | None = None,
+        expire_http: Callable[[int, float], None] | None = None,
         activity: ActivityWatch | None = None,
     ) -> None:
         self.manager = manager
@@ -422,6 +424,7 @@ class Maintenance:
         self.clock = clock
         # accepting.py: called each pass while accepting is paused for want of descriptors.
         self.resume_accepting = resume_accepting
+        self.expire_http = expire_http  # http_listener.HttpListener.expire: its slowloris rule
         self.interval = maintenance_interval(settings)
         self.next_snapshot_ns = clock() + int(settings.stats_period * NS_PER_S)
         self.passes = 0
@@ -490,6 +493,8 @@ class Maintenance:
                 release_memory()
         if settings.client_login_timeout and registry.logging_in:
             expire_logins(registry, now_ns, settings.client_login_timeout)
+        if settings.client_login_timeout and self.expire_http is not None:
+            self.expire_http(now_ns, settings.client_login_timeout)
         if registry.cancels:
             expire_cancels(registry, now_ns, CANCEL_TIMEOUT_S)
         if self.resume_accepting is not None:

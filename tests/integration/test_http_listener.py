@@ -1,0 +1,93 @@
+"""The HTTP listener's own rules (http_listener.py): routing, keep-alive, the head and body
+limits, malformed HTTP, the WebSocket upgrade not served yet, and the slowloris rule; each
+refusal affects its own connection only."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.support.poolers import RunningPooler
+
+
+@pytest.fixture
+def pooler(start_pooler: Callable[..., RunningPooler]) -> RunningPooler:
+    return start_pooler(
+        pool_size=2, http_listen_addr="127.0.0.1", http_listen_port=0, http_max_body_bytes=4096,
+        client_login_timeout=1,
+    )  # fmt: skip
+
+
+def sql_request(body: bytes, *, extra: str = "") -> bytes:
+    return (
+        "POST /sql HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        "Neon-Connection-String: postgresql://postgres@x/pypooler_test\r\n"
+        f"Content-Length: {len(body)}\r\n{extra}\r\n"
+    ).encode() + body
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, Any]]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    lines = head.decode().split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:] if line)
+    body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), 10)
+    return status, json.loads(body)
+
+
+async def test_keep_alive_serves_one_request_after_another(pooler: RunningPooler) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", pooler.pooler.http_port)
+    try:
+        for n in (1, 2):
+            writer.write(sql_request(json.dumps({"query": "select $1::int", "params": [n]}).encode()))
+            status, body = await read_response(reader)
+            assert status == 200 and body["rows"] in ([[str(n)]], [{"int4": str(n)}], [[n]], [{"int4": n}])
+        writer.write(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, body = await read_response(reader)
+        assert status == 404 and "POST /sql" in body["message"]
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "words"),
+    [
+        (sql_request(b"x" * 5000), 413, "http_max_body_bytes"),
+        (b"GET /sql HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 20000 + b"\r\n\r\n", 431, "too large"),
+        (b"NOT HTTP AT ALL\r\n\r\n", 400, "bad HTTP request"),
+        (
+            b"GET /v2 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+            501,
+            "WebSocket is not served",
+        ),
+    ],
+)
+async def test_refusals_are_clear_and_touch_only_their_connection(
+    pooler: RunningPooler, request_bytes: bytes, status: int, words: str
+) -> None:
+    port = pooler.pooler.http_port
+    bystander_reader, bystander = await asyncio.open_connection("127.0.0.1", port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request_bytes)
+        got, body = await read_response(reader)
+        assert got == status and words in body["message"]
+        bystander.write(sql_request(json.dumps({"query": "select 1"}).encode()))
+        assert (await read_response(bystander_reader))[0] == 200
+    finally:
+        writer.close()
+        bystander.close()
+
+
+async def test_a_request_that_never_arrives_whole_is_closed(pooler: RunningPooler) -> None:
+    # client_login_timeout (1 s here) applies to HTTP as to TCP logins: slowloris.
+    reader, writer = await asyncio.open_connection("127.0.0.1", pooler.pooler.http_port)
+    try:
+        writer.write(b"POST /sql HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    finally:
+        writer.close()
