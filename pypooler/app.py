@@ -378,6 +378,8 @@ class Pooler:
             await asyncio.sleep(STOP_POLL_S)
         for client in list(self.registry.clients):
             client.transport.abort()
+        await asyncio.sleep(0)  # their connection_lost: the servers they held are closed
+        await self.manager.wait_closed(loop.time())  # past its deadline: aborts what is still open
         await self.metrics.stop()
         await asyncio.sleep(0)  # let connection_lost callbacks run
 

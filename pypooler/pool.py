@@ -468,6 +468,8 @@ class Pool:
             if not server.lost:
                 self.ending.add(server)
                 server.on_close = self.server_closed
+                if self.closed and server.transport is not None:
+                    server.transport.close()  # shutting down: no waiting for the backend's end
                 return  # no place freed yet
         else:
             self.ending.discard(server)
@@ -1199,11 +1201,16 @@ class PoolManager:
             task.cancel()
         if opening:
             await asyncio.wait(opening, timeout=max(0.0, deadline - loop.time()))
-        closing = [server for pool in self.pools.values() for server in pool._closing]
-        while any(not server.lost for server in closing) and loop.time() < deadline:
+
+        def still_open() -> list[ServerConnection]:
+            # Servers closed meanwhile (clients ending as the pooler stops) join `ending`.
+            pools = self.pools.values()
+            return [s for pool in pools for s in (*pool._closing, *pool.ending) if not s.lost]
+
+        while still_open() and loop.time() < deadline:
             await asyncio.sleep(SHUTDOWN_POLL_S)
-        for server in closing:
-            if not server.lost and server.transport is not None:
+        for server in still_open():
+            if server.transport is not None:
                 server.transport.abort()
 
     # ------------------------------------------------------------------ admin console

@@ -620,13 +620,14 @@ class ServerConnection(asyncio.Protocol):
     def close(self) -> None:
         """End the connection (a dirty or dead server is never returned to a pool).
 
-        A logged-in server is sent Terminate and our end of the socket is shut for writing, but
-        the transport stays open until PostgreSQL closes it: only then has the backend exited,
-        and until then its pool keeps counting it against every bound (Pool.server_closed), so
-        pool_size bounds backends, not sockets. A backend running a query reads the Terminate
-        only when the query ends: the pool cancels it first where it may be running
-        (Pool.give_back), and the maintenance pass aborts the transport of one that has not
-        ended after BACKEND_END_TIMEOUT_S. A server still logging in is closed at once.
+        A logged-in server of a pool (`on_close` set) is sent Terminate and our end of the socket
+        is shut for writing, but the transport stays open until PostgreSQL closes it: only then
+        has the backend exited, and until then its pool keeps counting it against every bound
+        (Pool.server_closed), so pool_size bounds backends, not sockets. A backend running a
+        query reads the Terminate only when the query ends: the pool cancels it first where it
+        may be running (Pool.give_back), and the maintenance pass aborts the transport of one
+        that has not ended after BACKEND_END_TIMEOUT_S. A server still logging in, or one no
+        pool counts (the advisor's, the listener connection), is closed at once.
         """
         if not self.closed:
             if self.reading_paused:
@@ -637,8 +638,8 @@ class ServerConnection(asyncio.Protocol):
             transport = self.transport
             if transport is not None and not transport.is_closing():
                 transport.write(codec.TERMINATE)
-                if not logged_in:
-                    transport.close()
+                if not logged_in or self.on_close is None:
+                    transport.close()  # still logging in, or no pool counts it: nothing to wait for
                 elif transport.can_write_eof():
                     transport.write_eof()
                 # else (TLS): the backend exits at the Terminate and its close reaches us
