@@ -1,9 +1,8 @@
 """The HTTP listener (issue 18): SQL over HTTP on an address and port of its own, off by default.
 
 `POST /sql` is `sql_over_http.handle_sql` (the request and response shapes of
-@neondatabase/serverless's `neon()`); every other path is 404. The PostgreSQL protocol inside a
-WebSocket (the driver's `/v2`) is not served yet: such an upgrade gets 501 with a message that
-says so, never a half-working connection.
+@neondatabase/serverless's `neon()`); a WebSocket upgrade on any path (the driver's
+`/v2?address=...`) becomes a PostgreSQL client connection (websocket.py); every other path is 404.
 
 The rules kept here:
 - HTTP/1.1 framing is h11's (sans-IO: one `h11.Connection` per socket, fed from data_received).
@@ -28,7 +27,8 @@ from typing import TYPE_CHECKING, Any, cast
 
 import h11
 
-from pypooler import sql_over_http
+from pypooler import sql_over_http, websocket
+from pypooler.client import ClientConnection
 from pypooler.http_types import HttpRequest, HttpResponse
 from pypooler.stats import NS_PER_S
 
@@ -69,10 +69,6 @@ class HttpListener:
         log.info("HTTP (SQL over HTTP) listening on %s:%d", address, self.port)
 
     async def route(self, request: HttpRequest) -> HttpResponse:
-        if request.headers.get("upgrade", "").lower() == "websocket":
-            return json_error(
-                501, "the PostgreSQL protocol over WebSocket is not served by this pypooler yet", "0A000"
-            )
         if request.path == "/sql":
             return await sql_over_http.handle_sql(self.pooler, request)
         return json_error(404, f"no such path: {request.path} (SQL over HTTP is POST /sql)", "08P01")
@@ -92,6 +88,12 @@ class HttpListener:
             connection.transport.close()
         if self._server is not None:
             await self._server.wait_closed()
+
+
+def _is_websocket_upgrade(request: h11.Request | None) -> bool:
+    return request is not None and any(
+        name == b"upgrade" and value.lower() == b"websocket" for name, value in request.headers
+    )
 
 
 class HttpConnection(asyncio.Protocol):
@@ -147,10 +149,41 @@ class HttpConnection(asyncio.Protocol):
                     return
                 self.body += event.data
             elif isinstance(event, h11.EndOfMessage):
+                if _is_websocket_upgrade(self.request):
+                    self._upgrade()
+                    return
                 self._dispatch()
             elif isinstance(event, h11.ConnectionClosed):
                 self.transport.close()
                 return
+
+    def _upgrade(self) -> None:
+        """The handshake (wsproto), then this socket is a PostgreSQL client (websocket.py)."""
+        request = self.request
+        assert request is not None
+        try:
+            if request.method != b"GET":
+                raise websocket.HandshakeRefused("a WebSocket upgrade is a GET")
+            ws, accepted = websocket.accept_upgrade(list(request.headers), request.target)
+        except websocket.HandshakeRefused as exc:
+            self._fail(400, f"bad WebSocket upgrade: {exc}")
+            return
+        early, _ = self.h11.trailing_data  # frames sent before our 101 arrived
+        self.busy = True
+        self.listener.connections.discard(self)  # the client's login timeout applies from here
+        raw = self.transport
+        raw.write(accepted)
+        client = ClientConnection(self.listener.pooler.registry)
+        adapter = websocket.WebSocketTransport(raw, ws, client)
+        stream = websocket.WebSocketStream(adapter)
+        raw.set_protocol(stream)
+        client.connection_made(adapter)
+        login = client.login
+        if login is not None:
+            login.tls = raw.get_extra_info("ssl_object") is not None
+            login.tls_available = False
+        if early:
+            stream.data_received(early)
 
     def _dispatch(self) -> None:
         request = self.request

@@ -118,16 +118,16 @@ class ClientLogin(Generic[ExchangeT]):
         "_held",
         "_output",
         "_startup_reader",
-        "_tls_available",
         "exchange",
         "startup",
         "state",
         "tls",
+        "tls_available",
     )
 
     def __init__(self, *, tls_available: bool) -> None:
         self.state = LoginState.STARTUP
-        self._tls_available = tls_available  # an SSLRequest is answered 'S' (else 'N')
+        self.tls_available = tls_available  # an SSLRequest is answered 'S' (else 'N')
         self.tls = False  # the transport is TLS now
         self._output: list[bytes] = []
         self._startup_reader: codec.StartupPacketReader | None = codec.StartupPacketReader()
@@ -191,7 +191,7 @@ class ClientLogin(Generic[ExchangeT]):
                 return None
             data = reader.take_rest()
             if isinstance(packet, codec.SSLRequest):
-                if not self._tls_available:
+                if not self.tls_available:
                     self._output.append(b"N")  # no TLS here: the client goes on in clear (or gives up)
                     continue
                 if self.tls:

@@ -1,5 +1,5 @@
 """The HTTP listener's own rules (http_listener.py): routing, keep-alive, the head and body
-limits, malformed HTTP, the WebSocket upgrade not served yet, and the slowloris rule; each
+limits, malformed HTTP, a malformed WebSocket upgrade, and the slowloris rule; each
 refusal affects its own connection only."""
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ async def test_keep_alive_serves_one_request_after_another(pooler: RunningPooler
         (b"NOT HTTP AT ALL\r\n\r\n", 400, "bad HTTP request"),
         (
             b"GET /v2 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
-            501,
-            "WebSocket is not served",
+            400,
+            "bad WebSocket upgrade",
         ),
     ],
 )

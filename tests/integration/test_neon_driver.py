@@ -1,6 +1,7 @@
 """The real @neondatabase/serverless driver (tests/node/package.json pins it) against pypooler's
 HTTP listener: neon() queries with parameters of the common types, full results, a transaction
-with isolation level and read-only, and errors with their codes.
+with isolation level and read-only, and errors with their codes; then Pool and Client over a
+WebSocket (neon_ws.mjs), with the driver's pipelined login (cleartext password) and without it.
 
 Skipped until pypooler.http_listener exists, and when npm cannot install the driver.
 """
@@ -114,3 +115,63 @@ def test_neon_wrong_password(
     )
     error = run_neon(neon_driver, running, "badpassword", password="wrong")["error"]
     assert error["code"] == "28P01"
+
+
+def run_neon_ws(
+    driver: Path,
+    running: RunningPooler,
+    case: str,
+    *,
+    pipeline: str = "false",
+    user: str = "postgres",
+    password: str = "x",
+) -> Any:
+    connection_string = f"postgresql://{user}:{password}@127.0.0.1/pypooler_test"
+    done = subprocess.run(
+        # Node 20's WebSocket is behind a flag (undici's, global from Node 22).
+        ["node", "--experimental-websocket", "--no-warnings", str(driver / "neon_ws.mjs"),
+         f"127.0.0.1:{http_port(running)}", connection_string, pipeline, case],
+        cwd=driver, capture_output=True, text=True, timeout=NODE_TIMEOUT_S, check=True,
+    )  # fmt: skip
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_ws_pool_query_with_parameters(neon_driver: Path, http_pooler: RunningPooler) -> None:
+    assert run_neon_ws(neon_driver, http_pooler, "params")["ok"] == [{"n": 42, "t": "hé"}]
+
+
+def test_ws_client_transaction(neon_driver: Path, http_pooler: RunningPooler) -> None:
+    assert run_neon_ws(neon_driver, http_pooler, "transaction")["ok"] == [{"s": 3, "x": True}]
+
+
+def test_ws_error_carries_its_code(neon_driver: Path, http_pooler: RunningPooler) -> None:
+    error = run_neon_ws(neon_driver, http_pooler, "error")["error"]
+    assert error["code"] == "22012" and error["message"] == "division by zero"
+
+
+@pytest.fixture
+def plain_pooler(start_pooler: Callable[..., RunningPooler], tmp_path: Path) -> RunningPooler:
+    auth_file = tmp_path / "userlist.txt"
+    auth_file.write_text('"postgres" "right"\n')
+    return start_pooler(
+        pool_size=2, auth_type="plain", auth_file=str(auth_file),
+        http_listen_addr="127.0.0.1", http_listen_port=0,
+    )  # fmt: skip
+
+
+def test_ws_pipelined_login_with_cleartext_password(neon_driver: Path, plain_pooler: RunningPooler) -> None:
+    """The driver's default pipelineConnect = "password": startup and password in one go."""
+    result = run_neon_ws(neon_driver, plain_pooler, "params", pipeline="password", password="right")
+    assert result["ok"] == [{"n": 42, "t": "hé"}]
+
+
+def test_ws_pipelined_login_wrong_password(neon_driver: Path, plain_pooler: RunningPooler) -> None:
+    error = run_neon_ws(neon_driver, plain_pooler, "params", pipeline="password", password="wrong")["error"]
+    assert error["code"] == "28P01"
+
+
+def test_ws_pipelined_login_needs_cleartext_auth(neon_driver: Path, http_pooler: RunningPooler) -> None:
+    """With trust the driver's pipelined PasswordMessage arrives after the welcome: a protocol
+    error, as PostgreSQL's (pipelineConnect = false is the setting for trust, md5 and SCRAM)."""
+    error = run_neon_ws(neon_driver, http_pooler, "params", pipeline="password")["error"]
+    assert error["code"] == "08P01" and "112" in error["message"]
