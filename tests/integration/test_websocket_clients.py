@@ -9,7 +9,8 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.support.pgwire import RawClient, data_rows, show
+from pypooler.protocol import codec
+from tests.support.pgwire import RawClient, data_rows, error_fields, show
 from tests.support.poolers import RunningPooler
 from tests.support.waiting import eventually
 from tests.support.websockets import WsClient
@@ -70,3 +71,26 @@ async def test_a_connection_cut_mid_message_ends_that_client_alone(pooler: Runni
         assert data_rows(await bystander.query("SELECT 2")) == [["2"]]
     finally:
         await bystander.close()
+
+
+async def test_the_admin_console_over_a_websocket(pooler: RunningPooler) -> None:
+    console = await WsClient.login(ws_port(pooler), database="pgbouncer")
+    try:
+        messages = await console.query("SHOW VERSION")
+        assert error_fields(messages) is None and "pypooler" in str(data_rows(messages))
+    finally:
+        await console.close()
+
+
+async def test_max_client_conn_counts_websocket_clients(start_pooler: Callable[..., RunningPooler]) -> None:
+    pooler = start_pooler(pool_size=1, max_client_conn=1, http_listen_addr="127.0.0.1", http_listen_port=0)
+    first = await WsClient.login(ws_port(pooler))
+    second = await WsClient.connect(ws_port(pooler))
+    try:
+        second.send(codec.build_startup_message({"user": "postgres", "database": "pypooler_test"}))
+        refused = error_fields([await second.next_message()])
+        assert refused is not None and refused["C"] == "53300"
+        assert data_rows(await first.query("SELECT 1")) == [["1"]]
+    finally:
+        await second.close()
+        await first.close()

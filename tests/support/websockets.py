@@ -56,12 +56,13 @@ class WsClient:
 
     async def next_message(self, timeout: float = 10) -> tuple[int, bytes]:
         while not self._queue:
+            if self.closed_with is not None:  # what came before the close was read first
+                raise ConnectionError(f"closed by peer: {self.closed_with}")
             for event in await self._events(timeout):
                 if isinstance(event, BytesMessage):
                     self._queue.extend(self._messages.feed(bytes(event.data)))
                 elif isinstance(event, CloseConnection):
                     self.closed_with = event.code
-                    raise ConnectionError(f"closed by peer: {event.code} {event.reason}")
         return self._queue.pop(0)
 
     async def until_ready(self) -> list[tuple[int, bytes]]:
