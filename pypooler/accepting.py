@@ -11,7 +11,7 @@ that holds the most of them. The rules kept here:
   entry has exactly that one pool, while an entry without a forced user (and the "*" fallback)
   has one pool per user, counted here as one pool: the budget is then a lower estimate.
   `FIXED_MARGIN` covers the listening sockets, /metrics connections, cancel requests in
-  flight, the admin console's sessions beyond max_client_conn (client.py's CONSOLE_RESERVE),
+  flight, the admin console's sessions beyond max_client_conn (registry.py's CONSOLE_RESERVE),
   the event loop's own descriptors and the log stream. When the budget does not fit in
   the soft limit pypooler warns at start and on RELOAD (`check_descriptor_budget`).
 - Where the budget fits the limit, the event loop accepts (`LoopAcceptor`: uvloop's accept in

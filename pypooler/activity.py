@@ -38,8 +38,7 @@ from pypooler.server import ServerConnection, ServerLogin, open_server_connectio
 from pypooler.stats import NS_PER_S
 
 if TYPE_CHECKING:
-    from pypooler.client import ClientConnection
-    from pypooler.pool import Pool
+    from pypooler.pool import Holder, Pool
 
 log = logging.getLogger("pypooler.advisor")
 
@@ -103,7 +102,7 @@ class ActivityWatch:
         idle = self._round is None or self._round.done()
         return idle and now_ns - self._round_started_ns >= MIN_ROUND_GAP_S * NS_PER_S
 
-    def start(self, holders: list[tuple[Pool, ClientConnection]], now_ns: int) -> asyncio.Task[None] | None:
+    def start(self, holders: list[tuple[Pool, Holder]], now_ns: int) -> asyncio.Task[None] | None:
         """Start a round about these holders' backends (the pass checked `due`)."""
         asks: dict[tuple[tuple[str, int], str], tuple[ServerLogin, set[int]]] = {}
         for pool, client in holders:
@@ -119,7 +118,7 @@ class ActivityWatch:
         self._round = asyncio.get_running_loop().create_task(self._ask_all(asks))
         return self._round
 
-    async def refresh(self, holders: list[tuple[Pool, ClientConnection]]) -> None:
+    async def refresh(self, holders: list[tuple[Pool, Holder]]) -> None:
         """SHOW ADVICE: start a round if one is due, and wait up to ASK_TIMEOUT_S for the round
         in flight (a connect may take longer; the advice then goes with the answers it has)."""
         now = self.clock()

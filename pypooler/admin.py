@@ -52,6 +52,7 @@ from pypooler.protocol.errors import (
     build_notice_response,
 )
 from pypooler.stats import TrafficStats
+from pypooler.websocket import transport_name
 
 if TYPE_CHECKING:
     from pypooler.client import ClientConnection
@@ -118,7 +119,7 @@ CONNECTION_COLUMNS: Final[Sequence[Column]] = (
     ("port", INT4), ("local_addr", TEXT), ("local_port", INT4), ("connect_time", TEXT),
     ("request_time", TEXT), ("wait", INT4), ("wait_us", INT4), ("close_needed", INT4),
     ("ptr", TEXT), ("link", TEXT), ("remote_pid", INT4), ("tls", TEXT),
-    ("application_name", TEXT),
+    ("application_name", TEXT), ("transport", TEXT),
 )  # fmt: skip
 DATABASES_COLUMNS: Final[Sequence[Column]] = (
     ("name", TEXT), ("host", TEXT), ("port", INT4), ("database", TEXT), ("force_user", TEXT),
@@ -522,9 +523,10 @@ class AdminConsole:
             waited_us = (now - oldest.wait_started_ns) // 1000 if oldest is not None else 0
             idle = len(pool.idle)
             linked = sum(1 for server in pool.servers if server.client is not None)
+            linked += sum(1 for request in pool.http_clients if request.server is not None)
             rows.append([
                 pool.database, pool.user,
-                str(max(0, len(pool.clients) - pool.waiting)), str(pool.waiting), "0", "0",
+                str(max(0, pool.client_count - pool.waiting)), str(pool.waiting), "0", "0",
                 str(linked), "0", "0", str(idle), "0",
                 # Neither idle nor linked: running server_reset_query (PgBouncer's "tested").
                 str(len(pool.servers) - idle - linked),
@@ -576,6 +578,17 @@ class AdminConsole:
                     max(client.connected_ns, client.query_start_ns), now,
                     waited_us=waited_us, link=client.server, close_needed=False, remote_pid=0,
                     application_name=client.application_name,
+                    transport=transport_name(client.transport),
+                ))  # fmt: skip
+            for request in pool.http_clients:
+                waited_us = (now - request.wait_started_ns) // 1000 if request.waiting else 0
+                rows.append(self._connection_row(
+                    request, "C", request.user, pool.database,
+                    "waiting" if request.waiting else "active",
+                    request.transport.get_extra_info("peername") if request.transport else None,
+                    request.connected_ns, max(request.connected_ns, request.query_start_ns), now,
+                    waited_us=waited_us, link=request.server, close_needed=False, remote_pid=0,
+                    application_name=request.application_name, transport=request.transport_name,
                 ))  # fmt: skip
         for session in sorted(self.sessions, key=lambda s: s.client.connected_ns):
             client = session.client
@@ -584,6 +597,7 @@ class AdminConsole:
                 client.transport.get_extra_info("peername"), client.connected_ns,
                 session.request_ns, now, waited_us=0, link=None, close_needed=False,
                 remote_pid=0, application_name=client.application_name,
+                transport=transport_name(client.transport),
             ))  # fmt: skip
         return ResultSet(CONNECTION_COLUMNS, rows)
 
@@ -592,8 +606,9 @@ class AdminConsole:
         rows: list[Row] = []
         for pool in sorted(self.manager.pools.values(), key=lambda p: (p.database, p.user)):
             idle = set(pool.idle)
+            requests = {r.server: r for r in pool.http_clients if r.server is not None}
             for server in sorted(pool.servers, key=lambda s: s.created_ns):
-                client = server.client
+                client: Any = server.client or requests.get(server)
                 if client is not None:
                     state = "active"
                 elif server in idle:
@@ -607,6 +622,7 @@ class AdminConsole:
                     waited_us=0, link=client, close_needed=server.close_needed,
                     remote_pid=server.process_id,
                     application_name=client.application_name if client is not None else "",
+                    transport=transport_name(server.transport),
                 ))  # fmt: skip
         return ResultSet(CONNECTION_COLUMNS, rows)
 
@@ -614,15 +630,16 @@ class AdminConsole:
     def _connection_row(
         connection: Any, kind: str, user: str, database: str, state: str, peer: Any,
         connected_ns: int, request_ns: int, now: int, *, waited_us: int, link: object | None,
-        close_needed: bool, remote_pid: int, application_name: str,
+        close_needed: bool, remote_pid: int, application_name: str, transport: str,
     ) -> Row:  # fmt: skip
         addr, port = _split_addr(peer)
-        local_addr, local_port = _split_addr(connection.transport.get_extra_info("sockname"))
+        raw = connection.transport
+        local_addr, local_port = _split_addr(raw.get_extra_info("sockname") if raw is not None else None)
         return [
             kind, user, database, state, addr, port, local_addr, local_port,
             _wall_clock(connected_ns, now), _wall_clock(request_ns, now),
             str(waited_us // 1_000_000), str(waited_us % 1_000_000), str(int(close_needed)),
-            _ptr(connection), _ptr(link), str(remote_pid), "", application_name,
+            _ptr(connection), _ptr(link), str(remote_pid), "", application_name, transport,
         ]  # fmt: skip
 
     def show_databases(self) -> ResultSet:

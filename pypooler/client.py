@@ -76,7 +76,6 @@ from pypooler.protocol.errors import (
     ServerFatalForwarded,
     StartupParameterRejected,
     StatementModeTransaction,
-    TooManyClients,
 )
 from pypooler.protocol.listen import (
     COMMITTED_TAIL,
@@ -113,9 +112,6 @@ _TX_IDLE = c.TX_IDLE
 _TX_IN_TRANSACTION = c.TX_IN_TRANSACTION
 _X = c.F_TERMINATE
 PEER_CREDENTIALS = struct.Struct("3i")  # SO_PEERCRED's struct ucred: pid, uid, gid
-# Admin console sessions allowed beyond max_client_conn (as PostgreSQL keeps
-# superuser_reserved_connections); accepting.py's FIXED_MARGIN has room for them.
-CONSOLE_RESERVE = 10
 # (application_name, kind) pairs warned about at most; beyond, the set starts again.
 MAX_WARNED_KEYS = 1000
 _MIN_LENGTH = b"\x00\x00\x00\x04"  # a message length word below this is garbage
@@ -1216,13 +1212,7 @@ class ClientConnection(asyncio.Protocol):
             if not self.user:
                 raise ProtocolViolation("no PostgreSQL user name specified in startup packet")
             admin = self._is_console()
-            # The console has CONSOLE_RESERVE places beyond max_client_conn: the operator who
-            # comes to see why the pooler is full is let in.
-            if len(registry.clients) > registry.settings.max_client_conn + (CONSOLE_RESERVE if admin else 0):
-                raise TooManyClients(
-                    "no more connections allowed (max_client_conn)",
-                    detail=f"max_client_conn is {registry.settings.max_client_conn}",
-                )
+            registry.check_room(console=admin)
             database_config = None
             if not admin:
                 database_config = registry.manager.admit(self.database)

@@ -25,8 +25,7 @@ from typing import TYPE_CHECKING, Final
 from pypooler.stats import NS_PER_S
 
 if TYPE_CHECKING:
-    from pypooler.client import ClientConnection
-    from pypooler.pool import Pool
+    from pypooler.pool import Holder, Pool
 
 # The states a holder is classified in (SHOW HOLDERS' `diagnosis`, pypooler_holders{state}).
 RUNNING: Final = "running"  # the server works for it (or PostgreSQL was not asked yet)
@@ -58,7 +57,7 @@ class HolderView:
     since_ns: int  # when its current request (or the hold) began
 
 
-def view_of(pool: Pool, client: ClientConnection, now_ns: int) -> HolderView:
+def view_of(pool: Pool, client: Holder, now_ns: int) -> HolderView:
     """What the pool knows of a holder (read on the event loop, so consistent)."""
     server = client.server
     idle_ns = now_ns - client.idle_since_ns if client.idle_since_ns else 0
@@ -86,7 +85,7 @@ def statement_text(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0][:STATEMENT_CHARS].decode("utf-8", "replace")
 
 
-def long_holders(pool: Pool, now_ns: int, threshold_ns: float) -> list[ClientConnection]:
+def long_holders(pool: Pool, now_ns: int, threshold_ns: float) -> list[Holder]:
     """The pool's holders that have held their server `threshold_ns` or longer (0: none)."""
     if not threshold_ns:
         return []

@@ -104,7 +104,7 @@ class HttpConnection(asyncio.Protocol):
         self.request: h11.Request | None = None
         self.body = bytearray()
         self.busy = False  # a response is being made: reading is paused
-        self.waiting_since_ns = time.monotonic_ns()  # since when a whole request is due
+        self.waiting_since_ns = self.connected_ns = time.monotonic_ns()  # since when a request is due
         self.peer = "?"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -112,9 +112,15 @@ class HttpConnection(asyncio.Protocol):
         peer: Any = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         self.listener.connections.add(self)
+        self.listener.pooler.registry.http_connections += 1  # max_client_conn counts it
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.listener.connections.discard(self)
+        self._forget()
+
+    def _forget(self) -> None:
+        if self in self.listener.connections:
+            self.listener.connections.discard(self)
+            self.listener.pooler.registry.http_connections -= 1
 
     def data_received(self, data: bytes) -> None:
         self.h11.receive_data(data)
@@ -170,7 +176,7 @@ class HttpConnection(asyncio.Protocol):
             return
         early, _ = self.h11.trailing_data  # frames sent before our 101 arrived
         self.busy = True
-        self.listener.connections.discard(self)  # the client's login timeout applies from here
+        self._forget()  # a client from here: its login timeout applies, and it counts itself
         raw = self.transport
         raw.write(accepted)
         client = ClientConnection(self.listener.pooler.registry)
@@ -200,6 +206,8 @@ class HttpConnection(asyncio.Protocol):
         http_request = HttpRequest(
             method=request.method.decode("latin-1").upper(), path=path, query=query,
             headers=headers, body=bytes(self.body), peer=self.peer,
+            tls=self.transport.get_extra_info("ssl_object") is not None,
+            connected_ns=self.connected_ns, transport=self.transport,
         )  # fmt: skip
         task = asyncio.get_running_loop().create_task(self._respond(http_request))
         self.listener.tasks.add(task)

@@ -7,6 +7,7 @@ whole request and builds a whole response (or a streamed one, see `HttpResponse.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -19,6 +20,9 @@ class HttpRequest:
     headers: dict[str, str]  # lower-case names; a repeated header's values joined with ", "
     body: bytes
     peer: str  # "address:port" of the client, for logs and hba
+    tls: bool = False  # it came over TLS (HTTPS): hba's hostssl lines match it
+    connected_ns: int = 0  # monotonic: when its connection was accepted (SHOW CLIENTS)
+    transport: asyncio.BaseTransport | None = None  # its connection, for socket addresses
 
 
 @dataclass

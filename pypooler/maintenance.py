@@ -85,8 +85,7 @@ from pypooler.stats import NS_PER_S
 
 if TYPE_CHECKING:
     from pypooler.activity import ActivityWatch
-    from pypooler.client import ClientConnection
-    from pypooler.pool import PoolManager
+    from pypooler.pool import Holder, PoolManager
     from pypooler.registry import ClientRegistry
 
 log = logging.getLogger("pypooler.maintenance")
@@ -165,12 +164,12 @@ def maintenance_interval(settings: Settings) -> float:
 # --------------------------------------------------------------------------- per pool
 
 
-def maintain_pool(pool: Pool, now_ns: int) -> list[ClientConnection]:
+def maintain_pool(pool: Pool, now_ns: int) -> list[Holder]:
     """One pass over one pool, with the pool's own settings (see the module docstring); returns
     the holders held past holder_diagnosis_ms."""
     settings = pool.settings
     pool.stats.new_pass(now_ns)
-    long: list[ClientConnection] = []
+    long: list[Holder] = []
     if settings.query_wait_timeout and pool.waiting:
         expire_waiters(pool, now_ns, settings.query_wait_timeout)
     if pool.lent and (
@@ -256,7 +255,7 @@ def watch_holders(
     query_timeout_s: float = 0.0,
     *,
     diagnose_ms: float = 0.0,
-) -> list[ClientConnection]:
+) -> list[Holder]:
     """Hog detection: end clients idle inside a transaction past `timeout_s`, warn (once per
     hold) about those past `warn_ms`; end clients whose query has run past `query_timeout_s`
     (their server, mid-query, is closed with them); 0 switches each off. Returns the holders
@@ -303,7 +302,7 @@ def watch_holders(
 
 def log_diagnosed(
     pools: list[Pool],
-    long: list[ClientConnection],
+    long: list[Holder],
     reports: dict[tuple[str, int], ActivityReport],
     now_ns: int,
     warn_ms: float,
@@ -466,9 +465,9 @@ class Maintenance:
         """One pass (see the module docstring)."""
         self.passes += 1
         pools = list(self.manager.pools.values())
-        long: list[ClientConnection] = []
+        long: list[tuple[Pool, Holder]] = []
         for pool in pools:
-            long += maintain_pool(pool, now_ns)
+            long += [(pool, holder) for holder in maintain_pool(pool, now_ns)]
         settings = self.settings
         activity = self.activity
         if activity is not None:
@@ -476,10 +475,15 @@ class Maintenance:
                 if activity.answers != self.answers_seen:  # a new answer since the last pass
                     self.answers_seen = activity.answers
                     log_diagnosed(
-                        pools, long, activity.reports, now_ns, settings.hold_warn_ms, self.logged_roots
+                        pools,
+                        [holder for _, holder in long],
+                        activity.reports,
+                        now_ns,
+                        settings.hold_warn_ms,
+                        self.logged_roots,
                     )
                 if activity.due(now_ns):  # at most one round per pass, and one a second
-                    activity.start([(c.pool, c) for c in long], now_ns)
+                    activity.start(long, now_ns)
             activity.close_unused(now_ns - int(ADVISOR_IDLE_CLOSE_S * NS_PER_S))
         registry = self.registry
         if settings.client_idle_timeout and now_ns >= self.next_idle_check_ns:

@@ -26,6 +26,7 @@ import logging
 import platform
 import time
 import urllib.parse
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from email.message import Message
 from typing import TYPE_CHECKING
@@ -40,6 +41,7 @@ from pypooler.holders import HOLDER_STATES, LOCK_WAIT, ActivityReport, diagnose_
 from pypooler.protocol import codec
 from pypooler.revision import GIT_REVISION
 from pypooler.stats import BUCKET_BOUNDS_S, Histogram
+from pypooler.websocket import transport_name
 
 if TYPE_CHECKING:
     from pypooler.pool import PoolManager
@@ -237,7 +239,7 @@ class PoolCollector(Collector):
             waiting = pool.waiting
             clients.add_metric([*key, "active"], active)
             clients.add_metric([*key, "waiting"], waiting)
-            clients.add_metric([*key, "idle"], max(0, len(pool.clients) - active - waiting))
+            clients.add_metric([*key, "idle"], max(0, pool.client_count - active - waiting))
             servers.add_metric([*key, "active"], active)
             servers.add_metric([*key, "idle"], len(pool.idle))
             servers.add_metric([*key, "login"], pool.connecting)
@@ -296,8 +298,16 @@ class PoolCollector(Collector):
         )
         accept_failures.add_metric([], self.registry.accept_failures)
         yield accept_failures
-        connected = GaugeMetricFamily("pypooler_clients_connected", "Client connections open now.")
-        connected.add_metric([], len(self.registry.clients))
+        connected = GaugeMetricFamily(
+            "pypooler_clients_connected",
+            "Client connections open now, by transport (tcp, unix, websocket; http: HTTP"
+            " connections of SQL over HTTP). Their sum is what max_client_conn bounds.",
+            labels=["transport"],
+        )
+        by_transport = Counter(transport_name(client.transport) for client in self.registry.clients)
+        by_transport["http"] += self.registry.http_connections
+        for name in ("tcp", "unix", "websocket", "http"):
+            connected.add_metric([name], by_transport[name])
         yield connected
 
 
@@ -451,6 +461,6 @@ class MetricsServer:
         if not self.listening:
             return False, "not listening yet"
         limit = self.registry.settings.max_client_conn  # as client.py checks it at login
-        if require_room and len(self.registry.clients) >= limit:
+        if require_room and self.registry.client_count >= limit:
             return False, f"full: max_client_conn ({limit}) clients connected"
         return True, "ready"

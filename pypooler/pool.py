@@ -37,7 +37,8 @@ Rules:
   server_login_retry) are decided by the maintenance pass (maintenance.py), which calls the small
   methods under "maintenance.py's calls"; the pool keeps no timer of its own.
 - A waiter is anything with `waiting`, `wait_started_ns`, `link` and `fail`: a ClientConnection,
-  or a `Borrower` when pypooler needs a server for itself (auth_query).
+  an HttpClient (a `POST /sql` request), or a `Borrower` when pypooler needs a server for itself
+  (auth_query). A holder (`Holder`) is a ClientConnection or an HttpClient holding a server.
 - Admin states cost the hot path one attribute test: `release` looks closer only when `draining`
   is set (PAUSE: every server is closed as it comes back; RECONNECT/RELOAD: servers marked
   `close_needed` are). While paused the idle list is kept empty, so `checkout` needs no test at
@@ -82,6 +83,7 @@ from pypooler.tls import server_ssl_context
 
 if TYPE_CHECKING:
     from pypooler.client import ClientConnection
+    from pypooler.http_client import HttpClient
     from pypooler.listening import Listener
 
 log = logging.getLogger("pypooler.pool")
@@ -100,6 +102,39 @@ class Waiter(Protocol):
     def application_name(self) -> str: ...
 
     def link(self, server: ServerConnection) -> None: ...
+
+    def fail(self, exc: PoolerError) -> None: ...
+
+
+class StatementNotes(Protocol):
+    @property
+    def last_statement(self) -> bytes: ...
+
+
+class Holder(Protocol):
+    """Who holds a lent server, as the holders view, the hog lines and the timeouts of the
+    maintenance pass read it: a ClientConnection, or an HttpClient."""
+
+    hog_warned: bool
+
+    @property
+    def server(self) -> ServerConnection | None: ...
+    @property
+    def lent_ns(self) -> int: ...
+    @property
+    def query_start_ns(self) -> int: ...
+    @property
+    def idle_since_ns(self) -> int: ...  # 0 while the server works for it
+    @property
+    def idle_in_xact(self) -> bool: ...
+    @property
+    def idle_ns(self) -> int: ...
+    @property
+    def peer(self) -> str: ...
+    @property
+    def application_name(self) -> str: ...
+    @property
+    def frontend(self) -> StatementNotes: ...
 
     def fail(self, exc: PoolerError) -> None: ...
 
@@ -230,6 +265,8 @@ class Pool:
         )
         # Welcomed clients of this pool, as a dict's keys: a set costs twice the bytes per client.
         self.clients: dict[ClientConnection, None] = {}
+        # `POST /sql` requests in this pool (http_client.py), from their login to their response.
+        self.http_clients: dict[HttpClient, None] = {}
         self._last_wait_warning_ns = 0
         self.closed = False
         # In-flight connects and the servers close() closed: what PoolManager.wait_closed() ends.
@@ -756,10 +793,16 @@ class Pool:
         self.retry_at_ns = 0
         self._open_servers_for_waiters()
 
-    def holders(self, now_ns: int) -> list[ClientConnection]:
-        """Clients holding a server right now, longest hold first."""
-        clients = [s.client for s in self.servers if s.client is not None]
-        return sorted(clients, key=lambda c: c.lent_ns)
+    def holders(self, now_ns: int) -> list[Holder]:
+        """Clients and HTTP requests holding a server right now, longest hold first."""
+        holders: list[Holder] = [s.client for s in self.servers if s.client is not None]
+        holders += [request for request in self.http_clients if request.server is not None]
+        return sorted(holders, key=lambda c: c.lent_ns)
+
+    @property
+    def client_count(self) -> int:
+        """Clients in this pool, `POST /sql` requests included (SHOW POOLS, metrics)."""
+        return len(self.clients) + len(self.http_clients)
 
     def warn_wait(self, client: Waiter, waited_ns: int, *, timed_out: bool = False) -> None:
         """Say why a client waited: name the top holders (at most one line a second per pool)."""
@@ -921,7 +964,7 @@ def _login_key(login: ServerLogin) -> tuple[object, ...]:
     return login.config_key()
 
 
-def describe_holder(client: ClientConnection, now_ns: int) -> str:
+def describe_holder(client: Holder, now_ns: int) -> str:
     """One holder for a log line: who, for how long, doing what."""
     held_ms = (now_ns - client.lent_ns) / 1e6
     if client.idle_since_ns and client.idle_in_xact:

@@ -22,6 +22,7 @@ from pypooler.auth import Authenticator, ClientAuthExchange
 from pypooler.config import Settings
 from pypooler.pool import Pool, PoolManager
 from pypooler.protocol import codec
+from pypooler.protocol.errors import TooManyClients
 from pypooler.protocol.login import ClientLogin
 from pypooler.server import ServerConnection
 from pypooler.tls import ClientTls
@@ -36,6 +37,9 @@ log = logging.getLogger("pypooler.client")
 # under 2**62, which the compiled build stores in the object itself.
 CANCEL_RANDOM = struct.Struct("!iI")  # a secret key, and random bits for the process id
 CANCEL_KEYS_PER_BATCH = 256
+# Admin console sessions allowed beyond max_client_conn (as PostgreSQL keeps
+# superuser_reserved_connections); accepting.py's FIXED_MARGIN has room for them.
+CONSOLE_RESERVE = 10
 SLOT_BITS = 24  # 16 million clients, far beyond any descriptor limit
 _SLOT_MASK = (1 << SLOT_BITS) - 1
 _PID_RANDOM_MASK = (1 << (30 - SLOT_BITS)) - 1
@@ -63,9 +67,12 @@ class ClientRegistry:
         self.manager = manager
         self.auth = auth if auth is not None else Authenticator(settings)
         self.tls = tls
-        # Live client connections, admin console sessions included (they count against
-        # max_client_conn, and have client.py's CONSOLE_RESERVE places beyond it).
+        # Live client connections, admin console sessions and WebSocket clients included (they
+        # count against max_client_conn, see `check_room`).
         self.clients = ClientTable()
+        # Open HTTP connections not turned into WebSocket clients (http_listener.py): each holds
+        # a socket, so each counts against max_client_conn too.
+        self.http_connections = 0
         # Clients not logged in yet, oldest first (dicts keep insertion order: the maintenance
         # pass, client_login_timeout, stops at the first one still within its time), with their
         # login machines (protocol/login.py): a logged-in client keeps no field for one.
@@ -86,6 +93,21 @@ class ClientRegistry:
         self.warned: set[tuple[str, str]] = set()
         self.reload: Callable[[], None] | None = None
         self.shutdown: Callable[[], None] | None = None
+
+    @property
+    def client_count(self) -> int:
+        """What max_client_conn bounds: client connections of every transport."""
+        return len(self.clients) + self.http_connections
+
+    def check_room(self, *, console: bool = False) -> None:
+        """max_client_conn, checked at a login (the one logging in already counted): raise
+        TooManyClients past it. The console has CONSOLE_RESERVE places beyond it, so the
+        operator who comes to see why the pooler is full is let in."""
+        limit = self.settings.max_client_conn
+        if self.client_count > limit + (CONSOLE_RESERVE if console else 0):
+            raise TooManyClients(
+                "no more connections allowed (max_client_conn)", detail=f"max_client_conn is {limit}"
+            )
 
     def new_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
         """A fresh BackendKeyData for a client: unguessable (the secret and the process id's top

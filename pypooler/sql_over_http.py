@@ -19,9 +19,11 @@ detail, hint, position, ...}`: the driver reads the JSON of a 400 only, and turn
 its NeonDbError. Method and content type are the transport's business: 405 and 415.
 
 Rules:
-- A request borrows a server (`Pool.borrow`, so it waits in line under query_wait_timeout like a
-  client) only for its statements, run with the extended protocol (text parameters, never spliced
-  into SQL), and gives it back by the release rule (`releasable_after_internal`) or closes it.
+- A request is a client of its pool while it runs (http_client.py: SHOW CLIENTS, histograms,
+  holders, query_wait_timeout and query_timeout) and borrows a server only for its statements,
+  after giving it the session a fresh login would have (`_settings_sql`); they run with the
+  extended protocol (text parameters, never spliced into SQL), and it gives the server back by
+  the release rule (`releasable_after_internal`) or closes it.
   A batch is BEGIN + its statements + Sync, then COMMIT only once every result fitted (else
   ROLLBACK), so a refused response never commits.
 - Memory is bounded: each row is encoded to JSON when it arrives and counted; past
@@ -41,6 +43,7 @@ from typing import TYPE_CHECKING, Final
 from urllib.parse import unquote, urlsplit
 
 from pypooler.auth import TRUSTED, AuthOutcome
+from pypooler.http_client import HttpClient
 from pypooler.http_types import HttpRequest, HttpResponse
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
@@ -55,6 +58,7 @@ from pypooler.protocol.errors import (
     ServerConnectionLost,
 )
 from pypooler.protocol.transaction import releasable_after_internal
+from pypooler.session_parameters import clean_ascii, settings_sql
 from pypooler.session_state import LEAK_KINDS, scan_sql
 
 if TYPE_CHECKING:
@@ -253,7 +257,7 @@ def _peer_address(peer: str) -> str:
     return host.strip("[]")
 
 
-async def log_in(pooler: Pooler, credentials: Credentials, peer: str) -> Pool:
+async def log_in(pooler: Pooler, credentials: Credentials, peer: str, *, tls: bool = False) -> Pool:
     """The pool this request runs in, after the checks a TCP login gets (client.py's
     _start_session: PoolManager.admit, Authenticator.method_for and the secret lookups), the
     password coming from the connection string rather than an exchange."""
@@ -263,7 +267,7 @@ async def log_in(pooler: Pooler, credentials: Credentials, peer: str) -> Pool:
     if pooler.registry.admin_login is not None and database in ("pgbouncer", "pypooler"):
         raise NoSuchDatabase(f'the admin console "{database}" is not served over HTTP')
     database_config = manager.admit(database)
-    method = auth.method_for(database_config, database, user, lambda: _peer_address(peer), tls=False)
+    method = auth.method_for(database_config, database, user, lambda: _peer_address(peer), tls=tls)
     outcome: AuthOutcome = TRUSTED
     if method in ("cert", "peer"):
         raise AuthRejected(f'{method} authentication is not available over HTTP for user "{user}"')
@@ -475,14 +479,42 @@ def _leaves_state(statements: list[Statement]) -> bool:
     return any(kind in LEAK_KINDS for kinds in found for kind in kinds)
 
 
-async def run_request(pool: Pool, request: SqlRequest, limit: int) -> list[bytes]:
+def _settings_sql(pool: Pool, server: ServerConnection, application_name: str) -> str:
+    """SQL giving a borrowed server the session a fresh login would have (the pool's
+    reported values, the request's application_name): a TCP client may have left its own
+    TimeZone or DateStyle there. "" when it has them already, as nearly always."""
+    wanted = dict(pool.parameters or server.parameters)
+    if "application_name" in wanted:
+        wanted["application_name"] = clean_ascii(application_name)
+    return settings_sql(
+        wanted, server.parameters, {}, server.other_settings, others_unknown=server.other_settings_unknown
+    )
+
+
+async def _apply_settings(server: ServerConnection, sql: str) -> bool:
+    """Apply `_settings_sql`; whether the server is usable after it."""
+    errors: list[dict[str, str]] = []
+    _, clean = await server.query_first_row(codec.build_query(sql), errors)
+    if errors or not clean:
+        return False
+    server.other_settings = {}
+    server.other_settings_unknown = False
+    return True
+
+
+async def run_request(client: HttpClient, request: SqlRequest, limit: int) -> list[bytes]:
     """The JSON result of each statement; ServerError, a PoolerError, or HttpLimitExceeded."""
+    pool = client.pool
     collector = ResultCollector(array_mode=request.array_mode, raw_text=request.raw_text, limit=limit)
     statements = ([Statement(request.begin, [])] if request.batch else []) + request.statements
-    server = await pool.borrow()
+    first = request.statements[0].sql.encode("utf-8", "replace") if request.statements else b""
+    server = await client.borrow(first)
     clean = False
     busy = True  # until its answers are all read, the backend may be working for us
     try:
+        sql = _settings_sql(pool, server, client.application_name)
+        if sql and not await _apply_settings(server, sql):
+            raise ServerConnectionLost("the server could not be given this request's session settings")
         await _run(pool, server, build_pipeline(statements), collector)
         if collector.failed:
             if collector.unsupported:
@@ -502,6 +534,7 @@ async def run_request(pool: Pool, request: SqlRequest, limit: int) -> list[bytes
             raise ServerError(error)
     finally:
         pool.give_back(server, clean and not _leaves_state(request.statements), busy=busy)
+        client.returned(request.batch)
     results = collector.results
     return results[1:] if request.batch else results
 
@@ -546,17 +579,35 @@ async def handle_sql(pooler: Pooler, request: HttpRequest) -> HttpResponse:
             415, _dumps({"message": f"unsupported content type {content_type!r}: send JSON", "code": "08P01"})
         )
     settings = pooler.settings
+    client: HttpClient | None = None
     try:
+        pooler.registry.check_room()
         sql_request = parse_sql_request(request, settings.http_max_batch_queries)
         credentials = parse_connection_string(request.headers.get(CONNECTION_STRING, ""))
-        pool = await log_in(pooler, credentials, request.peer)
-        results = await run_request(pool, sql_request, settings.http_max_response_bytes)
+        pool = await log_in(pooler, credentials, request.peer, tls=request.tls)
+        with HttpClient(request, pool, credentials.user, credentials.application_name) as client:
+            client.traffic.bytes_received += len(request.body)
+            try:
+                results = await run_request(client, sql_request, settings.http_max_response_bytes)
+            except asyncio.CancelledError:
+                if client.failure is None:  # not ours (the listener is closing): go on with it
+                    raise
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
+                raise client.failure from None
     except (PoolerError, ServerError) as exc:
-        if isinstance(exc, PoolerError) and exc.log_detail:
-            log.info("%s: %s (%s)", request.peer, exc.message, exc.log_detail)
+        if isinstance(exc, PoolerError):
+            if exc.log_detail:
+                log.info("%s: %s (%s)", request.peer, exc.message, exc.log_detail)
+            if client is None:
+                pooler.registry.errors[exc.reason] += 1
+            elif exc is not client.failure:  # fail() counted its own
+                client.traffic.errors[exc.reason] += 1
         return error_response(exc)
     if sql_request.batch:
         body = b'{"results":[' + b",".join(results) + b"]}"
     else:
         body = results[0] if results else b"{}"
+    client.traffic.bytes_sent += len(body)
     return _json_response(200, body)

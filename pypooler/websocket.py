@@ -65,6 +65,14 @@ def accept_upgrade(headers: list[tuple[bytes, bytes]], target: bytes) -> tuple[W
     return ws, ws.send(AcceptConnection())
 
 
+def transport_name(transport: asyncio.BaseTransport) -> str:
+    """How a client connection reached pypooler, for SHOW CLIENTS and the metrics: websocket,
+    unix or tcp (a `POST /sql` request is `http`, see http_client.py)."""
+    if isinstance(transport, WebSocketTransport):
+        return "websocket"
+    return "tcp" if isinstance(transport.get_extra_info("peername"), tuple) else "unix"
+
+
 class WebSocketTransport(asyncio.Transport):
     """What a ClientConnection writes to and controls: the real transport, with every write a
     binary message and `close` a close frame first (see the module rules). A subclass of

@@ -25,8 +25,11 @@ from tests.support.poolers import RunningPooler
 from tests.support.waiting import eventually
 
 # SHOW USERS: max_user_connections and current_connections, as PgBouncer 1.21 names them.
+# pypooler's own columns after PgBouncer's: how a connection came (tcp, unix, websocket, http).
 LATER_COLUMNS: dict[str, list[list[Any]]] = {
-    "USERS": [["max_user_connections", 23], ["current_connections", 23]]
+    "USERS": [["max_user_connections", 23], ["current_connections", 23]],
+    "CLIENTS": [["transport", 25]],
+    "SERVERS": [["transport", 25]],
 }
 FIXTURE = json.loads((Path(__file__).parent.parent / "fixtures" / "pgbouncer_1_18_columns.json").read_text())
 # The SHOW commands the issue asks for; the fixture has every one PgBouncer 1.18 knows.

@@ -7,10 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 
+from tests.support.http_requests import read_response, sql_request
 from tests.support.poolers import RunningPooler
 
 
@@ -20,23 +20,6 @@ def pooler(start_pooler: Callable[..., RunningPooler]) -> RunningPooler:
         pool_size=2, http_listen_addr="127.0.0.1", http_listen_port=0, http_max_body_bytes=4096,
         client_login_timeout=1,
     )  # fmt: skip
-
-
-def sql_request(body: bytes, *, extra: str = "") -> bytes:
-    return (
-        "POST /sql HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        "Neon-Connection-String: postgresql://postgres@x/pypooler_test\r\n"
-        f"Content-Length: {len(body)}\r\n{extra}\r\n"
-    ).encode() + body
-
-
-async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, Any]]:
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-    lines = head.decode().split("\r\n")
-    status = int(lines[0].split()[1])
-    headers = dict(line.lower().split(": ", 1) for line in lines[1:] if line)
-    body = await asyncio.wait_for(reader.readexactly(int(headers["content-length"])), 10)
-    return status, json.loads(body)
 
 
 async def test_keep_alive_serves_one_request_after_another(pooler: RunningPooler) -> None:

@@ -88,6 +88,7 @@ LABELS = {
     "reason": "why pypooler sent a client an error",
     "kind": "the kind of session state a statement left",
     "fingerprint": "a statement with its literals stripped (bounded by stats_max_statements)",
+    "transport": "how clients reached pypooler: tcp, unix, websocket, http (four values)",
 }
 BUILD_LABELS = {"version", "revision", "python_version", "compiled", "uvloop_version"}
 # Units Prometheus wants as base units (seconds, bytes) or as ratios.
