@@ -404,6 +404,10 @@ class Settings(BaseSettings):
     # SQL over HTTP: bytes of JSON one response may carry; a larger result is refused with
     # SQLSTATE 54000 (and its server closed) rather than buffered.
     http_max_response_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    # SQL over HTTP: seconds one request may take from its login to its last answer, waiting
+    # for a server included (0 = no limit); past it the request gets SQLSTATE 57014 and its
+    # query is cancelled. As long as query_wait_timeout by default, so a wait ends by that first.
+    http_request_timeout: float = Field(default=120.0, ge=0)
 
     databases: dict[DatabaseName, DatabaseConfig] = Field(default_factory=dict)
     users: dict[str, UserConfig] = Field(default_factory=dict)

@@ -48,6 +48,7 @@ class HttpClient:
         self.transport = request.transport  # for SHOW CLIENTS' addresses
         self.traffic: TrafficStats = pool.stats.for_application(application_name)
         self.connected_ns = request.connected_ns
+        self.started_ns = time.monotonic_ns()  # http_request_timeout counts from here
         self.task = asyncio.current_task()
         self.future: asyncio.Future[ServerConnection] = asyncio.get_running_loop().create_future()
         self.failure: PoolerError | None = None

@@ -9,7 +9,8 @@ listener connection expose small methods the pass calls to act on a decision.
 What one pass does, in this order:
 - per pool: stats settled (`PoolStats.new_pass`); waiters past `query_wait_timeout` failed;
   holders idle in a transaction past `idle_transaction_timeout` ended, past `hold_warn_ms`
-  warned about (once per hold), and those whose query ran past `query_timeout` ended; holders
+  warned about (once per hold), and those whose query ran past `query_timeout` ended; `POST /sql`
+  requests past `http_request_timeout` ended; holders
   held past `holder_diagnosis_ms` gathered for the advisor; servers
   older than `server_lifetime` retired (idle ones now, lent ones when released); the listener
   connection closed after `server_idle_timeout` without a channel; idle servers past
@@ -38,7 +39,8 @@ What one pass does, in this order:
 - the log limiter's summaries of suppressed lines written (log_limits.py).
 
 The interval rule: a tenth of the shortest enabled period among query_wait_timeout,
-client_login_timeout, idle_transaction_timeout, query_timeout, client_idle_timeout,
+client_login_timeout, idle_transaction_timeout, query_timeout, http_request_timeout (with the HTTP
+listener on), client_idle_timeout,
 hold_warn_ms, holder_diagnosis_ms, server_idle_timeout, server_lifetime, server_login_retry,
 autodb_idle_timeout, stats_period, server_check_delay (with a server_check_query) and (where a
 reserve is configured) reserve_pool_timeout, kept within
@@ -80,7 +82,13 @@ from pypooler.activity import ADVISOR_IDLE_CLOSE_S
 from pypooler.config import Settings
 from pypooler.holders import LOCK_WAIT, RUNNING, ActivityReport, describe_view, diagnose_all
 from pypooler.pool import Pool, describe_holder
-from pypooler.protocol.errors import ClientIdleTimeout, IdleTransactionTimeout, QueryTimeout, QueryWaitTimeout
+from pypooler.protocol.errors import (
+    ClientIdleTimeout,
+    HttpRequestTimeout,
+    IdleTransactionTimeout,
+    QueryTimeout,
+    QueryWaitTimeout,
+)
 from pypooler.stats import NS_PER_S
 
 if TYPE_CHECKING:
@@ -138,6 +146,7 @@ def timed_periods(settings: Settings) -> list[float]:
         settings.client_login_timeout,
         settings.idle_transaction_timeout,
         settings.query_timeout,
+        settings.http_request_timeout if settings.http_listen_addr else 0.0,
         settings.client_idle_timeout,
         settings.hold_warn_ms / 1000,
         settings.holder_diagnosis_ms / 1000,
@@ -182,6 +191,8 @@ def maintain_pool(pool: Pool, now_ns: int) -> list[Holder]:
             pool, now_ns, settings.idle_transaction_timeout, settings.hold_warn_ms, settings.query_timeout,
             diagnose_ms=settings.holder_diagnosis_ms,
         )  # fmt: skip
+    if settings.http_request_timeout and pool.http_clients:
+        expire_http_requests(pool, now_ns, settings.http_request_timeout)
     if settings.server_lifetime and pool.servers:
         limit = now_ns - int(settings.server_lifetime * NS_PER_S)
         old = [s for s in pool.servers if s.created_ns <= limit and not s.close_needed]
@@ -352,6 +363,19 @@ def log_diagnosed(
 
 
 # --------------------------------------------------------------------------- per process
+
+
+def expire_http_requests(pool: Pool, now_ns: int, timeout_s: float) -> None:
+    """http_request_timeout: end `POST /sql` requests running (or waiting) longer: a wait ends
+    with the error, a running statement is interrupted and its backend cancelled (HttpClient.fail)."""
+    limit = now_ns - int(timeout_s * NS_PER_S)
+    for request in [r for r in pool.http_clients if r.started_ns <= limit]:
+        request.fail(
+            HttpRequestTimeout(
+                f"canceling the request due to http_request_timeout: it ran for more than {timeout_s:g} s",
+                hint="page with LIMIT, or move long work off SQL over HTTP",
+            )
+        )
 
 
 def expire_idle_clients(pool: Pool, now_ns: int, timeout_s: float) -> None:

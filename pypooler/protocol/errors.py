@@ -368,6 +368,14 @@ class HttpLimitExceeded(PoolerError):
     reason = "http_limit"
 
 
+class HttpRequestTimeout(PoolerError):
+    """A POST /sql request past http_request_timeout."""
+
+    sqlstate = SQLState.QUERY_CANCELED
+    severity = "ERROR"
+    reason = "http_request_timeout"
+
+
 class HttpUnsupported(PoolerError):
     """A statement SQL over HTTP cannot carry (COPY: there is no stream to copy to or from)."""
 

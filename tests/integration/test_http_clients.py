@@ -185,3 +185,18 @@ async def test_hostssl_lines_match_https_requests(
         assert status == 200, body
     else:
         assert (status, body["code"]) == (400, "28000"), body
+
+
+async def test_http_request_timeout_ends_a_request_and_cancels_its_query(
+    start_pooler: Callable[..., RunningPooler],
+) -> None:
+    pooler = start_pooler(
+        pool_size=1, http_listen_addr="127.0.0.1", http_listen_port=0, http_request_timeout=1
+    )
+    status, error = await one_query(pooler, "SELECT pg_sleep(30)", connection_string=APP_CONNECTION)
+    assert (status, error["code"]) == (400, "57014") and "http_request_timeout" in str(error["message"])
+    assert pooler.call(lambda: dict(pooler.pool().stats.for_application(APP).errors)) == {
+        "http_request_timeout": 1
+    }
+    status, result = await one_query(pooler, "SELECT 1")  # the pool serves the next request
+    assert (status, result["rows"]) == (200, [["1"]])
