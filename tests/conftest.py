@@ -5,8 +5,10 @@ share live in tests/support/.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +16,7 @@ import uvloop
 
 from pypooler.config import load_settings
 from pypooler.embedded import EmbeddedPostgres
+from tests.support.neon_driver import neon_driver_installed
 from tests.support.poolers import RunningPooler
 
 
@@ -41,9 +44,9 @@ def postgres() -> Iterator[EmbeddedPostgres]:
         yield pg
 
 
-@pytest.fixture
-def start_pooler(postgres: EmbeddedPostgres) -> Iterator[Callable[..., RunningPooler]]:
-    """Factory: start_pooler(pool_size=5, pool_mode="session", ...) -> RunningPooler.
+@contextlib.contextmanager
+def pooler_factory(postgres: EmbeddedPostgres) -> Iterator[Callable[..., RunningPooler]]:
+    """Factory: start(pool_size=5, pool_mode="session", ...) -> RunningPooler; all stopped at exit.
 
     Keyword arguments override settings; `databases` defaults to one entry per test database name
     pointing at the session PostgreSQL, with `pool_size`/`pool_mode`/`user`/`password` applied.
@@ -69,6 +72,29 @@ def start_pooler(postgres: EmbeddedPostgres) -> Iterator[Callable[..., RunningPo
         started.append(running)
         return running
 
-    yield start
-    for running in started:
-        running.stop()
+    try:
+        yield start
+    finally:
+        for running in started:
+            running.stop()
+
+
+@pytest.fixture
+def start_pooler(postgres: EmbeddedPostgres) -> Iterator[Callable[..., RunningPooler]]:
+    """pooler_factory for one test."""
+    with pooler_factory(postgres) as start:
+        yield start
+
+
+@pytest.fixture(scope="module")
+def start_module_pooler(postgres: EmbeddedPostgres) -> Iterator[Callable[..., RunningPooler]]:
+    """pooler_factory for a whole module: its tests share the poolers, so each must leave them as
+    it found them (no client left, no session state)."""
+    with pooler_factory(postgres) as start:
+        yield start
+
+
+@pytest.fixture(scope="session")
+def neon_driver() -> Path:
+    """tests/node with @neondatabase/serverless and its helpers installed (tests/support/neon_driver.py)."""
+    return neon_driver_installed()

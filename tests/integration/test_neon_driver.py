@@ -3,71 +3,23 @@ HTTP listener: neon() queries with parameters of the common types, full results,
 with isolation level and read-only, and errors with their codes; then Pool and Client over a
 WebSocket (neon_ws.mjs), with the driver's pipelined login (cleartext password) and without it.
 
-Skipped until pypooler.http_listener exists, and when npm cannot install the driver.
+Skipped until pypooler.http_listener exists, and when npm cannot install the driver (the
+`neon_driver` fixture, tests/support/neon_driver.py).
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from tests.support.neon_driver import run_neon, run_neon_ws
 from tests.support.poolers import RunningPooler
 
 pytest.importorskip(
     "pypooler.http_listener", reason="the HTTP listener (issue 18, http-ws) is not merged yet"
 )
-
-NODE_DIR = Path(__file__).resolve().parent.parent / "node"
-NPM_TIMEOUT_S = 300
-NODE_TIMEOUT_S = 30
-
-
-@pytest.fixture(scope="session")
-def neon_driver() -> Iterator[Path]:
-    """tests/node with the driver installed (once; kept between runs)."""
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        pytest.skip("node and npm are needed to run the driver")
-    if not (NODE_DIR / "node_modules" / "@neondatabase" / "serverless").is_dir():
-        try:
-            subprocess.run(
-                ["npm", "install", "--no-audit", "--no-fund"],
-                cwd=NODE_DIR,
-                check=True,
-                capture_output=True,
-                timeout=NPM_TIMEOUT_S,
-            )
-        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-            pytest.skip(f"npm could not install @neondatabase/serverless: {exc}")
-    yield NODE_DIR
-
-
-def http_port(running: RunningPooler) -> int:
-    port = getattr(running.pooler, "http_port", None)
-    if not isinstance(port, int) or not port:
-        pytest.skip("the pooler reports no HTTP port (Pooler.http_port)")
-    return port
-
-
-def run_neon(
-    driver: Path, running: RunningPooler, case: str, *, user: str = "postgres", password: str = "x"
-) -> Any:
-    endpoint = f"http://127.0.0.1:{http_port(running)}/sql"
-    connection_string = f"postgresql://{user}:{password}@127.0.0.1/pypooler_test"
-    done = subprocess.run(
-        ["node", str(driver / "neon_http.mjs"), endpoint, connection_string, case],
-        cwd=driver,
-        capture_output=True,
-        text=True,
-        timeout=NODE_TIMEOUT_S,
-        check=True,
-    )
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture
@@ -115,25 +67,6 @@ def test_neon_wrong_password(
     )
     error = run_neon(neon_driver, running, "badpassword", password="wrong")["error"]
     assert error["code"] == "28P01"
-
-
-def run_neon_ws(
-    driver: Path,
-    running: RunningPooler,
-    case: str,
-    *,
-    pipeline: str = "false",
-    user: str = "postgres",
-    password: str = "x",
-) -> Any:
-    connection_string = f"postgresql://{user}:{password}@127.0.0.1/pypooler_test"
-    done = subprocess.run(
-        # Node 20's WebSocket is behind a flag (undici's, global from Node 22).
-        ["node", "--experimental-websocket", "--no-warnings", str(driver / "neon_ws.mjs"),
-         f"127.0.0.1:{http_port(running)}", connection_string, pipeline, case],
-        cwd=driver, capture_output=True, text=True, timeout=NODE_TIMEOUT_S, check=True,
-    )  # fmt: skip
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_ws_pool_query_with_parameters(neon_driver: Path, http_pooler: RunningPooler) -> None:
