@@ -254,6 +254,16 @@ def _split_addr(name: Any) -> tuple[str | None, str | None]:
     return None, None
 
 
+def _tls_text(transport: Any) -> str:
+    """SHOW CLIENTS/SERVERS' `tls`: protocol/cipher of a TLS connection (wss:// and HTTPS
+    included), as PgBouncer shows it; "" without TLS."""
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    if ssl_object is None:
+        return ""
+    cipher = ssl_object.cipher()
+    return f"{ssl_object.version()}/{cipher[0]}" if cipher else str(ssl_object.version())
+
+
 def _ptr(obj: object | None) -> str:
     # PgBouncer shows the object's address; ours is as unique for as long as the object lives.
     return "" if obj is None else hex(id(obj))
@@ -639,7 +649,7 @@ class AdminConsole:
             kind, user, database, state, addr, port, local_addr, local_port,
             _wall_clock(connected_ns, now), _wall_clock(request_ns, now),
             str(waited_us // 1_000_000), str(waited_us % 1_000_000), str(int(close_needed)),
-            _ptr(connection), _ptr(link), str(remote_pid), "", application_name, transport,
+            _ptr(connection), _ptr(link), str(remote_pid), _tls_text(raw), application_name, transport,
         ]  # fmt: skip
 
     def show_databases(self) -> ResultSet:

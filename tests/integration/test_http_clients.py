@@ -7,6 +7,7 @@ HTTPS requests."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +37,13 @@ async def one_query(pooler: RunningPooler, sql: str, **kwargs: str) -> tuple[int
         writer.write(query_request(sql, **kwargs))
         return await read_response(reader, timeout=30)
     finally:
-        writer.close()
+        await close(writer)
+
+
+async def close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(OSError, TimeoutError):
+        await asyncio.wait_for(writer.wait_closed(), 5)
 
 
 async def test_a_running_request_shows_as_a_client_and_a_holder(
@@ -129,7 +136,7 @@ async def test_http_connections_count_against_max_client_conn(
         assert (status, error["code"]) == (400, "53300")
     finally:
         for _, writer in kept:
-            writer.close()
+            await close(writer)
 
     async def room_again() -> bool:
         return (await one_query(pooler, "SELECT 1"))[0] == 200
@@ -180,7 +187,7 @@ async def test_hostssl_lines_match_https_requests(
         writer.write(query_request("SELECT 1"))
         status, body = await read_response(reader)
     finally:
-        writer.close()
+        await close(writer)
     if hba_line == "hostssl":
         assert status == 200, body
     else:

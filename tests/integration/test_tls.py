@@ -101,6 +101,28 @@ async def test_require_upgrades_and_refuses_plaintext(start_pooler: Runner, cert
         )
 
 
+def console_clients(pooler: Any) -> list[tuple[str, str, str]]:
+    """(application_name, tls, transport) of SHOW CLIENTS, asked over TLS with psycopg."""
+    with psycopg.connect(
+        host=pooler.host, port=pooler.port, dbname="pgbouncer", user="postgres", sslmode="require",
+        passfile=NO_PASSFILE, connect_timeout=CONNECT_TIMEOUT_S, autocommit=True,
+        application_name="tls-console",
+    ) as conn:  # fmt: skip
+        cursor = conn.cursor()
+        cursor.execute("SHOW CLIENTS")
+        names = [column.name for column in cursor.description or []]
+        rows = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+    return [(row["application_name"], row["tls"], row["transport"]) for row in rows]
+
+
+async def test_show_clients_names_the_tls_of_each_client(start_pooler: Runner, certs: Certs) -> None:
+    pooler = start_pooler(**tls_settings(certs))
+    (console,) = await asyncio.to_thread(console_clients, pooler)
+    name, tls, transport = console
+    assert name == "tls-console" and transport == "tcp"
+    assert tls.startswith("TLSv1.") and "/" in tls  # protocol/cipher, as PgBouncer shows it
+
+
 async def test_require_exempts_the_unix_socket(start_pooler: Runner, certs: Certs, tmp_path: Path) -> None:
     """As PgBouncer: TLS is required over TCP only (libpq never asks for it on a unix socket)."""
     for mode in ("require", "verify-full"):
