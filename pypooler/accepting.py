@@ -217,10 +217,11 @@ class LoopAcceptor:
     """The event loop's own server on `sockets` (see the module rules); never pauses."""
 
     def __init__(
-        self, sockets: list[socket.socket], protocol_factory: Callable[[], asyncio.Protocol]
+        self, sockets: list[socket.socket], protocol_factory: Callable[[], asyncio.Protocol], backlog: int
     ) -> None:
         self.sockets = sockets
         self.protocol_factory = protocol_factory
+        self.backlog = backlog  # create_server listens again, with 100 unless told
         self.paused = False
         self._servers: list[asyncio.Server] = []
         self._files = unix_socket_files(sockets)
@@ -228,7 +229,8 @@ class LoopAcceptor:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         for sock in self.sockets:
-            self._servers.append(await loop.create_server(self.protocol_factory, sock=sock))
+            server = await loop.create_server(self.protocol_factory, sock=sock, backlog=self.backlog)
+            self._servers.append(server)
 
     def resume(self) -> None:
         pass

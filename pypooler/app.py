@@ -152,7 +152,7 @@ class Pooler:
                 describe=self._describe_connections,
             )
             if scarce
-            else LoopAcceptor(sockets, factory)
+            else LoopAcceptor(sockets, factory, backlog)
         )
         options = keepalive_options(settings)
         for sock in sockets:

@@ -72,9 +72,6 @@ MD5_SALT_BYTES: Final = 4
 # Bounds on the caches, so a flood of made-up user names cannot grow memory without limit.
 SECRET_CACHE_MAX: Final = 10_000
 PLAIN_VERIFIER_CACHE_MAX: Final = 10_000
-# Passwords `check_password` found right, remembered (as keyed digests) with the secret they
-# matched; past this many the memory starts again.
-CHECKED_PASSWORD_CACHE_MAX: Final = 10_000
 NS_PER_S: Final = 1_000_000_000
 
 # Methods whose check needs the user's secret.
@@ -519,7 +516,6 @@ class Authenticator:
         self._cache: dict[tuple[str, str], tuple[int, Secret | None]] = {}
         self._inflight: dict[tuple[str, str], asyncio.Future[Secret | None]] = {}
         self._plain_verifiers: dict[tuple[str, str], ScramVerifier] = {}
-        self._checked: dict[tuple[str, Secret, bytes], AuthOutcome] = {}
         self._mock_key = secrets.token_bytes(32)
         self._mock_kind = self._most_common_kind()
         self.lookups = 0  # auth_query runs, for tests and stats
@@ -703,24 +699,12 @@ class Authenticator:
         HTTP: the password of the request's connection string), for any password method: the
         `plain` method's check, which fits every kind of secret, the mock for unknown users
         included. PasswordAuthFailed when it does not match."""
-        encoded = password.encode("utf-8")
-        # Each request brings its password again: against a SCRAM verifier a check is PBKDF2,
-        # milliseconds of CPU, so a password found right for this very secret is remembered
-        # (a keyed digest, never the text). A wrong one is checked in full every time.
-        key = (user, secret, hmac.digest(self._mock_key, encoded, "sha256")) if secret is not None else None
-        if key is not None:
-            known = self._checked.get(key)
-            if known is not None:
-                return known
+        # Each request brings its password again; against a SCRAM verifier the PBKDF2 runs once
+        # per (password, salt) all the same: scram.derived_keys keeps what it derived.
         exchange = self.exchange("plain", user, secret, channel_binding=None)
         exchange.start()
-        exchange.receive(c.F_PASSWORD, encoded + b"\0")
-        outcome = exchange.outcome
-        if key is not None:
-            if len(self._checked) >= CHECKED_PASSWORD_CACHE_MAX:
-                self._checked.clear()
-            self._checked[key] = outcome
-        return outcome
+        exchange.receive(c.F_PASSWORD, password.encode("utf-8") + b"\0")
+        return exchange.outcome
 
     def _mock_secret(self, user: str, scram: bool) -> Secret:
         """The stand-in secret for a user without one (built only for those logins)."""

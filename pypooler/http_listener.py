@@ -64,6 +64,7 @@ class HttpListener:
             port,
             ssl=tls.context if tls is not None and tls.mode != "disable" else None,
             reuse_address=True,
+            backlog=self.pooler.settings.listen_backlog,  # a fan-out connects all at once
         )
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("HTTP (SQL over HTTP) listening on %s:%d", address, self.port)
