@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,9 @@ DEFAULT_DURATION_S = 8
 THREADS = 2  # wrk -t and pgbench -j: one per core on the 2-core machines we run on
 WARMUP_S = 2
 WRK = "wrk"
+PY_SPY = Path(sys.executable).parent / "py-spy"
+PROFILE_RATE_HZ = 250
+PROFILE_TOP = 15
 WRK_GRACE_S = 60
 SCRAM_USER = "pp_scram"  # a role pypooler.embedded creates, SCRAM in PostgreSQL's pg_hba
 GOAL = 0.5  # issue 18: HTTP requests/s >= 0.5 x pgbench -S transactions/s
@@ -269,10 +273,105 @@ def measure(args: argparse.Namespace, workdir: Path) -> tuple[list[Measurement],
                                 measured = run_pgbench(postgres, target, clients, args.duration, round_no)
                             results.append(measured)
                             report_progress(measured)
+            if args.profile is not None:
+                for target in targets:
+                    for kind in ("http", "pgbench"):
+                        profile(postgres, target, kind, scripts[target.auth], args, results)
         finally:
             for target in targets:
                 target.proxy.stop()
     return results, f"{machine}; load average {load_start:.2f} at start"
+
+
+def profile(
+    postgres: EmbeddedPostgres,
+    target: Target,
+    kind: str,
+    script: Path,
+    args: argparse.Namespace,
+    results: list[Measurement],
+) -> None:
+    """py-spy (native frames too: the hot path is mypyc-compiled) on pypooler while one more
+    run at the first client count loads it; the collapsed stacks go to --profile, and
+    `profile_summary` reads them. The run is not part of the table (py-spy slows it)."""
+    out: Path = args.profile
+    out.mkdir(parents=True, exist_ok=True)
+    stacks = out / f"{target.auth}-{kind}-c{args.clients[0]}.txt"
+    spy = subprocess.Popen(
+        [str(PY_SPY), "record", "--native", "--rate", str(PROFILE_RATE_HZ), "--format", "raw",
+         "--duration", str(args.duration), "--pid", str(target.proxy.pid), "-o", str(stacks)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    if kind == "http":
+        measured = run_wrk(target, script, args.clients[0], args.duration, 0)
+    else:
+        measured = run_pgbench(postgres, target, args.clients[0], args.duration, 0)
+    try:
+        _, err = spy.communicate(timeout=args.duration + WRK_GRACE_S)
+    except subprocess.TimeoutExpired:
+        spy.kill()
+        _, err = spy.communicate()
+    measured.target = f"profiled {measured.target}"
+    results.append(measured)
+    report_progress(measured)
+    if spy.returncode != 0 or not stacks.is_file():
+        progress(f"py-spy failed ({spy.returncode}): {compare.short(err.strip(), 300)}")
+        return
+    progress(f"collapsed stacks in {stacks}")
+    print(profile_summary(stacks, measured), file=sys.stderr)
+
+
+def profile_summary(stacks: Path, measured: Measurement) -> str:
+    """Where pypooler's CPU per request goes, from py-spy's collapsed stacks: samples waiting in
+    epoll are idle and left out; every other sample is a share of the CPU per request. By
+    function (the frame on top of the stack) and by source file (the innermost Python or
+    mypyc-compiled frame, so a `write` counts for the code that called it)."""
+    own: Counter[str] = Counter()
+    files: Counter[str] = Counter()
+    busy = idle = 0
+    for line in stacks.read_text().splitlines():
+        frames_text, _, count_text = line.rpartition(" ")
+        if not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [parse_frame(frame) for frame in frames_text.split(";")]
+        if frames[-1][0] in IDLE_FRAMES:
+            idle += count
+            continue
+        busy += count
+        own[f"{frames[-1][0]} ({frames[-1][1]})"] += count
+        files[next((where for _, where in reversed(frames) if is_source(where)), frames[-1][1])] += count
+    per_request = measured.cpu_us or 0.0
+    lines = [
+        f"{stacks.name}: {busy} busy samples ({idle} idle left out);"
+        f" {per_request:.1f} µs pypooler CPU per request (with py-spy attached)"
+    ]
+    for title, counter in (("function", own), ("source file", files)):
+        lines.append(f"  top {PROFILE_TOP} by {title}: share of busy samples, µs per request")
+        for name, count in counter.most_common(PROFILE_TOP):
+            share = count / busy if busy else 0.0
+            lines.append(f"    {share:6.1%} {share * per_request:7.1f}  {name}")
+    return "\n".join(lines)
+
+
+IDLE_FRAMES = frozenset({"epoll_pwait", "epoll_wait"})
+_MYPYC_SYMBOL_RE = re.compile(r"CPyDef_(?:([a-z_]+)___)?")
+
+
+def parse_frame(frame: str) -> tuple[str, str]:
+    """("function", "where") of one py-spy frame "function (path:line)"; a mypyc function's
+    "where" is its module (`CPyDef_client___...` is pypooler/client, compiled)."""
+    function, _, rest = frame.partition(" (")
+    where = rest.rstrip(")").rsplit(":", 1)[0]
+    where = "/".join(where.split("/")[-2:])
+    symbol = _MYPYC_SYMBOL_RE.match(function)
+    if symbol is not None and symbol.group(1):
+        where = f"{symbol.group(1).replace('___', '/')}.py (compiled)"
+    return function, where
+
+
+def is_source(where: str) -> bool:
+    return where.endswith((".py", ".py (compiled)"))
 
 
 def command_line(argv: Sequence[str]) -> str:
@@ -281,7 +380,8 @@ def command_line(argv: Sequence[str]) -> str:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
     except OSError as exc:
         return f"{argv[0]}: {exc}"
-    return (out.stdout or out.stderr).splitlines()[0].strip() if (out.stdout or out.stderr) else argv[0]
+    text = out.stdout or out.stderr
+    return text.splitlines()[0].strip() if text else argv[0]
 
 
 def report_progress(result: Measurement) -> None:
@@ -382,6 +482,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help="rounds")
     parser.add_argument("--duration", type=int, default=DEFAULT_DURATION_S, help="seconds per run")
+    parser.add_argument(
+        "--profile", type=Path, default=None,
+        help="after the rounds, py-spy each pypooler under one more HTTP and pgbench run; stacks go to DIR",
+    )  # fmt: skip
     parser.add_argument(
         "--results-dir", type=Path, default=Path(__file__).resolve().parent / "results",
         help="where the report file goes",
