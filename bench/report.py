@@ -82,6 +82,13 @@ def ratio_per_round(
 # -- tables ----------------------------------------------------------------------------------
 
 
+def proxy_cpu_us(result: LoadResult) -> float | None:
+    """CPU of the process in front of PostgreSQL (pypooler, PgBouncer, the WebSocket relay)
+    per successful invocation; None for direct TCP, which has none."""
+    cpu = result.extra.get("proxy_cpu_s")
+    return cpu / result.ok * 1e6 if cpu is not None and result.ok else None
+
+
 def fanout_table(
     results: Sequence[LoadResult],
     targets: Sequence[str] = TARGETS,
@@ -92,8 +99,8 @@ def fanout_table(
     `baseline`'s, on the rows of the targets after it (pypooler's alone for TCP)."""
     lines = [
         "| N | target | success % (per round) | errors, by message (all rounds) | p50 ms | p95 ms | p99 ms"
-        f" | invocations/s | {ratio_header} |",
-        "|---:|---|---|---|---:|---:|---:|---:|---|",
+        f" | invocations/s | proxy CPU µs per invocation | {ratio_header} |",
+        "|---:|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
     points = sorted({r.point for r in results}, key=lambda p: int(p.split("=")[1]))
     compared = targets[targets.index(baseline) + 1 :]
@@ -113,7 +120,8 @@ def fanout_table(
                 f" | {fmt(median([r.quantile(0.5) for r in runs]), ',.0f', 1000)}"
                 f" | {fmt(median([r.quantile(0.95) for r in runs]), ',.0f', 1000)}"
                 f" | {fmt(median([r.quantile(0.99) for r in runs]), ',.0f', 1000)}"
-                f" | {fmt(median([r.throughput for r in runs]), ',.0f')} | {ratio} |"
+                f" | {fmt(median([r.throughput for r in runs]), ',.0f')}"
+                f" | {fmt(median([proxy_cpu_us(r) for r in runs]), ',.0f')} | {ratio} |"
             )
     return "\n".join(lines)
 
@@ -517,7 +525,9 @@ def write(run: Run, out_dir: Path, *, machine: str, elapsed_s: float, started: d
             " close; statement_cache_size=0), all N starting at one instant from"
             f" {run.scale.fanout_client_procs} client processes; {run.scale.fanout_bursts} burst(s)"
             f" per point and round; an invocation gives up after 30 s. Latency is end to end from"
-            " the burst's start; invocations/s is successes over the bursts' wall time.",
+            " the burst's start; invocations/s is successes over the bursts' wall time; proxy CPU"
+            " is the proxy process's utime + stime (/proc/PID/stat) over the bursts per successful"
+            " invocation.",
             "", fanout_table(run.fanout), "", "![fan-out](fanout.png)",
         ]  # fmt: skip
     if run.http_fanout:
@@ -541,7 +551,9 @@ def write(run: Run, out_dir: Path, *, machine: str, elapsed_s: float, started: d
             f" against pypooler's HTTP listener (pool_size {compare.POOL_SIZE}). Every target logs in"
             " by trust, so the `Client` runs with `pipelineConnect = false` (the driver's default"
             ' `"password"` needs `auth_type = plain` in pypooler, or password auth in PostgreSQL).'
-            " The ratio column is each target's invocations/s over the relay's, within a round.",
+            " Proxy CPU: pypooler's, or the relay's for the direct target, per successful"
+            " invocation. The ratio column is each target's invocations/s over the relay's, within"
+            " a round.",
             "",
             fanout_table(
                 run.http_fanout, HTTP_TARGETS, HTTP_DIRECT,

@@ -373,7 +373,7 @@ def fanout_scenario(bench: Bench, run: Run, round_no: int) -> None:
                     for share in shares
                 ]
 
-            result = fanout_bursts(bench, run, "fanout", round_no, target, n, commands)
+            result = fanout_bursts(bench, run, "fanout", round_no, target, n, commands, proxy)
             run.fanout.append(result)
 
 
@@ -406,7 +406,8 @@ def http_fanout_scenario(bench: Bench, run: Run, round_no: int) -> None:
                     for share in shares
                 ]  # fmt: skip
 
-            result = fanout_bursts(bench, run, "httpfanout", round_no, target, n, commands)
+            proxy = bench.wsproxy if target == HTTP_DIRECT else bench.proxies[1]
+            result = fanout_bursts(bench, run, "httpfanout", round_no, target, n, commands, proxy)
             run.http_fanout.append(result)
 
 
@@ -418,11 +419,14 @@ def fanout_bursts(
     target: str,
     n: int,
     commands: Callable[[float, list[int]], list[list[str]]],
+    proxy: Proxy | None,
 ) -> LoadResult:
     """`fanout_bursts` bursts of n invocations against one target, from `fanout_client_procs`
-    processes that `commands(start_at, shares)` starts; merged into one LoadResult."""
+    processes that `commands(start_at, shares)` starts; merged into one LoadResult, with the
+    CPU time the proxy (or relay) in front of PostgreSQL spent over the bursts."""
     scale = run.scale
     result = LoadResult(scenario, round_no, target, f"N={n}")
+    cpu_before = compare.process_cpu_seconds(proxy.pid) if proxy is not None else None
     procs = min(scale.fanout_client_procs, n)
     shares = [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
     for burst in range(scale.fanout_bursts):
@@ -445,6 +449,8 @@ def fanout_bursts(
         result.offered += n
         result.wall_s += max((a.get("wall_s", 0.0) for a in answers), default=0.0)
     result.latencies.sort()
+    if cpu_before is not None and proxy is not None and proxy.alive():
+        result.extra["proxy_cpu_s"] = compare.process_cpu_seconds(proxy.pid) - cpu_before
     p99 = result.quantile(0.99)
     bench.steps.report(
         f"{scenario} N={n} round {round_no} {target}: {result.success:.1%} ok, "
