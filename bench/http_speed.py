@@ -143,19 +143,26 @@ def connection_string(target: Target) -> str:
     return f"postgresql://{target.user}:{target.password}@{LOOPBACK}/{DEFAULT_DBNAME}"
 
 
-def neon_request_lua(target: Target) -> str:
-    """wrk's script: every request the one neon()'s `sql\\`SELECT 1\\`` sends (driver 1.2)."""
-    headers = {
+def neon_headers(target: Target) -> dict[str, str]:
+    """The headers neon() sends with a query (driver 1.2)."""
+    return {
         "Content-Type": "text/plain;charset=UTF-8",  # fetch's type for a string body
         "Neon-Connection-String": connection_string(target),
         "Neon-Raw-Text-Output": "true",
         "Neon-Array-Mode": "true",
     }
-    lines = [
-        'wrk.method = "POST"',
-        f"wrk.body = {json.dumps(json.dumps({'query': 'SELECT 1', 'params': []}))}",
+
+
+NEON_BODY = json.dumps({"query": "SELECT 1", "params": []})
+
+
+def neon_request_lua(target: Target) -> str:
+    """wrk's script: every request the one neon() sends for `SELECT 1`."""
+    lines = ['wrk.method = "POST"', f"wrk.body = {json.dumps(NEON_BODY)}"]
+    lines += [
+        f"wrk.headers[{json.dumps(name)}] = {json.dumps(value)}"
+        for name, value in neon_headers(target).items()
     ]
-    lines += [f"wrk.headers[{json.dumps(name)}] = {json.dumps(value)}" for name, value in headers.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -163,14 +170,9 @@ def preflight(target: Target) -> None:
     """One request by hand: the setup answers `SELECT 1` (else every wrk figure is of errors)."""
     request = urllib.request.Request(
         f"http://{LOOPBACK}:{target.http_port}/sql",
-        data=json.dumps({"query": "SELECT 1", "params": []}).encode(),
+        data=NEON_BODY.encode(),
         method="POST",
-        headers={
-            "Content-Type": "text/plain;charset=UTF-8",
-            "Neon-Connection-String": connection_string(target),
-            "Neon-Raw-Text-Output": "true",
-            "Neon-Array-Mode": "true",
-        },
+        headers=neon_headers(target),
     )
     with urllib.request.urlopen(request, timeout=PREFLIGHT_TIMEOUT_S) as response:  # loopback only
         answer = json.loads(response.read())
