@@ -198,23 +198,30 @@ def run_wrk(target: Target, script: Path, clients: int, duration_s: int, round_n
         result.error = f"wrk hung: no result {duration_s + WRK_GRACE_S} s after start (killed)"
         return result
     result.cpu_s = compare.process_cpu_seconds(target.proxy.pid) - cpu_before
-    requests, rate = _REQUESTS_RE.search(done.stdout), _RPS_RE.search(done.stdout)
-    if done.returncode != 0 or requests is None or rate is None:
+    if done.returncode != 0:
         result.error = f"wrk exit {done.returncode}: {compare.short(done.stderr.strip() or done.stdout, 200)}"
         return result
+    parse_wrk(done.stdout, result)
+    return result
+
+
+def parse_wrk(stdout: str, result: Measurement) -> None:
+    """wrk --latency's report into `result`: requests, requests/s, p50 and p99, and as the
+    error any non-2xx responses or socket errors (the rate then counts failures too)."""
+    requests, rate = _REQUESTS_RE.search(stdout), _RPS_RE.search(stdout)
+    if requests is None or rate is None:
+        result.error = f"no result in wrk's output: {compare.short(stdout, 200)}"
+        return
     result.count, result.rate = int(requests.group(1)), float(rate.group(1))
-    for percentile, value, unit in _PERCENTILE_RE.findall(done.stdout):
+    for percentile, value, unit in _PERCENTILE_RE.findall(stdout):
         ms = float(value) * _UNIT_MS[unit]
         if percentile == "50":
             result.p50_ms = ms
         else:
             result.p99_ms = ms
-    failures = [
-        m.group(0) for m in (_NON_2XX_RE.search(done.stdout), _SOCKET_ERRORS_RE.search(done.stdout)) if m
-    ]
+    failures = [m.group(0) for m in (_NON_2XX_RE.search(stdout), _SOCKET_ERRORS_RE.search(stdout)) if m]
     if failures:
         result.error = "; ".join(failures)
-    return result
 
 
 def run_pgbench(
