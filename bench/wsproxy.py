@@ -14,7 +14,7 @@ Rules:
   are. A text message closes with 1003; a close is answered; either side ending ends the other.
 - Flow control passes through: a side whose transport is over its high-water mark pauses
   reading on the other side.
-- Listens with the same backlog as pypooler's TCP listener (LISTEN_BACKLOG), so the relay's
+- Listens with the backlog pypooler's listen_backlog asks for (LISTEN_BACKLOG), so the relay's
   queue is not what the fan-out measures. Prints `listening <port>` once it is ready; SIGINT or
   SIGTERM stops it (exit 0).
 """
@@ -43,7 +43,7 @@ from wsproto.events import (
 from wsproto.utilities import RemoteProtocolError
 
 LOOPBACK = "127.0.0.1"
-LISTEN_BACKLOG = 4096  # bench.run's: pypooler's listen_backlog, and PgBouncer's there
+LISTEN_BACKLOG = 4096  # bench.run's: pypooler's listen_backlog default, and PgBouncer's there
 CLOSE_NORMAL = 1000
 CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_UNSUPPORTED_DATA = 1003
