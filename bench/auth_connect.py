@@ -49,8 +49,8 @@ from pathlib import Path
 
 import uvloop
 
-from bench.compare import clean_env, process_cpu_seconds, random_free_port, read_tail
-from pypooler.embedded import DEFAULT_DBNAME, EmbeddedPostgres
+from bench.compare import clean_env, process_cpu_seconds, read_tail
+from pypooler.embedded import DEFAULT_DBNAME, EmbeddedPostgres, random_free_port
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
 from pypooler.protocol.scram import MECHANISM, ScramClientExchange

@@ -269,9 +269,10 @@ class Proxy:
             self.exit_notes.append(f"exit code {code} after {self.stop_signal.name}")
 
 
-def client_env(postgres: EmbeddedPostgres, port: int) -> dict[str, str]:
-    """pgbench/psql as postgres over TCP to 127.0.0.1:`port`."""
-    env = postgres.env()
+def client_env(postgres: EmbeddedPostgres, port: int, user: str | None = None) -> dict[str, str]:
+    """pgbench/psql over TCP to 127.0.0.1:`port`, as postgres or `user` (with the password the
+    cluster created it with)."""
+    env = postgres.env() if user is None else postgres.env(user)
     env["PGPORT"] = str(port)
     # The cluster's env says PGPASSFILE=/dev/null, which libpq warns about on every connection
     # (500 lines at -c 500); a file that does not exist is silently ignored.
@@ -621,6 +622,7 @@ def run_pgbench(
     proxy: Proxy | None,
     round_no: int,
     target: str,
+    user: str | None = None,
 ) -> RunResult:
     run = RunResult(round_no, point, target)
     if proxy is not None and not proxy.alive():
@@ -635,7 +637,7 @@ def run_pgbench(
     if point.reconnect:
         argv.append("-C")
     argv.append(DEFAULT_DBNAME)
-    env = client_env(postgres, port)
+    env = client_env(postgres, port, user)
     cpu_before = process_cpu_seconds(proxy.pid) if proxy is not None else None
     try:
         result = subprocess.run(

@@ -33,10 +33,10 @@ import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-import asyncpg
+import asyncpg  # type: ignore[import-untyped]  # no stubs; bench code only
 import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -348,7 +348,7 @@ async def idle(params: dict[str, Any]) -> dict[str, Any]:
     return report
 
 
-KINDS: dict[str, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
+KINDS: dict[str, Callable[[dict[str, Any]], Coroutine[Any, Any, dict[str, Any]]]] = {
     "fanout": fanout,
     "pools": pools,
     "idle": idle,

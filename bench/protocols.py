@@ -105,7 +105,7 @@ def start_pypooler_from(name: str, source: Path, home: Path, postgres: EmbeddedP
             )  # fmt: skip
         return process, log_path
 
-    return start_proxy(name, launch, postgres, signal.SIGINT)
+    return start_proxy(name, launch, postgres, signal.SIGINT, frozenset({0}))
 
 
 def run_mode(

@@ -18,12 +18,17 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
 
 from bench import compare
-from bench.run import HOLD_TIMES_S, IdleResult, LoadResult, Run
+from bench.run import HOLD_TIMES_S, HTTP_DIRECT, HTTP_SQL, HTTP_WS, IdleResult, LoadResult, Run
 
 TARGETS = ("direct", "PgBouncer", "pypooler")
-COLORS = {"direct": "#9e9e9e", "PgBouncer": "#4c72b0", "pypooler": "#dd8452"}
+HTTP_TARGETS = (HTTP_DIRECT, HTTP_SQL, HTTP_WS)
+COLORS = {
+    "direct": "#9e9e9e", "PgBouncer": "#4c72b0", "pypooler": "#dd8452",
+    HTTP_DIRECT: "#9e9e9e", HTTP_SQL: "#dd8452", HTTP_WS: "#c44e52",
+}  # fmt: skip
 DPI = 110
 
 
@@ -57,10 +62,14 @@ def group(results: Sequence[LoadResult], point: str, target: str) -> list[LoadRe
 
 
 def ratio_per_round(
-    results: Sequence[LoadResult], point: str, value: Callable[[LoadResult], float]
+    results: Sequence[LoadResult],
+    point: str,
+    value: Callable[[LoadResult], float],
+    numerator: str = "pypooler",
+    denominator: str = "PgBouncer",
 ) -> list[float | None]:
-    ours = {r.round_no: r for r in group(results, point, "pypooler")}
-    theirs = {r.round_no: r for r in group(results, point, "PgBouncer")}
+    ours = {r.round_no: r for r in group(results, point, numerator)}
+    theirs = {r.round_no: r for r in group(results, point, denominator)}
     ratios: list[float | None] = []
     for round_no in sorted(ours):
         if round_no in theirs and value(theirs[round_no]) > 0:
@@ -73,32 +82,46 @@ def ratio_per_round(
 # -- tables ----------------------------------------------------------------------------------
 
 
-def fanout_table(results: Sequence[LoadResult]) -> str:
+def proxy_cpu_us(result: LoadResult) -> float | None:
+    """CPU of the process in front of PostgreSQL (pypooler, PgBouncer, the WebSocket relay)
+    per successful invocation; None for direct TCP, which has none."""
+    cpu = result.extra.get("proxy_cpu_s")
+    return cpu / result.ok * 1e6 if cpu is not None and result.ok else None
+
+
+def fanout_table(
+    results: Sequence[LoadResult],
+    targets: Sequence[str] = TARGETS,
+    baseline: str = "PgBouncer",
+    ratio_header: str = "pypooler/PgBouncer invocations/s (per round)",
+) -> str:
+    """One row per point and target; the ratio column is each target's invocations/s over
+    `baseline`'s, on the rows of the targets after it (pypooler's alone for TCP)."""
     lines = [
         "| N | target | success % (per round) | errors, by message (all rounds) | p50 ms | p95 ms | p99 ms"
-        " | invocations/s | pypooler/PgBouncer invocations/s (per round) |",
-        "|---:|---|---|---|---:|---:|---:|---:|---|",
+        f" | invocations/s | proxy CPU µs per invocation | {ratio_header} |",
+        "|---:|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
     points = sorted({r.point for r in results}, key=lambda p: int(p.split("=")[1]))
+    compared = targets[targets.index(baseline) + 1 :]
     for point in points:
-        ratios = ratio_per_round(results, point, lambda r: r.throughput)
-        for target in TARGETS:
+        for target in targets:
             runs = group(results, point, target)
             if not runs:
                 continue
             success = [r.success for r in runs]
-            ratio = (
-                ""
-                if target != "pypooler"
-                else (f"**{fmt(median(ratios), '.2f')}** ({per_round(ratios, '.2f')})")
-            )
+            ratio = ""
+            if target in compared:
+                ratios = ratio_per_round(results, point, lambda r: r.throughput, target, baseline)
+                ratio = f"**{fmt(median(ratios), '.2f')}** ({per_round(ratios, '.2f')})"
             lines.append(
                 f"| {point.split('=')[1]} | {target} | {fmt(median(success), '.1f', 100)}"
                 f" ({per_round(success, '.1f', 100)}) | {errors_cell(runs)}"
                 f" | {fmt(median([r.quantile(0.5) for r in runs]), ',.0f', 1000)}"
                 f" | {fmt(median([r.quantile(0.95) for r in runs]), ',.0f', 1000)}"
                 f" | {fmt(median([r.quantile(0.99) for r in runs]), ',.0f', 1000)}"
-                f" | {fmt(median([r.throughput for r in runs]), ',.0f')} | {ratio} |"
+                f" | {fmt(median([r.throughput for r in runs]), ',.0f')}"
+                f" | {fmt(median([proxy_cpu_us(r) for r in runs]), ',.0f')} | {ratio} |"
             )
     return "\n".join(lines)
 
@@ -232,6 +255,23 @@ def summary_table(run: Run) -> str:
             + " | ".join(cells)
             + " |"
         )
+    if run.http_fanout:
+        biggest = max((r.point for r in run.http_fanout), key=lambda p: int(p.split("=")[1]))
+
+        def outcome(target: str) -> str:
+            runs = group(run.http_fanout, biggest, target)
+            if not runs:
+                return "-"
+            return (
+                f"{fmt(median([r.success for r in runs]), '.1f', 100)}% ok, p99"
+                f" {fmt(median([r.quantile(0.99) for r in runs]), ',.0f', 1000)} ms"
+            )
+
+        rows.append(
+            f"| edge fan-out with @neondatabase/serverless, {biggest.split('=')[1]} concurrent"
+            f" invocations | WebSocket-to-TCP relay: {outcome(HTTP_DIRECT)} | (no HTTP or WebSocket)"
+            f" | `POST /sql`: {outcome(HTTP_SQL)}; WebSocket: {outcome(HTTP_WS)} |"
+        )
     if run.autoscale:
         cells = []
         for target in ("direct", "PgBouncer", "pypooler"):
@@ -257,8 +297,8 @@ def summary_table(run: Run) -> str:
             for target in TARGETS:
                 ok = [r for r in results if r.target == target and r.ok]
                 if not ok:
-                    failed = [r for r in results if r.target == target]
-                    cells.append(f"failed: {compare.short(failed[0].error or '?', 40)}" if failed else "-")
+                    tried = [r for r in results if r.target == target]
+                    cells.append(f"failed: {compare.short(tried[0].error or '?', 40)}" if tried else "-")
                     continue
                 cpu = median([r.cpu_us_per_xact for r in ok])
                 cells.append(
@@ -269,8 +309,8 @@ def summary_table(run: Run) -> str:
     if run.idle:
         cells = ["-"]
         for target in ("PgBouncer", "pypooler"):
-            runs = [r for r in run.idle if r.target == target]
-            cells.append(f"{fmt(median([r.kib_per_client for r in runs]), '.1f')} KiB" if runs else "-")
+            idle = [r for r in run.idle if r.target == target]
+            cells.append(f"{fmt(median([r.kib_per_client for r in idle]), '.1f')} KiB" if idle else "-")
         clients = max(r.clients for r in run.idle)
         rows.append(f"| memory per idle client ({clients:,} clients) | " + " | ".join(cells) + " |")
     return "\n".join(rows)
@@ -280,7 +320,7 @@ def summary_table(run: Run) -> str:
 
 
 def grouped_bars(
-    ax: plt.Axes,
+    ax: Axes,
     results: Sequence[LoadResult],
     points: Sequence[str],
     value: Callable[[LoadResult], float | None],
@@ -301,22 +341,28 @@ def grouped_bars(
     ax.set_xticks(range(len(points)), [p.replace("N=", "") for p in points])
 
 
-def plot_fanout(results: Sequence[LoadResult], path: Path) -> None:
+def plot_fanout(
+    results: Sequence[LoadResult],
+    path: Path,
+    targets: Sequence[str] = TARGETS,
+    invocation: str = "connect, SELECT 1, close",
+    title: str = "Serverless fan-out against PostgreSQL max_connections = 100 (dots: rounds)",
+) -> None:
     points = sorted({r.point for r in results}, key=lambda p: int(p.split("=")[1]))
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
-    grouped_bars(axes[0], results, points, lambda r: r.success * 100)
+    grouped_bars(axes[0], results, points, lambda r: r.success * 100, targets)
     axes[0].set_title("invocations that succeeded (%)")
     axes[0].set_ylim(0, 105)
-    grouped_bars(axes[1], results, points, lambda r: q * 1000 if (q := r.quantile(0.99)) else None)
+    grouped_bars(axes[1], results, points, lambda r: q * 1000 if (q := r.quantile(0.99)) else None, targets)
     axes[1].set_title("p99 end-to-end latency (ms, log)")
     axes[1].set_yscale("log")
-    grouped_bars(axes[2], results, points, lambda r: r.throughput)
+    grouped_bars(axes[2], results, points, lambda r: r.throughput, targets)
     axes[2].set_title("successful invocations per second")
     for ax in axes:
-        ax.set_xlabel("concurrent invocations (each: connect, SELECT 1, close)")
+        ax.set_xlabel(f"concurrent invocations (each: {invocation})")
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(loc="lower left")
-    fig.suptitle("Serverless fan-out against PostgreSQL max_connections = 100 (dots: rounds)")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
@@ -479,8 +525,41 @@ def write(run: Run, out_dir: Path, *, machine: str, elapsed_s: float, started: d
             " close; statement_cache_size=0), all N starting at one instant from"
             f" {run.scale.fanout_client_procs} client processes; {run.scale.fanout_bursts} burst(s)"
             f" per point and round; an invocation gives up after 30 s. Latency is end to end from"
-            " the burst's start; invocations/s is successes over the bursts' wall time.",
+            " the burst's start; invocations/s is successes over the bursts' wall time; proxy CPU"
+            " is the proxy process's utime + stime (/proc/PID/stat) over the bursts per successful"
+            " invocation.",
             "", fanout_table(run.fanout), "", "![fan-out](fanout.png)",
+        ]  # fmt: skip
+    if run.http_fanout:
+        plot_fanout(
+            run.http_fanout, out_dir / "http-fanout.png", HTTP_TARGETS,
+            invocation="the driver's SELECT 1",
+            title="Edge fan-out with @neondatabase/serverless, max_connections = 100 (dots: rounds)",
+        )  # fmt: skip
+        beside = "![TCP fan-out](fanout.png) " if run.fanout else ""
+        parts += [
+            "", "## Serverless fan-out over HTTP and WebSocket (@neondatabase/serverless)", "",
+            "N concurrent edge-function invocations with the real driver (`bench/neon_fanout.mjs`,"
+            " node, tests/node's `@neondatabase/serverless`), all N starting at one instant from"
+            f" {run.scale.fanout_client_procs} client processes; {run.scale.fanout_bursts} burst(s)"
+            " per point and round; 30 s budget per invocation; latency end to end from the burst's"
+            f" start. {HTTP_DIRECT}: the driver's `Client` (connect, `SELECT 1`, end) through"
+            " `bench.wsproxy`, a plain WebSocket-to-TCP relay (one PostgreSQL connection per"
+            f" WebSocket, no pooling: what the driver's users run without pypooler). {HTTP_SQL}:"
+            " `neon()`'s one-shot `SELECT 1` (an HTTP request; node's fetch keeps connections"
+            f" alive between invocations of one process). {HTTP_WS}: the same `Client` script"
+            f" against pypooler's HTTP listener (pool_size {compare.POOL_SIZE}). Every target logs in"
+            " by trust, so the `Client` runs with `pipelineConnect = false` (the driver's default"
+            ' `"password"` needs `auth_type = plain` in pypooler, or password auth in PostgreSQL).'
+            " Proxy CPU: pypooler's, or the relay's for the direct target, per successful"
+            " invocation. The ratio column is each target's invocations/s over the relay's, within"
+            " a round.",
+            "",
+            fanout_table(
+                run.http_fanout, HTTP_TARGETS, HTTP_DIRECT,
+                f"invocations/s over {HTTP_DIRECT}'s (per round)",
+            ),
+            "", f"{beside}![HTTP fan-out](http-fanout.png)",
         ]  # fmt: skip
     if run.autoscale:
         plot_autoscale(run.autoscale, out_dir / "autoscale.png")

@@ -6,6 +6,10 @@ loopback, runs the scenarios below with progress on stderr, and writes
 
 - fanout: N concurrent serverless invocations (own asyncpg connection: connect, SELECT 1,
   close) arriving in bursts, direct vs PgBouncer vs pypooler.
+- httpfanout: the same bursts from edge functions with the real `@neondatabase/serverless`
+  driver (`bench/neon_fanout.mjs`): `neon()` over pypooler's `POST /sql`, and the driver's
+  `Client` over a plain WebSocket-to-TCP relay (`bench.wsproxy`, no pooling: what its users
+  run today) and over pypooler's own WebSocket endpoint.
 - autoscale: the seed's outage: 12 application instances with a pool of 25 each against
   max_connections 100, direct vs through pypooler (pool_size 20).
 - hold: the same arrival rate with a 5 ms and a 200 ms hold per transaction through pypooler;
@@ -36,13 +40,14 @@ import os
 import re
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,15 +56,25 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench import compare
 from bench.compare import LOOPBACK, Point, Proxy, RunResult, progress
-from pypooler.embedded import DEFAULT_DBNAME, SUPERUSER, EmbeddedPostgres
+from pypooler.embedded import DEFAULT_DBNAME, SUPERUSER, EmbeddedPostgres, random_free_port
 
-SCENARIOS = ("fanout", "autoscale", "hold", "pgbench", "idle")
+SCENARIOS = ("fanout", "httpfanout", "autoscale", "hold", "pgbench", "idle")
 MIN_ROUNDS = 2
 BENCH_MAX_CLIENT_CONN = 12_000  # above the 10,000 idle clients
 LISTEN_BACKLOG = 4096  # pypooler's own backlog; PgBouncer gets the same (its default is 128)
 STATS_MAX_APPLICATIONS = 200  # each hold run has its own application_name
 FANOUT_TIMEOUT_S = 30.0  # an invocation's whole budget, as a function timeout would be
 FANOUT_START_DELAY_S = 2.0  # client processes import and then start on one wall-clock instant
+# The driver as tests/integration/test_neon_driver.py installs it (tests/node/package.json pins it).
+NODE_DIR = Path(__file__).resolve().parent.parent / "tests" / "node"
+NEON_DRIVER_DIR = NODE_DIR / "node_modules" / "@neondatabase" / "serverless"
+NEON_FANOUT_SCRIPT = Path(__file__).resolve().parent / "neon_fanout.mjs"
+NPM_TIMEOUT_S = 300
+WSPROXY_START_TIMEOUT_S = 30.0
+# The driver's connection string; the password is ignored (trust in PostgreSQL and pypooler).
+NEON_PASSWORD = "x"
+# HTTP fan-out targets: (name, driver mode, through the relay or pypooler's HTTP listener).
+HTTP_DIRECT, HTTP_SQL, HTTP_WS = "direct WebSocket", "pypooler /sql", "pypooler WebSocket"
 IDLE_SOURCES = tuple(f"127.0.0.{i}" for i in range(2, 12))  # ten source addresses
 IDLE_LOGIN_CONCURRENCY = 256
 IDLE_TIMEOUT_S = 30.0
@@ -74,6 +89,7 @@ class Scale:
 
     fanout_ns: tuple[int, ...]
     fanout_bursts: int
+    http_fanout_ns: tuple[int, ...]
     fanout_client_procs: int
     autoscale_duration_s: float
     autoscale_rate: float
@@ -93,13 +109,13 @@ def _points(select_only: Sequence[int], tpcb: Sequence[int], reconnect: Sequence
 
 
 FULL = Scale(
-    fanout_ns=(100, 1000, 5000), fanout_bursts=2, fanout_client_procs=2,
+    fanout_ns=(100, 1000, 5000), fanout_bursts=2, http_fanout_ns=(5000,), fanout_client_procs=2,
     autoscale_duration_s=15, autoscale_rate=600, hold_duration_s=12, hold_rate=120,
     pgbench_points=_points((10, 100, 500, 1000), (10, 100, 500, 1000), (20,)),
     pgbench_duration_s=6, idle_clients=10_000,
 )  # fmt: skip
 QUICK = Scale(
-    fanout_ns=(100, 1000), fanout_bursts=1, fanout_client_procs=2,
+    fanout_ns=(100, 1000), fanout_bursts=1, http_fanout_ns=(1000,), fanout_client_procs=2,
     autoscale_duration_s=8, autoscale_rate=600, hold_duration_s=8, hold_rate=120,
     pgbench_points=_points((10, 100), (10,), (20,)),
     pgbench_duration_s=3, idle_clients=2000,
@@ -178,6 +194,7 @@ class Run:
     scale: Scale
     rounds: int
     fanout: list[LoadResult] = field(default_factory=list)
+    http_fanout: list[LoadResult] = field(default_factory=list)
     autoscale: list[LoadResult] = field(default_factory=list)
     hold: list[LoadResult] = field(default_factory=list)
     pgbench: list[RunResult] = field(default_factory=list)
@@ -227,15 +244,18 @@ def run_loadgen(kind: str, params: dict[str, Any], timeout_s: float) -> dict[str
 
 def run_loadgens(kind: str, params_list: Sequence[dict[str, Any]], timeout_s: float) -> list[dict[str, Any]]:
     """Several loadgen processes at once (they align on params["start_at"])."""
+    commands = [[sys.executable, "-m", "bench.loadgen", kind, json.dumps(params)] for params in params_list]
+    return run_clients(f"loadgen {kind}", commands, timeout_s)
+
+
+def run_clients(label: str, commands: Sequence[Sequence[str]], timeout_s: float) -> list[dict[str, Any]]:
+    """Client processes at once, each answering one JSON line on stdout (the last), or
+    {"failed": reason}; killed (by PID) if they have not answered within `timeout_s`."""
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "bench.loadgen", kind, json.dumps(params)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=loadgen_env(),
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=loadgen_env()
         )
-        for params in params_list
+        for command in commands
     ]
     deadline = time.monotonic() + timeout_s
     answers: list[dict[str, Any]] = []
@@ -245,12 +265,12 @@ def run_loadgens(kind: str, params_list: Sequence[dict[str, Any]], timeout_s: fl
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.communicate()
-            answers.append({"failed": f"loadgen {kind} gave no answer within {timeout_s:.0f} s (killed)"})
+            answers.append({"failed": f"{label} gave no answer within {timeout_s:.0f} s (killed)"})
             continue
         lines = out.strip().splitlines()
         if proc.returncode != 0 or not lines:
             tail = " | ".join(err.strip().splitlines()[-3:])
-            answers.append({"failed": f"loadgen {kind} exit {proc.returncode}: {tail}"})
+            answers.append({"failed": f"{label} exit {proc.returncode}: {tail}"})
         else:
             answers.append(json.loads(lines[-1]))
     return answers
@@ -320,6 +340,8 @@ class Bench:
     proxies: list[Proxy]
     metrics_url: str
     steps: Steps
+    http_port: int = 0  # pypooler's HTTP listener, when httpfanout runs
+    wsproxy: Proxy | None = None  # the plain WebSocket-to-TCP relay, when httpfanout runs
 
     def targets(self, *, with_pgbouncer: bool = True) -> list[tuple[str, int, Proxy | None]]:
         pgbouncer, pypooler = self.proxies[0], self.proxies[1]
@@ -336,53 +358,106 @@ class Bench:
 
 
 def fanout_scenario(bench: Bench, run: Run, round_no: int) -> None:
-    scale = run.scale
-    for n in scale.fanout_ns:
+    for n in run.scale.fanout_ns:
         for target, port, proxy in bench.targets():
             if proxy is None:
                 bench.before_direct(run, f"fanout N={n} round {round_no}")
-            result = LoadResult("fanout", round_no, target, f"N={n}")
-            procs = min(scale.fanout_client_procs, n)
-            for burst in range(scale.fanout_bursts):
-                start_at = time.time() + FANOUT_START_DELAY_S
-                params = [
-                    {
-                        "host": LOOPBACK,
-                        "port": port,
-                        "user": SUPERUSER,
-                        "database": DEFAULT_DBNAME,
-                        "n": n // procs + (1 if i < n % procs else 0),
-                        "timeout_s": FANOUT_TIMEOUT_S,
-                        "start_at": start_at,
-                        "application_name": "bench-fanout",
-                    }
-                    for i in range(procs)
+
+            def commands(start_at: float, shares: list[int], port: int = port) -> list[list[str]]:
+                params = {
+                    "host": LOOPBACK, "port": port, "user": SUPERUSER, "database": DEFAULT_DBNAME,
+                    "timeout_s": FANOUT_TIMEOUT_S, "start_at": start_at, "application_name": "bench-fanout",
+                }  # fmt: skip
+                return [
+                    [sys.executable, "-m", "bench.loadgen", "fanout", json.dumps({**params, "n": share})]
+                    for share in shares
                 ]
-                answers = run_loadgens("fanout", params, FANOUT_TIMEOUT_S + LOADGEN_GRACE_S)
-                for answer in answers:
-                    if "failed" in answer:
-                        run.notes.append(
-                            f"fanout N={n} round {round_no} {target} burst {burst + 1}: {answer['failed']}"
-                        )
-                        continue
-                    result.ok += answer["ok"]
-                    result.errors.update(answer["errors"])
-                    result.latencies.extend(answer["latencies"])
-                    if answer["start_lag_s"] > 0.5:
-                        run.notes.append(
-                            f"fanout N={n} round {round_no} {target}: a client process started"
-                            f" {answer['start_lag_s']:.1f} s late"
-                        )
-                result.offered += n
-                result.wall_s += max((a.get("wall_s", 0.0) for a in answers), default=0.0)
-            result.latencies.sort()
+
+            result = fanout_bursts(bench, run, "fanout", round_no, target, n, commands, proxy)
             run.fanout.append(result)
-            p99 = result.quantile(0.99)
-            bench.steps.report(
-                f"fanout N={n} round {round_no} {target}: {result.success:.1%} ok, "
-                f"p99 {'-' if p99 is None else f'{p99 * 1000:.0f} ms'}, {result.throughput:,.0f}/s"
-                + (f", errors: {dict(result.errors.most_common(2))}" if result.errors else "")
-            )
+
+
+def http_fanout_scenario(bench: Bench, run: Run, round_no: int) -> None:
+    """The driver's two transports: neon() over POST /sql, Client over a WebSocket (the plain
+    relay, and pypooler's). Every target logs in by trust, so the WebSocket Client runs with
+    pipelineConnect false: its default pipelines a cleartext password, which only
+    auth_type = plain takes (PostgreSQL under trust refuses it, as pypooler does)."""
+    assert bench.wsproxy is not None and bench.http_port
+    connection_string = f"postgresql://{SUPERUSER}:{NEON_PASSWORD}@{LOOPBACK}/{DEFAULT_DBNAME}"
+    targets = [
+        (HTTP_DIRECT, {"mode": "ws", "ws": f"{LOOPBACK}:{bench.wsproxy.port}", "pipeline": "false"}),
+        (HTTP_SQL, {"mode": "http", "endpoint": f"http://{LOOPBACK}:{bench.http_port}/sql"}),
+        (HTTP_WS, {"mode": "ws", "ws": f"{LOOPBACK}:{bench.http_port}", "pipeline": "false"}),
+    ]
+    for n in run.scale.http_fanout_ns:
+        for target, transport in targets:
+            if target == HTTP_DIRECT:
+                bench.before_direct(run, f"httpfanout N={n} round {round_no}")
+
+            def commands(
+                start_at: float, shares: list[int], transport: dict[str, str] = transport
+            ) -> list[list[str]]:
+                return [
+                    ["node", "--experimental-websocket", "--no-warnings", str(NEON_FANOUT_SCRIPT),
+                     json.dumps({
+                         **transport, "driver": str(NEON_DRIVER_DIR), "connection_string": connection_string,
+                         "n": share, "start_at": start_at, "timeout_s": FANOUT_TIMEOUT_S,
+                     })]
+                    for share in shares
+                ]  # fmt: skip
+
+            proxy = bench.wsproxy if target == HTTP_DIRECT else bench.proxies[1]
+            result = fanout_bursts(bench, run, "httpfanout", round_no, target, n, commands, proxy)
+            run.http_fanout.append(result)
+
+
+def fanout_bursts(
+    bench: Bench,
+    run: Run,
+    scenario: str,
+    round_no: int,
+    target: str,
+    n: int,
+    commands: Callable[[float, list[int]], list[list[str]]],
+    proxy: Proxy | None,
+) -> LoadResult:
+    """`fanout_bursts` bursts of n invocations against one target, from `fanout_client_procs`
+    processes that `commands(start_at, shares)` starts; merged into one LoadResult, with the
+    CPU time the proxy (or relay) in front of PostgreSQL spent over the bursts."""
+    scale = run.scale
+    result = LoadResult(scenario, round_no, target, f"N={n}")
+    cpu_before = compare.process_cpu_seconds(proxy.pid) if proxy is not None else None
+    procs = min(scale.fanout_client_procs, n)
+    shares = [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
+    for burst in range(scale.fanout_bursts):
+        start_at = time.time() + FANOUT_START_DELAY_S
+        answers = run_clients(scenario, commands(start_at, shares), FANOUT_TIMEOUT_S + LOADGEN_GRACE_S)
+        for answer in answers:
+            if "failed" in answer:
+                run.notes.append(
+                    f"{scenario} N={n} round {round_no} {target} burst {burst + 1}: {answer['failed']}"
+                )
+                continue
+            result.ok += answer["ok"]
+            result.errors.update(answer["errors"])
+            result.latencies.extend(answer["latencies"])
+            if answer["start_lag_s"] > 0.5:
+                run.notes.append(
+                    f"{scenario} N={n} round {round_no} {target}: a client process started"
+                    f" {answer['start_lag_s']:.1f} s late"
+                )
+        result.offered += n
+        result.wall_s += max((a.get("wall_s", 0.0) for a in answers), default=0.0)
+    result.latencies.sort()
+    if cpu_before is not None and proxy is not None and proxy.alive():
+        result.extra["proxy_cpu_s"] = compare.process_cpu_seconds(proxy.pid) - cpu_before
+    p99 = result.quantile(0.99)
+    bench.steps.report(
+        f"{scenario} N={n} round {round_no} {target}: {result.success:.1%} ok, "
+        f"p99 {'-' if p99 is None else f'{p99 * 1000:.0f} ms'}, {result.throughput:,.0f}/s"
+        + (f", errors: {dict(result.errors.most_common(2))}" if result.errors else "")
+    )
+    return result
 
 
 def pools_result(scenario: str, round_no: int, target: str, point: str, answer: dict[str, Any]) -> LoadResult:
@@ -579,12 +654,51 @@ def proxy_log_notes(proxies: Sequence[Proxy]) -> list[str]:
     return notes
 
 
-def pypooler_settings(metrics_port: int) -> dict[str, str | int | float | bool]:
-    return {
+def pypooler_settings(metrics_port: int, http_port: int = 0) -> dict[str, str | int | float | bool]:
+    settings: dict[str, str | int | float | bool] = {
         "max_client_conn": BENCH_MAX_CLIENT_CONN,
         "stats_max_applications": STATS_MAX_APPLICATIONS,
         "metrics_port": metrics_port,
     }
+    if http_port:
+        settings.update(http_listen_addr=LOOPBACK, http_listen_port=http_port)
+    return settings
+
+
+def ensure_neon_driver() -> None:
+    """tests/node with the driver installed, as test_neon_driver.py's fixture does it."""
+    if (NEON_DRIVER_DIR / "index.mjs").is_file():
+        return
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        raise RuntimeError("httpfanout needs node and npm (the @neondatabase/serverless driver)")
+    progress(f"npm install in {NODE_DIR} (@neondatabase/serverless)")
+    subprocess.run(
+        ["npm", "install", "--no-audit", "--no-fund"],
+        cwd=NODE_DIR, check=True, capture_output=True, timeout=NPM_TIMEOUT_S,
+    )  # fmt: skip
+
+
+def start_wsproxy(workdir: Path, postgres: EmbeddedPostgres) -> Proxy:
+    """bench.wsproxy in front of PostgreSQL, on a port the OS picks (it prints it)."""
+    log_path = workdir / "wsproxy.stderr"
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bench.wsproxy",
+             "--pg-host", postgres.host, "--pg-port", str(postgres.port)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log, env=loadgen_env(),
+            start_new_session=True,
+        )  # fmt: skip
+    proxy = Proxy("wsproxy", process, 0, log_path, signal.SIGINT, frozenset({0}))
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], WSPROXY_START_TIMEOUT_S)
+    line = process.stdout.readline().decode() if ready else ""
+    process.stdout.close()
+    if not line.startswith("listening "):
+        proxy.stop()
+        raise RuntimeError(f"bench.wsproxy did not start: {compare.read_tail(log_path)}")
+    proxy.port = int(line.split()[1])
+    progress(f"wsproxy is up on {LOOPBACK}:{proxy.port} (pid {proxy.pid})")
+    return proxy
 
 
 def pgbouncer_settings() -> dict[str, str | int]:
@@ -594,6 +708,7 @@ def pgbouncer_settings() -> dict[str, str | int]:
 def count_steps(scale: Scale, scenarios: Sequence[str], rounds: int) -> int:
     per_round = {
         "fanout": len(scale.fanout_ns) * 3,
+        "httpfanout": len(scale.http_fanout_ns) * 3,
         "autoscale": 2,
         "hold": len(HOLD_TIMES_S),
         "pgbench": len(scale.pgbench_points) * 3,
@@ -614,6 +729,8 @@ def benchmark(args: argparse.Namespace) -> tuple[Run, str, float, datetime.datet
     scale: Scale = QUICK if args.quick else FULL
     if args.fanout:
         scale = dataclasses.replace(scale, fanout_ns=tuple(args.fanout))
+    if args.http_fanout:
+        scale = dataclasses.replace(scale, http_fanout_ns=tuple(args.http_fanout))
     if args.idle_clients:
         scale = dataclasses.replace(scale, idle_clients=args.idle_clients)
     run = Run(scale=scale, rounds=args.rounds)
@@ -636,8 +753,17 @@ def benchmark(args: argparse.Namespace) -> tuple[Run, str, float, datetime.datet
         proxies.append(
             compare.start_pgbouncer(workdir, postgres, args.pgbouncer, settings=pgbouncer_settings())
         )
-        metrics_port = compare.random_free_port()
-        proxies.append(compare.start_pypooler(workdir, postgres, settings=pypooler_settings(metrics_port)))
+        metrics_port = random_free_port()
+        http_port = 0
+        if "httpfanout" in scenarios:
+            ensure_neon_driver()
+            http_port = random_free_port()
+        proxies.append(
+            compare.start_pypooler(workdir, postgres, settings=pypooler_settings(metrics_port, http_port))
+        )
+        wsproxy = start_wsproxy(workdir, postgres) if http_port else None
+        if wsproxy is not None:
+            proxies.append(wsproxy)
         machine = describe_machine(postgres, args.pgbouncer)
         progress(f"machine: {machine}; load average {load_start:.2f}")
         bench = Bench(
@@ -647,9 +773,12 @@ def benchmark(args: argparse.Namespace) -> tuple[Run, str, float, datetime.datet
             proxies,
             f"http://{LOOPBACK}:{metrics_port}",
             Steps(count_steps(scale, scenarios, args.rounds)),
+            http_port,
+            wsproxy,
         )
         functions = {
-            "fanout": fanout_scenario, "autoscale": autoscale_scenario, "hold": hold_scenario,
+            "fanout": fanout_scenario, "httpfanout": http_fanout_scenario,
+            "autoscale": autoscale_scenario, "hold": hold_scenario,
             "pgbench": pgbench_scenario, "idle": idle_scenario,
         }  # fmt: skip
         for name in scenarios:
@@ -683,6 +812,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--fanout", type=lambda text: [int(n) for n in text.split(",")],
         help="fan-out sizes, e.g. 100,1000,5000",
+    )  # fmt: skip
+    parser.add_argument(
+        "--http-fanout", type=lambda text: [int(n) for n in text.split(",")],
+        help="HTTP/WebSocket fan-out sizes, e.g. 1000,5000",
     )  # fmt: skip
     parser.add_argument("--idle-clients", type=int, help="idle clients for the memory test")
     parser.add_argument("--pgbouncer", default=compare.PGBOUNCER, help="PgBouncer binary")
