@@ -135,7 +135,8 @@ async def test_auth_matrix(
         outcome = outcomes[SOURCES.index(source)]
         password = PASSWORDS[user]
 
-        result, error = None, None
+        result: str | None = None
+        error: BaseException | None = None
         try:
             result = await asyncpg_login(pooler, user, password)
         except (asyncpg.PostgresError, OSError) as exc:

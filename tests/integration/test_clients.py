@@ -138,6 +138,11 @@ def _psycopg_connect(dsn: str, **kwargs: Any) -> psycopg.Connection[Any]:
     return psycopg.connect(dsn, prepare_threshold=None, connect_timeout=CONNECT_TIMEOUT_S, **kwargs)
 
 
+def transaction_status(conn: psycopg.Connection[Any]) -> TransactionStatus:
+    """The status now: mypy would carry an earlier assert's narrowing across a commit."""
+    return conn.info.transaction_status
+
+
 async def _psycopg_aconnect(dsn: str, **kwargs: Any) -> psycopg.AsyncConnection[Any]:
     return await psycopg.AsyncConnection.connect(
         dsn, prepare_threshold=None, connect_timeout=CONNECT_TIMEOUT_S, **kwargs
@@ -330,11 +335,11 @@ def test_psycopg_simple_and_extended_queries(postgres: EmbeddedPostgres, pooler:
         seen: list[Any] = []
         with _psycopg_connect(dsn) as conn:
             # ClientCursor binds client-side and sends one simple Query, several statements at once.
-            with psycopg.ClientCursor(conn) as cur:
-                cur.execute("SELECT 1, 'a'; SELECT %s::text", ("client-side",))
-                seen.append(cur.fetchall())
-                assert cur.nextset()
-                seen.append(cur.fetchall())
+            with psycopg.ClientCursor(conn) as client_side:
+                client_side.execute("SELECT 1, 'a'; SELECT %s::text", ("client-side",))
+                seen.append(client_side.fetchall())
+                assert client_side.nextset()
+                seen.append(client_side.fetchall())
             # The default cursor uses Parse/Bind/Execute with the parameters out of band.
             cur = conn.execute("SELECT %s::int + %s, %s::text, %s::int IS NULL", (40, 2, "x", None))
             seen.append(cur.fetchall())
@@ -374,7 +379,7 @@ def test_psycopg_transactions(
                     conn.execute(f"INSERT INTO {table} VALUES (4, 'savepoint')")
                     conn.execute(f"INSERT INTO {table} VALUES (3, 'duplicate')")
                 conn.execute(f"INSERT INTO {table} VALUES (5, 'after savepoint')")
-            assert conn.info.transaction_status == TransactionStatus.IDLE
+            assert transaction_status(conn) == TransactionStatus.IDLE
             rows = conn.execute(f"SELECT id, note FROM {table} ORDER BY id").fetchall()
             conn.rollback()
             return rows
@@ -692,6 +697,7 @@ async def test_asyncpg_fetch_with_parameters(postgres: EmbeddedPostgres, pooler:
         try:
             rows = await conn.fetch("SELECT g, $1::text || g FROM generate_series(1, $2::int) AS g", "n", 3)
             row = await conn.fetchrow("SELECT $1::int AS a, $2::text AS b, $3::numeric AS c", 1, "two", 3)
+            assert row is not None
             value = await conn.fetchval("SELECT $1::int8 * 2", 2**40)
             null = await conn.fetchval("SELECT $1::text IS NULL", None)
             missing = await conn.fetchrow("SELECT 1 WHERE false")
@@ -823,6 +829,7 @@ async def test_asyncpg_cursors_in_transaction(postgres: EmbeddedPostgres, pooler
                 first = await cursor.fetch(5)
                 skipped = await cursor.forward(50)
                 row = await cursor.fetchrow()
+            assert row is not None
             return [len(iterated), sum(iterated), [r[0] for r in first], skipped, row[0]]
         finally:
             await conn.close()
@@ -886,6 +893,7 @@ async def test_no_state_leaks_between_clients(postgres: EmbeddedPostgres, start_
             "SELECT pg_backend_pid() AS pid, current_setting('statement_timeout') AS timeout,"
             " to_regclass('tmp_x') IS NOT NULL AS has_tmp"
         )
+        assert in_tx is not None
         await client_a.execute("COMMIT")
         assert (in_tx["timeout"], in_tx["has_tmp"]) == ("1234ms", True)
 

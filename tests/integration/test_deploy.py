@@ -175,7 +175,8 @@ def test_userlist_example_secrets_match_the_passwords_it_names() -> None:
         return match.groups()
 
     lines = (ROOT / "config" / "userlist.txt").read_text().splitlines()
-    entries = dict(fields(r'"([^"]+)" "([^"]+)"', line) for line in lines if line and line[0] not in "#;")
+    pairs = (fields(r'"([^"]+)" "([^"]+)"', line) for line in lines if line and line[0] not in "#;")
+    entries = {user: secret for user, secret in pairs}
     assert set(entries) == {"app", "reporting", "batch"}
     assert entries["reporting"] == "md5" + hashlib.md5(b"example-md5-passwordreporting").hexdigest()
     assert entries["batch"] == "example-cleartext-password"

@@ -34,6 +34,7 @@ async def test_client_leaving_mid_transaction_never_returns_a_dirty_server(
 
     leaver = await RawClient.login(pooler.host, pooler.port)
     pid_before = data_rows(await leaver.query("begin; select pg_backend_pid()"))[0][0]
+    assert pid_before is not None
     await leaver.query("insert into leave_mid values (1)")
     leaver.writer.transport.abort()  # vanish without Terminate, mid-transaction
 

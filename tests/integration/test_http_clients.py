@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pypooler.protocol import codec
-from tests.support.http_requests import query_request, read_response
+from tests.support.http_requests import CONNECTION_STRING, query_request, read_response
 from tests.support.pgwire import RawClient, error_fields, show
 from tests.support.poolers import RunningPooler
 from tests.support.tlscerts import make_ca
@@ -31,10 +31,12 @@ def http_port(pooler: RunningPooler) -> int:
     return port
 
 
-async def one_query(pooler: RunningPooler, sql: str, **kwargs: str) -> tuple[int, dict[str, object]]:
+async def one_query(
+    pooler: RunningPooler, sql: str, connection_string: str = CONNECTION_STRING
+) -> tuple[int, dict[str, object]]:
     reader, writer = await asyncio.open_connection("127.0.0.1", http_port(pooler))
     try:
-        writer.write(query_request(sql, **kwargs))
+        writer.write(query_request(sql, connection_string=connection_string))
         return await read_response(reader, timeout=30)
     finally:
         await close(writer)

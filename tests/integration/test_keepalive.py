@@ -10,18 +10,19 @@ import asyncpg
 
 from pypooler.config import load_settings
 from pypooler.keepalive import keepalive_options
+from tests.support.poolers import RunningPooler
 
 OPTIONS = (socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT, socket.TCP_USER_TIMEOUT)
 
 
-def accepted_options(pooler: Any) -> tuple[int, ...]:
+def accepted_options(pooler: RunningPooler) -> tuple[int, ...]:
     """SO_KEEPALIVE and the four TCP options of the pooler's side of a new connection."""
     with socket.create_connection(("127.0.0.1", pooler.port)) as sock:
         sock.sendall(b"\x00")  # a byte, so the pooler has made its ClientConnection
 
         def read() -> tuple[int, ...]:
             (client,) = [c for c in pooler.pooler.registry.clients if not c.closed]
-            raw = client.transport.get_extra_info("socket")
+            raw: socket.socket = client.transport.get_extra_info("socket")
             keepalive = raw.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
             return (keepalive, *[raw.getsockopt(socket.IPPROTO_TCP, option) for option in OPTIONS])
 

@@ -101,7 +101,7 @@ async def test_asyncpg_listeners_share_one_listener_connection(
 ) -> None:
     pooler = start_pooler(pool_size=2)
     before = await backends(postgres)  # the pooler opens servers at its first login
-    received: asyncio.Queue[tuple[int, int, str, str]] = asyncio.Queue()
+    received: asyncio.Queue[tuple[int, int, str, object]] = asyncio.Queue()
     listeners = []
     sender = await RawClient.login(pooler.host, pooler.port)
     try:
@@ -109,7 +109,7 @@ async def test_asyncpg_listeners_share_one_listener_connection(
             conn = await asyncpg.connect(pooler.dsn(), timeout=CONNECT_TIMEOUT_S)
             listeners.append(conn)
 
-            def callback(_: Any, pid: int, channel: str, payload: str, number: int = number) -> None:
+            def callback(_: object, pid: int, channel: str, payload: object, number: int = number) -> None:
                 received.put_nowait((number, pid, channel, payload))
 
             await conn.add_listener("news", callback)

@@ -16,11 +16,12 @@ import pytest
 from pypooler.embedded import EmbeddedPostgres
 from pypooler.protocol import codec
 from tests.support.pgwire import RawClient
+from tests.support.poolers import RunningPooler
 from tests.support.processes import PoolerFactory, connect
 from tests.support.prometheus import scrape
 
 
-def pool_keys(pooler: Any) -> set[tuple[str, str]]:
+def pool_keys(pooler: RunningPooler) -> set[tuple[str, str]]:
     return pooler.call(lambda: set(pooler.pooler.manager.pools))
 
 

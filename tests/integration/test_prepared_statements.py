@@ -49,6 +49,7 @@ async def test_asyncpg_default_statement_cache_200_clients_over_2_servers(start_
                 seen.append(await conn.fetchval(f"SELECT $1::text || '-{number % 7}'", "x"))
                 async with conn.transaction():
                     row = await conn.fetchrow("SELECT $1::int AS n, $2::text AS r", number, str(round_number))
+                    assert row is not None
                     seen.append((row["n"], row["r"]))
                 statement = await conn.prepare("SELECT $1::int + 1")
                 seen.append(await statement.fetchval(number))

@@ -157,10 +157,11 @@ async def test_session_to_transaction_or_statement(start_pooler: Any, mode: str)
             # Its server was reset (DISCARD ALL) and serves the new clients now: both servers
             # are in use at once here, and neither has the old session's setting.
             async with first.transaction(), second.transaction():
-                rows = [
-                    await conn.fetchrow("SELECT pg_backend_pid(), current_setting('work_mem')")
-                    for conn in (first, second)
-                ]
+                rows = []
+                for conn in (first, second):
+                    row = await conn.fetchrow("SELECT pg_backend_pid(), current_setting('work_mem')")
+                    assert row is not None
+                    rows.append(row)
             assert {row[0] for row in rows} == {pid_before, *pids}
             assert [row[1] for row in rows] == ["4MB", "4MB"]
         for number in range(3):

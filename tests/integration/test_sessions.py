@@ -52,6 +52,7 @@ async def test_clients_with_different_settings_alternate_on_one_server(start_poo
         pids = set()
         for round_number in range(3):
             row = await first.fetchrow(sql)
+            assert row is not None
             pids.add(row[0])
             assert tuple(row)[1:] == ("first", "America/New_York", "SQL, DMY")
             cursor = await second.execute(sql)
@@ -64,7 +65,7 @@ async def test_clients_with_different_settings_alternate_on_one_server(start_poo
                 await second.execute("SET TimeZone = 'Europe/Paris'")
                 await second.execute("SELECT 1")
                 row = await first.fetchrow(sql)
-                assert row[2] == "America/New_York"
+                assert row is not None and row[2] == "America/New_York"
                 cursor = await second.execute(sql)
                 seen = await cursor.fetchone()
                 assert seen is not None and seen[2] == "Europe/Paris"

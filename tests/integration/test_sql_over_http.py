@@ -231,7 +231,9 @@ def test_a_wait_for_a_server_is_bounded_by_query_wait_timeout(
     start_pooler: Callable[..., RunningPooler],
 ) -> None:
     running = start_pooler(pool_size=1, query_wait_timeout=0.5)
-    pool_taken = running.call_async(running.pooler.manager.get_pool("pypooler_test", "postgres").borrow())
+    pool = running.pooler.manager.get_pool("pypooler_test", "postgres")
+    assert pool is not None
+    pool_taken = running.call_async(pool.borrow())
     try:
         status, error = post(running, {"query": "SELECT 1"})
         assert (status, error["code"]) == (400, "08006")

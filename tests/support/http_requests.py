@@ -22,10 +22,16 @@ def sql_request(body: bytes, *, extra: str = "", connection_string: str = CONNEC
 DRIVER_HEADERS = "Neon-Array-Mode: true\r\nNeon-Raw-Text-Output: true\r\n"
 
 
-def query_request(sql: str, params: list[Any] | None = None, **kwargs: Any) -> bytes:
+def query_request(
+    sql: str,
+    params: list[Any] | None = None,
+    *,
+    extra: str = "",
+    connection_string: str = CONNECTION_STRING,
+) -> bytes:
     """One query as neon() sends it: rows come back as arrays of text."""
     body = json.dumps({"query": sql, "params": params or []}).encode()
-    return sql_request(body, extra=DRIVER_HEADERS + kwargs.pop("extra", ""), **kwargs)
+    return sql_request(body, extra=DRIVER_HEADERS + extra, connection_string=connection_string)
 
 
 async def read_response(reader: asyncio.StreamReader, timeout: float = 10) -> tuple[int, dict[str, Any]]:

@@ -106,7 +106,8 @@ def data_rows(messages: list[tuple[int, bytes]]) -> list[list[str | None]]:
         if msg_type != c.B_DATA_ROW:
             continue
         (count,) = codec.INT16.unpack_from(body)
-        pos, row = 2, []
+        pos = 2
+        row: list[str | None] = []
         for _ in range(count):
             (length,) = codec.INT32.unpack_from(body, pos)
             pos += 4

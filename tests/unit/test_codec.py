@@ -6,6 +6,7 @@ ProtocolViolation.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import struct
 from collections.abc import Callable, Iterator
@@ -32,7 +33,7 @@ FUZZ = settings(max_examples=150, deadline=None)
 
 INT32_RANGE = st.integers(-(2**31), 2**31 - 1)
 # Text without NUL: the wire format cannot carry one inside a C string.
-WIRE_TEXT = st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)))
+WIRE_TEXT = st.text(st.characters(exclude_characters="\0", exclude_categories=["Cs"]))
 
 
 def body_of(message: bytes) -> tuple[int, bytes]:
@@ -595,7 +596,7 @@ def test_fuzz_body_parsers(body: bytes) -> None:
         codec.parse_authentication,
         codec.parse_sasl_mechanisms,
     ):
-        only_protocol_violation(lambda parse=parse: parse(body))
+        only_protocol_violation(functools.partial(parse, body))
     only_protocol_violation(lambda: codec.read_cstring(body, 0))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pickle
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -635,8 +636,9 @@ def test_cert_auth_needs_tls_and_a_ca() -> None:
     ],
 )
 def test_auth_setting_values_are_checked(key: str, value: object, problem: str) -> None:
+    overrides: dict[str, Any] = {key: value}  # settings values, as load_settings takes them
     with pytest.raises(ConfigError) as excinfo:
-        load_settings(env={}, **{key: value})
+        load_settings(env={}, **overrides)
 
     assert len(problems_of(excinfo)) == 1
     assert problems_of(excinfo)[0].startswith(problem)

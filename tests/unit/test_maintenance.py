@@ -3,7 +3,8 @@ fake registries (the pool-level checks run on real pools in test_pool.py)."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 
@@ -22,6 +23,11 @@ from pypooler.maintenance import (
 from pypooler.protocol.errors import IdleTransactionTimeout, PoolerError
 from pypooler.protocol.transaction import FrontendStream
 from tests.support.clock import FakeClock
+
+if TYPE_CHECKING:
+    from pypooler.pool import Pool, PoolManager
+    from pypooler.registry import ClientRegistry
+    from pypooler.server import ServerConnection
 
 NS = 1_000_000_000
 
@@ -127,9 +133,29 @@ class FakeRegistry:
         self.abandoned.append(task)
 
 
+# The pass is typed for the real manager and registry, classes a fake cannot be (mypyc compiles
+# them); run from the sources it takes anything with what it reads, as these fakes have.
+
+
+def maintenance_over(
+    manager: FakeManager,
+    registry: FakeRegistry,
+    settings: Settings,
+    clock: FakeClock,
+    resume_accepting: Callable[[], None] | None = None,
+) -> Maintenance:
+    return Maintenance(
+        cast("PoolManager", manager),
+        cast("ClientRegistry", registry),
+        settings,
+        clock=clock,
+        resume_accepting=resume_accepting,
+    )
+
+
 def make(**overrides: Any) -> tuple[Maintenance, FakeManager, FakeRegistry, FakeClock]:
     manager, registry, clock = FakeManager(), FakeRegistry(), FakeClock(1_000 * NS)
-    pass_ = Maintenance(manager, registry, settings(**overrides), clock=clock)  # type: ignore[arg-type]
+    pass_ = maintenance_over(manager, registry, settings(**overrides), clock)
     return pass_, manager, registry, clock
 
 
@@ -199,13 +225,7 @@ def test_reload_recomputes_the_interval_and_the_snapshot_time() -> None:
 def test_accepting_is_resumed_by_the_pass() -> None:
     manager, registry, clock = FakeManager(), FakeRegistry(), FakeClock(1_000 * NS)
     resumed: list[int] = []
-    pass_ = Maintenance(
-        manager,
-        registry,
-        settings(),
-        clock=clock,
-        resume_accepting=lambda: resumed.append(1),  # type: ignore[arg-type]
-    )
+    pass_ = maintenance_over(manager, registry, settings(), clock, lambda: resumed.append(1))
     pass_.run(clock.now)
     assert resumed == [1]
 
@@ -214,11 +234,15 @@ def test_accepting_is_resumed_by_the_pass() -> None:
 
 
 class FakeHolder:
+    """A pool.Holder lent at `idle_since_ns` and idle since (in a transaction unless told otherwise)."""
+
     def __init__(self, name: str, idle_since_ns: int, *, in_xact: bool = True) -> None:
+        self.server: ServerConnection | None = None
         self.peer = f"127.0.0.1:{name}"
         self.application_name = name
-        self.lent_ns = idle_since_ns
+        self.lent_ns = self.query_start_ns = idle_since_ns
         self.idle_since_ns = idle_since_ns
+        self.idle_ns = 0
         self.idle_in_xact = in_xact
         self.hog_warned = False
         self.frontend = FrontendStream()
@@ -239,6 +263,11 @@ class FakeHolderPool:
         return self._holders
 
 
+def as_pool(fake: FakeHolderPool) -> Pool:
+    """watch_holders reads only what FakeHolderPool has (see the casts above)."""
+    return cast("Pool", fake)
+
+
 @pytest.mark.skipif(
     not pool_module.__file__ or not pool_module.__file__.endswith(".py"),
     reason="the log line's describe_holder (pool.py) needs a real client when compiled",
@@ -251,8 +280,8 @@ def test_idle_transaction_timeout_ends_and_hold_warn_warns_once(caplog: pytest.L
     outside = FakeHolder("outside", now - 10 * NS, in_xact=False)  # idle, but between statements
     pool = FakeHolderPool([long_idle, warned, fresh, outside])
     with caplog.at_level("WARNING", logger="pypooler.maintenance"):
-        watch_holders(pool, now, 2.0, 1000.0)  # type: ignore[arg-type]
-        watch_holders(pool, now, 2.0, 1000.0)  # type: ignore[arg-type]
+        watch_holders(as_pool(pool), now, 2.0, 1000.0)
+        watch_holders(as_pool(pool), now, 2.0, 1000.0)
     assert len(long_idle.failures) == 2  # the client ends itself at the first; a fake does not
     assert isinstance(long_idle.failures[0], IdleTransactionTimeout)
     assert (warned.failures, fresh.failures, outside.failures) == ([], [], [])
@@ -270,5 +299,5 @@ def test_holders_held_past_holder_diagnosis_ms_are_gathered_for_the_advisor() ->
     now = 1_000 * NS
     long, short = FakeHolder("long", now - 2 * NS), FakeHolder("short", now - NS // 2)
     pool = FakeHolderPool([long, short])
-    assert watch_holders(pool, now, 0.0, 0.0, diagnose_ms=1000.0) == [long]  # type: ignore[arg-type]
-    assert watch_holders(pool, now, 0.0, 0.0) == []  # type: ignore[arg-type]  # 0: never asked
+    assert watch_holders(as_pool(pool), now, 0.0, 0.0, diagnose_ms=1000.0) == [long]
+    assert watch_holders(as_pool(pool), now, 0.0, 0.0) == []  # 0: never asked

@@ -11,7 +11,7 @@ import asyncio
 import random
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast, overload
 
 import pytest
 
@@ -21,7 +21,10 @@ from pypooler.maintenance import maintain_pool
 from pypooler.pool import Pool
 from pypooler.protocol.errors import PoolerError, QueryWaitTimeout, ServerConnectFailed, ShuttingDown
 from pypooler.protocol.transaction import FrontendStream
-from pypooler.server import ServerLogin
+from pypooler.server import ServerConnection, ServerLogin
+
+if TYPE_CHECKING:
+    from pypooler.client import ClientConnection
 
 NS = 1_000_000_000
 
@@ -129,11 +132,12 @@ class FakeClient:
     def server(self) -> FakeServer | None:
         return self.linked[-1] if self.linked else None
 
-    def link(self, server: FakeServer) -> None:
+    def link(self, server: ServerConnection) -> None:
+        fake = as_fake(server)
         assert not self.waiting, "linked while still marked waiting"
-        assert server.client is None, f"{server} lent to {server.client} and {self}"
-        server.client = self
-        self.linked.append(server)
+        assert fake.client is None, f"{fake} lent to {fake.client} and {self}"
+        fake.client = self
+        self.linked.append(fake)
 
     def fail(self, exc: PoolerError) -> None:
         assert not self.waiting, "failed while still marked waiting"
@@ -141,6 +145,33 @@ class FakeClient:
 
     def __repr__(self) -> str:
         return self.name
+
+
+# The pool is typed for the real connections, classes a fake cannot be (mypyc compiles them);
+# run from the sources it takes anything with what it uses, as these fakes have. Fakes cross into
+# the pool's types, and back, only through these casts.
+
+
+def as_server(fake: FakeServer) -> ServerConnection:
+    return cast(ServerConnection, fake)
+
+
+def as_fake(server: ServerConnection) -> FakeServer:
+    """A server the pool holds: each one came from FakeConnector or a test's as_server."""
+    return cast(FakeServer, server)
+
+
+@overload
+def fakes(servers: list[ServerConnection]) -> list[FakeServer]: ...
+@overload
+def fakes(servers: set[ServerConnection]) -> set[FakeServer]: ...
+def fakes(servers: list[ServerConnection] | set[ServerConnection]) -> list[FakeServer] | set[FakeServer]:
+    """One of the pool's own lists or sets (not a copy), as the fakes it holds."""
+    return cast("list[FakeServer] | set[FakeServer]", servers)
+
+
+def as_client(fake: FakeClient) -> ClientConnection:
+    return cast("ClientConnection", fake)
 
 
 class FakeConnector:
@@ -206,24 +237,25 @@ def add_idle(pool: Pool, count: int) -> list[FakeServer]:
     servers = []
     for _ in range(count):
         server = FakeServer()
-        pool.servers.add(server)  # type: ignore[arg-type]
+        pool.servers.add(as_server(server))
         server.on_close = pool.server_closed
-        pool.release(server)  # type: ignore[arg-type]
+        pool.release(as_server(server))
         servers.append(server)
     return servers
 
 
 def checkout(pool: Pool, client: FakeClient) -> FakeServer | None:
     """pool.checkout, noting who holds a server lent at once (a queued client gets `link`)."""
-    server: Any = pool.checkout(client)  # type: ignore[arg-type]
-    if server is not None:
-        client.link(server)
-    return server  # type: ignore[no-any-return]
+    server = pool.checkout(client)
+    if server is None:
+        return None
+    client.link(server)
+    return as_fake(server)
 
 
 def release(pool: Pool, server: FakeServer) -> None:
     server.client = None
-    pool.release(server)  # type: ignore[arg-type]
+    pool.release(as_server(server))
 
 
 def assert_bounded(pool: Pool) -> None:
@@ -257,7 +289,7 @@ async def test_a_closed_idle_server_leaves_the_idle_list_at_once(connector: Fake
     s1, s2 = add_idle(pool, 2)
     s2.close()
 
-    assert pool.idle == [s1]
+    assert fakes(pool.idle) == [s1]
     assert checkout(pool, FakeClient()) is s1
     assert pool.idle == []
 
@@ -336,7 +368,7 @@ async def test_release_hands_over_to_the_first_client_still_waiting(
     assert pool.waiting == 0
 
     release(pool, server)
-    assert pool.idle == [server]
+    assert fakes(pool.idle) == [server]
     assert a.failures == c.failures == []
 
 
@@ -363,10 +395,10 @@ async def test_give_back_releases_what_the_rule_passed_and_closes_the_rest(
     checkout(pool, waiter)
 
     dirty.client = None
-    pool.give_back(dirty, False)  # type: ignore[arg-type]
+    pool.give_back(as_server(dirty), False)
     assert dirty.closed and waiter.linked == []
     clean.client = None
-    pool.give_back(clean, True)  # type: ignore[arg-type]
+    pool.give_back(as_server(clean), True)
 
     assert waiter.linked == [clean] and not clean.closed
 
@@ -379,14 +411,14 @@ async def test_a_cancel_in_flight_defers_the_release_until_it_is_delivered(
     checkout(pool, FakeClient())
     waiter = FakeClient()
     checkout(pool, waiter)
-    pool.cancel_started(server)  # type: ignore[arg-type]
-    pool.cancel_started(server)  # type: ignore[arg-type]
+    pool.cancel_started(as_server(server))
+    pool.cancel_started(as_server(server))
 
     release(pool, server)
     assert waiter.linked == [] and server.release_after_cancel
-    pool.cancel_delivered(server)  # type: ignore[arg-type]
+    pool.cancel_delivered(as_server(server))
     assert waiter.linked == []  # one cancel is still on its way
-    pool.cancel_delivered(server)  # type: ignore[arg-type]
+    pool.cancel_delivered(as_server(server))
 
     assert waiter.linked == [server] and not server.release_after_cancel
 
@@ -395,9 +427,9 @@ async def test_a_cancel_delivered_without_a_release_changes_nothing(connector: F
     pool = make_pool(size=1)
     (server,) = add_idle(pool, 1)
     checkout(pool, FakeClient())
-    pool.cancel_started(server)  # type: ignore[arg-type]
+    pool.cancel_started(as_server(server))
 
-    pool.cancel_delivered(server)  # type: ignore[arg-type]
+    pool.cancel_delivered(as_server(server))
 
     assert server.cancels == 0 and pool.idle == [] and server.client is not None
 
@@ -410,7 +442,7 @@ async def test_release_goes_idle_when_every_waiter_left(connector: FakeConnector
     (server,) = await connector.succeed()
 
     assert client.linked == []
-    assert pool.idle == [server]
+    assert fakes(pool.idle) == [server]
     assert not pool.waiters
 
 
@@ -422,8 +454,8 @@ async def test_release_of_a_closed_server_is_ignored(connector: FakeConnector) -
 
     release(pool, s2)
 
-    assert pool.idle == [s1]
-    assert pool.servers == {s1}
+    assert fakes(pool.idle) == [s1]
+    assert fakes(pool.servers) == {s1}
 
 
 async def test_server_closed_while_lent_is_replaced_for_waiters(connector: FakeConnector) -> None:
@@ -529,7 +561,7 @@ async def test_ensure_parameters_opens_one_server(connector: FakeConnector) -> N
     (server,) = await connector.succeed()
 
     assert await task == server.parameters
-    assert pool.idle == [server]
+    assert fakes(pool.idle) == [server]
     assert await pool.ensure_parameters() == server.parameters
     assert connector.calls == 1
 
@@ -614,16 +646,16 @@ async def test_server_idle_timeout_closes_the_longest_idle(connector: FakeConnec
     s1.last_used_ns, s2.last_used_ns, s3.last_used_ns = t0, t0 + 30 * NS, t0 + 50 * NS
 
     maintain_pool(pool, t0 + 60 * NS - 1)
-    assert pool.idle == [s1, s2, s3]
+    assert fakes(pool.idle) == [s1, s2, s3]
 
     maintain_pool(pool, t0 + 60 * NS)
     assert (s1.closed, s2.closed, s3.closed) == (True, False, False)
-    assert pool.idle == [s2, s3]
-    assert pool.servers == {s2, s3}
+    assert fakes(pool.idle) == [s2, s3]
+    assert fakes(pool.servers) == {s2, s3}
 
     maintain_pool(pool, t0 + 100 * NS)
-    assert pool.idle == [s3]
-    assert pool.servers == {s3}
+    assert fakes(pool.idle) == [s3]
+    assert fakes(pool.servers) == {s3}
     assert connector.calls == 0  # nobody waits: nothing to replace
 
 
@@ -636,14 +668,14 @@ async def test_idle_timeout_spares_lent_servers(connector: FakeConnector) -> Non
 
     assert s1.closed
     assert not s2.closed
-    assert pool.servers == {s2}
+    assert fakes(pool.servers) == {s2}
 
 
 async def test_server_lifetime_closes_at_release(connector: FakeConnector) -> None:
     pool = make_pool(size=2, server_lifetime=100)
     young, old = FakeServer(age_s=10), FakeServer(age_s=200)
     for server in (young, old):
-        pool.servers.add(server)  # type: ignore[arg-type]
+        pool.servers.add(as_server(server))
         server.on_close = pool.server_closed
 
     maintain_pool(pool, time.monotonic_ns())  # the maintenance pass marks the old one; both are lent
@@ -662,7 +694,7 @@ async def test_server_lifetime_expiry_with_a_waiter_opens_a_replacement(
 ) -> None:
     pool = make_pool(size=1, server_lifetime=100)
     old = FakeServer(age_s=200)
-    pool.servers.add(old)  # type: ignore[arg-type]
+    pool.servers.add(as_server(old))
     old.on_close = pool.server_closed
     waiter = FakeClient()
     checkout(pool, waiter)
@@ -681,12 +713,12 @@ async def test_server_lifetime_expiry_with_a_waiter_opens_a_replacement(
 async def test_server_lifetime_zero_keeps_servers(connector: FakeConnector) -> None:
     pool = make_pool(size=1, server_lifetime=0)
     old = FakeServer(age_s=10**6)
-    pool.servers.add(old)  # type: ignore[arg-type]
+    pool.servers.add(as_server(old))
 
     maintain_pool(pool, time.monotonic_ns())
     release(pool, old)
 
-    assert pool.idle == [old]
+    assert fakes(pool.idle) == [old]
     assert not old.closed
 
 
@@ -696,14 +728,14 @@ async def test_server_lifetime_closes_idle_servers_in_the_maintenance_pass(
     pool = make_pool(size=2, server_lifetime=100)
     young, old = FakeServer(age_s=10), FakeServer(age_s=200)
     for server in (young, old):
-        pool.servers.add(server)  # type: ignore[arg-type]
+        pool.servers.add(as_server(server))
         server.on_close = pool.server_closed
         release(pool, server)
 
     maintain_pool(pool, time.monotonic_ns())
 
     assert old.closed and not young.closed
-    assert pool.idle == [young]
+    assert fakes(pool.idle) == [young]
     assert not pool.draining  # nothing left to close
 
 
@@ -736,10 +768,10 @@ async def test_a_closed_server_keeps_its_place_until_its_backend_has_ended(conne
     assert checkout(pool, waiting) is None
 
     server.client = None
-    pool.give_back(server, False)  # type: ignore[arg-type]
+    pool.give_back(as_server(server), False)
     await settle()
 
-    assert server.closed and pool.ending == {server} and pool.servers == set()
+    assert server.closed and fakes(pool.ending) == {server} and pool.servers == set()
     assert pool.occupied == 1 and connector.calls == 0  # no second backend while the first runs
     server.end()
     await settle()
@@ -826,7 +858,7 @@ async def test_reconfigure_to_a_smaller_pool_closes_idle_now_and_lent_at_release
     release(pool, s3)
     release(pool, s2)
     # One more than the new size is closed instead of idling; the other stays.
-    assert [s2.closed, s3.closed].count(True) == 1
+    assert [server.closed for server in (s2, s3)].count(True) == 1
     assert len(pool.servers) == 1 and pool.idle == list(pool.servers)
     assert not pool.draining
     assert_bounded(pool)
@@ -864,7 +896,7 @@ async def test_reconfigure_across_session_mode_keeps_session_clients_in_session_
     session_client.rewriter = None
     rewriting_client = FakeClient("rewriting")
     rewriting_client.mode = "session"  # it logged in under transaction mode, then followed a RELOAD
-    pool.clients.update(dict.fromkeys((session_client, rewriting_client)))  # type: ignore[arg-type]
+    pool.clients.update(dict.fromkeys((as_client(session_client), as_client(rewriting_client))))
 
     pool.reconfigure(default_login(), size=2, mode="statement", settings=make_settings())
 
@@ -876,13 +908,13 @@ async def test_reconfigure_across_session_mode_keeps_session_clients_in_session_
 async def test_refitting_a_server_gives_back_its_statement_references(connector: FakeConnector) -> None:
     pool = make_pool(size=1)
     (server,) = add_idle(pool, 1)
-    pool.fit_stream(server, rewriting=True)  # type: ignore[arg-type]
+    pool.fit_stream(as_server(server), rewriting=True)
     statement = pool.statements.acquire(b"SELECT 1\0\0\0")
     server.statements.add(statement, 1)
     pool.statements.release(statement)  # the client that prepared it left
     assert len(pool.statements) == 1
 
-    pool.fit_stream(server, rewriting=False)  # type: ignore[arg-type]
+    pool.fit_stream(as_server(server), rewriting=False)
 
     assert server.statements is None and len(pool.statements) == 0
 
@@ -930,7 +962,9 @@ async def test_random_operations_keep_the_books(connector: FakeConnector) -> Non
             elif op == 1 and waiting:
                 pool.cancel_wait(rng.choice(waiting))
             elif op == 2 and holders:
-                release(pool, rng.choice(holders).server)  # type: ignore[arg-type]
+                server = rng.choice(holders).server
+                assert server is not None
+                release(pool, server)
             elif op == 3 and holders:
                 server = rng.choice(holders).server
                 assert server is not None
