@@ -36,7 +36,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]  # no stubs; bench code only
+import asyncpg
 import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -162,7 +162,7 @@ async def sample_until(
     return samples
 
 
-async def _no_reset(conn: asyncpg.Connection) -> None:
+async def _no_reset(conn: asyncpg.Connection[asyncpg.Record]) -> None:
     """Replaces asyncpg's reset on release (RESET ALL, UNLISTEN *, ...): through a
     transaction pooler that reset is a transaction of its own, and the hold scenario counts
     one transaction per request."""
@@ -222,7 +222,7 @@ async def pools(params: dict[str, Any]) -> dict[str, Any]:
             min_size=0,
             max_size=params["pool_max"],
             server_settings={"application_name": params["application_name"]},
-            **({} if params.get("reset_on_release", True) else {"reset": _no_reset}),
+            reset=None if params.get("reset_on_release", True) else _no_reset,
         )
         for _ in range(instances)
     ]
