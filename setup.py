@@ -48,6 +48,12 @@ HOT_PATH = [
     "pypooler/protocol/server_login.py",
     "pypooler/protocol/listen.py",
     "pypooler/listening.py",
+    # SQL over HTTP's per-request path (issue 18's speed goal): the listener, the request as a
+    # pool client, the handler.
+    "pypooler/http_types.py",
+    "pypooler/http_client.py",
+    "pypooler/http_listener.py",
+    "pypooler/sql_over_http.py",
 ]
 
 PURE_FALLBACK = (

@@ -26,6 +26,7 @@ Rules kept here:
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -175,15 +176,23 @@ class HbaRule:
         if self.users is not None and user not in self.users:
             return False
         if self.network is not None:
-            try:
-                ip = ipaddress.ip_address(address)
-            except ValueError:
-                return False
-            if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-                ip = ip.ipv4_mapped
-            if ip.version != self.network.version or ip not in self.network:
+            ip = client_ip(address)
+            if ip is None or ip.version != self.network.version or ip not in self.network:
                 return False
         return True
+
+
+@functools.lru_cache(maxsize=4096)
+def client_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A client's address as hba lines compare it (an IPv4-mapped IPv6 address as IPv4), or
+    None if it is none. Kept: every login (every SQL-over-HTTP request) of a client asks again."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
 
 
 def _hba_tokens(line: str) -> list[list[tuple[str, bool]]] | None:

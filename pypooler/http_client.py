@@ -49,8 +49,8 @@ class HttpClient:
         self.traffic: TrafficStats = pool.stats.for_application(application_name)
         self.connected_ns = request.connected_ns
         self.started_ns = time.monotonic_ns()  # http_request_timeout counts from here
-        self.task = asyncio.current_task()
-        self.future: asyncio.Future[ServerConnection] = asyncio.get_running_loop().create_future()
+        self.task = request.task
+        self.future: asyncio.Future[ServerConnection] | None = None  # made only if it waits
         self.failure: PoolerError | None = None
         # Waiter
         self.waiting = False
@@ -84,7 +84,8 @@ class HttpClient:
         self.frontend.last_statement = statement
         pool = self.pool
         server = pool.checkout(self)
-        if server is None:
+        if server is None:  # queued: `link` or `fail` answers this, never before the await
+            self.future = asyncio.get_running_loop().create_future()
             server = await self.future
         now = time.monotonic_ns()
         if self.wait_started_ns:
@@ -111,10 +112,11 @@ class HttpClient:
     # ------------------------------------------------------------------ Waiter and Holder
 
     def link(self, server: ServerConnection) -> None:
-        if self.future.done() or self.closed:  # gave up in the meantime
+        future = self.future
+        if future is None or future.done() or self.closed:  # gave up in the meantime
             self.pool.release(server)
         else:
-            self.future.set_result(server)
+            future.set_result(server)
 
     def fail(self, exc: PoolerError) -> None:
         """A timeout of the maintenance pass: end the wait, or interrupt the request."""
@@ -123,7 +125,8 @@ class HttpClient:
         self.failure = exc
         self.traffic.errors[exc.reason] += 1
         if self.server is None:
-            if not self.future.done():
-                self.future.set_exception(exc)
+            future = self.future
+            if future is not None and not future.done():
+                future.set_exception(exc)
         elif self.task is not None:
             self.task.cancel()

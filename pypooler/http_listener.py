@@ -5,9 +5,12 @@
 `/v2?address=...`) becomes a PostgreSQL client connection (websocket.py); every other path is 404.
 
 The rules kept here:
-- HTTP/1.1 framing is h11's (sans-IO: one `h11.Connection` per socket, fed from data_received).
+- HTTP/1.1 parsing is httptools' (llhttp, in C: one parser per socket, fed from data_received;
+  the pure-Python h11 cost more than the rest of a request). Responses are written here: a status
+  line, content-type, content-length, and `connection: close` when the connection ends after it.
   One request at a time per connection: reading pauses while its response is being made, so a
-  pipelining client cannot queue work without bound; keep-alive is allowed.
+  pipelining client cannot queue work without bound (requests already in the bytes read are
+  answered in order); keep-alive is allowed, as HTTP/1.0's keep-alive rules say.
 - A request head is at most HEAD_LIMIT bytes (431 past it), a body at most
   `http_max_body_bytes` (413); malformed HTTP gets 400; each of these closes the connection.
 - The slowloris rule of TCP clients holds here too: a request must have arrived whole within
@@ -23,9 +26,11 @@ import asyncio
 import json
 import logging
 import time
+from collections import deque
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, cast
 
-import h11
+import httptools
 
 from pypooler import sql_over_http, websocket
 from pypooler.client import ClientConnection
@@ -54,11 +59,13 @@ class HttpListener:
         self.connections: set[HttpConnection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self._server: asyncio.AbstractServer | None = None
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start
         self.port = 0
 
     async def start(self, address: str, port: int) -> None:
         tls = self.pooler.registry.tls
-        self._server = await asyncio.get_running_loop().create_server(
+        self.loop = asyncio.get_running_loop()
+        self._server = await self.loop.create_server(
             lambda: HttpConnection(self),
             None if address == "*" else address,
             port,
@@ -66,7 +73,8 @@ class HttpListener:
             reuse_address=True,
             backlog=self.pooler.settings.listen_backlog,  # a fan-out connects all at once
         )
-        self.port = self._server.sockets[0].getsockname()[1]
+        server: Any = self._server  # uvloop's `sockets` is a list, not typeshed's tuple (mypyc checks)
+        self.port = server.sockets[0].getsockname()[1]
         log.info("HTTP (SQL over HTTP) listening on %s:%d", address, self.port)
 
     async def route(self, request: HttpRequest) -> HttpResponse:
@@ -91,22 +99,31 @@ class HttpListener:
             await self._server.wait_closed()
 
 
-def _is_websocket_upgrade(request: h11.Request | None) -> bool:
-    return request is not None and any(
-        name == b"upgrade" and value.lower() == b"websocket" for name, value in request.headers
-    )
+class _Request:
+    """What the parser's callbacks gather of one request."""
+
+    __slots__ = ("body", "head_bytes", "headers", "url")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []  # names lower case, as wsproto takes them
+        self.head_bytes = 0
+        self.body = bytearray()
 
 
 class HttpConnection(asyncio.Protocol):
     def __init__(self, listener: HttpListener) -> None:
         self.listener = listener
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # connection_made
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=HEAD_LIMIT)
-        self.request: h11.Request | None = None
-        self.body = bytearray()
+        self.parser = httptools.HttpRequestParser(self)
+        self.request = _Request()
+        self.ready: deque[tuple[_Request, str, bool]] = deque()  # whole: (request, method, keep-alive)
         self.busy = False  # a response is being made: reading is paused
         self.waiting_since_ns = self.connected_ns = time.monotonic_ns()  # since when a request is due
         self.peer = "?"
+        self.failed = False
+
+    # ------------------------------------------------------------------ the socket
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -124,58 +141,80 @@ class HttpConnection(asyncio.Protocol):
             self.listener.pooler.registry.http_connections -= 1
 
     def data_received(self, data: bytes) -> None:
-        self.h11.receive_data(data)
-        self._read_events()
+        if self.failed:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._upgrade(data[exc.args[0] :] if exc.args else b"")
+            return
+        except httptools.HttpParserError as exc:
+            if not self.failed:
+                self._fail(400, f"bad HTTP request: {exc}")
+            return
+        if self.ready and not self.busy:
+            self._dispatch()
 
     def eof_received(self) -> bool | None:
-        self.h11.receive_data(b"")
-        self._read_events()
-        return None
+        return None  # close: a request cut short is not answered
 
-    def _read_events(self) -> None:
+    # ------------------------------------------------------------------ the parser's callbacks
+
+    def on_message_begin(self) -> None:
+        self.request = _Request()
+
+    def on_url(self, url: bytes) -> None:
+        self._count(len(url))
+        self.request.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count(len(name) + len(value) + 4)
+        self.request.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        for name, value in self.request.headers:
+            if name == b"expect" and value.lower() == b"100-continue" and not self.failed:
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
         limit = self.listener.pooler.settings.http_max_body_bytes
-        while not self.busy and not self.transport.is_closing():
-            try:
-                event = self.h11.next_event()
-            except h11.RemoteProtocolError as exc:
-                status = exc.error_status_hint
-                self._fail(status, f"bad HTTP request: {exc}" if status != 431 else "request head too large")
-                return
-            if event is h11.NEED_DATA or event is h11.PAUSED:
-                return
-            if isinstance(event, h11.Request):
-                # h11 bounds a head still arriving; one that came whole in a read is measured here.
-                if len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers) > HEAD_LIMIT:
-                    self._fail(431, "request head too large")
-                    return
-                self.request = event
-                self.body.clear()
-            elif isinstance(event, h11.Data):
-                if len(self.body) + len(event.data) > limit:
-                    self._fail(413, f"request body over http_max_body_bytes ({limit})")
-                    return
-                self.body += event.data
-            elif isinstance(event, h11.EndOfMessage):
-                if _is_websocket_upgrade(self.request):
-                    self._upgrade()
-                    return
-                self._dispatch()
-            elif isinstance(event, h11.ConnectionClosed):
-                self.transport.close()
-                return
+        request = self.request
+        if len(request.body) + len(body) > limit:
+            self._fail(413, f"request body over http_max_body_bytes ({limit})")
+            raise httptools.HttpParserError("body too large")
+        request.body += body
 
-    def _upgrade(self) -> None:
+    def on_message_complete(self) -> None:
+        parser = self.parser
+        if parser.should_upgrade():
+            return  # feed_data raises HttpParserUpgrade next
+        method = parser.get_method().decode("latin-1").upper()
+        self.ready.append((self.request, method, parser.should_keep_alive()))
+        if self.busy or len(self.ready) > 1:
+            self.transport.pause_reading()
+
+    def _count(self, size: int) -> None:
+        # The head is bounded while it arrives (a slow one too); the body by http_max_body_bytes.
+        request = self.request
+        request.head_bytes += size
+        if request.head_bytes > HEAD_LIMIT:
+            self._fail(431, "request head too large")
+            raise httptools.HttpParserError("head too large")
+
+    # ------------------------------------------------------------------ requests
+
+    def _upgrade(self, early: bytes) -> None:
         """The handshake (wsproto), then this socket is a PostgreSQL client (websocket.py)."""
         request = self.request
-        assert request is not None
         try:
-            if request.method != b"GET":
+            if (b"upgrade", b"websocket") not in [(n, v.lower()) for n, v in request.headers]:
+                raise websocket.HandshakeRefused("only WebSocket upgrades are served")
+            if self.parser.get_method() != b"GET":
                 raise websocket.HandshakeRefused("a WebSocket upgrade is a GET")
-            ws, accepted = websocket.accept_upgrade(list(request.headers), request.target)
+            ws, accepted = websocket.accept_upgrade(request.headers, request.url)
         except websocket.HandshakeRefused as exc:
             self._fail(400, f"bad WebSocket upgrade: {exc}")
             return
-        early, _ = self.h11.trailing_data  # frames sent before our 101 arrived
         self.busy = True
         self._forget()  # a client from here: its login timeout applies, and it counts itself
         raw = self.transport
@@ -189,32 +228,31 @@ class HttpConnection(asyncio.Protocol):
         if login is not None:
             login.tls = raw.get_extra_info("ssl_object") is not None
             login.tls_available = False
-        if early:
+        if early:  # frames sent before our 101 arrived
             stream.data_received(early)
 
     def _dispatch(self) -> None:
-        request = self.request
-        assert request is not None
+        request, method, keep_alive = self.ready.popleft()
         self.busy = True
         self.transport.pause_reading()
-        target = request.target.decode("latin-1")
+        target = request.url.decode("latin-1")
         path, _, query = target.partition("?")
         headers: dict[str, str] = {}
         for name, value in request.headers:
             key = name.decode("latin-1")
             text = value.decode("latin-1")
             headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        transport = self.transport
         http_request = HttpRequest(
-            method=request.method.decode("latin-1").upper(), path=path, query=query,
-            headers=headers, body=bytes(self.body), peer=self.peer,
-            tls=self.transport.get_extra_info("ssl_object") is not None,
-            connected_ns=self.connected_ns, transport=self.transport,
+            method=method, path=path, query=query, headers=headers, body=bytes(request.body),
+            peer=self.peer, tls=transport.get_extra_info("ssl_object") is not None,
+            connected_ns=self.connected_ns, transport=transport,
         )  # fmt: skip
-        task = asyncio.get_running_loop().create_task(self._respond(http_request))
+        task = http_request.task = self.listener.loop.create_task(self._respond(http_request, keep_alive))
         self.listener.tasks.add(task)
         task.add_done_callback(self.listener.tasks.discard)
 
-    async def _respond(self, request: HttpRequest) -> None:
+    async def _respond(self, request: HttpRequest, keep_alive: bool) -> None:
         try:
             response = await self.listener.route(request)
         except asyncio.CancelledError:
@@ -223,38 +261,45 @@ class HttpConnection(asyncio.Protocol):
         except Exception:
             log.exception("HTTP %s %s from %s failed", request.method, request.path, self.peer)
             response = json_error(500, "pypooler failed to answer this request", "XX000")
-        if self.transport.is_closing():
+        transport = self.transport
+        if transport.is_closing():
             return
-        self._send(response)
-        if self.h11.our_state is h11.MUST_CLOSE or self.h11.their_state is h11.MUST_CLOSE:
-            self.transport.close()
-            return
-        try:
-            self.h11.start_next_cycle()
-        except h11.LocalProtocolError:
-            self.transport.close()
+        self._send(response, keep_alive)
+        if not keep_alive:
+            transport.close()
             return
         self.busy = False
         self.waiting_since_ns = time.monotonic_ns()
-        self.transport.resume_reading()
-        self._read_events()  # a pipelined request already received
+        if self.ready:  # pipelined, already read
+            self._dispatch()
+        else:
+            transport.resume_reading()
 
-    def _send(self, response: HttpResponse) -> None:
-        headers = [*response.headers, ("content-length", str(len(response.body)))]
-        if not any(name.lower() == "content-type" for name, _ in response.headers):
-            headers.append(("content-type", "application/json"))
-        self.transport.write(
-            self.h11.send(h11.Response(status_code=response.status, headers=headers))
-            + (self.h11.send(h11.Data(data=response.body)) or b"")
-            + (self.h11.send(h11.EndOfMessage()) or b"")
-        )
+    def _send(self, response: HttpResponse, keep_alive: bool) -> None:
+        status = response.status
+        parts = [f"HTTP/1.1 {status} {_reason(status)}\r\ncontent-length: {len(response.body)}\r\n"]
+        has_type = False
+        for name, value in response.headers:
+            parts.append(f"{name}: {value}\r\n")
+            has_type = has_type or name.lower() == "content-type"
+        if not has_type:
+            parts.append("content-type: application/json\r\n")
+        if not keep_alive:
+            parts.append("connection: close\r\n")
+        parts.append("\r\n")
+        self.transport.write("".join(parts).encode("latin-1") + response.body)
 
     def _fail(self, status: int, message: str) -> None:
         """A request this connection cannot go on from: its error, then the close."""
-        self.busy = True
-        try:
-            if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                self._send(json_error(status, message, "08P01"))
-        except h11.LocalProtocolError:
-            pass
+        if self.failed:
+            return
+        self.failed = self.busy = True
+        self._send(json_error(status, message, "08P01"), keep_alive=False)
         self.transport.close()
+
+
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"

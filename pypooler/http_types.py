@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 
-@dataclass(frozen=True)
+@dataclass
 class HttpRequest:
     method: str  # upper case
     path: str  # without the query string
@@ -23,6 +23,7 @@ class HttpRequest:
     tls: bool = False  # it came over TLS (HTTPS): hba's hostssl lines match it
     connected_ns: int = 0  # monotonic: when its connection was accepted (SHOW CLIENTS)
     transport: asyncio.BaseTransport | None = None  # its connection, for socket addresses
+    task: asyncio.Task[None] | None = None  # the task answering it (what a timeout interrupts)
 
 
 @dataclass

@@ -126,13 +126,13 @@ class ServerError(Exception):
 # --------------------------------------------------------------------------- the request
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass
 class Statement:
     sql: str
     parameters: list[str | None]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass
 class SqlRequest:
     statements: list[Statement]
     batch: bool
@@ -141,7 +141,7 @@ class SqlRequest:
     begin: str  # the BEGIN a batch starts with; "" for a single query
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass
 class Credentials:
     user: str
     password: str | None
@@ -186,7 +186,7 @@ def _statement(item: object) -> Statement:
 def parse_sql_request(request: HttpRequest, max_batch: int) -> SqlRequest:
     """What a POST /sql asks; HttpRequestInvalid / HttpLimitExceeded when it cannot be run."""
     try:
-        document = json.loads(request.body)
+        document = json.loads(request.body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise HttpRequestInvalid(f"the request body is not valid JSON: {exc}") from None
     headers = request.headers
@@ -305,8 +305,47 @@ def _json_value(oid: int, text: str) -> object:
     return text
 
 
+# One encoder for every response: json.dumps with options builds a new one per call.
+_ENCODER: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+# RowDescription bodies already turned into (columns, names, fields JSON): the same statements
+# come again and again; past this many the memory starts again.
+DESCRIPTIONS_KEPT: Final = 1024
+_descriptions: dict[bytes, tuple[list[tuple[str, int]], list[str], bytes]] = {}
+
+
 def _dumps(value: object) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return _ENCODER.encode(value).encode("utf-8")
+
+
+def describe_columns(body: bytes) -> tuple[list[tuple[str, int]], list[str], bytes]:
+    """A RowDescription as (name, type oid) pairs, the names, and the driver's `fields` JSON."""
+    known = _descriptions.get(body)
+    if known is not None:
+        return known
+    columns = codec.parse_row_description(body)
+    fields = _dumps(
+        [
+            {
+                "name": name,
+                "tableID": table,
+                "columnID": column,
+                "dataTypeID": oid,
+                "dataTypeSize": size,
+                "dataTypeModifier": modifier,
+                "format": "binary" if form else "text",
+            }
+            for name, table, column, oid, size, modifier, form in columns
+        ]
+    )
+    described = (
+        [(name, oid) for name, _, _, oid, _, _, _ in columns],
+        [name for name, *_ in columns],
+        fields,
+    )
+    if len(_descriptions) >= DESCRIPTIONS_KEPT:
+        _descriptions.clear()
+    _descriptions[body] = described
+    return described
 
 
 class ResultCollector:
@@ -378,24 +417,8 @@ class ResultCollector:
             self._rows = []  # freed at once: the request is refused
 
     def _row_description(self, body: bytes) -> None:
-        columns = codec.parse_row_description(body)
-        self._columns = [(name, oid) for name, _, _, oid, _, _, _ in columns]
-        self._names = [name for name, *_ in columns]
+        self._columns, self._names, self._fields = describe_columns(body)
         self._rows = []
-        self._fields = _dumps(
-            [
-                {
-                    "name": name,
-                    "tableID": table,
-                    "columnID": column,
-                    "dataTypeID": oid,
-                    "dataTypeSize": size,
-                    "dataTypeModifier": modifier,
-                    "format": "binary" if form else "text",
-                }
-                for name, table, column, oid, size, modifier, form in columns
-            ]
-        )
 
     def _data_row(self, body: bytes) -> None:
         if self.failed:
@@ -421,7 +444,7 @@ class ResultCollector:
         command, _, rest = tag.partition(" ")
         count = rest.rpartition(" ")[2]
         head = b'{"command":%s,"rowCount":%s,"rowAsArray":%s,"fields":%s,"rows":[' % (
-            _dumps(command),
+            b'"%s"' % command.encode() if command.isalpha() else _dumps(command),
             count.encode() if count.isdigit() else b"null",
             b"true" if self.array_mode else b"false",
             self._fields,

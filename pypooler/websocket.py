@@ -2,7 +2,7 @@
 Client speak to its `wsProxy` (`/v2?address=host:port`, or any path: the address is ignored, the
 database and user come from the startup packet as for TCP).
 
-The HTTP listener (http_listener.py) parses the upgrade request with h11 and hands it here; the
+The HTTP listener (http_listener.py) parses the upgrade request with httptools and hands it here; the
 WebSocket framing is wsproto's (sans-IO). From then on the connection is an ordinary
 `ClientConnection` (auth, pools, limits, SHOW CLIENTS, stats): it sees a `WebSocketTransport`, an
 object that behaves like the asyncio transport of a TCP client, so nothing on the TCP clients'
@@ -52,7 +52,7 @@ class HandshakeRefused(Exception):
 
 
 def accept_upgrade(headers: list[tuple[bytes, bytes]], target: bytes) -> tuple[WSConnection, bytes]:
-    """wsproto's server side of a handshake h11 already parsed: the connection and the 101 reply."""
+    """wsproto's server side of a handshake the listener already parsed: the connection and the 101 reply."""
     ws = WSConnection(ConnectionType.SERVER)
     try:
         ws.initiate_upgrade_connection(headers, target)

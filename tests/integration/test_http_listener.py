@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.support.http_requests import read_response, sql_request
+from tests.support.http_requests import query_request, read_response, sql_request
 from tests.support.poolers import RunningPooler
 
 
@@ -72,5 +72,48 @@ async def test_a_request_that_never_arrives_whole_is_closed(pooler: RunningPoole
     try:
         writer.write(b"POST /sql HTTP/1.1\r\nHost: x\r\n")  # and never the rest
         assert await asyncio.wait_for(reader.read(), 5) == b""
+    finally:
+        writer.close()
+
+
+async def test_pipelined_requests_are_answered_in_order(pooler: RunningPooler) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", pooler.pooler.http_port)
+    try:
+        writer.write(b"".join(query_request("SELECT $1::int", [n]) for n in (1, 2, 3)))
+        for n in (1, 2, 3):
+            status, body = await read_response(reader)
+            assert (status, body["rows"]) == (200, [[str(n)]])
+    finally:
+        writer.close()
+
+
+async def test_expect_continue_and_http_1_0(pooler: RunningPooler) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", pooler.pooler.http_port)
+    try:
+        request = query_request("SELECT 1", extra="Expect: 100-continue\r\n")
+        head, _, body = request.partition(b"\r\n\r\n")
+        writer.write(head + b"\r\n\r\n")  # curl waits for 100 Continue before a larger body
+        assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(body)
+        assert (await read_response(reader))[0] == 200
+    finally:
+        writer.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", pooler.pooler.http_port)
+    try:
+        writer.write(query_request("SELECT 1").replace(b"HTTP/1.1", b"HTTP/1.0", 1))
+        assert (await read_response(reader))[0] == 200
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # HTTP/1.0: closed after it
+    finally:
+        writer.close()
+
+
+async def test_an_upgrade_to_another_protocol_is_refused(pooler: RunningPooler) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", pooler.pooler.http_port)
+    try:
+        writer.write(
+            b"GET /sql HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n\r\n"
+        )
+        status, body = await read_response(reader)
+        assert status == 400 and "only WebSocket upgrades" in body["message"]
     finally:
         writer.close()
