@@ -222,6 +222,18 @@ def _begin(headers: dict[str, str]) -> str:
     return " ".join(words)
 
 
+def credentials_of(text: str) -> Credentials:
+    """`parse_connection_string`, kept per connection string: a function's every request sends
+    the same one (only those that parse are kept; past KEPT_PER_TEXT the memory starts again)."""
+    known = _credentials.get(text)
+    if known is None:
+        known = parse_connection_string(text)
+        if len(_credentials) >= KEPT_PER_TEXT:
+            _credentials.clear()
+        _credentials[text] = known
+    return known
+
+
 def parse_connection_string(text: str) -> Credentials:
     """User, password, database and application_name of a postgres(ql):// URL. Its host and
     port are the driver's business (they chose this endpoint), not ours."""
@@ -307,10 +319,14 @@ def _json_value(oid: int, text: str) -> object:
 
 # One encoder for every response: json.dumps with options builds a new one per call.
 _ENCODER: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-# RowDescription bodies already turned into (columns, names, fields JSON): the same statements
-# come again and again; past this many the memory starts again.
-DESCRIPTIONS_KEPT: Final = 1024
+# What is worked out once per text and kept, since the same connection strings and statements
+# come with request after request: RowDescription bodies as (columns, names, fields JSON),
+# connection strings as Credentials, statements' session-state verdicts. Past this many entries
+# a memory starts again.
+KEPT_PER_TEXT: Final = 1024
 _descriptions: dict[bytes, tuple[list[tuple[str, int]], list[str], bytes]] = {}
+_credentials: dict[str, Credentials] = {}
+_leaving: dict[str, bool] = {}
 
 
 def _dumps(value: object) -> bytes:
@@ -342,7 +358,7 @@ def describe_columns(body: bytes) -> tuple[list[tuple[str, int]], list[str], byt
         [name for name, *_ in columns],
         fields,
     )
-    if len(_descriptions) >= DESCRIPTIONS_KEPT:
+    if len(_descriptions) >= KEPT_PER_TEXT:
         _descriptions.clear()
     _descriptions[body] = described
     return described
@@ -498,8 +514,18 @@ async def _finish(server: ServerConnection, sql: str) -> tuple[bool, dict[str, s
 
 
 def _leaves_state(statements: list[Statement]) -> bool:
-    found = (scan_sql(statement.sql.encode("utf-8", "replace")) for statement in statements)
-    return any(kind in LEAK_KINDS for kinds in found for kind in kinds)
+    return any(_statement_leaves_state(statement.sql) for statement in statements)
+
+
+def _statement_leaves_state(sql: str) -> bool:
+    """session_state.scan_sql's answer, kept per text: the same statements come again and again."""
+    known = _leaving.get(sql)
+    if known is None:
+        known = any(kind in LEAK_KINDS for kind in scan_sql(sql.encode("utf-8", "replace")))
+        if len(_leaving) >= KEPT_PER_TEXT:
+            _leaving.clear()
+        _leaving[sql] = known
+    return known
 
 
 def _settings_sql(pool: Pool, server: ServerConnection, application_name: str) -> str:
@@ -606,7 +632,7 @@ async def handle_sql(pooler: Pooler, request: HttpRequest) -> HttpResponse:
     try:
         pooler.registry.check_room()
         sql_request = parse_sql_request(request, settings.http_max_batch_queries)
-        credentials = parse_connection_string(request.headers.get(CONNECTION_STRING, ""))
+        credentials = credentials_of(request.headers.get(CONNECTION_STRING, ""))
         pool = await log_in(pooler, credentials, request.peer, tls=request.tls)
         with HttpClient(request, pool, credentials.user, credentials.application_name) as client:
             client.traffic.bytes_received += len(request.body)
