@@ -126,19 +126,22 @@ class ServerError(Exception):
 # --------------------------------------------------------------------------- the request
 
 
-@dataclass
+# Plain classes rather than dataclasses: mypyc compiles their __init__ (made once per request).
 class Statement:
-    sql: str
-    parameters: list[str | None]
+    def __init__(self, sql: str, parameters: list[str | None]) -> None:
+        self.sql = sql
+        self.parameters = parameters
 
 
-@dataclass
 class SqlRequest:
-    statements: list[Statement]
-    batch: bool
-    array_mode: bool
-    raw_text: bool
-    begin: str  # the BEGIN a batch starts with; "" for a single query
+    def __init__(
+        self, statements: list[Statement], batch: bool, array_mode: bool, raw_text: bool, begin: str
+    ) -> None:
+        self.statements = statements
+        self.batch = batch
+        self.array_mode = array_mode
+        self.raw_text = raw_text
+        self.begin = begin  # the BEGIN a batch starts with; "" for a single query
 
 
 @dataclass
