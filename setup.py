@@ -48,8 +48,9 @@ HOT_PATH = [
     "pypooler/protocol/server_login.py",
     "pypooler/protocol/listen.py",
     "pypooler/listening.py",
-    # SQL over HTTP's per-request path (issue 18's speed goal): the listener, the request as a
-    # pool client, the handler.
+    # Logins' checks, which SQL over HTTP runs per request; and its per-request path (issue 18's
+    # speed goal): the listener, the request as a pool client, the handler.
+    "pypooler/auth.py",
     "pypooler/http_types.py",
     "pypooler/http_client.py",
     "pypooler/http_listener.py",

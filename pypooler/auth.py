@@ -128,8 +128,8 @@ def load_auth_file(path: str) -> dict[str, Secret]:
         user, secret_text = fields[0], fields[1]
         try:
             secrets_by_user[user] = parse_secret(secret_text)
-        except ValueError as exc:
-            problems.append(f"auth_file {path} line {number}: user {user!r}: {exc}")
+        except ValueError as bad:
+            problems.append(f"auth_file {path} line {number}: user {user!r}: {bad}")
     if problems:
         raise ConfigError(problems)
     return secrets_by_user

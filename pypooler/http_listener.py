@@ -145,8 +145,8 @@ class HttpConnection(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            self._upgrade(data[exc.args[0] :] if exc.args else b"")
+        except httptools.HttpParserUpgrade as upgrade:
+            self._upgrade(data[upgrade.args[0] :] if upgrade.args else b"")
             return
         except httptools.HttpParserError as exc:
             if not self.failed:
