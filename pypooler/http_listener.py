@@ -122,6 +122,7 @@ class HttpConnection(asyncio.Protocol):
         self.waiting_since_ns = self.connected_ns = time.monotonic_ns()  # since when a request is due
         self.peer = "?"
         self.failed = False
+        self.logins: dict[str, object] = {}  # see HttpRequest.logins
 
     # ------------------------------------------------------------------ the socket
 
@@ -246,7 +247,7 @@ class HttpConnection(asyncio.Protocol):
         http_request = HttpRequest(
             method=method, path=path, query=query, headers=headers, body=bytes(request.body),
             peer=self.peer, tls=transport.get_extra_info("ssl_object") is not None,
-            connected_ns=self.connected_ns, transport=transport,
+            connected_ns=self.connected_ns, transport=transport, logins=self.logins,
         )  # fmt: skip
         task = http_request.task = self.listener.loop.create_task(self._respond(http_request, keep_alive))
         self.listener.tasks.add(task)

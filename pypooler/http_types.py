@@ -26,6 +26,7 @@ class HttpRequest:
         connected_ns: int = 0,  # monotonic: when its connection was accepted (SHOW CLIENTS)
         transport: asyncio.BaseTransport | None = None,  # its connection, for socket addresses
         task: asyncio.Task[None] | None = None,  # the task answering it (what a timeout interrupts)
+        logins: dict[str, object] | None = None,  # its connection's, kept across its requests
     ) -> None:
         self.method = method
         self.path = path
@@ -37,6 +38,8 @@ class HttpRequest:
         self.connected_ns = connected_ns
         self.transport = transport
         self.task = task
+        # What a handler keeps for the connection's next requests (sql_over_http: the login).
+        self.logins: dict[str, object] = logins if logins is not None else {}
 
 
 class HttpResponse:

@@ -45,6 +45,7 @@ from urllib.parse import unquote, urlsplit
 from pypooler.auth import TRUSTED, AuthOutcome
 from pypooler.http_client import HttpClient
 from pypooler.http_types import HttpRequest, HttpResponse
+from pypooler.pool import Pool
 from pypooler.protocol import codec
 from pypooler.protocol import constants as c
 from pypooler.protocol.errors import (
@@ -63,7 +64,6 @@ from pypooler.session_state import LEAK_KINDS, scan_sql
 
 if TYPE_CHECKING:
     from pypooler.app import Pooler
-    from pypooler.pool import Pool
     from pypooler.server import ServerConnection
 
 log = logging.getLogger("pypooler.sql_over_http")
@@ -297,6 +297,16 @@ async def log_in(pooler: Pooler, credentials: Credentials, peer: str, *, tls: bo
     if outcome is not TRUSTED and pool.login.user == user:
         pool.login.learn(outcome.password, outcome.secret, outcome.client_key)
     return pool
+
+
+def _logged_in(pooler: Pooler, request: HttpRequest, text: str) -> Pool | None:
+    """The pool an earlier request on the same HTTP connection logged in to with the same
+    connection string, if it is still the one served: a keep-alive connection logs in once, as a
+    TCP client does (a RELOAD or DISABLE then holds for its next connection, as for TCP)."""
+    pool = request.logins.get(text)
+    if not isinstance(pool, Pool) or pool.closed:
+        return None
+    return pool if pooler.manager.pools.get((pool.database, pool.user)) is pool else None
 
 
 # --------------------------------------------------------------------------- the results
@@ -635,8 +645,13 @@ async def handle_sql(pooler: Pooler, request: HttpRequest) -> HttpResponse:
     try:
         pooler.registry.check_room()
         sql_request = parse_sql_request(request, settings.http_max_batch_queries)
-        credentials = credentials_of(request.headers.get(CONNECTION_STRING, ""))
-        pool = await log_in(pooler, credentials, request.peer, tls=request.tls)
+        text = request.headers.get(CONNECTION_STRING, "")
+        credentials = credentials_of(text)
+        pool = _logged_in(pooler, request, text)
+        if pool is None:
+            pool = await log_in(pooler, credentials, request.peer, tls=request.tls)
+            request.logins.clear()  # one login kept per connection
+            request.logins[text] = pool
         with HttpClient(request, pool, credentials.user, credentials.application_name) as client:
             client.traffic.bytes_received += len(request.body)
             try:

@@ -209,3 +209,28 @@ async def test_http_request_timeout_ends_a_request_and_cancels_its_query(
     }
     status, result = await one_query(pooler, "SELECT 1")  # the pool serves the next request
     assert (status, result["rows"]) == (200, [["1"]])
+
+
+async def test_a_keep_alive_connection_logs_in_once_per_connection_string(
+    start_pooler: Callable[..., RunningPooler], tmp_path: Path
+) -> None:
+    """As a TCP client authenticates once per connection: the same connection string again on
+    the same connection is not checked again; another one is, and a wrong password is refused."""
+    auth_file = tmp_path / "userlist.txt"
+    auth_file.write_text('"pp_md5" "md5pass"\n"postgres" "secret"\n')
+    pooler = start_pooler(
+        pool_size=1, http_listen_addr="127.0.0.1", http_listen_port=0, auth_type="scram-sha-256",
+        auth_file=str(auth_file),
+    )  # fmt: skip
+    good = "postgresql://pp_md5:md5pass@x/pypooler_test"
+    wrong = "postgresql://pp_md5:wrong@x/pypooler_test"
+    reader, writer = await asyncio.open_connection("127.0.0.1", http_port(pooler))
+    try:
+        answers = []
+        for text in (good, good, wrong, good):
+            writer.write(query_request("SELECT current_user", connection_string=text))
+            status, body = await read_response(reader)
+            answers.append((status, body.get("code") or body["rows"]))
+    finally:
+        await close(writer)
+    assert answers == [(200, [["pp_md5"]]), (200, [["pp_md5"]]), (400, "28P01"), (200, [["pp_md5"]])]
