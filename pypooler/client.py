@@ -100,7 +100,7 @@ from pypooler.rewriting import RewritingBackend, RewritingFrontend
 from pypooler.server import ServerConnection, tune_transport
 from pypooler.session_parameters import clean_ascii, same_value, settings_sql, startup_settings
 from pypooler.session_state import EXPLANATIONS, HINTS
-from pypooler.stats import STATEMENT_ALWAYS_NS, TrafficStats
+from pypooler.stats import TrafficStats
 from pypooler.tls import ClientTls
 
 log = logging.getLogger("pypooler.client")
@@ -782,14 +782,7 @@ class ClientConnection(asyncio.Protocol):
                     # server was read (and noted by the tracker) before the server was lent.
                     frontend.xact_statement = None
                     frontend.xact_statement_final = False
-                    stats = pool.stats
-                    budget = stats.statement_budget = stats.statement_budget - 1
-                    if budget >= 0:
-                        stats.account_statement(statement, held, idle, 1)
-                    elif held >= STATEMENT_ALWAYS_NS:
-                        stats.account_long(statement, held, idle)
-                    elif budget <= stats.sample_at:
-                        stats.account_sample(statement, held, idle)
+                    pool.stats.account_transaction(statement, held, idle)
                 if server.reading_paused:
                     server.resume_reading()
                 pool.release(server, now)

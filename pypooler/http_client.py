@@ -106,7 +106,7 @@ class HttpClient:
             traffic.single.observe(held)
         if self.waited_ns:
             traffic.wait_nonzero.observe(self.waited_ns)
-        self.pool.stats.account_statement(self.frontend.last_statement, held, 0, 1)
+        self.pool.stats.account_transaction(self.frontend.last_statement, held, 0)
         self.server = None
 
     # ------------------------------------------------------------------ Waiter and Holder

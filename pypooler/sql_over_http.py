@@ -519,8 +519,9 @@ async def _run(pool: Pool, server: ServerConnection, request: bytes, collector: 
     await done
 
 
-async def _finish(server: ServerConnection, sql: str) -> tuple[bool, dict[str, str] | None]:
-    """COMMIT or ROLLBACK: whether the server is clean after it, and the server's error if any."""
+async def _simple_query(server: ServerConnection, sql: str) -> tuple[bool, dict[str, str] | None]:
+    """A query of pypooler's own (COMMIT, ROLLBACK, session settings): whether the server is
+    clean after it, and the server's error if any."""
     errors: list[dict[str, str]] = []
     _, clean = await server.query_first_row(codec.build_query(sql), errors)
     return clean, errors[0] if errors else None
@@ -555,9 +556,8 @@ def _settings_sql(pool: Pool, server: ServerConnection, application_name: str) -
 
 async def _apply_settings(server: ServerConnection, sql: str) -> bool:
     """Apply `_settings_sql`; whether the server is usable after it."""
-    errors: list[dict[str, str]] = []
-    _, clean = await server.query_first_row(codec.build_query(sql), errors)
-    if errors or not clean:
+    clean, error = await _simple_query(server, sql)
+    if error is not None or not clean:
         return False
     server.other_settings = {}
     server.other_settings_unknown = False
@@ -588,7 +588,7 @@ async def run_request(client: HttpClient, request: SqlRequest, limit: int) -> li
         busy = False
         error = collector.error
         if request.batch:
-            clean, finish_error = await _finish(server, "ROLLBACK" if error is not None else "COMMIT")
+            clean, finish_error = await _simple_query(server, "ROLLBACK" if error is not None else "COMMIT")
             error = error or finish_error
         else:
             clean = releasable_after_internal(collector.ready_status)

@@ -344,8 +344,8 @@ class PoolStats:
         """Attribute one transaction's hold to its statement's fingerprint, counted `weight` times.
 
         Fingerprinting a text never seen before costs microseconds (regular expressions), and
-        with inline literals (pgbench, hand-written SQL) nearly every text is new. So the caller
-        (ClientConnection.server_ready_for_query) counts exactly the first `statement_budget`
+        with inline literals (pgbench, hand-written SQL) nearly every text is new. So
+        `account_transaction` counts exactly the first `statement_budget`
         transactions of each second and every hold of STATEMENT_ALWAYS_NS or more;
         past that it samples one in STATEMENT_SAMPLE_EVERY on average (account_sample), weighted
         by the transactions it stands for, which keeps counts and hold totals unbiased while
@@ -358,6 +358,17 @@ class PoolStats:
         stats.count += weight
         stats.idle_ns += idle * weight
         stats.hold.observe_weighted(bisect_left(BOUNDS_NS, held), held, weight)
+
+    def account_transaction(self, statement: bytes, held: int, idle: int) -> None:
+        """A completed transaction (a TCP client's, or a `POST /sql` request's), within the
+        budget that bounds the cost of fingerprinting (see account_statement)."""
+        budget = self.statement_budget = self.statement_budget - 1
+        if budget >= 0:
+            self.account_statement(statement, held, idle, 1)
+        elif held >= STATEMENT_ALWAYS_NS:
+            self.account_long(statement, held, idle)
+        elif budget <= self.sample_at:
+            self.account_sample(statement, held, idle)
 
     def account_long(self, statement: bytes, held: int, idle: int) -> None:
         """A hold of STATEMENT_ALWAYS_NS or more past the exact budget: attributed exactly, so
